@@ -1,0 +1,888 @@
+"""Train a GPT on a dataset folder made by prepare.py: evaluate it, checkpoint it, resume it.
+
+    python prepare.py                                   # makes data/python
+    python train.py config/train_demo.py                # ~5 minutes on a 2-core CPU
+    python sample.py --out_dir=out/demo
+
+Configuration: the module globals below are the defaults. Config files (Python, run in
+order) and then --key=value flags override them. A key that is not a default stops the run
+with the closest known key; a value of the wrong type stops it naming the type expected.
+`python train.py --help` lists every key. Several processes on one machine or many:
+
+    python train.py config/train_demo.py --batch_size=16 --max_iters=500
+    torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2_124m.py
+
+What a run writes into out_dir:
+    ckpt_<iter>.pt    the last keep_last checkpoints (see save_checkpoint for the contents)
+    checkpoints.json  their iteration, size and sha256, recorded when each was written
+    ckpt.pt, best.pt  the newest checkpoint and the one with the lowest val loss
+                      (hard links, so they take no extra disk)
+    metrics.jsonl     one JSON object per log line and per evaluation
+    tokenizer.tiktoken a copy of a trained BPE, so sample.py needs only this folder
+
+A run survives being stopped: SIGTERM or SIGINT (Ctrl-C) finishes the current step, saves
+and exits 0, and `--init_from=resume` continues it exactly, as if it had never stopped
+(same batches, same dropout masks, same losses, bit for bit). A step whose loss or gradient
+is not finite is skipped; max_bad_steps of them in a row stop the run.
+"""
+import ast
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import resource
+import signal
+import sys
+import threading
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+import prepare
+from model import GPT, GPTConfig, peak_flops
+
+_NAMES_BEFORE_DEFAULTS = set(globals())
+# ----------------------------------------------------------------------------- defaults
+# I/O
+out_dir = "out"  # where checkpoints, metrics.jsonl and the tokenizer copy go
+dataset = "python"  # a folder name under data/, or a path (anything with a slash)
+init_from = "scratch"  # scratch | resume (the newest valid checkpoint in out_dir) | path to a .pt (its weights only)
+eval_only = False  # evaluate the init_from checkpoint on `dataset`, print, exit
+eval_interval = 250  # evaluate and save a checkpoint every this many iterations (and at the end)
+eval_iters = 20  # batches per evaluation, the same fixed batches every time
+log_interval = 10  # a log line and a metrics.jsonl line every this many iterations
+keep_last = 2  # checkpoints kept in out_dir, the newest valid one always among them
+wandb_log = False  # also log to Weights & Biases (pip install wandb)
+wandb_project = "owngpt"  # wandb project name
+wandb_run_name = "run"  # wandb run name
+# data
+batch_size = 32  # sequences per micro-step (per process)
+block_size = 256  # context length in tokens
+gradient_accumulation_steps = 1  # micro-steps per iteration, summed over all processes
+# model
+n_layer = 6  # transformer blocks
+n_head = 6  # attention heads per block
+n_embd = 384  # width of the residual stream
+dropout = 0.0  # 0 for pretraining; 0.1-0.2 helps when the data is small and repeats
+bias = False  # biases in Linear and LayerNorm layers, as GPT-2 had
+gradient_checkpointing = False  # recompute block activations in backward: less memory, ~1/3 more compute
+# optimizer: AdamW
+learning_rate = 1e-3  # peak learning rate, reached after warmup
+max_iters = 5000  # total iterations (optimizer steps)
+weight_decay = 0.1  # decoupled weight decay, on matrices only
+beta1 = 0.9  # AdamW beta1
+beta2 = 0.95  # AdamW beta2
+grad_clip = 1.0  # clip the global gradient norm to this; 0 = no clipping
+# learning rate schedule: linear warmup, then cosine decay to min_lr
+warmup_iters = 100  # iterations of linear warmup
+lr_decay_iters = 0  # the cosine reaches min_lr here; 0 = at max_iters
+min_lr = 1e-4  # floor of the schedule (set it to learning_rate for a constant rate)
+# system
+device = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:1 | mps
+dtype = "auto"  # auto (bfloat16 on GPUs that have it, else float16; float32 on CPU) | float32 | bfloat16 | float16
+compile = False  # torch.compile the model: faster on GPUs after a minute of compiling
+seed = 1337  # seeds model init, batches and dropout (process k uses seed + k)
+# reliability
+max_bad_steps = 5  # stop after this many non-finite steps in a row
+inject_nan_at = 0  # testing aid: make the loss of this iteration NaN, to exercise the skip; 0 = off
+# -----------------------------------------------------------------------------
+DEFAULTS = {name: value for name, value in globals().items()
+            if name not in _NAMES_BEFORE_DEFAULTS and not name.startswith("_")}
+
+METRICS_FILE = "metrics.jsonl"
+MANIFEST_FILE = "checkpoints.json"
+
+
+class TrainError(Exception):
+    """A problem the user can fix (config, data, checkpoint): printed without a traceback."""
+
+
+# ----------------------------------------------------------------------------- config
+def parse_config(args):
+    """The defaults, then each config file in order, then each --key=value: a config namespace."""
+    config = dict(DEFAULTS)
+    for arg in args:
+        if arg.startswith("--"):
+            key, has_value, text = arg[2:].partition("=")
+            if not has_value:
+                raise TrainError(f"{arg}: flags are written --key=value")
+            config[key] = checked_value(key, flag_value(key, text), arg)
+        else:
+            config.update(read_config_file(arg, config))
+    cfg = SimpleNamespace(**config)
+    check_config(cfg)
+    return cfg
+
+
+def read_config_file(path, config):
+    """Run a config file with the current config in scope; return the keys it assigned."""
+    if not os.path.isfile(path):
+        raise TrainError(f"config file {path!r} not found (flags are written --key=value)")
+    namespace = dict(config)
+    exec(compile(Path(path).read_text(), path, "exec"), namespace)
+    assigned = {}
+    for key, value in namespace.items():
+        if key.startswith("_") or type(value) is type(sys) or callable(value):
+            continue  # __builtins__, imported modules, helper functions
+        if key not in config or value is not config[key]:
+            assigned[key] = checked_value(key, value, path)
+    return assigned
+
+
+def flag_value(key, text):
+    """A flag's text as a Python literal (3, 1e-4, True); string keys take the text as is."""
+    if isinstance(DEFAULTS.get(key), str):
+        return text
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def checked_value(key, value, source):
+    if key not in DEFAULTS:
+        closest = difflib.get_close_matches(key, DEFAULTS, n=1, cutoff=0.0)[0]
+        raise TrainError(f"{source}: unknown config key {key!r}; did you mean {closest!r}?")
+    expected = type(DEFAULTS[key])
+    if expected is float and type(value) is int:
+        return float(value)
+    if type(value) is not expected:
+        raise TrainError(f"{source}: {key} expects {expected.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def check_config(cfg):
+    for key in ("batch_size", "block_size", "gradient_accumulation_steps", "n_layer", "n_head", "n_embd",
+                "eval_interval", "eval_iters", "log_interval", "keep_last", "max_bad_steps"):
+        if getattr(cfg, key) < 1:
+            raise TrainError(f"{key} must be at least 1, got {getattr(cfg, key)}")
+    if cfg.n_embd % cfg.n_head:
+        raise TrainError(f"n_embd={cfg.n_embd} must be a multiple of n_head={cfg.n_head}")
+    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise TrainError(f"dtype must be auto, float32, bfloat16 or float16, got {cfg.dtype!r}")
+    if cfg.init_from not in ("scratch", "resume") and not os.path.isfile(cfg.init_from):
+        raise TrainError(f"init_from must be scratch, resume or a checkpoint file; {cfg.init_from!r} is none")
+    if cfg.eval_only and cfg.init_from == "scratch":
+        raise TrainError("eval_only=True evaluates a checkpoint: set init_from=resume or init_from=path/to/ckpt.pt")
+
+
+def help_text():
+    """Every key with its default and the comment beside it in this file."""
+    comments = dict(re.findall(r"^(\w+) = .*?  # (.*)$", Path(__file__).read_text(), re.MULTILINE))
+    width = max(len(f"--{key}={value!r}") for key, value in DEFAULTS.items())
+    lines = ["usage: python train.py [config/file.py ...] [--key=value ...]", "",
+             "Config files run first, in order, then the flags. Keys and defaults:"]
+    lines += [f"  {f'--{key}={value!r}':<{width}}  {comments.get(key, '')}" for key, value in DEFAULTS.items()]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- processes and devices
+def setup_runtime(cfg):
+    """Rank, world size, device, dtype and autocast context; joins the process group under torchrun."""
+    rank, local_rank, world_size = (int(os.environ.get(name, default)) for name, default in
+                                    (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    device = torch.device(pick_device(cfg.device))
+    if device.type == "cuda":
+        if world_size > 1:
+            device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls: ~8x faster than fp32, loss unchanged
+    if world_size > 1:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        if cfg.gradient_accumulation_steps % world_size:
+            raise TrainError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} does not divide by "
+                             f"the {world_size} processes: use a multiple of {world_size} so the global batch stays the same")
+    amp_dtype = pick_dtype(cfg.dtype, device)
+    autocast = (nullcontext() if amp_dtype == torch.float32
+                else torch.autocast(device_type=device.type, dtype=amp_dtype))
+    return SimpleNamespace(rank=rank, world_size=world_size, is_main=rank == 0, device=device,
+                           dtype=amp_dtype, autocast=autocast)
+
+
+def pick_device(requested):
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def pick_dtype(requested, device):
+    """bfloat16 on GPUs that compute in it (compute capability 8.0+), float16 with a loss
+    scaler on older ones, float32 elsewhere unless asked."""
+    if requested == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+    return getattr(torch, requested)
+
+
+# ----------------------------------------------------------------------------- data
+def dataset_folder(name):
+    folder = Path(name) if "/" in name or os.sep in name else Path("data") / name
+    if not folder.is_dir():
+        raise TrainError(f"dataset folder {folder} does not exist: make it with "
+                         f"`python prepare.py --out_dir={folder}` (or --name=... for data/<name>)")
+    if not (folder / "meta.json").is_file():
+        raise TrainError(f"dataset folder {folder} has no meta.json: it is empty or was not made by prepare.py")
+    return folder
+
+
+class TokenWindows:
+    """Every window of block_size + 1 consecutive tokens inside the shards of one split.
+
+    A window lies within one shard; window ids number them across the shards, so a batch
+    is a handful of ids: random ones for training, evenly spaced fixed ones for evaluation.
+    """
+
+    def __init__(self, shards, block_size):
+        self.shards = shards
+        self.block_size = block_size
+        self.window_ends = np.cumsum([max(0, len(tokens) - block_size) for tokens in shards])
+        self.count = int(self.window_ends[-1]) if shards else 0
+
+    def batch(self, window_ids, device):
+        """Inputs and targets (len(window_ids), block_size) as int64 on device."""
+        shard_of = np.searchsorted(self.window_ends, window_ids, side="right")
+        rows = []
+        for shard, window_id in zip(shard_of.tolist(), window_ids.tolist()):
+            start = window_id - (int(self.window_ends[shard - 1]) if shard else 0)
+            rows.append(self.shards[shard][start:start + self.block_size + 1])
+        tokens = torch.from_numpy(np.stack(rows).astype(np.int64))
+        if device.type == "cuda":
+            tokens = tokens.pin_memory().to(device, non_blocking=True)
+        else:
+            tokens = tokens.to(device)
+        return tokens[:, :-1], tokens[:, 1:]
+
+    def random_batch(self, batch_size, generator, device):
+        return self.batch(torch.randint(self.count, (batch_size,), generator=generator), device)
+
+    def fixed_batch_ids(self, num_batches, batch_size):
+        """num_batches batches of window ids spread evenly over the split: the same every time."""
+        total = num_batches * batch_size
+        return list((torch.arange(total) * self.count // total).view(num_batches, batch_size))
+
+
+def load_split(folder, meta, split, block_size):
+    """The split's shards, checked against meta.json: present, same dtype, same token count,
+    every token id below vocab_size (found here, not as a device assert mid-run)."""
+    info, vocab_size = meta["splits"][split], meta["tokenizer"]["vocab_size"]
+    shards = []
+    for name in info["shards"]:
+        path = folder / name
+        if not path.is_file():
+            raise TrainError(f"{folder}/meta.json lists {name}, which is missing")
+        tokens = prepare.read_shard(path)
+        if tokens.dtype != np.dtype(meta["dtype"]):
+            raise TrainError(f"{path} holds {tokens.dtype} tokens but meta.json says {meta['dtype']}")
+        if len(tokens) and int(tokens.max()) >= vocab_size:
+            raise TrainError(f"{path} holds token id {int(tokens.max())}, but the tokenizer has only "
+                             f"{vocab_size} ids (0-{vocab_size - 1}): the shard does not belong to this meta.json")
+        shards.append(tokens)
+    found = sum(len(tokens) for tokens in shards)
+    if found != info["tokens"]:
+        raise TrainError(f"{folder}/meta.json says the {split} split has {info['tokens']:,} tokens, "
+                         f"its shards hold {found:,}")
+    windows = TokenWindows(shards, block_size)
+    if windows.count == 0:
+        longest = max((len(tokens) for tokens in shards), default=0)
+        raise TrainError(f"block_size={block_size} needs shards of at least {block_size + 1} tokens, but the "
+                         f"longest {split} shard of {folder} has {longest}: lower block_size or give the "
+                         f"{split} split more text")
+    return windows
+
+
+def token_byte_lengths(folder, tokenizer_info, device):
+    """Bytes of text each token id stands for (end-of-text counts 0: it is a boundary, not
+    text), so losses can be turned into bits per byte, which compares across tokenizers."""
+    encoding = prepare.load_tokenizer(folder, tokenizer_info)
+    lengths = [0 if token == encoding.eot_token else len(encoding.decode_single_token_bytes(token))
+               for token in range(encoding.n_vocab)]
+    return torch.tensor(lengths, dtype=torch.int64, device=device)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+class HashingWriter:
+    """A file wrapper that counts and hashes the bytes written through it."""
+
+    def __init__(self, file):
+        self.file, self.sha256, self.size = file, hashlib.sha256(), 0
+
+    def write(self, data):
+        self.sha256.update(data)
+        self.size += len(data)
+        return self.file.write(data)
+
+    def flush(self):
+        self.file.flush()
+
+
+def rng_states(generator, device):
+    """Every random state a step draws from, so a resumed run draws the same numbers.
+    Plain types and tensors only (numpy's key array becomes a list): weights_only loads them."""
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    states = {"python": random.getstate(), "numpy": [name, keys.tolist(), position, has_gauss, cached_gaussian],
+              "torch": torch.get_rng_state(), "loader": generator.get_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def restore_rng_states(states, generator, device):
+    random.setstate(states["python"])
+    name, keys, position, has_gauss, cached_gaussian = states["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), position, has_gauss, cached_gaussian))
+    torch.set_rng_state(states["torch"])
+    generator.set_state(states["loader"])
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
+
+
+def gather_from_ranks(value, runtime):
+    """A list with every rank's value (a collective: every rank calls it)."""
+    if runtime.world_size == 1:
+        return [value]
+    values = [None] * runtime.world_size
+    dist.all_gather_object(values, value)
+    return values
+
+
+def save_checkpoint(run, is_best):
+    """Every rank contributes its random states; rank 0 writes.
+
+    The checkpoint is a dict of tensors and plain values (torch.load(..., weights_only=True)):
+    model (clean parameter names), model_config, optimizer, scaler (or None), iter_num
+    (iterations done), best_val_loss, config (every key), tokenizer (meta.json's entry),
+    rng (a list: each rank's Python, numpy, torch and CUDA generator states, its batch
+    sampler's state included), data ({"world_size"}: the rng list is exact for this many
+    processes), elapsed_s. It is taken between iterations, after the evaluation, which uses
+    fixed batches in eval mode and draws no random numbers: so the resumed run starts
+    where this one would have gone on.
+    """
+    states = gather_from_ranks(rng_states(run.generator, run.rt.device), run.rt)
+    if not run.rt.is_main:
+        return
+    checkpoint = {
+        "model": run.raw_model.state_dict(), "model_config": dataclasses.asdict(run.raw_model.config),
+        "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict() if run.scaler else None,
+        "iter_num": run.iter_num, "best_val_loss": run.best_val_loss, "config": vars(run.cfg),
+        "tokenizer": run.tokenizer_info, "rng": states, "data": {"world_size": run.rt.world_size},
+        "elapsed_s": run.elapsed_s(),
+    }
+    write_checkpoint(Path(run.cfg.out_dir), checkpoint, run.cfg.keep_last, is_best)
+
+
+def write_checkpoint(out_dir, checkpoint, keep_last, is_best):
+    """Write ckpt_<iter>.pt crash-safely and record it; point ckpt.pt (and best.pt) at it;
+    delete all but the keep_last newest.
+
+    Order matters: the file is complete on disk (atomic rename) before checkpoints.json
+    records its size and sha256, and older ones are deleted only after that. A crash at any
+    moment leaves the previous checkpoint recorded and intact.
+    """
+    name = f"ckpt_{checkpoint['iter_num']:07d}.pt"
+    path = out_dir / name
+    writer = None
+
+    def write(file):
+        nonlocal writer
+        writer = HashingWriter(file)
+        torch.save(checkpoint, writer)
+
+    prepare.atomic_write(path, write)
+    # records past this iteration belong to a run we went back from (resumed from an older one)
+    entries = [entry for entry in read_manifest(out_dir) if entry["iter"] < checkpoint["iter_num"]]
+    entries.append({"file": name, "iter": checkpoint["iter_num"], "bytes": writer.size,
+                    "sha256": writer.sha256.hexdigest()})
+    kept = entries[-keep_last:]
+    prepare.atomic_write(out_dir / MANIFEST_FILE, lambda file: file.write(json.dumps({"checkpoints": kept}, indent=1).encode()))
+    link_as(path, out_dir / "ckpt.pt")
+    if is_best:
+        link_as(path, out_dir / "best.pt")
+    kept_names = {entry["file"] for entry in kept}
+    for stale in out_dir.glob("ckpt_*.pt"):
+        if stale.name not in kept_names:
+            stale.unlink()
+
+
+def link_as(source, alias):
+    """Make alias name the same file as source, atomically: a hard link (no extra disk),
+    or a copy on file systems without hard links."""
+    temporary = alias.with_name(alias.name + ".link")
+    temporary.unlink(missing_ok=True)
+    try:
+        os.link(source, temporary)
+        os.replace(temporary, alias)
+    except OSError:
+        prepare.atomic_write(alias, lambda file: file.write(source.read_bytes()))
+
+
+def read_manifest(out_dir):
+    path = out_dir / MANIFEST_FILE
+    if not path.exists():
+        return []
+    try:
+        return json.loads(path.read_text())["checkpoints"]
+    except (ValueError, KeyError) as error:
+        raise TrainError(f"{path} is not a checkpoint record written by train.py ({error})")
+
+
+def load_checkpoint_file(path):
+    """torch.load with weights_only=True: tensors and plain values, never code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # any failure to unpickle means the same thing: not a usable checkpoint
+        raise TrainError(f"{path} does not load as a checkpoint: {type(error).__name__}: {error}") from error
+
+
+def newest_valid_checkpoint(out_dir):
+    """The newest recorded checkpoint whose size and sha256 match the record and which loads.
+    Damaged ones are reported on stderr and passed over. Returns (path, checkpoint)."""
+    entries = read_manifest(out_dir)
+    if not entries:
+        raise TrainError(f"init_from=resume: {out_dir} holds no recorded checkpoint ({MANIFEST_FILE}); "
+                         "use init_from=scratch, or init_from=path/to/ckpt.pt to start from a checkpoint's weights")
+    for entry in reversed(entries):
+        path = out_dir / entry["file"]
+        problem = checkpoint_problem(path, entry)
+        if problem is None:
+            try:
+                return path, load_checkpoint_file(path)
+            except TrainError as error:
+                problem = str(error)
+        print(f"warning: skipping damaged checkpoint {path}: {problem}", file=sys.stderr)
+    raise TrainError(f"no valid checkpoint in {out_dir}: all {len(entries)} recorded ones are damaged (above)")
+
+
+def checkpoint_problem(path, entry):
+    """What is wrong with a checkpoint file against its record, or None."""
+    if not path.is_file():
+        return "the file is missing"
+    if path.stat().st_size != entry["bytes"]:
+        return f"it has {path.stat().st_size:,} bytes, {entry['bytes']:,} were written"
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != entry["sha256"]:
+        return "its sha256 differs from the one recorded when it was written"
+    return None
+
+
+def load_start_checkpoint(cfg, runtime):
+    """(path, checkpoint) for init_from=resume or a path, else (None, None). Under torchrun
+    rank 0 picks the checkpoint (verifying it) and the other ranks load the same file."""
+    if cfg.init_from == "scratch":
+        return None, None
+    if cfg.init_from != "resume":
+        return Path(cfg.init_from), load_checkpoint_file(cfg.init_from)
+    chosen = [None]
+    if runtime.is_main:
+        path, checkpoint = newest_valid_checkpoint(Path(cfg.out_dir))
+        chosen = [str(path)]
+    if runtime.world_size > 1:
+        dist.broadcast_object_list(chosen, src=0)
+    if not runtime.is_main:
+        path, checkpoint = Path(chosen[0]), load_checkpoint_file(chosen[0])
+    return path, checkpoint
+
+
+def check_checkpoint_fits(checkpoint, path, model_config, tokenizer_info, folder):
+    """The dataset must use the checkpoint's tokenizer and the config its architecture."""
+    trained_with = checkpoint["tokenizer"]
+    for field in ("kind", "vocab_size", "eot_id", "sha256"):
+        if trained_with.get(field) != tokenizer_info.get(field):
+            raise TrainError(f"{path} was trained with a different tokenizer than {folder} uses: "
+                             f"{field} is {trained_with.get(field)!r} there and {tokenizer_info.get(field)!r} here")
+    for field in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias"):
+        if checkpoint["model_config"][field] != getattr(model_config, field):
+            raise TrainError(f"{path} has {field}={checkpoint['model_config'][field]!r} but the config says "
+                             f"{field}={getattr(model_config, field)!r}: pass the config it was trained with")
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(model, windows, batch_ids, byte_lengths, runtime):
+    """Mean loss, next-token accuracy and bits per byte over the fixed batches; each rank
+    takes every world_size-th batch and the sums are all-reduced."""
+    model.eval()
+    totals = [0.0, 0.0, 0.0, 0.0]  # loss in nats (summed over tokens), correct, tokens, bytes
+    for ids in batch_ids[runtime.rank::runtime.world_size]:
+        inputs, targets = windows.batch(ids, runtime.device)
+        with runtime.autocast:
+            logits, loss = model(inputs, targets)
+        totals[0] += loss.item() * targets.numel()
+        totals[1] += (logits.argmax(dim=-1) == targets).sum().item()
+        totals[2] += targets.numel()
+        totals[3] += byte_lengths[targets].sum().item()
+    model.train()
+    totals = torch.tensor(totals, dtype=torch.float64, device=runtime.device)
+    if runtime.world_size > 1:
+        dist.all_reduce(totals)
+    loss_nats, correct, tokens, text_bytes = totals.tolist()
+    return {"loss": loss_nats / tokens, "acc": correct / tokens, "bpb": loss_nats / math.log(2) / max(text_bytes, 1)}
+
+
+def run_evaluation(run):
+    """Evaluate val and train on their fixed batches; log; return True if val loss is a new best."""
+    started = time.perf_counter()
+    val = evaluate(run.model, run.splits["val"], run.eval_batches["val"], run.byte_lengths, run.rt)
+    train = evaluate(run.model, run.splits["train"], run.eval_batches["train"], run.byte_lengths, run.rt)
+    run.eval_seconds = time.perf_counter() - started
+    run.log.print(f"eval at iter {run.iter_num}: val loss {val['loss']:.4f} (perplexity {math.exp(min(val['loss'], 700)):.2f}, "
+                  f"accuracy {val['acc']:.1%}, {val['bpb']:.3f} bits/byte) | train loss {train['loss']:.4f} | "
+                  f"gap {val['loss'] - train['loss']:+.4f} | {run.eval_seconds:.1f}s")
+    run.log.write({"iter": run.iter_num, "elapsed_s": run.elapsed_s(), "val_loss": val["loss"],
+                   "val_ppl": math.exp(min(val["loss"], 700)), "val_acc": val["acc"], "val_bpb": val["bpb"],
+                   "train_loss": train["loss"]})
+    improved = run.iter_num > 0 and val["loss"] < run.best_val_loss
+    if improved:
+        run.best_val_loss = val["loss"]
+    return improved
+
+
+# ----------------------------------------------------------------------------- one iteration
+def learning_rate_at(iteration, cfg):
+    """Linear warmup to learning_rate, then cosine decay to min_lr at lr_decay_iters
+    (the schedule of GPT-3 and Chinchilla; iteration counts from 0)."""
+    decay_end = cfg.lr_decay_iters or cfg.max_iters
+    if iteration < cfg.warmup_iters:
+        return cfg.learning_rate * (iteration + 1) / (cfg.warmup_iters + 1)
+    if iteration >= decay_end:
+        return cfg.min_lr
+    progress = (iteration - cfg.warmup_iters) / max(1, decay_end - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def forward_backward(model, next_batch, micro_steps, autocast, scaler, is_ddp):
+    """Accumulate the gradients of micro_steps batches; return their mean loss (a tensor).
+    DDP averages gradients across processes in the backward pass: no_sync skips that on all
+    but the last micro-step, so it happens once per iteration."""
+    total_loss = 0.0
+    for micro_step in range(micro_steps):
+        inputs, targets = next_batch()
+        sync = not is_ddp or micro_step == micro_steps - 1
+        with nullcontext() if sync else model.no_sync():
+            with autocast:
+                _, loss = model(inputs, targets)
+            loss = loss / micro_steps
+            (scaler.scale(loss) if scaler else loss).backward()
+        total_loss = total_loss + loss.detach()
+    return total_loss
+
+
+def optimizer_step(run, loss, stop_requested):
+    """Clip, agree across ranks, step. Returns (mean loss over ranks, grad norm, skipped, stop).
+
+    One all-reduce carries the loss, a non-finite flag and the stop request, so every rank
+    skips the same bad steps and stops after the same iteration. A skipped step changes
+    neither the parameters nor the optimizer state.
+    """
+    params = [p for p in run.raw_model.parameters() if p.requires_grad]
+    if run.scaler:
+        run.scaler.unscale_(run.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, run.cfg.grad_clip if run.cfg.grad_clip > 0 else math.inf)
+    # with a loss scaler, inf gradients are its normal overflow signal: scaler.step skips those itself
+    not_finite = ~torch.isfinite(loss) if run.scaler else ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+    flags = torch.stack([loss.float(), not_finite.float(), torch.tensor(float(stop_requested), device=loss.device)])
+    if run.rt.world_size > 1:
+        dist.all_reduce(flags)
+    loss_sum, not_finite_count, stop_count = flags.tolist()
+    skipped = not_finite_count > 0
+    if not skipped:
+        if run.scaler:
+            run.scaler.step(run.optimizer)
+        else:
+            run.optimizer.step()
+    if run.scaler:
+        run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    return loss_sum / run.rt.world_size, grad_norm.item(), skipped, stop_count > 0
+
+
+# ----------------------------------------------------------------------------- logging
+class RunLog:
+    """Prints (rank 0 only) and appends to metrics.jsonl (and wandb when asked)."""
+
+    def __init__(self, cfg, runtime, resumed_at):
+        self.is_main = runtime.is_main
+        self.enabled = runtime.is_main and not cfg.eval_only
+        self.path = Path(cfg.out_dir) / METRICS_FILE
+        self.wandb = None
+        if not self.enabled:
+            return
+        if resumed_at is None:
+            self.path.unlink(missing_ok=True)
+        else:
+            self.trim_after(resumed_at)
+        if cfg.wandb_log:
+            try:
+                import wandb
+            except ImportError:
+                raise TrainError("wandb_log=True needs the wandb package: pip install wandb") from None
+            self.wandb = wandb
+            wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=vars(cfg), resume="allow")
+
+    def trim_after(self, iteration):
+        """Drop lines past the resumed checkpoint (a run killed between checkpoints wrote them),
+        so each iteration appears once."""
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines(keepends=True) if json.loads(line)["iter"] <= iteration]
+        prepare.atomic_write(self.path, lambda file: file.write("".join(kept).encode()))
+
+    def print(self, text):
+        if self.is_main:
+            print(text, flush=True)
+
+    def write(self, record):
+        if not self.enabled:
+            return
+        record = {key: (value if not isinstance(value, float) or math.isfinite(value) else None)
+                  for key, value in record.items()}
+        with open(self.path, "a") as file:
+            file.write(json.dumps(record) + "\n")
+        if self.wandb:
+            self.wandb.log(record, step=record["iter"])
+
+
+def duration(seconds):
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes}m{seconds:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+def print_plan(run):
+    """The cost of the run before it starts: parameters, tokens, FLOPs."""
+    cfg, params = run.cfg, run.raw_model.num_params()
+    total_tokens = run.tokens_per_iter * cfg.max_iters
+    run.log.print(
+        f"plan: {params / 1e6:.2f}M parameters | {run.tokens_per_iter:,} tokens/iter ({cfg.batch_size} x "
+        f"{cfg.block_size} tokens x {cfg.gradient_accumulation_steps} micro-steps, over {run.rt.world_size} "
+        f"process{'es' if run.rt.world_size > 1 else ''})\n"
+        f"      {cfg.max_iters:,} iterations = {total_tokens / 1e6:,.1f}M tokens = {total_tokens / params:.1f} tokens "
+        f"per parameter (Chinchilla-optimal: ~20) | {run.raw_model.flops_per_token() * total_tokens:.2e} FLOPs\n"
+        f"      device {run.rt.device}, {str(run.rt.dtype).removeprefix('torch.')}, compile={cfg.compile}")
+
+
+class StepTimer:
+    """Mean wall time of the training steps between log lines (evaluations and saves
+    excluded). A process's first step (allocation, compilation) counts only when it is alone."""
+
+    def __init__(self):
+        self.seconds, self.steps, self.timed_steps, self.first_step = 0.0, 0, 0, None
+
+    def add(self, seconds):
+        if self.first_step is None:
+            self.first_step = seconds
+        else:
+            self.seconds, self.steps, self.timed_steps = self.seconds + seconds, self.steps + 1, self.timed_steps + 1
+
+    def take_ms(self):
+        """Mean ms/iter since the last call."""
+        mean = self.seconds / self.steps if self.steps else self.first_step
+        self.seconds, self.steps = 0.0, 0
+        return 1000 * mean
+
+
+def log_step(run, loss, grad_norm, skipped, lr):
+    ms_per_iter = run.timer.take_ms()
+    tokens_per_s = run.tokens_per_iter / (ms_per_iter / 1000)
+    record = {"iter": run.iter_num, "elapsed_s": run.elapsed_s(), "loss": loss, "lr": lr, "grad_norm": grad_norm,
+              "ms_per_iter": ms_per_iter, "tokens_per_s": tokens_per_s, "skipped": skipped}
+    text = (f"iter {run.iter_num}/{run.cfg.max_iters}: loss {loss:.4f} | lr {lr:.2e} | {ms_per_iter:.0f} ms/iter | "
+            f"{tokens_per_s:,.0f} tokens/s")
+    if run.peak_flops:
+        record["mfu"] = run.raw_model.flops_per_token() * tokens_per_s / (run.peak_flops * run.rt.world_size)
+        text += f" | MFU {record['mfu']:.1%}"
+    remaining_iters = run.cfg.max_iters - run.iter_num
+    remaining_evals = remaining_iters // run.cfg.eval_interval + 1
+    eta = remaining_iters * ms_per_iter / 1000 + remaining_evals * run.eval_seconds
+    run.log.print(text + f" | ETA {duration(eta)}" + (" | SKIPPED: loss or gradient not finite" if skipped else ""))
+    run.log.write(record)
+    if not run.estimate_printed and run.timer.timed_steps >= 5:
+        run.estimate_printed = True
+        run.log.print(f"estimated wall time of the whole run on {run.rt.device}: {duration(run.elapsed_s() + eta)} "
+                      f"({ms_per_iter:.0f} ms/iter, {run.eval_seconds:.1f}s per evaluation)")
+
+
+def peak_memory():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (CUDA, max allocated)"
+    max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return f"{max_rss / (2**30 if sys.platform == 'darwin' else 2**20):.2f} GiB (max RSS of this process)"
+
+
+# ----------------------------------------------------------------------------- the run
+def install_stop_handlers(runtime):
+    """SIGTERM (preemption, `kill`, torchrun's forwarding) and SIGINT (Ctrl-C) ask the loop
+    to finish its step, save and exit 0. SIGKILL cannot be caught: checkpoints cover that."""
+    stop = threading.Event()
+
+    def request_stop(signum, frame):
+        if runtime.is_main and not stop.is_set():
+            print(f"\n{signal.Signals(signum).name}: finishing this iteration, then saving", flush=True)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    return stop
+
+
+def build_run(cfg):
+    """Everything the loop needs: data, model, optimizer, and the restored state on resume."""
+    runtime = setup_runtime(cfg)
+    stop = install_stop_handlers(runtime)
+    folder = dataset_folder(cfg.dataset)
+    meta = prepare.read_meta(folder)
+    tokenizer_info = meta["tokenizer"]
+    path, checkpoint = load_start_checkpoint(cfg, runtime)
+    if cfg.eval_only:
+        model_config = GPTConfig(**checkpoint["model_config"])
+    else:
+        model_config = GPTConfig(block_size=cfg.block_size, vocab_size=tokenizer_info["vocab_size"], n_layer=cfg.n_layer,
+                                 n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias,
+                                 gradient_checkpointing=cfg.gradient_checkpointing)
+    if checkpoint is not None:
+        check_checkpoint_fits(checkpoint, path, model_config, tokenizer_info, folder)
+    resuming = cfg.init_from == "resume" and not cfg.eval_only
+    if runtime.is_main and not cfg.eval_only:
+        prepare_out_dir(cfg, folder, tokenizer_info, resuming)
+    splits = {split: load_split(folder, meta, split, model_config.block_size) for split in ("train", "val")}
+
+    random.seed(cfg.seed + runtime.rank)
+    np.random.seed(cfg.seed + runtime.rank)
+    torch.manual_seed(cfg.seed + runtime.rank)  # different dropout masks per rank; DDP copies rank 0's init
+    raw_model = GPT(model_config)
+    if checkpoint is not None:
+        raw_model.load_state_dict(checkpoint["model"])
+    raw_model.to(runtime.device)
+    model = torch.compile(raw_model) if cfg.compile else raw_model
+    optimizer = raw_model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                              runtime.device.type)
+    scaler = torch.amp.GradScaler(runtime.device.type) if runtime.dtype == torch.float16 else None
+    run = SimpleNamespace(
+        cfg=cfg, rt=runtime, splits=splits, tokenizer_info=tokenizer_info, raw_model=raw_model, model=model,
+        train_model=DistributedDataParallel(model) if runtime.world_size > 1 else model,
+        optimizer=optimizer, scaler=scaler, generator=torch.Generator().manual_seed(cfg.seed + runtime.rank),
+        byte_lengths=token_byte_lengths(folder, tokenizer_info, runtime.device),
+        eval_batches={split: windows.fixed_batch_ids(cfg.eval_iters, cfg.batch_size) for split, windows in splits.items()},
+        iter_num=0, best_val_loss=math.inf, elapsed_before=0.0, started=time.time(), eval_seconds=0.0,
+        micro_steps=cfg.gradient_accumulation_steps // runtime.world_size,
+        tokens_per_iter=cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps,
+        peak_flops=peak_flops(runtime.device), timer=StepTimer(), estimate_printed=False, stop=stop,
+    )
+    run.elapsed_s = lambda: run.elapsed_before + time.time() - run.started
+    if resuming:
+        restore_training_state(run, checkpoint, path)
+    run.start_iter = run.iter_num
+    run.log = RunLog(cfg, runtime, run.iter_num if resuming else None)
+    return run
+
+
+def prepare_out_dir(cfg, folder, tokenizer_info, resuming):
+    """Create out_dir; refuse to start a new run over a recorded one; copy a trained tokenizer."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if not resuming and read_manifest(out):
+        raise TrainError(f"{out} already holds checkpoints of a run: continue it with init_from=resume, "
+                         "or choose another out_dir")
+    if tokenizer_info.get("file"):
+        source = folder / tokenizer_info["file"]
+        prepare.atomic_write(out / tokenizer_info["file"], lambda file: file.write(source.read_bytes()))
+
+
+def restore_training_state(run, checkpoint, path):
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    if run.scaler and checkpoint["scaler"]:
+        run.scaler.load_state_dict(checkpoint["scaler"])
+    run.iter_num, run.best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
+    run.elapsed_before = checkpoint["elapsed_s"]
+    if checkpoint["data"]["world_size"] == run.rt.world_size:
+        restore_rng_states(checkpoint["rng"][run.rt.rank], run.generator, run.rt.device)
+        exactness = "exactly"
+    else:
+        exactness = (f"with fresh random streams (saved by {checkpoint['data']['world_size']} processes, "
+                     f"resumed by {run.rt.world_size})")
+    if run.rt.is_main:
+        print(f"resuming from {path} at iteration {run.iter_num}, {exactness}", flush=True)
+
+
+def train(run):
+    """The loop: step, log, evaluate and checkpoint; stop on request or on repeated bad steps."""
+    cfg = run.cfg
+    print_plan(run)
+    if run.iter_num == 0:
+        run_evaluation(run)  # the starting point of the curves
+    bad_in_a_row = skipped_total = 0
+    while run.iter_num < cfg.max_iters:
+        lr = learning_rate_at(run.iter_num, cfg)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
+        started = time.perf_counter()
+        loss = forward_backward(run.train_model,
+                                lambda: run.splits["train"].random_batch(cfg.batch_size, run.generator, run.rt.device),
+                                run.micro_steps, run.rt.autocast, run.scaler, run.rt.world_size > 1)
+        if run.iter_num + 1 == cfg.inject_nan_at:
+            loss = loss * math.nan
+        loss, grad_norm, skipped, stop = optimizer_step(run, loss, run.stop.is_set())
+        run.iter_num += 1
+        run.timer.add(time.perf_counter() - started)
+        bad_in_a_row = bad_in_a_row + 1 if skipped else 0
+        skipped_total += skipped
+        if skipped or run.iter_num % cfg.log_interval == 0:
+            log_step(run, loss, grad_norm, skipped, lr)
+        if bad_in_a_row >= cfg.max_bad_steps:
+            raise TrainError(f"stopping at iteration {run.iter_num}: {bad_in_a_row} steps in a row had a loss or "
+                             f"gradient that is not finite (the first at iteration {run.iter_num - bad_in_a_row + 1}); "
+                             "nothing new was saved. Lower learning_rate, or resume from the last checkpoint")
+        if run.iter_num % cfg.eval_interval == 0 or run.iter_num == cfg.max_iters:
+            improved = run_evaluation(run)
+            if bad_in_a_row == 0:
+                save_checkpoint(run, improved)
+        elif stop:
+            save_checkpoint(run, False)
+        if stop:
+            run.log.print(f"stopped at iteration {run.iter_num} and saved: continue with --init_from=resume")
+            break
+    run.log.print(f"done: iteration {run.iter_num} in {duration(run.elapsed_s())}, "
+                  f"{run.iter_num * run.tokens_per_iter:,} tokens seen, {skipped_total} steps skipped, "
+                  f"peak memory {peak_memory()}")
+
+
+def evaluate_only(run):
+    val = evaluate(run.model, run.splits["val"], run.eval_batches["val"], run.byte_lengths, run.rt)
+    if run.rt.is_main:
+        print(f"{run.cfg.init_from} on {run.cfg.dataset}: val loss {val['loss']:.4f} | perplexity "
+              f"{math.exp(min(val['loss'], 700)):.2f} | accuracy {val['acc']:.1%} | {val['bpb']:.3f} bits/byte")
+
+
+def main(argv):
+    if "--help" in argv or "-h" in argv:
+        print(help_text())
+        return
+    try:
+        cfg = parse_config(argv)
+        run = build_run(cfg)
+        evaluate_only(run) if cfg.eval_only else train(run)
+    except (TrainError, prepare.ShardError) as error:
+        sys.exit(f"error: {error}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
