@@ -1,6 +1,42 @@
-"""Shared test setup: make the project's top-level scripts importable."""
+"""Shared test setup: make the project's top-level scripts importable, and shared fixtures."""
+import random
+import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+SYLLABLES = "ka lo mi ne ru sa ti vo pe da gu hi ba zo fe wi an or el ist ing th qu".split()
+_word_rng = random.Random(0)
+WORD_LIST = ["".join(_word_rng.choices(SYLLABLES, k=1 + index % 3)) for index in range(400)]
+
+
+def make_text(seed, sentences=60):
+    """Deterministic text with English-like statistics: sentences of invented words drawn
+    with Zipf's law (a few words are common, most are rare), with punctuation."""
+    rng = random.Random(seed)
+    weights = [1 / rank for rank in range(1, len(WORD_LIST) + 1)]
+    lines = []
+    for _ in range(sentences):
+        words = rng.choices(WORD_LIST, weights, k=rng.randint(4, 14))
+        lines.append(" ".join(words).capitalize() + rng.choice([".", ".", ",", "!", "?"]))
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """A dataset folder built by `prepare.py` from 24 small generated text files:
+    a 512-token BPE, 4096-token shards, about 30k tokens in all. Returns its Path."""
+    corpus = tmp_path_factory.mktemp("tiny_corpus")
+    for index in range(24):
+        (corpus / f"doc_{index:02d}.txt").write_text(make_text(index), encoding="utf-8")
+    folder = tmp_path_factory.mktemp("tiny_dataset") / "tiny"
+    subprocess.run(
+        [sys.executable, str(ROOT / "prepare.py"), "--source=files", f"--input={corpus}",
+         f"--out_dir={folder}", "--tokenizer=bpe", "--vocab_size=512", "--shard_tokens=4096",
+         "--val_fraction=0.2", "--num_workers=1"],
+        check=True, capture_output=True, cwd=corpus)
+    return folder
