@@ -421,6 +421,9 @@ def read_pydoc_topics(input_file, text_field):
 DOWNLOAD_ATTEMPTS = 5  # tries in a row that make no progress before giving up
 RETRY_STATUSES = {429, 500, 502, 503, 504}
 TIMEOUT_S = (10, 60)  # (connect, between bytes)
+# Reads of 64 KiB: when a transfer breaks, requests drops the block being read, so small
+# blocks keep most of what arrived for the Range request that resumes it.
+DOWNLOAD_BLOCK = 1 << 16
 
 
 class RetryableError(Exception):
@@ -505,7 +508,7 @@ def fetch(url, partial):
             expected = expected_size(response, offset if resumed else 0)
             progress = Progress("download", "MB", expected / 1e6 if expected else None)
             with open(partial, "ab" if resumed else "wb") as out:
-                for block in response.iter_content(1 << 20):
+                for block in response.iter_content(DOWNLOAD_BLOCK):
                     out.write(block)
                     progress.update(out.tell() / 1e6)
                 size = out.tell()
@@ -769,7 +772,8 @@ def build_tokenizer(settings, inputs, val_inputs, folder, timings):
 # Shards: tokenize on all cores, stream tokens into llm.c .bin files
 
 SPLITS = ("train", "val")
-BATCH_CHARS = 1 << 20  # text per task sent to a worker process
+BATCH_CHARS = 1 << 20  # a task for a worker process: about 1M characters
+BATCH_DOCUMENTS = 128  # or this many documents, so that many small ones still spread out
 
 
 class ShardWriter:
@@ -853,12 +857,12 @@ def _process_documents(documents):
 
 
 def batches_of(labelled):
-    """Lists of (split, document) holding about BATCH_CHARS characters each."""
+    """Lists of (split, document) of about BATCH_CHARS characters or BATCH_DOCUMENTS documents."""
     batch, chars = [], 0
     for split, document in labelled:
         batch.append((split, document))
         chars += len(document.text)
-        if chars >= BATCH_CHARS:
+        if chars >= BATCH_CHARS or len(batch) == BATCH_DOCUMENTS:
             yield batch
             batch, chars = [], 0
     if batch:
@@ -1111,7 +1115,11 @@ def clear_build(build):
 
 
 def discard_build(build):
+    """Removes a failed build, but keeps downloads for the next run to reuse or resume."""
     clear_build(build)
+    downloads = build / "downloads"
+    if downloads.exists() and not any(downloads.iterdir()):
+        downloads.rmdir()
     if not any(build.iterdir()):
         build.rmdir()
 
