@@ -278,11 +278,15 @@ def input_kind(file_name):
 
 def walk_files(folder, skip=()):
     """Every file under folder in sorted order, leaving out hidden and skipped folders."""
-    for parent, folders, files in os.walk(folder):
+    for parent, folders, files in os.walk(folder, onerror=raise_error):
         folders[:] = sorted(name for name in folders if name not in skip and not name.startswith("."))
         for name in sorted(files):
             if not name.startswith("."):
                 yield Path(parent) / name
+
+
+def raise_error(error):
+    raise error  # os.walk would skip an unreadable folder silently
 
 
 def python_inputs():
@@ -492,7 +496,8 @@ def download(url, path):
 def fetch(url, partial):
     """One request: appends to partial with a Range request when it already holds a prefix."""
     offset = partial.stat().st_size if partial.exists() else 0
-    headers = {"Range": f"bytes={offset}-"} if offset else {}
+    # identity: a compressed transfer would not match Content-Length or byte ranges
+    headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={offset}-"} if offset else {})}
     try:
         with requests.get(url, headers=headers, stream=True, timeout=TIMEOUT_S) as response:
             if response.status_code in RETRY_STATUSES:
@@ -505,6 +510,9 @@ def fetch(url, partial):
             if response.status_code >= 400:
                 raise PrepareError(f"download failed: {url} answered {response.status_code} {response.reason}")
             resumed = response.status_code == 206
+            if resumed and not response.headers.get("Content-Range", "").startswith(f"bytes {offset}-"):
+                partial.unlink()
+                raise RetryableError(f"{url} sent the wrong range {response.headers.get('Content-Range')}")
             expected = expected_size(response, offset if resumed else 0)
             progress = Progress("download", "MB", expected / 1e6 if expected else None)
             with open(partial, "ab" if resumed else "wb") as out:
@@ -666,9 +674,10 @@ def train_bpe(chunk_counts, vocab_size, progress=None):
         for pair in zip(word, word[1:]):
             pair_counts[pair] += word_counts[index]
             pair_words[pair].add(index)
-    # A max-heap of (-count, pair). Counts of pairs already in the heap only fall, so an
-    # entry is an upper bound: when the top entry is stale it is pushed back with its
-    # current count, and the first entry that is up to date is the true maximum.
+    # A max-heap of (-count, pair). A merge only lowers the counts of the pairs around it,
+    # except those with the new token, which are pushed afresh; so every entry is an upper
+    # bound: a stale top entry goes back with its current count, and the first entry that
+    # is up to date is the true maximum.
     heap = [(-count, pair) for pair, count in pair_counts.items()]
     heapq.heapify(heap)
     target = vocab_size - 1
