@@ -52,6 +52,7 @@ import difflib
 import hashlib
 import itertools
 import ipaddress
+import random
 import re
 import string
 import time
@@ -75,8 +76,9 @@ class WebFilterSettings:
     languages: tuple = _option(("eng",), "ISO 639-3 codes: the first language of the WET "
                                "header must be one of them (Common Crawl's CLD2 labels)")
     language_min_stop_word_ratio: float = _option(
-        0.15, "without a language header: fewer English stop words per word means not English "
-        "(ours; English prose measures 0.3-0.5, French/German/Spanish/Dutch/Italian/Portuguese <0.1)")
+        0.15, "without a language header: a smaller share of English stop words among the "
+        "words means not English (ours: English prose measures 0.3-0.5, French, German, "
+        "Spanish, Dutch, Italian and Portuguese under 0.1)")
     # Gopher quality: Rae et al. 2021, appendix A; datatrove GopherQualityFilter defaults
     gopher_quality: bool = _option(True, "Gopher quality rules")
     gopher_min_words: int = _option(50, "Gopher: fewer words drops the document")
@@ -171,13 +173,15 @@ def _parse_value(name, value, expected):
         items = value.split(",") if isinstance(value, str) else list(value)
         items = tuple(str(item).strip() for item in items if str(item).strip())
         if not items:
-            raise ValueError(f"web filter setting {name}: expected a comma-separated list, got {value!r}")
+            raise ValueError(f"web filter setting {name}: expected a comma-separated list, "
+                             f"got {value!r}")
         return items
     if not isinstance(value, str):
         if expected is float and type(value) is int:
             return float(value)
         if type(value) is not expected:
-            raise ValueError(f"web filter setting {name}: expected {expected.__name__}, got {value!r}")
+            raise ValueError(f"web filter setting {name}: expected {expected.__name__}, "
+                             f"got {value!r}")
         return value
     if expected is bool:
         words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
@@ -312,23 +316,13 @@ def gopher_quality_reason(text, lines, words, settings):
     alpha_words = word_count - sum(1 for word in not_all_letters if not _LETTER.search(word))
     if alpha_words / word_count < s.gopher_min_alpha_words:
         return "gopher_quality:alpha_words"
-    if not _has_stop_words(words, s.gopher_min_stop_words):
+    stop_words = sum(map(GOPHER_STOP_WORDS.__contains__, map(str.lower, words)))
+    if stop_words < s.gopher_min_stop_words:  # occurrences, not distinct words
         return "gopher_quality:stop_words"
     return None
 
 
 _LETTER = re.compile(r"[^\W\d_]")
-
-
-def _has_stop_words(words, wanted):
-    """At least `wanted` occurrences (not distinct words), case-insensitive; stops early."""
-    found = 0
-    for word in words:
-        if word.lower() in GOPHER_STOP_WORDS:
-            found += 1
-            if found >= wanted:
-                return True
-    return found >= wanted
 
 
 def gopher_repetition_reason(text, lines, words, settings):
@@ -369,8 +363,6 @@ def duplicate_stats(items):
 def ngram_repetition_reason(words, settings):
     """Top 2/3/4-gram and duplicated 5..10-gram character fractions, vectorised: each
     n-gram is a 64-bit rolling hash of word ids (a collision is a 2**-64 event)."""
-    if len(words) < 2:
-        return None
     # Python's str hash differs between processes, but only equal words get equal ids,
     # which is all the counting below uses.
     ids = np.fromiter(map(hash, words), dtype=np.int64, count=len(words)).view(np.uint64)
@@ -378,23 +370,20 @@ def ngram_repetition_reason(words, settings):
     total_chars = int(lengths.sum())
     length_prefix = np.concatenate(([0], np.cumsum(lengths)))
     keys = ids
-    repeated = True  # once no n-gram occurs twice, no longer n-gram can: skip the counting
+    repeated = True
     for n in range(2, 11):
-        if len(words) < n or (n > 4 and not repeated):
+        if not repeated or len(words) < n:  # no repeated n-gram: no longer one repeats either
             return None
         keys = keys[:-1] * _NGRAM_MULTIPLIER + ids[n - 1:]  # uint64 arithmetic wraps mod 2**64
         if n <= 4:
-            ngram_chars = length_prefix[n:] - length_prefix[:-n]
-            top_count, top_chars = _top_ngram(keys, ngram_chars) if repeated else (1, ngram_chars.max())
-            repeated = top_count > 1
-            chars = top_count * int(top_chars)
+            chars = _top_ngram_chars(keys, length_prefix[n:] - length_prefix[:-n])
             limit = getattr(settings, f"gopher_max_top_{n}gram")
             reason = f"gopher_repetition:top_{n}gram"
         else:
             chars = _duplicated_ngram_chars(keys, lengths, n)
-            repeated = chars > 0
             limit = getattr(settings, f"gopher_max_dup_{n}gram")
             reason = f"gopher_repetition:dup_{n}gram"
+        repeated = chars > 0
         if chars / total_chars > limit:
             return reason
     return None
@@ -403,11 +392,15 @@ def ngram_repetition_reason(words, settings):
 _NGRAM_MULTIPLIER = np.uint64(0x100000001B3)  # the 64-bit FNV prime: odd, well mixed
 
 
-def _top_ngram(keys, ngram_chars):
-    """(count, characters) of the most frequent n-gram; the longest one on a tie."""
+def _top_ngram_chars(keys, ngram_chars):
+    """Characters of the most frequent n-gram times its count (the longest one on a tie);
+    0 when no n-gram occurs twice: a page without repeats is not repetitive, however
+    short (datatrove counts the single n-gram, which drops every page of under ~10 words)."""
     _, first_position, counts = np.unique(keys, return_index=True, return_counts=True)
     top_count = counts.max()
-    return int(top_count), ngram_chars[first_position[counts == top_count]].max()
+    if top_count == 1:
+        return 0
+    return int(top_count) * int(ngram_chars[first_position[counts == top_count]].max())
 
 
 def _duplicated_ngram_chars(keys, lengths, n):
@@ -438,7 +431,7 @@ _SENTENCE_END = re.compile(r"[.!?]+[\"')\]]*(?=\s|$)")
 
 
 def c4_clean_lines(lines, settings):
-    """(kept lines, None) or (None, reason). The rules of C4's clean_page (TFDS c4_utils),
+    """(kept lines, None) or ([], reason). The rules of C4's clean_page (TFDS c4_utils),
     applied to each line in its order, so a page rule (lorem ipsum, '{') only sees lines
     that survived the line rules before it; the bad-words list is not applied."""
     s = settings
@@ -456,19 +449,19 @@ def c4_clean_lines(lines, settings):
             continue
         lowered = line.lower()
         if s.c4_drop_lorem_ipsum and "lorem ipsum" in lowered:
-            return None, "c4:lorem_ipsum"
+            return [], "c4:lorem_ipsum"
         if s.c4_drop_javascript_lines and "javascript" in lowered:
             continue
         if s.c4_drop_curly_bracket and "{" in line:
-            return None, "c4:curly_bracket"
+            return [], "c4:curly_bracket"
         if s.c4_drop_policy_lines and any(phrase in lowered for phrase in C4_POLICY_PHRASES):
             continue
         sentences += max(1, len(_SENTENCE_END.findall(line)))
         kept.append(line)
     if not kept:
-        return None, "c4:no_lines_left"
+        return [], "c4:no_lines_left"
     if sentences < s.c4_min_sentences:
-        return None, "c4:min_sentences"
+        return [], "c4:min_sentences"
     return kept, None
 
 
@@ -552,29 +545,29 @@ def exact_key(text):
     return int.from_bytes(digest, "little")
 
 
-_MINHASH_PRIME = np.uint64(4294967291)  # the largest prime below 2**32
-_MIX = np.uint64(0x9E3779B97F4A7C15)   # an odd constant (2**64 / golden ratio) to mix bits
+_MIX = np.uint64(0x9E3779B97F4A7C15)  # an odd constant (2**64 / golden ratio) to mix bits
 
 
 def minhash(text, settings=DEFAULT_SETTINGS):
     """MinHash signature (uint32, minhash_bands * minhash_rows values) of the set of
-    minhash_ngram-word shingles of the lowercased words (split_words). Hash
-    function i is (a_i * x + b_i) mod p on 32-bit shingle hashes x, with p the largest
-    prime below 2**32, so a_i * x + b_i fits in uint64 exactly. The share of equal values
-    in two signatures estimates the Jaccard similarity of the two shingle sets."""
+    minhash_ngram-word shingles of the lowercased words (split_words). Hash function i
+    maps a 32-bit shingle hash x to the high half of (a_i * x + b_i) mod 2**64, with random
+    64-bit a_i, b_i: the multiply-add-shift scheme (Dietzfelbinger 1996), pairwise
+    independent like the textbook (a * x + b) mod p but without a division. The share of
+    equal values in two signatures estimates the Jaccard similarity of the shingle sets."""
     words = split_words(text.lower())
     word_hashes = np.fromiter(map(zlib.crc32, map(str.encode, words)),
                               dtype=np.uint64, count=len(words))
     shingles = _shingle_hashes(word_hashes, settings.minhash_ngram)
     a, b = _minhash_parameters(settings.minhash_bands * settings.minhash_rows,
                                settings.minhash_seed)
-    signature = np.full(len(a), _MINHASH_PRIME, dtype=np.uint64)
+    signature = np.full(len(a), np.iinfo(np.uint64).max, dtype=np.uint64)
     # 128 shingles at a time: the (128, 112) temporaries stay in cache and below the size
-    # where malloc maps fresh pages for each one (3x faster than all at once), and a very
-    # long page needs no more memory than a short one.
+    # where malloc maps fresh pages for each one (2-3x faster than all at once), and a
+    # very long page needs no more memory than a short one.
     for start in range(0, len(shingles), 128):
         chunk = shingles[start:start + 128, None]
-        np.minimum(signature, ((chunk * a + b) % _MINHASH_PRIME).min(axis=0), out=signature)
+        np.minimum(signature, ((chunk * a + b) >> np.uint64(32)).min(axis=0), out=signature)
     return signature.astype(np.uint32)
 
 
@@ -599,8 +592,7 @@ def _minhash_parameters(count, seed):
     """(a, b) of the hash functions: fixed by the seed, so every worker agrees."""
     if (count, seed) not in _minhash_parameter_cache:
         rng = np.random.default_rng(seed)
-        a = rng.integers(1, int(_MINHASH_PRIME), size=count, dtype=np.uint64)
-        b = rng.integers(0, int(_MINHASH_PRIME), size=count, dtype=np.uint64)
+        a, b = rng.integers(0, 2**64, size=(2, count), dtype=np.uint64)
         _minhash_parameter_cache[count, seed] = (a, b)
     return _minhash_parameter_cache[count, seed]
 
@@ -651,7 +643,7 @@ _CONTENT_WORDS = ("river city people water system history music family governmen
                   "market winter garden language story village country morning teacher "
                   "doctor science station island forest animal student company problem "
                   "building summer picture report window mountain kitchen library journey "
-                  "season student travel program research engine harbor farmer bridge "
+                  "season travel program research engine harbor farmer bridge "
                   "painting century evening answer quickly carefully important different "
                   "small large early ancient modern simple public local general possible "
                   "written found known built opened moved changed started followed "
@@ -662,7 +654,6 @@ def english_like_documents(megabytes, seed=0):
     """Random pages of English-looking prose that pass every filter, so a benchmark runs
     every rule in full: sentences of function and content words, several per line, lines
     grouped in paragraphs."""
-    import random
     rng = random.Random(seed)
     documents, size = [], 0
     while size < megabytes * 1_000_000:
@@ -683,20 +674,22 @@ def english_like_documents(megabytes, seed=0):
 
 
 def benchmark(megabytes):
+    """Documents/s and MB/s of filter_document plus dedup_signature in CPU seconds of this
+    process (time.process_time), so other load on the machine does not count."""
     documents = english_like_documents(megabytes)
     headers = {LANGUAGE_HEADER: "eng"}
     deduplicator = Deduplicator()
     filter_seconds = signature_seconds = 0.0
     kept = 0
     for document in documents:
-        start = time.perf_counter()
+        start = time.process_time()
         text, reason = filter_document(document, headers)
-        filter_seconds += time.perf_counter() - start
+        filter_seconds += time.process_time() - start
         if text is None:
             continue
-        start = time.perf_counter()
+        start = time.process_time()
         signature = dedup_signature(text)
-        signature_seconds += time.perf_counter() - start
+        signature_seconds += time.process_time() - start
         kept += deduplicator.check(signature) is None
     total_mb = sum(len(d.encode()) for d in documents) / 1e6
     seconds = filter_seconds + signature_seconds
