@@ -426,8 +426,9 @@ C4_POLICY_PHRASES = ("terms of use", "privacy policy", "cookie policy", "uses co
                      "use of cookies", "use cookies")
 # Sentence ends for C4's page rule: C4 used NLTK's punkt; this counts runs of . ! ? that
 # end a line or precede whitespace, so "e.g. this" counts one too many. A line is at
-# least one sentence.
-_SENTENCE_END = re.compile(r"[.!?]+[\"')\]]*(?=\s|$)")
+# least one sentence. A match starts only at the start of a run and never backtracks
+# (++, *+), so a line of 100,000 dots costs linear time, not quadratic.
+_SENTENCE_END = re.compile(r"(?<![.!?])[.!?]++[\"')\]]*+(?=\s|$)")
 
 
 def c4_clean_lines(lines, settings):
@@ -494,7 +495,10 @@ def fineweb_reason(lines, settings):
 # host", not routable), so masking twice changes nothing.
 EMAIL_PLACEHOLDER = "email@example.com"
 IP_PLACEHOLDER = "0.0.0.0"
-_EMAIL = re.compile(r"\b[\w.%+-]+@(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.)+[A-Za-z]{2,}\b")
+# At most 64 characters before the @ (RFC 5321's limit) keeps the scan linear on long
+# runs like base64 "ab+cd+ef+...", where every + would start a new unbounded attempt.
+_EMAIL = re.compile(r"\b[\w.%+-]{1,64}@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+"
+                    r"[A-Za-z]{2,}\b")
 # Four dotted numbers not inside a longer dotted number or word (1.2.3.4.5 is a version).
 # The look-behind comes after the first digit so that the scan skips non-digits fast.
 _IPV4 = re.compile(r"\d(?<![\w.]\d)\d{0,2}(?:\.\d{1,3}){3}(?!\w|\.\d)")
