@@ -741,21 +741,23 @@ def merge_word(word, pair, new_id):
     return merged
 
 
-def training_texts(settings, inputs, val_inputs):
+def training_texts(settings, inputs, val_inputs, progress):
     """The kept train documents' texts, up to --tokenizer_train_chars characters in all."""
-    budget, deduplicator = settings["tokenizer_train_chars"], ExactDeduplicator()
+    budget, used, deduplicator = settings["tokenizer_train_chars"], 0, ExactDeduplicator()
     for split, document in labelled_documents(settings, inputs, val_inputs, Tally()):
         document = clean_document(document)
         if isinstance(document, str) or deduplicator.check(deduplicator.key(document.text)):
             continue
         if split == "train":
-            yield document.text[:budget]
-            budget -= len(document.text)
-            if budget <= 0:
+            text = document.text[:budget - used]
+            used += len(text)
+            progress.update(used / 1e6)
+            yield text
+            if used == budget:
                 return
 
 
-def build_tokenizer(settings, inputs, val_inputs, folder, timings):
+def build_tokenizer(settings, inputs, val_inputs, folder, total_mb, timings):
     """Trains or fetches the tokenizer; returns meta.json's tokenizer entry."""
     kind = settings["tokenizer"]
     if kind == "byte":
@@ -765,12 +767,16 @@ def build_tokenizer(settings, inputs, val_inputs, folder, timings):
         return {"kind": "gpt2", "vocab_size": encoder.n_vocab, "eot_id": encoder.eot_token,
                 "file": None, "sha256": None}
     start = time.perf_counter()
-    chunk_counts = count_chunks(training_texts(settings, inputs, val_inputs))
+    budget_m = settings["tokenizer_train_chars"] / 1e6
+    progress = Progress("bpe text", "M chars", min(budget_m, total_mb) if total_mb else budget_m)
+    chunk_counts = count_chunks(training_texts(settings, inputs, val_inputs, progress))
+    chars = sum(len(chunk) * count for chunk, count in chunk_counts.items())  # chunks cover the text
+    progress.finish(chars / 1e6, f"{len(chunk_counts):,} unique chunks")
     timings["tokenizer_count"] = time.perf_counter() - start
     start = time.perf_counter()
     progress = Progress("bpe", "merges", settings["vocab_size"] - 257)
     vocabulary = train_bpe(chunk_counts, settings["vocab_size"], progress)
-    progress.finish(len(vocabulary) - 256, f"{len(chunk_counts):,} unique chunks")
+    progress.finish(len(vocabulary) - 256)
     timings["tokenizer_merges"] = time.perf_counter() - start
     sha256 = write_tiktoken_file(folder / "tokenizer.tiktoken", vocabulary)
     return {"kind": "bpe", "vocab_size": settings["vocab_size"], "eot_id": len(vocabulary),
@@ -1024,8 +1030,8 @@ class Progress:
             return
         self.shown = now
         rate = done / max(now - self.start, 1e-6)
-        line = f"{self.stage}: {done:,.1f}" + (f"/{self.total:,.1f}" if self.total else "")
-        line += f" {self.unit} in {now - self.start:,.1f} s ({rate:,.1f} {self.unit}/s"
+        line = f"{self.stage}: {amount(done)}" + (f"/{amount(self.total)}" if self.total else "")
+        line += f" {self.unit} in {now - self.start:,.1f} s ({amount(rate)} {self.unit}/s"
         if self.total and not final and rate > 0:
             line += f", ETA {max(self.total - done, 0) / rate:,.0f} s"
         line += ")" + (f" {details}" if details else "")
@@ -1036,13 +1042,17 @@ class Progress:
         self.update(done, details, final=True)
 
 
+def amount(number):
+    return f"{number:,.0f}" if number >= 100 or float(number).is_integer() else f"{number:,.2f}"
+
+
 # ----------------------------------------------------------------------------------------
 # Command line and the whole run
 
 def usage():
     lines = ["usage: python prepare.py [--key=value ...]", "", __doc__.strip().splitlines()[0], ""]
     for name, (default, help_text) in FLAGS.items():
-        lines.append(f"  --{name}={default}".ljust(34) + f" {help_text}")
+        lines += [f"  --{name}={default}", f"      {help_text}"]
     return "\n".join(lines)
 
 
@@ -1170,13 +1180,13 @@ def build_dataset(settings, build, final):
     timings, start = {}, time.perf_counter()
     inputs, val_inputs, sources = resolve_inputs(settings, build, final)
     timings["inputs"] = time.perf_counter() - start
-    stage_start = time.perf_counter()
-    tokenizer_info = build_tokenizer(settings, inputs, val_inputs, build, timings)
-    timings["tokenizer"] = time.perf_counter() - stage_start
-    stage_start = time.perf_counter()
     files = inputs + val_inputs
     compressed = any(input_file.path.name.endswith(".gz") for input_file in files)
     total_mb = None if compressed else sum(input_file.path.stat().st_size for input_file in files) / 1e6
+    stage_start = time.perf_counter()
+    tokenizer_info = build_tokenizer(settings, inputs, val_inputs, build, total_mb, timings)
+    timings["tokenizer"] = time.perf_counter() - stage_start
+    stage_start = time.perf_counter()
     splits, tally = write_shards(settings, inputs, val_inputs, build, tokenizer_info, total_mb)
     timings["shards"] = time.perf_counter() - stage_start
     timings["total"] = time.perf_counter() - start
