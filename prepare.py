@@ -702,7 +702,8 @@ def train_bpe(chunk_counts, vocab_size, progress=None):
         raise PrepareError(
             f"--vocab_size={vocab_size} is more than this text supports: after "
             f"{len(vocabulary) - 256} merges no pair of tokens occurs twice. Use at most "
-            f"--vocab_size={len(vocabulary) + 1} or give more text.")
+            f"--vocab_size={len(vocabulary) + 1}, or train on more text (more input, or a "
+            f"larger --tokenizer_train_chars).")
     return vocabulary
 
 
