@@ -518,8 +518,9 @@ def _mask_public_ip(match):
         address = ipaddress.IPv4Address(match.group())
     except ValueError:  # an octet over 255, or a leading zero
         return match.group()
-    return IP_PLACEHOLDER if address.is_global else match.group()  # IANA's special-purpose
-                                                                    # registry decides
+    # is_global: outside IANA's special-purpose registry (private, loopback, link-local,
+    # shared, documentation and reserved blocks)
+    return IP_PLACEHOLDER if address.is_global else match.group()
 
 
 # ----------------------------------------------------------------------------- dedup
