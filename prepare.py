@@ -1010,6 +1010,9 @@ def report_markdown(meta, name):
               for split, summary in meta["splits"].items()]
     lines += ["", "## Timings", "", "| stage | seconds |", "|---|---:|"]
     lines += [f"| {stage} | {seconds:,.2f} |" for stage, seconds in meta["timings_s"].items()]
+    megabytes_per_s = documents["bytes_read"] / 1e6 / max(meta["timings_s"]["shards"], 1e-6)
+    lines += ["", f"Filtering and tokenizing ran at {megabytes_per_s:,.1f} MB/s with "
+                  f"{meta['settings']['num_workers']} worker(s)."]
     return "\n".join(lines) + "\n"
 
 

@@ -8,6 +8,8 @@ import hashlib
 import http.server
 import io
 import json
+import os
+import socket
 import random
 import subprocess
 import sys
@@ -518,7 +520,7 @@ def test_refuses_to_replace_a_folder_that_is_not_a_dataset(tmp_path):
 
 def test_gpt2_without_network_says_so_plainly(tmp_path):
     write_files(tmp_path / "in", ["first document", "second document"])
-    env = {**__import__("os").environ, "TIKTOKEN_CACHE_DIR": str(tmp_path / "cache"),
+    env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(tmp_path / "cache"),
            "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9", "NO_PROXY": ""}
     result = run_prepare("--source=files", "--input=in", "--tokenizer=gpt2", cwd=tmp_path, env=env, check=False)
     assert result.returncode == 1
@@ -617,3 +619,13 @@ def test_a_404_fails_clearly_and_leaves_no_dataset(server, tmp_path):
     assert result.returncode == 1
     assert f"download failed: {server}/missing.txt answered 404" in result.stderr
     assert sorted(path.name for path in tmp_path.iterdir()) == []
+
+
+def test_a_server_that_never_answers_fails_after_the_retries(tmp_path, monkeypatch):
+    listener = socket.create_server(("127.0.0.1", 0))  # accepts, never replies
+    monkeypatch.setattr(prepare, "TIMEOUT_S", (0.3, 0.3))
+    monkeypatch.setattr(prepare, "DOWNLOAD_ATTEMPTS", 2)
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/silent.txt"
+    with listener, pytest.raises(prepare.PrepareError, match=r"download failed after 2 tries: .*silent.txt.*timed out"):
+        prepare.download(url, tmp_path / "silent.txt")
+    assert not (tmp_path / "silent.txt").exists()
