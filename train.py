@@ -26,6 +26,7 @@ and exits 0, and `--init_from=resume` continues it exactly, as if it had never s
 is not finite is skipped; max_bad_steps of them in a row stop the run.
 """
 import ast
+import builtins
 import dataclasses
 import difflib
 import hashlib
@@ -129,7 +130,8 @@ def read_config_file(path, config):
     if not os.path.isfile(path):
         raise TrainError(f"config file {path!r} not found (flags are written --key=value)")
     namespace = dict(config)
-    exec(compile(Path(path).read_text(), path, "exec"), namespace)
+    # builtins.compile: the config key `compile` shadows the built-in in this module
+    exec(builtins.compile(Path(path).read_text(), path, "exec"), namespace)
     assigned = {}
     for key, value in namespace.items():
         if key.startswith("_") or type(value) is type(sys) or callable(value):
@@ -743,6 +745,7 @@ def install_stop_handlers(runtime):
 
 def build_run(cfg):
     """Everything the loop needs: data, model, optimizer, and the restored state on resume."""
+    started = time.time()
     runtime = setup_runtime(cfg)
     stop = install_stop_handlers(runtime)
     folder = dataset_folder(cfg.dataset)
@@ -779,7 +782,7 @@ def build_run(cfg):
         optimizer=optimizer, scaler=scaler, generator=torch.Generator().manual_seed(cfg.seed + runtime.rank),
         byte_lengths=token_byte_lengths(folder, tokenizer_info, runtime.device),
         eval_batches={split: windows.fixed_batch_ids(cfg.eval_iters, cfg.batch_size) for split, windows in splits.items()},
-        iter_num=0, best_val_loss=math.inf, elapsed_before=0.0, started=time.time(), eval_seconds=0.0,
+        iter_num=0, best_val_loss=math.inf, elapsed_before=0.0, started=started, eval_seconds=0.0,
         micro_steps=cfg.gradient_accumulation_steps // runtime.world_size,
         tokens_per_iter=cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps,
         peak_flops=peak_flops(runtime.device), timer=StepTimer(), estimate_printed=False, stop=stop,
@@ -842,7 +845,7 @@ def train(run):
         run.timer.add(time.perf_counter() - started)
         bad_in_a_row = bad_in_a_row + 1 if skipped else 0
         skipped_total += skipped
-        if skipped or run.iter_num % cfg.log_interval == 0:
+        if skipped or stop or run.iter_num % cfg.log_interval == 0:
             log_step(run, loss, grad_norm, skipped, lr)
         if bad_in_a_row >= cfg.max_bad_steps:
             raise TrainError(f"stopping at iteration {run.iter_num}: {bad_in_a_row} steps in a row had a loss or "

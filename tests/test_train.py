@@ -1,0 +1,288 @@
+"""train.py: config checking, a real training run end to end, its checkpoints, metrics,
+the data checks, and the non-finite step guard. Training runs are real subprocesses on the
+tiny dataset with a tiny model."""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from model import GPT, GPTConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_MODEL = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8", "--eval_iters=2",
+              "--log_interval=1", "--warmup_iters=2", "--learning_rate=3e-3", "--min_lr=3e-4", "--device=cpu"]
+
+
+# One thread per process: a tiny model gains nothing from two, and on a busy 2-core machine
+# two OpenMP threads that wait on each other can make each step 50x slower.
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run_train(*flags, cwd, timeout=120):
+    """python train.py with the tiny model and these flags; the finished process."""
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY_MODEL, *flags], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout, env=ONE_THREAD)
+
+
+def read_metrics(out_dir):
+    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_lines(out_dir):
+    return [line for line in read_metrics(out_dir) if "loss" in line]
+
+
+def eval_lines(out_dir):
+    return [line for line in read_metrics(out_dir) if "val_loss" in line]
+
+
+# ----------------------------------------------------------------------------- config
+def test_unknown_flag_suggests_the_closest_key():
+    with pytest.raises(train.TrainError, match=r"--bach_size=4: unknown config key 'bach_size'; did you mean 'batch_size'"):
+        train.parse_config(["--bach_size=4"])
+
+
+def test_unknown_key_in_a_config_file_names_the_file_and_the_closest_key(tmp_path):
+    config_file = tmp_path / "typo.py"
+    config_file.write_text("import math\nlearning_rat = math.sqrt(1e-6)\n")
+    with pytest.raises(train.TrainError, match=r"typo.py: unknown config key 'learning_rat'; did you mean 'learning_rate'"):
+        train.parse_config([str(config_file)])
+
+
+def test_wrong_type_is_rejected_naming_the_expected_type():
+    with pytest.raises(train.TrainError, match=r"max_iters expects int, got str 'many'"):
+        train.parse_config(["--max_iters=many"])
+    with pytest.raises(train.TrainError, match=r"batch_size expects int, got float 1.5"):
+        train.parse_config(["--batch_size=1.5"])
+    with pytest.raises(train.TrainError, match=r"compile expects bool, got int 1"):
+        train.parse_config(["--compile=1"])
+
+
+def test_an_int_is_accepted_where_a_float_is_expected():
+    assert train.parse_config(["--learning_rate=1"]).learning_rate == 1.0
+
+
+def test_config_files_run_in_order_then_flags_override_them(tmp_path):
+    first, second = tmp_path / "first.py", tmp_path / "second.py"
+    first.write_text("max_iters = 100\nbatch_size = 4\n")
+    second.write_text("max_iters = 2 * max_iters  # later files see earlier values\n")
+    cfg = train.parse_config([str(first), str(second), "--batch_size=7", "--out_dir=out/x"])
+    assert (cfg.max_iters, cfg.batch_size, cfg.out_dir) == (200, 7, "out/x")
+
+
+def test_help_lists_every_key_with_its_default_and_comment(capsys):
+    train.main(["--help"])
+    text = capsys.readouterr().out
+    for key, value in train.DEFAULTS.items():
+        assert f"--{key}={value!r}" in text
+    assert "--gradient_accumulation_steps=1  micro-steps per iteration" in text
+
+
+def test_a_config_error_exits_nonzero_with_the_message(tmp_path):
+    finished = run_train("--dropuot=0.1", cwd=tmp_path)
+    assert finished.returncode != 0
+    assert "did you mean 'dropout'" in finished.stderr
+    assert "Traceback" not in finished.stderr
+
+
+# ----------------------------------------------------------------------------- data checks
+def test_missing_dataset_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(train.TrainError, match=r"dataset folder .*nowhere does not exist.*prepare.py"):
+        train.dataset_folder(str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(train.TrainError, match=r"empty has no meta.json"):
+        train.dataset_folder(str(tmp_path / "empty"))
+
+
+def test_block_size_longer_than_the_val_split_is_a_clear_error(tiny_dataset):
+    meta = json.loads((tiny_dataset / "meta.json").read_text())
+    block_size = meta["splits"]["val"]["tokens"] + 10
+    with pytest.raises(train.TrainError, match=rf"block_size={block_size} needs shards of at least"):
+        train.load_split(tiny_dataset, meta, "val", block_size)
+
+
+def test_token_id_beyond_the_vocabulary_is_found_before_training(tiny_dataset):
+    meta = json.loads((tiny_dataset / "meta.json").read_text())
+    meta["tokenizer"]["vocab_size"] = 100  # the shards hold byte values and end-of-text above it
+    with pytest.raises(train.TrainError, match=r"train_000000.bin holds token id \d+, but the tokenizer has only 100 ids"):
+        train.load_split(tiny_dataset, meta, "train", 32)
+
+
+def test_meta_json_disagreeing_with_the_shards_is_refused(tiny_dataset):
+    meta = json.loads((tiny_dataset / "meta.json").read_text())
+    meta["splits"]["train"]["tokens"] += 1
+    with pytest.raises(train.TrainError, match=r"meta.json says the train split has [\d,]+ tokens, its shards hold"):
+        train.load_split(tiny_dataset, meta, "train", 32)
+
+
+def test_fixed_eval_batches_are_the_same_every_time_and_random_ones_follow_the_seed(tiny_dataset):
+    meta = json.loads((tiny_dataset / "meta.json").read_text())
+    windows = train.load_split(tiny_dataset, meta, "train", 32)
+    first, second = windows.fixed_batch_ids(3, 4), windows.fixed_batch_ids(3, 4)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    cpu = torch.device("cpu")
+    draw = lambda seed: windows.random_batch(4, torch.Generator().manual_seed(seed), cpu)
+    (x1, y1), (x2, y2), (x3, _) = draw(1), draw(1), draw(2)
+    assert torch.equal(x1, x2) and not torch.equal(x1, x3)
+    assert torch.equal(x1[:, 1:], y1[:, :-1])  # targets are the inputs shifted by one
+
+
+# ----------------------------------------------------------------------------- a real run
+@pytest.fixture(scope="module")
+def trained_run(tiny_dataset, tmp_path_factory):
+    """30 iterations, evaluated and saved every 10: checkpoints at 20 and 30 kept."""
+    work = tmp_path_factory.mktemp("run")
+    finished = run_train(f"--dataset={tiny_dataset}", "--out_dir=out", "--max_iters=30", "--eval_interval=10",
+                         "--dropout=0.1", cwd=work)
+    assert finished.returncode == 0, finished.stderr
+    return work / "out", tiny_dataset, finished.stdout
+
+
+def test_training_brings_val_loss_below_its_start(trained_run):
+    out_dir = trained_run[0]
+    evals = eval_lines(out_dir)
+    assert [line["iter"] for line in evals] == [0, 10, 20, 30]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5
+
+
+def test_run_prints_its_plan_evaluations_and_summary(trained_run):
+    _, _, stdout = trained_run
+    assert "tokens per parameter (Chinchilla-optimal: ~20)" in stdout
+    assert "estimated wall time of the whole run" in stdout
+    assert "bits/byte" in stdout and "gap" in stdout
+    assert "done: iteration 30" in stdout and "peak memory" in stdout
+
+
+def test_metrics_lines_carry_iteration_time_and_the_documented_fields(trained_run):
+    out_dir = trained_run[0]
+    lines = read_metrics(out_dir)
+    assert all("iter" in line and "elapsed_s" in line for line in lines)
+    assert [line["iter"] for line in train_lines(out_dir)] == list(range(1, 31))
+    assert all({"loss", "lr", "tokens_per_s"} <= line.keys() for line in train_lines(out_dir))
+    for line in eval_lines(out_dir):
+        assert {"val_loss", "val_ppl", "val_acc", "val_bpb", "train_loss"} <= line.keys()
+        assert line["val_ppl"] == pytest.approx(torch.tensor(line["val_loss"]).exp().item(), rel=1e-5)
+        # bits per byte = nats per token / ln 2 / bytes per token (the evenly spread eval windows
+        # have about the split's average bytes per token)
+        split = json.loads((trained_run[1] / "meta.json").read_text())["splits"]["val"]
+        expected = line["val_loss"] / math.log(2) / (split["bytes"] / split["tokens"])
+        assert line["val_bpb"] == pytest.approx(expected, rel=0.25)
+
+
+def test_checkpoints_load_with_weights_only_into_a_fresh_model(trained_run):
+    out_dir = trained_run[0]
+    for name in ("ckpt.pt", "best.pt"):
+        checkpoint = torch.load(out_dir / name, weights_only=True)
+        assert not any(key.startswith(("_orig_mod.", "module.")) for key in checkpoint["model"])
+        model = GPT(GPTConfig(**checkpoint["model_config"]))
+        model.load_state_dict(checkpoint["model"])
+        assert checkpoint["tokenizer"]["vocab_size"] == checkpoint["model_config"]["vocab_size"]
+    assert torch.load(out_dir / "ckpt.pt", weights_only=True)["iter_num"] == 30
+
+
+def test_keep_last_checkpoints_are_recorded_with_size_and_sha256(trained_run):
+    out_dir = trained_run[0]
+    entries = json.loads((out_dir / "checkpoints.json").read_text())["checkpoints"]
+    assert [entry["iter"] for entry in entries] == [20, 30]
+    assert sorted(path.name for path in out_dir.glob("ckpt_*.pt")) == ["ckpt_0000020.pt", "ckpt_0000030.pt"]
+    for entry in entries:
+        assert train.checkpoint_problem(out_dir / entry["file"], entry) is None
+    assert (out_dir / "ckpt.pt").samefile(out_dir / "ckpt_0000030.pt")
+
+
+@pytest.mark.parametrize("damage", ["flip a byte", "truncate", "delete"])
+def test_a_damaged_newest_checkpoint_is_reported_and_the_previous_one_used(trained_run, tmp_path, capsys, damage):
+    out_dir = tmp_path / "out"
+    shutil.copytree(trained_run[0], out_dir)
+    newest = out_dir / "ckpt_0000030.pt"
+    data = bytearray(newest.read_bytes())
+    if damage == "flip a byte":
+        data[len(data) // 2] ^= 0xFF
+        newest.write_bytes(data)
+    elif damage == "truncate":
+        newest.write_bytes(data[: len(data) // 2])
+    else:
+        newest.unlink()
+    path, checkpoint = train.newest_valid_checkpoint(out_dir)
+    assert path.name == "ckpt_0000020.pt" and checkpoint["iter_num"] == 20
+    assert "skipping damaged checkpoint" in capsys.readouterr().err
+
+
+def test_resume_after_a_damaged_checkpoint_continues_from_the_previous_without_repeating(trained_run, tiny_dataset, tmp_path):
+    shutil.copytree(trained_run[0], tmp_path / "out")
+    newest = tmp_path / "out" / "ckpt_0000030.pt"
+    newest.write_bytes(newest.read_bytes()[:-100])
+    finished = run_train(f"--dataset={tiny_dataset}", "--out_dir=out", "--max_iters=34", "--eval_interval=10",
+                         "--dropout=0.1", "--init_from=resume", cwd=tmp_path)
+    assert finished.returncode == 0, finished.stderr
+    assert "skipping damaged checkpoint" in finished.stderr
+    assert "resuming from out/ckpt_0000020.pt at iteration 20" in finished.stdout
+    assert [line["iter"] for line in train_lines(tmp_path / "out")] == list(range(1, 35))
+    assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["iter_num"] == 34
+
+
+def test_eval_only_evaluates_a_checkpoint_and_writes_nothing(trained_run, tiny_dataset, tmp_path):
+    before = {path.name: path.stat().st_mtime_ns for path in trained_run[0].iterdir()}
+    finished = run_train(f"--dataset={tiny_dataset}", f"--init_from={trained_run[0] / 'best.pt'}", "--eval_only=True",
+                         f"--out_dir={trained_run[0]}", cwd=tmp_path)
+    assert finished.returncode == 0, finished.stderr
+    val_loss = float(finished.stdout.split("val loss ")[1].split()[0])
+    assert val_loss == pytest.approx(min(line["val_loss"] for line in eval_lines(trained_run[0])), abs=1e-3)
+    assert {path.name: path.stat().st_mtime_ns for path in trained_run[0].iterdir()} == before
+
+
+def test_a_new_run_refuses_an_out_dir_that_holds_a_run(trained_run, tiny_dataset):
+    cfg = train.parse_config([f"--out_dir={trained_run[0]}"])
+    with pytest.raises(train.TrainError, match=r"already holds checkpoints of a run: continue it with init_from=resume"):
+        train.prepare_out_dir(cfg, tiny_dataset, {"file": None}, resuming=False)
+
+
+def test_resuming_with_another_architecture_names_the_field_and_both_values(trained_run, tiny_dataset):
+    checkpoint = torch.load(trained_run[0] / "ckpt.pt", weights_only=True)
+    other = GPTConfig(**{**checkpoint["model_config"], "n_layer": 3})
+    with pytest.raises(train.TrainError, match=r"has n_layer=2 but the config says n_layer=3"):
+        train.check_checkpoint_fits(checkpoint, "ckpt.pt", other, checkpoint["tokenizer"], tiny_dataset)
+    tokenizer = {**checkpoint["tokenizer"], "kind": "gpt2", "vocab_size": 50257}
+    with pytest.raises(train.TrainError, match=r"different tokenizer .* kind is 'bpe' there and 'gpt2' here"):
+        train.check_checkpoint_fits(checkpoint, "ckpt.pt", GPTConfig(**checkpoint["model_config"]), tokenizer, tiny_dataset)
+
+
+# ----------------------------------------------------------------------------- non-finite steps
+@pytest.fixture(scope="module")
+def run_with_a_nan_step(tiny_dataset, tmp_path_factory):
+    """Iteration 3's loss is made NaN (inject_nan_at) in a run that saves every iteration."""
+    work = tmp_path_factory.mktemp("nan")
+    finished = run_train(f"--dataset={tiny_dataset}", "--out_dir=out", "--max_iters=5", "--eval_interval=1",
+                         "--keep_last=10", "--inject_nan_at=3", cwd=work)
+    assert finished.returncode == 0, finished.stderr
+    return work
+
+
+def test_a_non_finite_step_is_skipped_and_counted_leaving_the_optimizer_untouched(run_with_a_nan_step):
+    out_dir = run_with_a_nan_step / "out"
+    lines = {line["iter"]: line for line in train_lines(out_dir)}
+    assert lines[3]["skipped"] is True and lines[3]["loss"] is None
+    assert not any(lines[i]["skipped"] for i in (1, 2, 4, 5))
+    # AdamW counts the steps it took: iteration 3 is not among them
+    steps = lambda name: {int(state["step"]) for state in torch.load(out_dir / name, weights_only=True)["optimizer"]["state"].values()}
+    assert steps("ckpt_0000002.pt") == {2} and steps("ckpt_0000005.pt") == {4}
+    assert not (out_dir / "ckpt_0000003.pt").exists()  # nothing saved while steps are failing
+
+
+def test_repeated_non_finite_steps_stop_the_run_naming_the_iteration_and_save_nothing_new(run_with_a_nan_step, tiny_dataset):
+    # a learning rate of 1e30 is a real divergence: one step sends the weights to ~1e30, then every loss is NaN
+    finished = run_train(f"--dataset={tiny_dataset}", "--out_dir=out", "--max_iters=20", "--eval_interval=1",
+                         "--keep_last=10", "--init_from=resume", "--learning_rate=1e30", "--warmup_iters=0",
+                         "--max_bad_steps=3", cwd=run_with_a_nan_step)
+    assert finished.returncode == 1
+    assert "stopping at iteration 9: 3 steps in a row had a loss or gradient that is not finite (the first at iteration 7)" in finished.stderr
+    saved = [entry["iter"] for entry in json.loads((run_with_a_nan_step / "out" / "checkpoints.json").read_text())["checkpoints"]]
+    assert max(saved) == 6
+    assert [line["skipped"] for line in train_lines(run_with_a_nan_step / "out")][-3:] == [True] * 3
