@@ -29,14 +29,16 @@ def make_text(seed, sentences=60):
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory):
     """A dataset folder built by `prepare.py` from 24 small generated text files:
-    a 512-token BPE, 4096-token shards, about 30k tokens in all. Returns its Path."""
+    a 512-token BPE, 4096-token shards, about 16k tokens in all (20 train documents in 4
+    shards, 4 val documents in 1). Returns its Path."""
     corpus = tmp_path_factory.mktemp("tiny_corpus")
     for index in range(24):
         (corpus / f"doc_{index:02d}.txt").write_text(make_text(index), encoding="utf-8")
     folder = tmp_path_factory.mktemp("tiny_dataset") / "tiny"
-    subprocess.run(
+    result = subprocess.run(
         [sys.executable, str(ROOT / "prepare.py"), "--source=files", f"--input={corpus}",
          f"--out_dir={folder}", "--tokenizer=bpe", "--vocab_size=512", "--shard_tokens=4096",
          "--val_fraction=0.2", "--num_workers=1"],
-        check=True, capture_output=True, cwd=corpus)
+        capture_output=True, text=True, cwd=corpus)
+    assert result.returncode == 0, f"prepare.py failed:\n{result.stderr}"
     return folder
