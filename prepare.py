@@ -939,7 +939,7 @@ def write_shards(settings, inputs, val_inputs, folder, tokenizer_info, total_mb)
         for writer in writers.values():
             writer.discard()
         raise
-    check_splits(splits, tally, val_inputs)
+    check_splits(splits, tally, settings["val_input"])
     return splits, tally
 
 
@@ -949,14 +949,14 @@ def move_last_document_to_empty_split(held, writers):
             held[empty] = held.pop(full)
 
 
-def check_splits(splits, tally, val_inputs):
+def check_splits(splits, tally, val_input):
     documents = splits["train"]["documents"] + splits["val"]["documents"]
     dropped = ", ".join(f"{count} {reason}" for reason, count in sorted(tally.dropped.items()))
     if documents == 0:
         raise PrepareError(f"no documents found: read {tally.documents_read} documents"
                            + (f", dropped {dropped}" if dropped else ""))
-    if splits["val"]["documents"] == 0 and val_inputs:
-        raise PrepareError(f"--val_input={val_inputs} gave no documents")
+    if splits["val"]["documents"] == 0 and val_input:
+        raise PrepareError(f"--val_input={val_input} gave no documents (after filtering)")
     for split, summary in splits.items():
         if summary["documents"] == 0:
             raise PrepareError(f"the {split} split is empty: {documents} document(s) kept, but train "
