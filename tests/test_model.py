@@ -1,0 +1,208 @@
+"""The GPT in model.py: what its loss, causality, checkpointing and generation promise."""
+import math
+
+import pytest
+import torch
+
+from model import GPT, GPTConfig, padded_vocab_size, peak_flops, peak_flops_of_card, sample_next_token
+
+
+def tiny_config(**overrides):
+    settings = dict(vocab_size=300, block_size=16, n_layer=2, n_head=2, n_embd=32)
+    return GPTConfig(**{**settings, **overrides})
+
+
+def tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return GPT(tiny_config(**overrides))
+
+
+def opinionated_model(dtype=torch.float64):
+    """An untrained model with peaked next-token distributions that depend on the whole
+    context (larger block weights, a larger final gain), so that a mistake in what the
+    model sees shows up in its choices."""
+    model = tiny_model().to(dtype).eval()
+    with torch.no_grad():
+        for p in model.transformer.h.parameters():
+            if p.dim() == 2:
+                p.mul_(5)
+        model.transformer.ln_f.weight.mul_(30)
+    return model
+
+
+def generate_all(model, prompt, use_cache, seed=0, **options):
+    generator = torch.Generator().manual_seed(seed)
+    steps = model.generate(prompt, generator=generator, use_cache=use_cache, **options)
+    return torch.stack(list(steps), dim=1)
+
+
+def test_loss_at_init_is_close_to_ln_vocab_size():
+    # small init weights make the first predictions nearly uniform over the vocabulary
+    model = tiny_model()
+    idx, targets = torch.randint(0, 300, (2, 8, 16))
+    _, loss = model(idx, targets)
+    assert abs(loss.item() - math.log(300)) < 0.05
+
+
+def test_targets_of_minus_one_are_left_out_of_the_loss():
+    model = tiny_model()
+    idx, targets = torch.randint(0, 300, (2, 4, 16))
+    masked = targets.clone()
+    masked[:, 8:] = -1
+    logits, loss = model(idx, masked)
+    expected = torch.nn.functional.cross_entropy(logits[:, :8].reshape(-1, 300), targets[:, :8].reshape(-1))
+    torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize("changed_position", [1, 7, 15])
+def test_changing_a_future_token_never_changes_earlier_logits(changed_position):
+    model = tiny_model().eval()
+    idx = torch.randint(0, 300, (3, 16))
+    changed = idx.clone()
+    changed[:, changed_position] = (idx[:, changed_position] + 1) % 300
+    before, _ = model(idx)
+    after, _ = model(changed)
+    torch.testing.assert_close(after[:, :changed_position], before[:, :changed_position], rtol=0, atol=0)
+    assert not torch.allclose(after[:, changed_position:], before[:, changed_position:])
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(dropout):
+    plain = tiny_model(seed=1, dropout=dropout)
+    recomputing = tiny_model(seed=1, dropout=dropout, gradient_checkpointing=True)
+    idx, targets = torch.randint(0, 300, (2, 4, 16))
+    losses = []
+    for model in (plain, recomputing):
+        torch.manual_seed(5)  # the same dropout masks for both
+        _, loss = model(idx, targets)
+        loss.backward()
+        losses.append(loss)
+    assert losses[0].item() == losses[1].item()
+    for (name, p), q in zip(plain.named_parameters(), recomputing.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+
+
+@pytest.mark.parametrize("options", [
+    dict(temperature=0.0),
+    dict(temperature=1.0),
+    dict(temperature=0.9, top_k=20, top_p=0.9),
+], ids=["greedy", "seeded_sampling", "seeded_top_k_top_p"])
+def test_kv_cache_generation_equals_recomputing_the_whole_context(options):
+    # float64: the two paths multiply matrices of different shapes, so their logits may
+    # differ in the last bits; in float64 that is ~1e-16, far too little to flip a choice.
+    model = opinionated_model()
+    prompt = torch.randint(0, 300, (3, 5))
+    # 40 new tokens run well past block_size (16): the window slides and the cache refills
+    cached = generate_all(model, prompt, use_cache=True, max_new_tokens=40, **options)
+    recomputed = generate_all(model, prompt, use_cache=False, max_new_tokens=40, **options)
+    assert cached.shape == (3, 40)
+    assert torch.equal(cached, recomputed)
+    assert len(cached.unique()) > 10  # varied contexts, not one token repeated
+
+
+def test_seeded_generation_is_repeatable_and_depends_on_the_seed():
+    model = opinionated_model()
+    prompt = torch.randint(0, 300, (2, 3))
+    first = generate_all(model, prompt, use_cache=True, seed=1, max_new_tokens=20)
+    again = generate_all(model, prompt, use_cache=True, seed=1, max_new_tokens=20)
+    other = generate_all(model, prompt, use_cache=True, seed=2, max_new_tokens=20)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+
+
+def test_generation_stops_once_every_row_has_produced_the_stop_token():
+    model = opinionated_model()
+    prompt = torch.randint(0, 300, (2, 4))
+    free = generate_all(model, prompt, use_cache=True, max_new_tokens=12, temperature=0.0)
+    stop_token = int(free[0, 3])
+    stopped = generate_all(model, prompt, use_cache=True, max_new_tokens=12, temperature=0.0, stop_token=stop_token)
+    first_stop = [int((row == stop_token).nonzero()[0]) if (row == stop_token).any() else 12 for row in free]
+    assert stopped.size(1) == min(max(first_stop) + 1, 12)
+    for row, stop_at in enumerate(first_stop):
+        assert torch.equal(stopped[row, : stop_at + 1], free[row, : stop_at + 1])
+        assert (stopped[row, stop_at:] == stop_token).all()  # a finished row repeats it
+
+
+def test_padded_vocabulary_rows_are_never_sampled_and_do_not_change_the_loss():
+    model = tiny_model(vocab_size=257).eval()  # the byte tokenizer's vocabulary
+    assert model.transformer.wte.weight.size(0) == padded_vocab_size(257) == 320
+    idx, targets = torch.randint(0, 257, (2, 4, 16))
+    logits, loss = model(idx, targets)
+    assert logits.size(-1) == 257
+    prompt = idx[:, :3]
+    before = generate_all(model, prompt, use_cache=True, max_new_tokens=30)
+    with torch.no_grad():
+        # if the padding rows took part, their huge logits would win every draw
+        model.transformer.wte.weight[257:] = 1000 * torch.randn(63, 32)
+    _, loss_after = model(idx, targets)
+    after = generate_all(model, prompt, use_cache=True, max_new_tokens=30)
+    assert loss_after.item() == loss.item()
+    assert torch.equal(before, after)
+    assert int(after.max()) < 257
+
+
+def draws(logits_row, n=4000, **options):
+    """The set of tokens drawn in n samples from one row of logits."""
+    logits = torch.tensor(logits_row).log().expand(n, -1)
+    generator = torch.Generator().manual_seed(0)
+    tokens = sample_next_token(logits, generator=generator, **options)
+    return set(tokens.tolist())
+
+
+def test_top_k_keeps_only_the_k_likeliest_tokens():
+    probs = [0.1, 0.4, 0.05, 0.3, 0.15]
+    assert draws(probs, temperature=1.0) == {0, 1, 2, 3, 4}
+    assert draws(probs, temperature=1.0, top_k=3) == {1, 3, 4}
+    assert draws(probs, temperature=1.0, top_k=1) == {1}
+
+
+def test_top_p_keeps_the_smallest_set_that_reaches_p():
+    probs = [0.1, 0.4, 0.05, 0.3, 0.15]
+    assert draws(probs, temperature=1.0, top_p=0.3) == {1}  # the likeliest alone reaches 0.3
+    assert draws(probs, temperature=1.0, top_p=0.5) == {1, 3}
+    assert draws(probs, temperature=1.0, top_p=0.75) == {1, 3, 4}
+    assert draws(probs, temperature=1.0, top_k=2, top_p=0.99) == {1, 3}
+
+
+def test_temperature_zero_picks_the_likeliest_token():
+    assert draws([0.1, 0.4, 0.05, 0.3, 0.15], n=10, temperature=0.0) == {1}
+
+
+@pytest.mark.parametrize("options", [dict(temperature=-1.0), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5)])
+def test_invalid_sampling_options_are_refused(options):
+    model = tiny_model()
+    with pytest.raises(ValueError, match=next(iter(options))):
+        next(model.generate(torch.zeros(1, 1, dtype=torch.long), 1, **options))
+
+
+def test_gpt2_small_has_its_published_124_million_parameters():
+    config = GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768, bias=True)
+    with torch.device("meta"):  # shapes only, no memory
+        model = GPT(config)
+    assert model.num_params() == 124_439_808  # the count of the released GPT-2 small
+    # PaLM's 6N + 12 L C T, with N leaving out the position embeddings
+    n_matmul = 124_439_808 - 1024 * 768
+    assert model.flops_per_token() == 6 * n_matmul + 12 * 12 * 768 * 1024
+
+
+def test_optimizer_decays_matrices_but_not_gains_and_biases():
+    model = tiny_model(bias=True)
+    optimizer = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "cpu")
+    decay = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+    assert len(decay) == len(list(model.parameters()))
+    for name, p in model.named_parameters():
+        assert decay[id(p)] == (0.1 if p.dim() >= 2 else 0.0), name
+
+
+def test_peak_flops_is_known_only_for_listed_cards():
+    assert peak_flops("cpu") is None
+    assert peak_flops_of_card("NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak_flops_of_card("NVIDIA A100 80GB PCIe") == 312e12
+    assert peak_flops_of_card("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops_of_card("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops_of_card("NVIDIA H200") == 989e12
+    assert peak_flops_of_card("NVIDIA L4") == 121e12
+    assert peak_flops_of_card("NVIDIA GeForce RTX 4090") == 165.2e12
+    # similar names of other cards must not borrow a figure
+    for other in ["NVIDIA H100 NVL", "NVIDIA A10G", "NVIDIA L40S", "NVIDIA GeForce RTX 4090 D", "Tesla T4"]:
+        assert peak_flops_of_card(other) is None, other
