@@ -1,0 +1,82 @@
+"""Two processes under torchrun on CPU (gloo): their gradients equal one process's on the
+same global batch, and a preempted two-process run saves and resumes without losing or
+repeating an iteration."""
+import json
+import signal
+import subprocess
+import sys
+
+import torch
+
+from test_train import ONE_THREAD, ROOT, TINY_MODEL, read_metrics, train_lines
+from test_resume import wait_until
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+# Run under torchrun: each rank does its share of a global batch through train.py's own
+# forward_backward (DDP, no_sync on all but the last micro-step); rank 0 then does the
+# whole batch in one process and writes the largest difference between the gradients.
+GRADIENT_SCRIPT = """
+import copy, json, sys
+import torch
+sys.path.insert(0, {root!r})
+import train
+from model import GPT, GPTConfig
+from torch.nn.parallel import DistributedDataParallel
+
+cfg = train.parse_config(["--device=cpu", "--gradient_accumulation_steps=4"])
+runtime = train.setup_runtime(cfg)
+torch.manual_seed(0)
+model = GPT(GPTConfig(vocab_size=100, block_size=16, n_layer=2, n_head=2, n_embd=32))
+single = copy.deepcopy(model)
+tokens = torch.randint(100, (4, 3, 17), generator=torch.Generator().manual_seed(1))  # 4 micro-batches of 3
+batches = [(batch[:, :-1], batch[:, 1:]) for batch in tokens]
+
+mine = iter(batches[runtime.rank::runtime.world_size])
+train.forward_backward(DistributedDataParallel(model), lambda: next(mine), micro_steps=2,
+                       autocast=runtime.autocast, scaler=None, is_ddp=True)
+if runtime.rank == 0:
+    everything = iter(batches)
+    train.forward_backward(single, lambda: next(everything), micro_steps=4, autocast=runtime.autocast,
+                           scaler=None, is_ddp=False)
+    difference = max((a.grad - b.grad).abs().max().item() for a, b in zip(model.parameters(), single.parameters()))
+    largest = max(p.grad.abs().max().item() for p in single.parameters())
+    with open({result!r}, "w") as file:
+        json.dump({{"difference": difference, "largest": largest}}, file)
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_two_processes_compute_the_gradients_of_one_process_on_the_same_global_batch(tmp_path):
+    script, result = tmp_path / "gradients.py", tmp_path / "result.json"
+    script.write_text(GRADIENT_SCRIPT.format(root=str(ROOT), result=str(result)))
+    finished = subprocess.run([*TORCHRUN, str(script)], capture_output=True, text=True, timeout=180, env=ONE_THREAD)
+    assert finished.returncode == 0, finished.stderr
+    gradients = json.loads(result.read_text())
+    assert gradients["largest"] > 1e-3
+    assert gradients["difference"] <= 1e-6 * gradients["largest"]
+
+
+def test_a_preempted_two_process_run_saves_and_resumes_without_losing_an_iteration(tiny_dataset, tmp_path):
+    flags = [*TINY_MODEL, f"--dataset={tiny_dataset}", "--out_dir=out", "--gradient_accumulation_steps=2",
+             "--eval_interval=1000"]
+    out_dir, log = tmp_path / "out", tmp_path / "first.log"
+    # torchrun passes SIGTERM on to both ranks, as a cluster scheduler's preemption does
+    first = subprocess.Popen([*TORCHRUN, str(ROOT / "train.py"), *flags, "--max_iters=100000"], cwd=tmp_path,
+                             stdout=open(log, "w"), stderr=subprocess.STDOUT, env=ONE_THREAD)
+    wait_until(lambda: (out_dir / "metrics.jsonl").exists() and len(train_lines(out_dir)) >= 3, timeout=120)
+    first.send_signal(signal.SIGTERM)
+    first.wait(timeout=120)
+    stopped_at = int(log.read_text().split("stopped at iteration ")[1].split()[0])
+    checkpoint = torch.load(out_dir / "ckpt.pt", weights_only=True)
+    assert checkpoint["iter_num"] == stopped_at and checkpoint["data"]["world_size"] == 2
+    assert len(checkpoint["rng"]) == 2 and not torch.equal(checkpoint["rng"][0]["loader"], checkpoint["rng"][1]["loader"])
+
+    second = subprocess.run([*TORCHRUN, str(ROOT / "train.py"), *flags, f"--max_iters={stopped_at + 3}",
+                             "--init_from=resume"], cwd=tmp_path, capture_output=True, text=True, timeout=180,
+                            env=ONE_THREAD)
+    assert second.returncode == 0, second.stderr
+    assert f"at iteration {stopped_at}, exactly" in second.stdout
+    assert [line["iter"] for line in train_lines(out_dir)] == list(range(1, stopped_at + 4))
+    evals = [line for line in read_metrics(out_dir) if "val_loss" in line]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]

@@ -1,0 +1,104 @@
+"""Stopping and resuming: a resumed run is the same run, bit for bit; SIGTERM and SIGINT
+save and exit cleanly; kill -9 at any moment leaves a checkpoint to resume from."""
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+import train
+from test_train import ONE_THREAD, ROOT, TINY_MODEL, read_metrics, run_train, train_lines
+
+TIMING_KEYS = {"elapsed_s", "ms_per_iter", "tokens_per_s"}
+
+
+def without_timings(lines):
+    return [{key: value for key, value in line.items() if key not in TIMING_KEYS} for line in lines]
+
+
+def test_resume_continues_exactly_as_if_never_stopped(tiny_dataset, tmp_path):
+    # dropout and gradient accumulation: the resumed run must redraw the same batches and masks
+    flags = [f"--dataset={tiny_dataset}", "--dropout=0.2", "--gradient_accumulation_steps=2", "--eval_interval=4",
+             "--lr_decay_iters=8"]
+    assert run_train(*flags, "--out_dir=whole", "--max_iters=8", cwd=tmp_path).returncode == 0
+    assert run_train(*flags, "--out_dir=halves", "--max_iters=4", cwd=tmp_path).returncode == 0
+    resumed = run_train(*flags, "--out_dir=halves", "--max_iters=8", "--init_from=resume", cwd=tmp_path)
+    assert "resuming from halves/ckpt_0000004.pt at iteration 4, exactly" in resumed.stdout
+
+    whole, halves = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "halves")
+    assert [line["iter"] for line in halves] == [0, 1, 2, 3, 4, 4, 5, 6, 7, 8, 8]  # train and eval lines
+    assert without_timings(halves) == without_timings(whole)
+    one_go = torch.load(tmp_path / "whole" / "ckpt.pt", weights_only=True)
+    two_goes = torch.load(tmp_path / "halves" / "ckpt.pt", weights_only=True)
+    for name, tensor in one_go["model"].items():
+        assert torch.equal(tensor, two_goes["model"][name]), name
+    for index, state in one_go["optimizer"]["state"].items():
+        for key, tensor in state.items():
+            assert torch.equal(tensor, two_goes["optimizer"]["state"][index][key])
+    assert torch.equal(one_go["rng"][0]["loader"], two_goes["rng"][0]["loader"])
+
+
+def start_train(*flags, cwd, log):
+    """train.py in the background, its output going to the file `log`."""
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *TINY_MODEL, *flags], cwd=cwd,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, env=ONE_THREAD)
+
+
+def wait_until(condition, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def trained_iterations(out_dir):
+    path = out_dir / "metrics.jsonl"
+    return len(train_lines(out_dir)) if path.exists() else 0
+
+
+def test_sigterm_and_sigint_finish_the_step_save_and_exit_zero_and_resume_neither_loses_nor_repeats(tiny_dataset, tmp_path):
+    flags = [f"--dataset={tiny_dataset}", "--out_dir=out", "--eval_interval=1000", "--max_iters=100000"]
+    out_dir = tmp_path / "out"
+    stopped_at = []
+    for signal_number, init_from in ((signal.SIGTERM, "scratch"), (signal.SIGINT, "resume")):
+        log = tmp_path / f"{signal_number.name}.log"
+        process = start_train(*flags, f"--init_from={init_from}", cwd=tmp_path, log=log)
+        already = stopped_at[-1] if stopped_at else 0
+        wait_until(lambda: trained_iterations(out_dir) >= already + 3)
+        process.send_signal(signal_number)
+        assert process.wait(timeout=60) == 0, log.read_text()
+        iteration = int(log.read_text().split("stopped at iteration ")[1].split()[0])
+        assert torch.load(out_dir / "ckpt.pt", weights_only=True)["iter_num"] == iteration
+        assert train_lines(out_dir)[-1]["iter"] == iteration
+        stopped_at.append(iteration)
+    finished = run_train(*flags[:-1], f"--max_iters={stopped_at[-1] + 2}", "--init_from=resume", cwd=tmp_path)
+    assert finished.returncode == 0, finished.stderr
+    assert [line["iter"] for line in train_lines(out_dir)] == list(range(1, stopped_at[-1] + 3))
+
+
+def test_kill_9_at_random_moments_always_leaves_a_resumable_checkpoint(tiny_dataset, tmp_path):
+    # a checkpoint every iteration, so many of the kills land inside a save
+    flags = [f"--dataset={tiny_dataset}", "--out_dir=out", "--eval_interval=1", "--eval_iters=1"]
+    out_dir, moments = tmp_path / "out", random.Random(0)
+    resumed_at = [0]
+    for attempt in range(3):
+        log = tmp_path / f"attempt{attempt}.log"
+        process = start_train(*flags, "--max_iters=100000", f"--init_from={'resume' if attempt else 'scratch'}",
+                              cwd=tmp_path, log=log)
+        # the first iteration past the checkpoint is done and its evaluation (then save) begun
+        wait_until(lambda: f"eval at iter {resumed_at[-1] + 1}:" in log.read_text())
+        time.sleep(moments.uniform(0, 0.5))
+        process.kill()
+        process.wait()
+        path, checkpoint = train.newest_valid_checkpoint(out_dir)
+        assert checkpoint["iter_num"] >= resumed_at[-1]
+        resumed_at.append(checkpoint["iter_num"])
+    finished = run_train(*flags, f"--max_iters={resumed_at[-1] + 2}", "--init_from=resume", cwd=tmp_path)
+    assert finished.returncode == 0, finished.stderr
+    assert f"at iteration {resumed_at[-1]}, exactly" in finished.stdout
+    iterations = [line["iter"] for line in train_lines(out_dir)]
+    assert iterations == list(range(1, resumed_at[-1] + 3))
+    assert json.loads((out_dir / "checkpoints.json").read_text())["checkpoints"][-1]["iter"] == resumed_at[-1] + 2
