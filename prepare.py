@@ -3,27 +3,46 @@
     python prepare.py                       # this Python's standard library -> data/python/
     python prepare.py --source=files --input=notes/,books/*.txt --name=mine
     python prepare.py --source=url --url=https://example.org/book.txt --tokenizer=byte
+    python prepare.py --source=commoncrawl --crawl=latest --wet_files=4 --name=web
     python prepare.py --help                # every flag with its default
 
 The flow, one stage after another:
-  sources   documents (id, text, metadata) from the stdlib, local files or URLs
-  filters   each document is kept (maybe cleaned) or dropped with a reason, counted
+  sources   documents (id, text, metadata) from the stdlib, local files, URLs or Common Crawl
+  filter    each document is kept (maybe cleaned) or dropped with a reason, counted; then
+            duplicates of kept documents are dropped, in document order
   split     a hash of the document id puts a fixed fraction of documents in val
-  tokenizer a byte-level BPE trained here on the train documents (or byte / gpt2)
+  tokenizer a byte-level BPE trained here on the kept train documents (or byte / gpt2)
   shards    documents tokenized on all cores, written as llm.c-style .bin shards
   manifest  meta.json (read by train.py) and report.md (read by people)
 
-The dataset is built in a hidden sibling folder and renamed into place only when
-complete, so data/<name>/ is always either the previous dataset or the new one.
+Web text (Common Crawl, and any WET file) gets the web filters of webfilters.py:
+language, Gopher quality and repetition, C4 line cleanup, FineWeb's rules, exact and
+MinHash near-duplicate removal, email/IP masking; each rule's switch and threshold is a
+flag. Other text gets only what suits any text: empty documents and exact copies go.
+
+The dataset is built in a hidden sibling folder, data/.<name>.partial/, and renamed into
+place only when complete, so data/<name>/ is always either the previous dataset or the
+new one. The filter stage writes the kept documents there (filtered/part_*.jsonl, one
+part per Common Crawl WET file) and records each finished part in filtered/state.json.
+When a Common Crawl run fails (a server that keeps failing, Ctrl-C, a crash), the
+finished parts stay, and the same command continues with the next WET file: it first
+replays the kept documents into the deduplicator, so the shards come out byte for byte
+as an uninterrupted run would write them. A part is finished or absent, never half
+there, and a record written with other filter settings is discarded. Local sources are
+cheap to read again, so their runs always start over. The filtered text is deleted once
+the dataset is complete.
+
 train.py and sample.py import the dataset-folder API from here: EOT, load_tokenizer,
 read_shard, read_meta, atomic_write.
 """
 import base64
+import dataclasses
 import difflib
 import glob
 import gzip
 import hashlib
 import heapq
+import itertools
 import json
 import os
 import platform
@@ -36,6 +55,7 @@ import sysconfig
 import time
 import unicodedata
 import urllib.parse
+import zlib
 from collections import Counter, defaultdict, deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -46,20 +66,37 @@ import numpy as np
 import requests
 import tiktoken
 
+import webfilters
+
 
 def _cpu_count():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-# Every flag, its default and what it does (`--help` prints this table).
+# Every flag, its default and what it does (`--help` prints this table, then the web
+# filter flags, which are webfilters.WebFilterSettings' fields).
 FLAGS = {
     "source": ("python", "where the text comes from: python (this Python's standard library, "
-                         "offline), files (--input) or url (--url)"),
+                         "offline), files (--input), url (--url) or commoncrawl (--crawl)"),
     "input": ("", "files source: comma-separated files, folders and globs of "
                   ".txt .md .rst .py .jsonl .warc.wet .warc.wet.gz"),
     "val_input": ("", "files whose documents form the val split (instead of --val_fraction)"),
     "url": ("", "url source: comma-separated http(s) URLs of plain text, .jsonl or .warc.wet.gz"),
+    "crawl": ("latest", "commoncrawl: a crawl id such as CC-MAIN-2025-26, or latest (the "
+                        "newest one in --cc_index_url)"),
+    "wet_files": (1, "commoncrawl: how many WET files to read, in the order of the crawl's "
+                     "wet.paths.gz (one holds the text of tens of thousands of pages)"),
+    "max_docs": (0, "stop reading once this many documents are kept (0: no limit)"),
+    "cc_base_url": ("https://data.commoncrawl.org/", "commoncrawl: the server holding "
+                    "crawl-data/<crawl>/wet.paths.gz and the WET files it lists"),
+    "cc_index_url": ("https://index.commoncrawl.org/collinfo.json", "commoncrawl: the list "
+                     "of crawls, newest first"),
     "text_field": ("text", "the field of each .jsonl line that holds the document's text"),
+    "filters": ("auto", "web (the web filters below), none (only empty documents and exact "
+                        "copies are dropped) or auto: web for commoncrawl and WET files, none "
+                        "otherwise"),
+    "keep_metadata": (False, "also write docs.jsonl: id, url, date, language, tokens and split "
+                             "of every kept document"),
     "tokenizer": ("bpe", "bpe (trained here on the corpus), byte (256 bytes + end-of-text) "
                          "or gpt2 (tiktoken's; needs the network once)"),
     "vocab_size": (8192, "bpe only: tokens in the vocabulary, counting the 256 bytes and "
@@ -69,11 +106,14 @@ FLAGS = {
     "shard_tokens": (100_000_000, "tokens per shard file (the last shard holds the rest)"),
     "val_fraction": (0.05, "fraction of documents held out for val, picked by a hash of "
                            "each document's id"),
-    "num_workers": (_cpu_count(), "processes that tokenize (the shards are the same for any number)"),
+    "num_workers": (_cpu_count(), "processes that filter and tokenize (the shards are the same "
+                                  "for any number)"),
     "name": ("", "dataset name: writes data/<name>/ (default: the source's name)"),
     "out_dir": ("", "write the dataset to this folder instead of data/<name>/"),
 }
-SOURCES = ("python", "files", "url")
+WEB_FLAGS = {name: (default, help_text) for name, default, help_text in webfilters.settings_help()}
+SOURCES = ("python", "files", "url", "commoncrawl")
+FILTER_MODES = ("auto", "web", "none")
 TOKENIZERS = ("bpe", "byte", "gpt2")
 
 
@@ -260,9 +300,10 @@ class Document:
 
 @dataclass(frozen=True)
 class InputFile:
-    path: Path
+    path: Path | None  # None for a file streamed from url
     name: str  # how its documents are named: a relative path, the path given, or the URL
     kind: str  # text (one document), jsonl (one per line), wet (one per record), pydoc_topics
+    url: str = ""  # set for a Common Crawl WET file, read as it downloads
 
 
 def input_kind(file_name):
@@ -380,37 +421,177 @@ def read_jsonl(input_file, text_field):
 def read_wet(input_file, text_field):
     """One document per `conversion` record (the extracted text of one web page); its WARC
     headers (WARC-Target-URI, WARC-Date, WARC-Identified-Content-Language, ...) become the
-    document's metadata. Common Crawl gzips each record as its own gzip member, which
-    gzip reads as one stream."""
-    opener = gzip.open if input_file.path.name.endswith(".gz") else open
-    with opener(input_file.path, "rb") as stream:
-        for number, (headers, body) in enumerate(iter_warc_records(stream), start=1):
-            if headers.get("WARC-Type") == "conversion":
-                text, invalid = decode_utf8(body)
-                metadata = {"file": input_file.name, "record": number, **headers}
-                yield Document(f"{input_file.name}:{number}", text, metadata, invalid)
+    document's metadata. A record that cannot be read gives its drop reason instead (a
+    string, "bad_record:..."), and reading goes on with the next record."""
+    blocks = remote_blocks(input_file.url) if input_file.url else file_blocks(input_file.path)
+    records = warc_records(blocks, gzipped=input_file.name.endswith(".gz"))
+    for number, record in enumerate(records, start=1):
+        if isinstance(record, str):
+            yield record
+        elif record[0].get("WARC-Type") == "conversion":
+            headers, body = record
+            text, invalid = decode_utf8(body)
+            metadata = {"file": input_file.name, "record": number, **headers}
+            yield Document(f"{input_file.name}:{number}", text, metadata, invalid)
 
 
-def iter_warc_records(stream):
-    """(headers, body bytes) for each record of a WARC file read from a binary stream:
-    a 'WARC/1.0' line, 'Name: value' header lines, a blank line, Content-Length bytes."""
-    while line := stream.readline():
-        if not line.strip():
-            continue  # the blank lines that end the previous record
-        if not line.startswith(b"WARC/"):
-            raise ValueError(f"expected a WARC record starting with 'WARC/', found {line[:40]!r}")
-        headers = {}
-        while (line := stream.readline()).strip():
-            name, _, value = line.decode("utf-8", errors="replace").partition(":")
-            headers[name.strip()] = value.strip()
-        length = headers.get("Content-Length", "")
-        if not length.isdigit():
-            raise ValueError(f"WARC record {headers.get('WARC-Record-ID')} has no valid Content-Length")
-        body = stream.read(int(length))
-        if len(body) < int(length):
-            raise EOFError(f"WARC record {headers.get('WARC-Record-ID')} is cut short: "
-                           f"{len(body)} of {length} bytes")
-        yield headers, body
+def file_blocks(path, block_size=1 << 20):
+    with open(path, "rb") as stream:
+        while block := stream.read(block_size):
+            yield block
+
+
+GZIP_MAGIC = b"\x1f\x8b\x08"  # a gzip member's first bytes: ID1, ID2, deflate
+MEMBER_END, MEMBER_BAD = "member end", "member bad"  # markers among gunzip_members' bytes
+RESCAN_LIMIT = 1 << 20  # compressed bytes of a member kept to look for the next one in
+UNCHECKED_LIMIT = 1 << 25  # decompressed bytes parsed before their member's CRC is checked
+
+
+def gunzip_members(blocks):
+    """Decompresses concatenated gzip members as they arrive. Yields decompressed bytes,
+    MEMBER_END after each member whose CRC checked, and MEMBER_BAD for a member that is
+    damaged or cut short; decoding then starts again at the next gzip header. Common
+    Crawl gzips every record as its own member, so a damaged member costs one record."""
+    decoder, member = zlib.decompressobj(wbits=31), bytearray()  # member: its compressed bytes
+    searching, carry = False, b""  # after a damaged member: skip to the next gzip header
+    for block in itertools.chain(blocks, [None]):  # None: the end of the stream
+        todo = carry + block if block is not None else b""
+        carry = b""
+        if searching:
+            todo, carry, searching = _from_next_member(todo)
+        while todo:
+            if len(member) < RESCAN_LIMIT:
+                member += todo
+            try:
+                output = decoder.decompress(todo)
+            except zlib.error:
+                yield MEMBER_BAD
+                todo, carry, searching = _from_next_member(member[1:] if len(member) < RESCAN_LIMIT else todo)
+                decoder, member = zlib.decompressobj(wbits=31), bytearray()
+                continue
+            if output:
+                yield output
+            todo = b""
+            if decoder.eof:
+                yield MEMBER_END
+                todo = decoder.unused_data
+                decoder, member = zlib.decompressobj(wbits=31), bytearray()
+        if block is None and member:  # the stream ended inside a member
+            yield MEMBER_BAD
+            todo, _, _ = _from_next_member(member[1:])
+            if todo:  # a later member hides in what the cut one swallowed
+                yield from gunzip_members([todo])
+
+
+def _from_next_member(data):
+    """(data from the next gzip header on, bytes to carry to the next block, still searching)."""
+    start = data.find(GZIP_MAGIC)
+    if start == -1:  # a header may begin in the last two bytes
+        return b"", bytes(data[-(len(GZIP_MAGIC) - 1):]), True
+    return bytes(data[start:]), b"", False
+
+
+def warc_records(blocks, gzipped):
+    """(headers, body bytes) for each record of a WARC file read in blocks of bytes, or a
+    drop reason (a string) for a record that is skipped: "bad_record:gzip" (a damaged
+    gzip member), "bad_record:warc_header" (no 'WARC/' line or no valid Content-Length),
+    "bad_record:truncated" (the file ends inside it). Records of a gzip member are given
+    out once the member's CRC has checked, so a damaged member gives no garbled record."""
+    buffer = WarcBuffer()
+    if not gzipped:
+        for block in blocks:
+            buffer.feed(block)
+            yield from buffer.records()
+    else:
+        for piece in gunzip_members(blocks):
+            if piece is MEMBER_BAD:
+                buffer.clear()
+                yield "bad_record:gzip"
+                continue
+            if piece is not MEMBER_END:
+                buffer.feed(piece)
+            if piece is MEMBER_END or len(buffer) > UNCHECKED_LIMIT:  # one huge member: no waiting
+                yield from buffer.records()
+    yield from buffer.records(at_end=True)
+
+
+class WarcBuffer:
+    """Bytes of a WARC file not yet cut into records. A record is a 'WARC/1.0' line,
+    'Name: value' header lines, a blank line, Content-Length bytes of body; blank lines
+    separate records. A malformed record is skipped up to the next line that starts
+    with 'WARC/'."""
+    HEADER_END = re.compile(rb"\r?\n\r?\n")
+    MAX_HEADER = 1 << 16
+
+    def __init__(self):
+        self.clear()
+
+    def __len__(self):
+        return len(self.data) - self.start
+
+    def clear(self):
+        self.data, self.start, self.skipping = bytearray(), 0, False
+
+    def feed(self, data):
+        if self.start > len(self.data) // 2:  # drop what has been read, now and then
+            del self.data[:self.start]
+            self.start = 0
+        self.data += data
+
+    def records(self, at_end=False):
+        """The complete records buffered; at_end: the rest is a cut-off record."""
+        data = self.data
+        while True:
+            if self.skipping and not self._skip_to_next_record(at_end):
+                return
+            while self.start < len(data) and data[self.start] in b"\r\n":
+                self.start += 1
+            if self.start == len(data):
+                return
+            if not data.startswith(b"WARC/", self.start):
+                if not at_end and len(self) < 5 and b"WARC/".startswith(data[self.start:]):
+                    return  # the start of a record, the rest on its way
+                self.skipping = True
+                yield "bad_record:warc_header"
+                continue
+            header_end = self.HEADER_END.search(data, self.start, self.start + self.MAX_HEADER)
+            if header_end is None:
+                if len(self) > self.MAX_HEADER:
+                    self.skipping = True
+                    yield "bad_record:warc_header"
+                    continue
+                if at_end:
+                    self.clear()
+                    yield "bad_record:truncated"
+                return
+            headers = {}
+            for line in bytes(data[self.start:header_end.start()]).split(b"\n")[1:]:
+                name, _, value = line.decode("utf-8", errors="replace").partition(":")
+                headers[name.strip()] = value.strip()
+            length = headers.get("Content-Length", "")
+            if not length.isdigit():
+                self.skipping = True
+                yield "bad_record:warc_header"
+                continue
+            body_end = header_end.end() + int(length)
+            if body_end > len(data):
+                if at_end:
+                    self.clear()
+                    yield "bad_record:truncated"
+                return
+            body = bytes(data[header_end.end():body_end])
+            self.start = body_end
+            yield headers, body
+
+    def _skip_to_next_record(self, at_end):
+        """Drops bytes up to the next line that starts with 'WARC/'; False when there is
+        none yet (the last bytes stay: they may be the start of one)."""
+        found = self.data.find(b"\nWARC/", self.start)
+        if found == -1:
+            self.start = len(self.data) if at_end else max(self.start, len(self.data) - 5)
+            return False
+        self.start, self.skipping = found + 1, False
+        return True
 
 
 def read_pydoc_topics(input_file, text_field):
@@ -420,22 +601,107 @@ def read_pydoc_topics(input_file, text_field):
 
 
 # ----------------------------------------------------------------------------------------
-# Downloads (the url source)
+# Downloads (the url and commoncrawl sources)
 
 DOWNLOAD_ATTEMPTS = 5  # tries in a row that make no progress before giving up
-RETRY_STATUSES = {429, 500, 502, 503, 504}
+RETRY_STATUSES = {429, 500, 502, 503, 504}  # 503 is also S3's "SlowDown"
 TIMEOUT_S = (10, 60)  # (connect, between bytes)
 # Reads of 64 KiB: when a transfer breaks, requests drops the block being read, so small
 # blocks keep most of what arrived for the Range request that resumes it.
 DOWNLOAD_BLOCK = 1 << 16
+# Common Crawl asks crawlers of its data to say who they are.
+USER_AGENT = f"owngpt-prepare/1.0 (an educational GPT trainer; python-requests/{requests.__version__})"
 
 
 class RetryableError(Exception):
     """A failure worth another try: the network, a server error, a cut-off transfer."""
 
-    def __init__(self, message, wait_s=0):
+    def __init__(self, message, wait_s=None):
         super().__init__(message)
-        self.wait_s = wait_s  # what the server asked for in Retry-After
+        self.wait_s = wait_s  # what the server asked for in Retry-After, if it did
+
+
+class RemoteError(PrepareError):
+    """A server's answer that trying again will not change (404, 403, ...)."""
+
+    def __init__(self, url, status, reason):
+        super().__init__(f"download failed: {url} answered {status} {reason}")
+        self.status = status
+
+
+def remote_blocks(url, offset=0):
+    """The bytes of url from offset on, in blocks as they arrive. A broken transfer goes
+    on with a Range request from the first byte not yet given (a server that ignores
+    Range sends the file again and the bytes already given are skipped), so the blocks
+    join up exactly. Tries that bring no new byte are retried after the server's
+    Retry-After or else 1, 2, 4, ... s, and after DOWNLOAD_ATTEMPTS in a row it gives up."""
+    failures = 0
+    while True:
+        progressed = False
+        try:
+            for block in response_blocks(url, offset):
+                offset += len(block)
+                progressed = True
+                yield block
+            return
+        except RetryableError as error:
+            failures = 0 if progressed else failures + 1
+            if failures >= DOWNLOAD_ATTEMPTS:
+                raise PrepareError(f"download failed after {DOWNLOAD_ATTEMPTS} tries: {error}") from None
+            wait_s = 0 if progressed else error.wait_s if error.wait_s is not None else 2 ** (failures - 1)
+            resume = f" from byte {offset:,}" if offset else ""
+            print(f"download: {error}; retrying in {wait_s} s{resume}", file=sys.stderr)
+            time.sleep(wait_s)
+
+
+def response_blocks(url, offset):
+    """The blocks of one GET of url, from byte offset on."""
+    # identity: a compressed transfer would not match Content-Length or byte ranges
+    headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    received = 0
+    try:
+        with requests.get(url, headers=headers, stream=True, timeout=TIMEOUT_S) as response:
+            skip = bytes_to_skip(url, response, offset)
+            if skip is None:
+                return
+            length = response.headers.get("Content-Length", "")
+            expected = int(length) - skip if length.isdigit() else None
+            for block in response.iter_content(DOWNLOAD_BLOCK):
+                dropped = min(skip, len(block))
+                skip -= dropped
+                if len(block) > dropped:
+                    received += len(block) - dropped
+                    yield block[dropped:]
+    except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as error:
+        raise RetryableError(f"{url}: {error}") from None
+    if expected is not None and received != expected:
+        raise RetryableError(f"{url}: transfer stopped at {offset + received:,} of "
+                             f"{offset + expected:,} bytes")
+
+
+def bytes_to_skip(url, response, offset):
+    """How many bytes of the response the caller already has (None: all of them), or the
+    error that the status means."""
+    status = response.status_code
+    if status in RETRY_STATUSES:
+        retry_after = response.headers.get("Retry-After", "")
+        wait_s = min(int(retry_after), 60) if retry_after.isdigit() else None
+        raise RetryableError(f"{url} answered {status} {response.reason}", wait_s)
+    if status == 416 and offset:  # nothing past offset: complete, unless the file shrank
+        total = response.headers.get("Content-Range", "").rpartition("/")[2]
+        if total == str(offset):
+            return None
+        raise PrepareError(f"download failed: {url} now has {total or 'fewer'} bytes, but "
+                           f"{offset:,} were fetched before: the file changed on the server")
+    if status >= 400:
+        raise RemoteError(url, status, response.reason)
+    if status == 206:
+        if not response.headers.get("Content-Range", "").startswith(f"bytes {offset}-"):
+            raise RetryableError(f"{url} sent the wrong range {response.headers.get('Content-Range')}")
+        return 0
+    return offset  # a whole file again: the server ignored Range
 
 
 def download_name(url):
@@ -473,97 +739,108 @@ def link_or_copy(source, target):
 
 
 def download(url, path):
-    """Fetches url into path through path.part, resuming after a broken transfer and
-    retrying with exponential backoff while tries keep failing."""
+    """Fetches url into path through path.part; a .part left by an earlier run is resumed."""
     partial = path.with_name(path.name + ".part")
-    failures = 0
-    while True:
-        had = partial.stat().st_size if partial.exists() else 0
-        try:
-            fetch(url, partial)
-            os.replace(partial, path)
-            return
-        except RetryableError as error:
-            made_progress = partial.exists() and partial.stat().st_size > had
-            failures = 0 if made_progress else failures + 1
-            if failures >= DOWNLOAD_ATTEMPTS:
-                raise PrepareError(f"download failed after {DOWNLOAD_ATTEMPTS} tries: {error}") from None
-            wait_s = 0 if made_progress else max(2 ** (failures - 1), error.wait_s)
-            print(f"download: {error}; retrying in {wait_s} s", file=sys.stderr)
-            time.sleep(wait_s)
-
-
-def fetch(url, partial):
-    """One request: appends to partial with a Range request when it already holds a prefix."""
-    offset = partial.stat().st_size if partial.exists() else 0
-    # identity: a compressed transfer would not match Content-Length or byte ranges
-    headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={offset}-"} if offset else {})}
-    try:
-        with requests.get(url, headers=headers, stream=True, timeout=TIMEOUT_S) as response:
-            if response.status_code in RETRY_STATUSES:
-                retry_after = response.headers.get("Retry-After", "")
-                wait_s = min(int(retry_after), 60) if retry_after.isdigit() else 0
-                raise RetryableError(f"{url} answered {response.status_code} {response.reason}", wait_s)
-            if response.status_code == 416 and offset:  # nothing past what we have: start over
-                partial.unlink()
-                raise RetryableError(f"{url} refused to resume at byte {offset}")
-            if response.status_code >= 400:
-                raise PrepareError(f"download failed: {url} answered {response.status_code} {response.reason}")
-            resumed = response.status_code == 206
-            if resumed and not response.headers.get("Content-Range", "").startswith(f"bytes {offset}-"):
-                partial.unlink()
-                raise RetryableError(f"{url} sent the wrong range {response.headers.get('Content-Range')}")
-            expected = expected_size(response, offset if resumed else 0)
-            progress = Progress("download", "MB", expected / 1e6 if expected else None)
-            with open(partial, "ab" if resumed else "wb") as out:
-                for block in response.iter_content(DOWNLOAD_BLOCK):
-                    out.write(block)
-                    progress.update(out.tell() / 1e6)
-                size = out.tell()
-            progress.finish(size / 1e6)
-    except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as error:
-        raise RetryableError(f"{url}: {error}") from None
-    if expected is not None and size != expected:
-        raise RetryableError(f"{url}: transfer stopped at {size} of {expected} bytes")
-
-
-def expected_size(response, offset):
-    length = response.headers.get("Content-Length", "")
-    return offset + int(length) if length.isdigit() else None
+    blocks = remote_blocks(url, offset=partial.stat().st_size if partial.exists() else 0)
+    first = next(blocks, b"")  # no file is made before the server answers
+    progress = Progress("download", "MB")
+    with open(partial, "ab") as out:
+        for block in itertools.chain([first], blocks):
+            out.write(block)
+            progress.update(out.tell() / 1e6)
+        size = out.tell()
+    progress.finish(size / 1e6)
+    os.replace(partial, path)
 
 
 # ----------------------------------------------------------------------------------------
-# Filters. Per-document filters take a document and return it (maybe with cleaned text)
-# or the reason to drop it; they run in the worker processes. Deduplication needs every
-# earlier document, so a worker computes a key and the main process checks it in order.
+# Common Crawl: a crawl's WET files (the text of its pages), streamed from its server
 
-def drop_empty(document):
-    return "empty" if not document.text.strip() else document
+def commoncrawl_inputs(settings):
+    """The first --wet_files WET files of the crawl, as inputs read while they download."""
+    base = settings["cc_base_url"].rstrip("/") + "/"
+    crawl = settings["crawl"]
+    if crawl == "latest":
+        crawl = crawl_ids(settings["cc_index_url"])[0]
+    paths_url = f"{base}crawl-data/{crawl}/wet.paths.gz"
+    try:
+        listing = b"".join(remote_blocks(paths_url))
+    except RemoteError as error:
+        if error.status not in (403, 404):  # S3 answers 403 for a key that is not there
+            raise
+        raise PrepareError(unknown_crawl_message(crawl, settings, error.status)) from None
+    try:
+        paths = gzip.decompress(listing).decode().split()
+    except (OSError, EOFError, UnicodeDecodeError) as error:
+        raise PrepareError(f"{paths_url}: expected a gzipped list of WET file paths ({error})") from None
+    if len(paths) < settings["wet_files"]:
+        raise PrepareError(f"--wet_files={settings['wet_files']}: crawl {crawl} has only "
+                           f"{len(paths)} WET files")
+    paths = paths[:settings["wet_files"]]
+    inputs = [InputFile(None, path, "wet", base + path) for path in paths]
+    return inputs, {"kind": "commoncrawl", "crawl": crawl, "wet_paths": paths_url, "wet_files": paths}
 
 
-# The per-document filters, in order. Code and local text get only what suits any text;
-# web text filters (language, quality, repetition, line cleanup, masking) plug in here.
-DOCUMENT_FILTERS = (drop_empty,)
+def crawl_ids(index_url):
+    """The crawl ids in Common Crawl's collinfo.json, newest first."""
+    data = b"".join(remote_blocks(index_url))
+    try:
+        ids = [crawl["id"] for crawl in json.loads(data)]
+    except (ValueError, TypeError, KeyError):
+        raise PrepareError(f"{index_url}: expected Common Crawl's collinfo.json, a JSON list of "
+                           f"crawls with an 'id' each") from None
+    if not ids:
+        raise PrepareError(f"{index_url} lists no crawls")
+    return ids
 
 
-def clean_document(document):
-    """The document after every per-document filter, or the reason one of them dropped it."""
-    for keep_or_drop in DOCUMENT_FILTERS:
-        document = keep_or_drop(document)
-        if isinstance(document, str):
-            break
-    return document
+def unknown_crawl_message(crawl, settings, status):
+    message = f"--crawl={crawl}: Common Crawl has no crawl with that id (its wet.paths.gz: {status})."
+    try:
+        ids = crawl_ids(settings["cc_index_url"])
+        closest = difflib.get_close_matches(crawl, ids, n=1)
+        message += f" The newest crawls are {', '.join(ids[:5])}"
+        message += f"; the closest to yours is {closest[0]}." if closest else "."
+    except PrepareError:
+        pass  # the hint below still says where to look
+    return (message + f" Every crawl is listed in {settings['cc_index_url']} and on "
+            f"https://commoncrawl.org/get-started; --crawl=latest takes the newest.")
+
+
+# ----------------------------------------------------------------------------------------
+# Filter stage. Each document is kept (maybe cleaned) or dropped with a reason by the
+# worker processes. Deduplication needs every earlier document, so a worker computes a
+# key and the main process checks the keys in document order: the output is the same
+# for any number of workers. Kept documents go to the build folder's filtered/ parts,
+# which the tokenizer and the shards are made from.
+
+FILTERED = "filtered"
+# Flags that only later stages read: changing them keeps the filtered parts of a failed
+# run (the base URLs only say where the same files are).
+LATER_STAGE_FLAGS = ("tokenizer", "vocab_size", "tokenizer_train_chars", "shard_tokens", "num_workers",
+                     "name", "out_dir", "keep_metadata", "wet_files", "cc_base_url", "cc_index_url")
+EXAMPLES = 2  # dropped documents shown per filter in report.md
+BATCH_CHARS = 1 << 20  # a task for a worker process: about 1M characters
+BATCH_DOCUMENTS = 128  # or this many documents, so that many small ones still spread out
+
+
+def uses_web_filters(settings, inputs):
+    """--filters=auto means web filters for Common Crawl and for WET files."""
+    if settings["filters"] == "auto":
+        return settings["source"] == "commoncrawl" or any(input_file.kind == "wet" for input_file in inputs)
+    return settings["filters"] == "web"
 
 
 class ExactDeduplicator:
-    """Drops a text seen before in this run; remembers 16 bytes per kept document."""
+    """Drops a text seen before in this run; remembers a 128-bit hash per kept document."""
 
     def __init__(self):
         self.seen = set()
 
     @staticmethod
     def key(text):
-        return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+        digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+        return int.from_bytes(digest, "little")
 
     def check(self, key):
         if key in self.seen:
@@ -572,13 +849,85 @@ class ExactDeduplicator:
         return None
 
 
+def key_to_json(key):
+    return [key.exact_key, *key.band_keys] if isinstance(key, webfilters.DedupSignature) else key
+
+
+def key_from_json(value):
+    return webfilters.DedupSignature(value[0], tuple(value[1:])) if isinstance(value, list) else value
+
+
+_web_settings = None  # the web filters' settings in each worker process (None: not web text)
+
+
+def _start_filter_worker(web_settings):
+    global _web_settings
+    _web_settings = web_settings
+
+
+def _filter_batch(batch):
+    """For each (split, document): (drop reason, None, None) or (None, kept text, dedup
+    key). A reader's drop reason in place of a document (a bad record) passes through."""
+    results = []
+    for _, document in batch:
+        if isinstance(document, str):
+            results.append((document, None, None))
+        elif _web_settings is None:
+            if document.text.strip():
+                results.append((None, document.text, ExactDeduplicator.key(document.text)))
+            else:
+                results.append(("empty", None, None))
+        else:
+            text, reason = webfilters.filter_document(document.text, document.metadata, _web_settings)
+            key = webfilters.dedup_signature(text, _web_settings) if text is not None else None
+            results.append((reason, text, key))
+    return results
+
+
 @dataclass
 class Tally:
-    """What was read and dropped, for meta.json and report.md."""
+    """What was read, kept and dropped, with the start of the first documents each filter
+    dropped (the part of the reason before ':' names the filter)."""
     documents_read: int = 0
     bytes_read: int = 0
     invalid_utf8: int = 0
+    kept: int = 0
+    kept_bytes: int = 0
     dropped: Counter = field(default_factory=Counter)
+    examples: dict = field(default_factory=dict)
+
+    def read(self, document):
+        self.documents_read += 1
+        if not isinstance(document, str):
+            self.bytes_read += len(document.text.encode("utf-8", "surrogatepass"))
+            self.invalid_utf8 += document.invalid_utf8
+
+    def drop(self, reason, document):
+        self.dropped[reason] += 1
+        examples = self.examples.setdefault(reason.partition(":")[0], [])
+        if len(examples) < EXAMPLES and not isinstance(document, str):
+            examples.append(snippet(document.text))
+
+    def add(self, other):
+        for name in ("documents_read", "bytes_read", "invalid_utf8", "kept", "kept_bytes"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.dropped.update(other.dropped)
+        for name, examples in other.examples.items():
+            mine = self.examples.setdefault(name, [])
+            mine += examples[:EXAMPLES - len(mine)]
+
+    def as_json(self):
+        return {**vars(self), "dropped": dict(self.dropped)}
+
+    @classmethod
+    def from_json(cls, value):
+        return cls(**{**value, "dropped": Counter(value["dropped"])})
+
+
+def snippet(text, length=160):
+    """The start of a text on one line, emails and IPs masked: an example for report.md."""
+    line = webfilters.mask_pii(" ".join(text[:length * 2].split()))
+    return line[:length] + ("..." if len(line) > length else "")
 
 
 def split_of(document_id, val_fraction):
@@ -587,16 +936,230 @@ def split_of(document_id, val_fraction):
     return "val" if int.from_bytes(digest[:8], "big") < val_fraction * 2 ** 64 else "train"
 
 
-def labelled_documents(settings, inputs, val_inputs, tally):
-    """(split, document) for every document read, in a fixed order."""
+def labelled_documents(settings, inputs, val_inputs):
+    """(split, document) for every document read, in a fixed order; a reader's drop
+    reason takes the place of a document it could not read."""
     parts = [("train", inputs), ("val", val_inputs)] if val_inputs else [(None, inputs)]
     for split, files in parts:
         for input_file in files:
             for document in read_documents(input_file, settings["text_field"]):
-                tally.documents_read += 1
-                tally.bytes_read += len(document.text.encode("utf-8", "surrogatepass"))
-                tally.invalid_utf8 += document.invalid_utf8
-                yield split or split_of(document.id, settings["val_fraction"]), document
+                if isinstance(document, str):
+                    yield split or "train", document
+                else:
+                    yield split or split_of(document.id, settings["val_fraction"]), document
+
+
+def batches_of(items, text_of):
+    """Lists of items of about BATCH_CHARS characters of text or BATCH_DOCUMENTS items."""
+    batch, chars = [], 0
+    for item in items:
+        batch.append(item)
+        chars += len(text_of(item))
+        if chars >= BATCH_CHARS or len(batch) == BATCH_DOCUMENTS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+class Workers:
+    """num_workers processes, each set up by initializer(*initargs), that run a function
+    on batches; with one worker it runs in this process."""
+
+    def __init__(self, num_workers, initializer, initargs):
+        self.num_workers = num_workers
+        if num_workers == 1:
+            initializer(*initargs)
+            self.pool = None
+        else:
+            self.pool = ProcessPoolExecutor(num_workers, initializer=initializer, initargs=initargs)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exception):
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+
+    def map(self, function, batches, task_of=lambda batch: batch):
+        """(batch, function(task_of(batch))) for each batch, in input order. At most two
+        batches per worker are in flight, so memory stays bounded."""
+        if self.pool is None:
+            for batch in batches:
+                yield batch, function(task_of(batch))
+            return
+        in_flight = deque()
+        try:
+            for batch in batches:
+                in_flight.append((batch, self.pool.submit(function, task_of(batch))))
+                if len(in_flight) > 2 * self.num_workers:
+                    batch, future = in_flight.popleft()
+                    yield batch, future.result()
+            while in_flight:
+                batch, future = in_flight.popleft()
+                yield batch, future.result()
+        finally:  # a consumer that stops early (--max_docs) leaves no work running
+            for _, future in in_flight:
+                future.cancel()
+
+
+@dataclass(frozen=True)
+class Part:
+    """Documents filtered as a unit, finished or not at all: one Common Crawl WET file,
+    or all the files of a local source."""
+    name: str
+    inputs: list
+    val_inputs: list = ()
+
+
+class FilteredParts:
+    """build/filtered/: the kept documents, part_000000.jsonl, ... (a JSON object per
+    document: id, split, url, date, language, dedup key, text), and state.json, which
+    lists the finished parts, their tallies and the settings that made them. A part file
+    is renamed into place when complete, and only then recorded in state.json."""
+
+    def __init__(self, folder, fingerprint, part_names, resumable):
+        self.folder, self.fingerprint = folder, fingerprint
+        folder.mkdir(exist_ok=True)
+        self.parts = self._recorded(part_names) if resumable else []
+        files = {part["file"] for part in self.parts} | {"state.json"}
+        for entry in folder.iterdir():  # a part cut short by a crash, or another run's
+            if entry.name not in files:
+                entry.unlink()
+        self._write_state()
+
+    def _recorded(self, part_names):
+        try:
+            state = json.loads((self.folder / "state.json").read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return []
+        names = [part["name"] for part in state["parts"]]
+        if state["fingerprint"] != self.fingerprint or names != part_names[:len(names)]:
+            print(f"filter: {self.folder} holds parts made with other settings or files; "
+                  f"starting over", file=sys.stderr)
+            return []
+        if names:
+            print(f"filter: {len(names)} of {len(part_names)} parts were finished by an earlier "
+                  f"run; going on with part {len(names) + 1}", file=sys.stderr)
+        return state["parts"]
+
+    def _write_state(self):
+        state = {"fingerprint": self.fingerprint, "parts": self.parts}
+        atomic_write(self.folder / "state.json", lambda f: f.write(json.dumps(state, indent=1).encode()))
+
+    def new_part_file(self):
+        return AtomicFile(self.folder / f"part_{len(self.parts):06d}.jsonl")
+
+    def record(self, name, part_file, tally):
+        part_file.commit()
+        self.parts.append({"name": name, "file": part_file.path.name, "tally": tally.as_json()})
+        self._write_state()
+
+    def tally(self):
+        total = Tally()
+        for part in self.parts:
+            total.add(Tally.from_json(part["tally"]))
+        return total
+
+    def documents(self):
+        """The kept documents (dicts), in order."""
+        for part in self.parts:
+            with open(self.folder / part["file"], "rb") as lines:
+                for line in lines:
+                    yield json.loads(line.decode("utf-8", "surrogatepass"))
+
+
+def filter_fingerprint(settings, web_settings):
+    """What the filtered parts depend on, as JSON: a run with another fingerprint starts over."""
+    flags = {name: value for name, value in settings.items()
+             if name in FLAGS and name not in LATER_STAGE_FLAGS}
+    web = dataclasses.asdict(web_settings) if web_settings else None
+    return json.loads(json.dumps({"flags": flags, "web_filters": web}))
+
+
+def filter_stage(settings, parts, web_settings, build):
+    """Filters every part not yet finished into build/filtered/. Returns the parts, the
+    tally of all of them and the tally of those filtered by this run."""
+    resumable = settings["source"] == "commoncrawl"  # local text is cheap to read again
+    filtered = FilteredParts(build / FILTERED, filter_fingerprint(settings, web_settings),
+                             [part.name for part in parts], resumable)
+    deduplicator = webfilters.Deduplicator(web_settings) if web_settings else ExactDeduplicator()
+    for document in filtered.documents():  # what the earlier run kept, so its copies still go
+        deduplicator.check(key_from_json(document["key"]))
+    total, this_run = filtered.tally(), Tally()
+    progress = Progress("filter", "MB")
+    with Workers(settings["num_workers"], _start_filter_worker, (web_settings,)) as workers:
+        for part in parts[len(filtered.parts):]:
+            if settings["max_docs"] and total.kept >= settings["max_docs"]:
+                break
+            tally, part_file = Tally(), filtered.new_part_file()
+            try:
+                filter_part(settings, part, workers, deduplicator, part_file, tally, total, progress)
+            except BaseException as error:
+                part_file.discard()
+                if resumable and isinstance(error, PrepareError):
+                    raise PrepareError(f"{error}\n{resume_hint(filtered, parts, build)}") from None
+                raise
+            filtered.record(part.name, part_file, tally)
+            total.add(tally)
+            this_run.add(tally)
+    progress.finish(total.bytes_read / 1e6, f"{total.documents_read:,} documents read, {total.kept:,} kept")
+    return filtered, total, this_run
+
+
+def filter_part(settings, part, workers, deduplicator, part_file, tally, total, progress):
+    """Filters one part's documents into part_file, counting them in tally."""
+    batches = batches_of(labelled_documents(settings, part.inputs, part.val_inputs),
+                         text_of=lambda item: "" if isinstance(item[1], str) else item[1].text)
+    for batch, results in workers.map(_filter_batch, batches):
+        for (split, document), (reason, text, key) in zip(batch, results):
+            tally.read(document)
+            reason = reason or deduplicator.check(key)
+            if reason:
+                tally.drop(reason, document)
+                continue
+            kept = kept_document(split, document, text, key)
+            part_file.file.write(json.dumps(kept, ensure_ascii=False).encode("utf-8", "surrogatepass") + b"\n")
+            tally.kept += 1
+            tally.kept_bytes += len(text.encode("utf-8", "surrogatepass"))
+            if settings["max_docs"] and total.kept + tally.kept >= settings["max_docs"]:
+                return
+        progress.update((total.bytes_read + tally.bytes_read) / 1e6,
+                        f"{total.kept + tally.kept:,} documents kept ({part.name})")
+
+
+def kept_document(split, document, text, key):
+    headers = document.metadata
+    languages = headers.get(webfilters.LANGUAGE_HEADER)
+    return {"id": document.id, "split": split, "url": headers.get("WARC-Target-URI"),
+            "date": headers.get("WARC-Date"),
+            "language": languages.split(",")[0].strip() if languages else None,
+            "key": key_to_json(key), "text": text}
+
+
+def resume_hint(filtered, parts, build):
+    return (f"{len(filtered.parts)} of {len(parts)} WET files were filtered before this and are "
+            f"kept in {build}: run the same command again to go on from WET file "
+            f"{len(filtered.parts) + 1}.")
+
+
+def check_kept(tally):
+    """Stops when filtering left nothing, saying which filter took the documents."""
+    if tally.kept:
+        return
+    dropped = ", ".join(f"{count} {reason}" for reason, count in sorted(tally.dropped.items()))
+    message = f"no documents found: read {tally.documents_read} documents"
+    message += f", dropped {dropped}" if dropped else ""
+    by_filter = Counter()
+    for reason, count in tally.dropped.items():
+        by_filter[reason.partition(":")[0]] += count
+    if by_filter:
+        name, count = by_filter.most_common(1)[0]
+        if name in WEB_FLAGS:  # a web filter, which has a switch and thresholds
+            message += (f". The {name} filter dropped {count} of them: see its flags under "
+                        f"'web filters' in python prepare.py --help, or turn it off with "
+                        f"--{name}=false")
+    raise PrepareError(message)
 
 
 # ----------------------------------------------------------------------------------------
@@ -742,15 +1305,12 @@ def merge_word(word, pair, new_id):
     return merged
 
 
-def training_texts(settings, inputs, val_inputs, progress):
-    """The kept train documents' texts, up to --tokenizer_train_chars characters in all."""
-    budget, used, deduplicator = settings["tokenizer_train_chars"], 0, ExactDeduplicator()
-    for split, document in labelled_documents(settings, inputs, val_inputs, Tally()):
-        document = clean_document(document)
-        if isinstance(document, str) or deduplicator.check(deduplicator.key(document.text)):
-            continue
-        if split == "train":
-            text = document.text[:budget - used]
+def training_texts(filtered, budget, progress):
+    """The kept train documents' texts, up to budget characters in all."""
+    used = 0
+    for document in filtered.documents():
+        if document["split"] == "train":
+            text = document["text"][:budget - used]
             used += len(text)
             progress.update(used / 1e6)
             yield text
@@ -758,7 +1318,7 @@ def training_texts(settings, inputs, val_inputs, progress):
                 return
 
 
-def build_tokenizer(settings, inputs, val_inputs, folder, total_mb, timings):
+def build_tokenizer(settings, filtered, folder, timings):
     """Trains or fetches the tokenizer; returns meta.json's tokenizer entry."""
     kind = settings["tokenizer"]
     if kind == "byte":
@@ -768,9 +1328,9 @@ def build_tokenizer(settings, inputs, val_inputs, folder, total_mb, timings):
         return {"kind": "gpt2", "vocab_size": encoder.n_vocab, "eot_id": encoder.eot_token,
                 "file": None, "sha256": None}
     start = time.perf_counter()
-    budget_m = settings["tokenizer_train_chars"] / 1e6
-    progress = Progress("bpe text", "M chars", min(budget_m, total_mb) if total_mb else budget_m)
-    chunk_counts = count_chunks(training_texts(settings, inputs, val_inputs, progress))
+    budget = settings["tokenizer_train_chars"]
+    progress = Progress("bpe text", "M chars", min(budget, filtered.tally().kept_bytes) / 1e6)
+    chunk_counts = count_chunks(training_texts(filtered, budget, progress))
     chars = sum(len(chunk) * count for chunk, count in chunk_counts.items())  # chunks cover the text
     progress.finish(chars / 1e6, f"{len(chunk_counts):,} unique chunks")
     timings["tokenizer_count"] = time.perf_counter() - start
@@ -788,8 +1348,6 @@ def build_tokenizer(settings, inputs, val_inputs, folder, total_mb, timings):
 # Shards: tokenize on all cores, stream tokens into llm.c .bin files
 
 SPLITS = ("train", "val")
-BATCH_CHARS = 1 << 20  # a task for a worker process: about 1M characters
-BATCH_DOCUMENTS = 128  # or this many documents, so that many small ones still spread out
 
 
 class ShardWriter:
@@ -844,103 +1402,91 @@ class ShardWriter:
             self.shard.discard()
 
 
-_worker = None  # (encoder, shard dtype) in each worker process
+_tokenizer = None  # (encoder, shard dtype) in each worker process
 
 
-def _start_worker(folder, tokenizer_info, dtype):
-    global _worker
-    _worker = load_tokenizer(folder, tokenizer_info), dtype
+def _start_tokenize_worker(folder, tokenizer_info, dtype):
+    global _tokenizer
+    _tokenizer = load_tokenizer(folder, tokenizer_info), dtype
 
 
-def _process_documents(documents):
-    """For each document: (drop reason, None, None, 0) or (None, dedup key, tokens, text
-    bytes), where the tokens start with the end-of-text token that begins every document."""
-    encoder, dtype = _worker
+def _tokenize_batch(texts):
+    """For each text: (tokens, text bytes), where the tokens start with the end-of-text
+    token that begins every document."""
+    encoder, dtype = _tokenizer
     results = []
-    for document in documents:
-        document = clean_document(document)
-        if isinstance(document, str):
-            results.append((document, None, None, 0))
-            continue
+    for text in texts:
         # disallowed_special=() encodes a literal "<|endoftext|>" in the text as plain text
-        ids = encoder.encode_to_numpy(document.text, disallowed_special=())
+        ids = encoder.encode_to_numpy(text, disallowed_special=())
         tokens = np.empty(len(ids) + 1, dtype=dtype)
         tokens[0] = encoder.eot_token
         tokens[1:] = ids
-        text_bytes = len(document.text.encode("utf-8", "surrogatepass"))
-        results.append((None, ExactDeduplicator.key(document.text), tokens, text_bytes))
+        results.append((tokens, len(text.encode("utf-8", "surrogatepass"))))
     return results
 
 
-def batches_of(labelled):
-    """Lists of (split, document) of about BATCH_CHARS characters or BATCH_DOCUMENTS documents."""
-    batch, chars = [], 0
-    for split, document in labelled:
-        batch.append((split, document))
-        chars += len(document.text)
-        if chars >= BATCH_CHARS or len(batch) == BATCH_DOCUMENTS:
-            yield batch
-            batch, chars = [], 0
-    if batch:
-        yield batch
+@dataclass
+class KeptSummary:
+    """What the documents in the shards are: their languages and the domains they came from."""
+    languages: Counter = field(default_factory=Counter)
+    domains: Counter = field(default_factory=Counter)  # one entry per domain: memory grows with them
+
+    def add(self, document):
+        self.languages[document["language"] or "unknown"] += 1
+        host = urllib.parse.urlsplit(document["url"]).hostname if document["url"] else None
+        if host:
+            self.domains[host.removeprefix("www.")] += 1
 
 
-def processed_batches(batches, folder, tokenizer_info, dtype, num_workers):
-    """(batch, its results) in input order, computed by num_workers processes.
-    At most two batches per worker are in flight, so memory stays bounded."""
-    documents = lambda batch: [document for _, document in batch]
-    if num_workers == 1:
-        _start_worker(folder, tokenizer_info, dtype)
-        for batch in batches:
-            yield batch, _process_documents(documents(batch))
-        return
-    with ProcessPoolExecutor(num_workers, initializer=_start_worker,
-                             initargs=(folder, tokenizer_info, dtype)) as pool:
-        in_flight = deque()
-        for batch in batches:
-            in_flight.append((batch, pool.submit(_process_documents, documents(batch))))
-            if len(in_flight) > 2 * num_workers:
-                batch, future = in_flight.popleft()
-                yield batch, future.result()
-        for batch, future in in_flight:
-            yield batch, future.result()
-
-
-def write_shards(settings, inputs, val_inputs, folder, tokenizer_info, total_mb):
-    """Filters and tokenizes every document into the train and val shards; returns the
-    splits' summaries and the tally of what was read and dropped."""
-    tally, deduplicator = Tally(), ExactDeduplicator()
+def write_shards(settings, filtered, folder, tokenizer_info):
+    """Tokenizes the kept documents into the train and val shards, and docs.jsonl with
+    --keep_metadata; returns the splits' summaries and a KeptSummary."""
     writers = {split: ShardWriter(folder, split, tokenizer_info["vocab_size"], settings["shard_tokens"])
                for split in SPLITS}
+    listing = AtomicFile(folder / "docs.jsonl") if settings["keep_metadata"] else None
+    summary = KeptSummary()
+
+    def write(split, tokens, text_bytes, document):
+        writers[split].write_document(tokens, text_bytes)
+        summary.add(document)
+        if listing:
+            entry = {name: document[name] for name in ("id", "url", "date", "language")}
+            entry.update(tokens=len(tokens), split=split)  # tokens: with the leading end-of-text
+            listing.file.write(json.dumps(entry, ensure_ascii=False).encode("utf-8", "surrogatepass") + b"\n")
+
     # Each split's latest document waits until the next one arrives, so that at the end
     # a split left empty by the hash (a tiny corpus) can take the other split's last one.
     held = {}
-    progress = Progress("shards", "MB", total_mb)
-    batches = batches_of(labelled_documents(settings, inputs, val_inputs, tally))
+    progress = Progress("shards", "MB", filtered.tally().kept_bytes / 1e6)
+    done_bytes = 0
+    batches = batches_of(filtered.documents(), text_of=lambda document: document["text"])
     try:
-        for batch, results in processed_batches(batches, folder, tokenizer_info, writers["train"].dtype,
-                                                settings["num_workers"]):
-            for (split, _), (reason, key, tokens, text_bytes) in zip(batch, results):
-                reason = reason or deduplicator.check(key)
-                if reason:
-                    tally.dropped[reason] += 1
-                    continue
-                if split in held:
-                    writers[split].write_document(*held[split])
-                held[split] = tokens, text_bytes
-            progress.update(tally.bytes_read / 1e6, tokens_summary(writers))
-        if not val_inputs:
+        with Workers(settings["num_workers"], _start_tokenize_worker,
+                     (folder, tokenizer_info, writers["train"].dtype)) as workers:
+            texts = lambda batch: [document["text"] for document in batch]
+            for batch, results in workers.map(_tokenize_batch, batches, task_of=texts):
+                for document, (tokens, text_bytes) in zip(batch, results):
+                    if document["split"] in held:
+                        write(document["split"], *held[document["split"]])
+                    held[document["split"]] = tokens, text_bytes, document
+                    done_bytes += text_bytes
+                progress.update(done_bytes / 1e6, tokens_summary(writers))
+        if not settings["val_input"]:
             move_last_document_to_empty_split(held, writers)
         for split, document in held.items():
-            writers[split].write_document(*document)
-        progress.finish(tally.bytes_read / 1e6, tokens_summary(writers))
+            write(split, *document)
+        progress.finish(done_bytes / 1e6, tokens_summary(writers))
         splits = {split: writer.close() for split, writer in writers.items()}
+        if listing:
+            listing.commit()
     except BaseException:
         for writer in writers.values():
             writer.discard()
+        if listing:
+            listing.discard()
         raise
-    check_splits(splits, tally, settings["val_input"])
-    return splits, tally
+    check_splits(splits, settings["val_input"])
+    return splits, summary
 
 
 def move_last_document_to_empty_split(held, writers):
@@ -949,12 +1495,8 @@ def move_last_document_to_empty_split(held, writers):
             held[empty] = held.pop(full)
 
 
-def check_splits(splits, tally, val_input):
+def check_splits(splits, val_input):
     documents = splits["train"]["documents"] + splits["val"]["documents"]
-    dropped = ", ".join(f"{count} {reason}" for reason, count in sorted(tally.dropped.items()))
-    if documents == 0:
-        raise PrepareError(f"no documents found: read {tally.documents_read} documents"
-                           + (f", dropped {dropped}" if dropped else ""))
     if splits["val"]["documents"] == 0 and val_input:
         raise PrepareError(f"--val_input={val_input} gave no documents (after filtering)")
     for split, summary in splits.items():
@@ -971,9 +1513,11 @@ def tokens_summary(writers):
 # ----------------------------------------------------------------------------------------
 # Manifest and report
 
-def manifest(settings, tokenizer_info, splits, tally, sources, timings):
+def manifest(settings, web_settings, tokenizer_info, splits, summary, tally, this_run, sources, timings):
     tokens = sum(split["tokens"] - split["documents"] for split in splits.values())  # no eot
     text_bytes = sum(split["bytes"] for split in splits.values())
+    filters = (["empty", *(name for name in WEB_SWITCHES if getattr(web_settings, name))]
+               if web_settings else ["empty", "exact_duplicates"])
     return {
         "format_version": META_FORMAT_VERSION,
         "tokenizer": tokenizer_info,
@@ -981,14 +1525,39 @@ def manifest(settings, tokenizer_info, splits, tally, sources, timings):
         "splits": splits,
         "bytes_per_token": round(text_bytes / max(tokens, 1), 4),  # text bytes per text token
         "sources": sources,
-        "settings": settings,
-        "filters": [check.__name__ for check in DOCUMENT_FILTERS] + ["exact_duplicates"],
+        "settings": {name: value for name, value in settings.items() if name != "web_filters"},
+        "filters": filters,
+        "web_filters": dataclasses.asdict(web_settings) if web_settings else None,
         "documents": {"read": tally.documents_read, "bytes_read": tally.bytes_read,
                       "kept": sum(split["documents"] for split in splits.values()),
                       "invalid_utf8": tally.invalid_utf8},
         "dropped": dict(sorted(tally.dropped.items())),
+        "dropped_examples": dict(sorted(tally.examples.items())),
+        "kept_languages": dict(summary.languages.most_common()),
+        "top_domains": dict(summary.domains.most_common(TOP_DOMAINS)),
         "timings_s": {stage: round(seconds, 3) for stage, seconds in timings.items()},
+        "throughput": throughput(this_run, text_bytes, splits, timings),
     }
+
+
+# The web filters' switches, in the order they run (webfilters.filter_document).
+WEB_SWITCHES = ("language", "gopher_repetition", "gopher_quality", "c4", "fineweb", "dedup_exact",
+                "dedup_near", "pii")
+TOP_DOMAINS = 20
+
+
+def throughput(this_run, kept_bytes, splits, timings):
+    """Documents and megabytes of text per second: of the filter stage (what this run
+    read: a resumed run leaves out what the earlier one did), of tokenizing the kept
+    documents into shards, and of the whole run."""
+    def rate(documents, text_bytes, seconds):
+        seconds = max(seconds, 1e-6)
+        return {"documents_per_s": round(documents / seconds, 1),
+                "mb_per_s": round(text_bytes / 1e6 / seconds, 3)}
+    kept = sum(split["documents"] for split in splits.values())
+    return {"filter": rate(this_run.documents_read, this_run.bytes_read, timings["filter"]),
+            "shards": rate(kept, kept_bytes, timings["shards"]),
+            "total": rate(this_run.documents_read, this_run.bytes_read, timings["total"])}
 
 
 def report_markdown(meta, name):
@@ -1000,8 +1569,9 @@ def report_markdown(meta, name):
               f"| kept | {documents['kept']:,} |"]
     lines += [f"| dropped: {reason} | {count:,} |" for reason, count in meta["dropped"].items()]
     lines += ["", f"Filters, in order: {', '.join(meta['filters'])}.",
-              f"Documents with bytes that were not UTF-8 (decoded with U+FFFD): {documents['invalid_utf8']:,}.",
-              "", "## Tokenizer", "",
+              f"Documents with bytes that were not UTF-8 (decoded with U+FFFD): {documents['invalid_utf8']:,}."]
+    lines += filter_section(meta) + kept_section(meta)
+    lines += ["", "## Tokenizer", "",
               f"{tokenizer['kind']}, {tokenizer['vocab_size']:,} tokens, end-of-text id "
               f"{tokenizer['eot_id']}, {meta['dtype']} shards, {meta['bytes_per_token']} bytes per token.",
               "", "## Splits", "", "| split | documents | tokens | MB | shards |", "|---|---:|---:|---:|---:|"]
@@ -1010,10 +1580,44 @@ def report_markdown(meta, name):
               for split, summary in meta["splits"].items()]
     lines += ["", "## Timings", "", "| stage | seconds |", "|---|---:|"]
     lines += [f"| {stage} | {seconds:,.2f} |" for stage, seconds in meta["timings_s"].items()]
-    megabytes_per_s = documents["bytes_read"] / 1e6 / max(meta["timings_s"]["shards"], 1e-6)
-    lines += ["", f"Filtering and tokenizing ran at {megabytes_per_s:,.1f} MB/s with "
-                  f"{meta['settings']['num_workers']} worker(s)."]
+    rates = meta["throughput"]
+    lines += ["", f"With {meta['settings']['num_workers']} worker(s): filtering ran at "
+                  f"{rates['filter']['documents_per_s']:,.0f} documents/s, {rates['filter']['mb_per_s']:,.2f} "
+                  f"MB/s; tokenizing at {rates['shards']['mb_per_s']:,.2f} MB/s; the whole run at "
+                  f"{rates['total']['mb_per_s']:,.2f} MB/s of text read."]
     return "\n".join(lines) + "\n"
+
+
+def filter_section(meta):
+    """Per filter: how many documents it dropped, by which rules, and the start of the
+    first ones it dropped (emails and IPs masked), so that a reader can judge and tune it."""
+    read = max(meta["documents"]["read"], 1)
+    by_filter = defaultdict(dict)
+    for reason, count in meta["dropped"].items():
+        by_filter[reason.partition(":")[0]][reason] = count
+    lines = ["", "## What each filter dropped", ""]
+    if not by_filter:
+        return lines + ["Nothing was dropped."]
+    lines += ["Shares are of the documents read. A web filter's switch and thresholds are "
+              "flags (python prepare.py --help)."]
+    for name, reasons in by_filter.items():
+        count = sum(reasons.values())
+        rules = ", ".join(f"{reason} {number:,}" for reason, number in reasons.items())
+        lines += ["", f"### {name}: {count:,} ({count / read:.1%})", "", f"{rules}."]
+        examples = meta["dropped_examples"].get(name, [])
+        if examples:
+            fence = "```"
+            lines += ["", fence, *(example.replace(fence, "'''") for example in examples), fence]
+    return lines
+
+
+def kept_section(meta):
+    languages = ", ".join(f"{language} {count:,}" for language, count in meta["kept_languages"].items())
+    lines = ["", "## Kept documents", "", f"Languages (the first of the WET header's): {languages}."]
+    if meta["top_domains"]:
+        lines += ["", "| top domains | documents |", "|---|---:|"]
+        lines += [f"| {domain} | {count:,} |" for domain, count in meta["top_domains"].items()]
+    return lines
 
 
 # ----------------------------------------------------------------------------------------
@@ -1057,12 +1661,19 @@ def usage():
     lines = ["usage: python prepare.py [--key=value ...]", "", __doc__.strip().splitlines()[0], ""]
     for name, (default, help_text) in FLAGS.items():
         lines += [f"  --{name}={default}", f"      {help_text}"]
+    lines += ["", "web filters (with --filters=web; the defaults are the published values, see "
+                  "webfilters.py):", ""]
+    for name, (default, help_text) in WEB_FLAGS.items():
+        shown = ",".join(default) if isinstance(default, tuple) else default
+        lines += [f"  --{name}={shown}", f"      {help_text}"]
     return "\n".join(lines)
 
 
 def parse_flags(argv):
-    """Settings from --key=value flags, each checked against its default's type."""
+    """Settings from --key=value flags, each checked against its default's type; the web
+    filter flags become settings["web_filters"], a webfilters.WebFilterSettings."""
     settings = {name: default for name, (default, _) in FLAGS.items()}
+    web_overrides = {}
     for argument in argv:
         if argument in ("-h", "--help"):
             print(usage())
@@ -1070,16 +1681,30 @@ def parse_flags(argv):
         key, equals, value = argument.removeprefix("--").partition("=")
         if not argument.startswith("--") or not equals:
             raise PrepareError(f"expected --key=value, got {argument!r} (see --help)")
-        if key not in FLAGS:
-            closest = difflib.get_close_matches(key, FLAGS, n=1)
+        if key in WEB_FLAGS:
+            web_overrides[key] = value
+        elif key in FLAGS:
+            settings[key] = parse_value(key, value, type(FLAGS[key][0]))
+        else:
+            closest = difflib.get_close_matches(key, [*FLAGS, *WEB_FLAGS], n=1)
             hint = f"; did you mean --{closest[0]}?" if closest else ""
             raise PrepareError(f"unknown flag --{key}{hint} (see --help for all flags)")
-        settings[key] = parse_value(key, value, type(FLAGS[key][0]))
+    try:
+        settings["web_filters"] = webfilters.parse_settings(web_overrides)
+    except ValueError as error:
+        raise PrepareError(f"{error} (see --help)") from None
     check_settings(settings)
     return settings
 
 
+BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
 def parse_value(key, value, kind):
+    if kind is bool:
+        if value.lower() not in BOOLEANS:
+            raise PrepareError(f"--{key}={value}: expected true or false")
+        return BOOLEANS[value.lower()]
     try:
         if kind is int:
             number = float(value)  # accepts 1e6 and 1_000_000
@@ -1096,6 +1721,8 @@ def check_settings(settings):
         if not condition:
             raise PrepareError(message)
     require(settings["source"] in SOURCES, f"--source={settings['source']}: expected one of {', '.join(SOURCES)}")
+    require(settings["filters"] in FILTER_MODES,
+            f"--filters={settings['filters']}: expected one of {', '.join(FILTER_MODES)}")
     require(settings["tokenizer"] in TOKENIZERS,
             f"--tokenizer={settings['tokenizer']}: expected one of {', '.join(TOKENIZERS)}")
     require(settings["vocab_size"] >= 257 or settings["tokenizer"] != "bpe",
@@ -1108,9 +1735,18 @@ def check_settings(settings):
             f"--shard_tokens={settings['shard_tokens']}: expected 1 to 2**31-1 (the header's int32)")
     require(settings["tokenizer_train_chars"] >= 1, "--tokenizer_train_chars: expected at least 1")
     require(settings["num_workers"] >= 1, f"--num_workers={settings['num_workers']}: expected at least 1")
+    require(settings["wet_files"] >= 1, f"--wet_files={settings['wet_files']}: expected at least 1")
+    require(settings["max_docs"] >= 0, f"--max_docs={settings['max_docs']}: expected 0 (no limit) or more")
     for flag, source in (("input", "files"), ("url", "url")):
         require(bool(settings[flag]) == (settings["source"] == source),
                 f"--{flag} is used with --source={source}, and --source={source} needs it")
+    require(not (settings["val_input"] and settings["source"] == "commoncrawl"),
+            "--val_input does not go with --source=commoncrawl: its val split is --val_fraction "
+            "of the pages")
+    require(re.fullmatch(r"[A-Za-z0-9._-]+", settings["crawl"]),
+            f"--crawl={settings['crawl']}: expected a crawl id such as CC-MAIN-2025-26, or latest")
+    for flag in ("cc_base_url", "cc_index_url"):
+        require(re.match(r"https?://[^/]", settings[flag]), f"--{flag}={settings[flag]}: expected an http(s) URL")
     require(re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", settings["name"] or settings["source"]),
             f"--name={settings['name']}: use letters, digits, '.', '_' and '-' (or --out_dir)")
 
@@ -1120,26 +1756,30 @@ def dataset_folder(settings):
 
 
 def start_build(final):
-    """A hidden sibling of the final folder to build in. Downloads left by an earlier
-    failed run stay (they are resumed); anything else there is cleared."""
+    """A hidden sibling of the final folder to build in. Downloads and filtered parts
+    left by an earlier failed run stay (they are checked and reused); anything else
+    there is cleared."""
     if final.exists() and (not final.is_dir() or (any(final.iterdir()) and not (final / "meta.json").exists())):
         raise PrepareError(f"{final} exists and is not a dataset folder (no meta.json): "
                            f"refusing to replace it; choose another --name or --out_dir")
     build = final.parent / f".{final.name}.partial"
     build.mkdir(parents=True, exist_ok=True)
-    clear_build(build)
+    clear_build(build, keep=("downloads", FILTERED))
     return build
 
 
-def clear_build(build):
+def clear_build(build, keep):
     for entry in build.iterdir():
-        if entry.name != "downloads":
+        if entry.name not in keep:
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
 
-def discard_build(build):
-    """Removes a failed build, but keeps downloads for the next run to reuse or resume."""
-    clear_build(build)
+def discard_build(build, keep_filtered):
+    """Removes a failed build, but keeps downloads for the next run to reuse or resume,
+    and with keep_filtered the finished filtered parts, for the next run to go on from."""
+    filtered = build / FILTERED
+    keep_filtered = keep_filtered and filtered.exists() and any(filtered.glob("part_*.jsonl"))
+    clear_build(build, keep=("downloads", FILTERED) if keep_filtered else ("downloads",))
     downloads = build / "downloads"
     if downloads.exists() and not any(downloads.iterdir()):
         downloads.rmdir()
@@ -1161,7 +1801,12 @@ def publish(build, final):
 
 
 def resolve_inputs(settings, build, final):
-    """The source's input files, the --val_input files, and meta.json's sources list."""
+    """The parts to filter (see Part), meta.json's sources list, and the web filters'
+    settings (None when the text is not web text)."""
+    if settings["source"] == "commoncrawl":
+        inputs, source = commoncrawl_inputs(settings)
+        parts = [Part(input_file.name, [input_file]) for input_file in inputs]
+        return parts, [source], settings["web_filters"] if uses_web_filters(settings, inputs) else None
     if settings["source"] == "python":
         inputs, source = python_inputs()
         sources = [source]
@@ -1176,27 +1821,32 @@ def resolve_inputs(settings, build, final):
         sources.append({**val_source, "kind": "val_files"})
     if not inputs:
         raise PrepareError(f"no documents found: --source={settings['source']} gave no input files")
-    return inputs, val_inputs, sources
+    web_settings = settings["web_filters"] if uses_web_filters(settings, inputs + val_inputs) else None
+    return [Part(settings["source"], inputs, val_inputs)], sources, web_settings
 
 
 def build_dataset(settings, build, final):
     """Every stage in order; writes the dataset into build and returns its meta.json."""
     timings, start = {}, time.perf_counter()
-    inputs, val_inputs, sources = resolve_inputs(settings, build, final)
+    parts, sources, web_settings = resolve_inputs(settings, build, final)
     timings["inputs"] = time.perf_counter() - start
-    files = inputs + val_inputs
-    compressed = any(input_file.path.name.endswith(".gz") for input_file in files)
-    total_mb = None if compressed else sum(input_file.path.stat().st_size for input_file in files) / 1e6
     stage_start = time.perf_counter()
-    tokenizer_info = build_tokenizer(settings, inputs, val_inputs, build, total_mb, timings)
+    filtered, tally, this_run = filter_stage(settings, parts, web_settings, build)
+    timings["filter"] = time.perf_counter() - stage_start
+    check_kept(tally)
+    if settings["source"] == "commoncrawl":
+        sources[0]["wet_files_read"] = len(filtered.parts)  # fewer than asked when --max_docs stopped it
+    stage_start = time.perf_counter()
+    tokenizer_info = build_tokenizer(settings, filtered, build, timings)
     timings["tokenizer"] = time.perf_counter() - stage_start
     stage_start = time.perf_counter()
-    splits, tally = write_shards(settings, inputs, val_inputs, build, tokenizer_info, total_mb)
+    splits, summary = write_shards(settings, filtered, build, tokenizer_info)
     timings["shards"] = time.perf_counter() - stage_start
     timings["total"] = time.perf_counter() - start
-    meta = manifest(settings, tokenizer_info, splits, tally, sources, timings)
+    meta = manifest(settings, web_settings, tokenizer_info, splits, summary, tally, this_run, sources, timings)
     atomic_write(build / "meta.json", lambda f: f.write(json.dumps(meta, indent=2).encode() + b"\n"))
     atomic_write(build / "report.md", lambda f: f.write(report_markdown(meta, final.name).encode()))
+    shutil.rmtree(build / FILTERED)  # the shards hold it now
     return meta
 
 
@@ -1207,7 +1857,7 @@ def main(argv):
     try:
         meta = build_dataset(settings, build, final)
     except BaseException:
-        discard_build(build)
+        discard_build(build, keep_filtered=settings["source"] == "commoncrawl")
         raise
     publish(build, final)
     train, val = meta["splits"]["train"], meta["splits"]["val"]

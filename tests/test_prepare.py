@@ -290,12 +290,13 @@ def test_wet_gz_with_one_gzip_member_per_record_parses_into_documents(tmp_path):
     assert len({document.id for document in documents}) == 3
 
 
-def test_warc_parser_reads_any_binary_stream_and_rejects_a_cut_record():
+def test_warc_parser_reads_records_split_across_blocks_and_counts_a_cut_record():
     data = warc_record({"WARC-Type": "conversion"}, "héllo".encode())
-    assert list(prepare.iter_warc_records(io.BytesIO(data))) == [
+    blocks = [data[index:index + 3] for index in range(0, len(data), 3)]  # any split of the bytes
+    assert list(prepare.warc_records(blocks, gzipped=False)) == [
         ({"WARC-Type": "conversion", "Content-Length": "6"}, "héllo".encode())]
-    with pytest.raises(EOFError, match="cut short: 3 of 6 bytes"):
-        list(prepare.iter_warc_records(io.BytesIO(data[:-7])))
+    assert list(prepare.warc_records([data + data[:-7]], gzipped=False)) == [
+        ({"WARC-Type": "conversion", "Content-Length": "6"}, "héllo".encode()), "bad_record:truncated"]
 
 
 def test_jsonl_gives_one_document_per_line_from_text_field(tmp_path):
