@@ -123,6 +123,24 @@ def test_generation_stops_once_every_row_has_produced_the_stop_token():
         assert (stopped[row, stop_at:] == stop_token).all()  # a finished row repeats it
 
 
+def test_padded_vocabulary_rows_start_at_zero_and_stay_there_through_training():
+    model = tiny_model(vocab_size=257)
+    optimizer = model.configure_optimizer(0.1, 1e-2, (0.9, 0.95), "cpu")
+    for _ in range(3):
+        idx, targets = torch.randint(0, 257, (2, 4, 16))
+        _, loss = model(idx, targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert (model.transformer.wte.weight[257:] == 0).all()
+    assert (model.transformer.wte.weight[:257] != 0).all()
+
+
+def test_a_context_longer_than_block_size_is_refused():
+    with pytest.raises(ValueError, match="17 tokens of context, more than block_size=16"):
+        tiny_model()(torch.zeros(1, 17, dtype=torch.long))
+
+
 def test_padded_vocabulary_rows_are_never_sampled_and_do_not_change_the_loss():
     model = tiny_model(vocab_size=257).eval()  # the byte tokenizer's vocabulary
     assert model.transformer.wte.weight.size(0) == padded_vocab_size(257) == 320
