@@ -42,7 +42,7 @@ import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 
 import numpy as np
 import torch
@@ -53,7 +53,7 @@ import prepare
 from model import GPT, GPTConfig, peak_flops
 
 _NAMES_BEFORE_DEFAULTS = set(globals())
-# ----------------------------------------------------------------------------- defaults
+# ---- defaults ---------------------------------------------------------------
 # I/O
 out_dir = "out"  # where checkpoints, metrics.jsonl and the tokenizer copy go
 dataset = "python"  # a folder name under data/, or a path (anything with a slash)
@@ -77,14 +77,14 @@ n_embd = 384  # width of the residual stream
 dropout = 0.0  # 0 for pretraining; 0.1-0.2 helps when the data is small and repeats
 bias = False  # biases in Linear and LayerNorm layers, as GPT-2 had
 gradient_checkpointing = False  # recompute block activations in backward: less memory, ~1/3 more compute
-# optimizer: AdamW
+# optimizer (AdamW)
 learning_rate = 1e-3  # peak learning rate, reached after warmup
 max_iters = 5000  # total iterations (optimizer steps)
 weight_decay = 0.1  # decoupled weight decay, on matrices only
 beta1 = 0.9  # AdamW beta1
 beta2 = 0.95  # AdamW beta2
 grad_clip = 1.0  # clip the global gradient norm to this; 0 = no clipping
-# learning rate schedule: linear warmup, then cosine decay to min_lr
+# learning rate schedule (linear warmup, then cosine decay to min_lr)
 warmup_iters = 100  # iterations of linear warmup
 lr_decay_iters = 0  # the cosine reaches min_lr here; 0 = at max_iters
 min_lr = 1e-4  # floor of the schedule (set it to learning_rate for a constant rate)
@@ -96,7 +96,7 @@ seed = 1337  # seeds model init, batches and dropout (process k uses seed + k)
 # reliability
 max_bad_steps = 5  # stop after this many non-finite steps in a row
 inject_nan_at = 0  # testing aid: make the loss of this iteration NaN, to exercise the skip; 0 = off
-# -----------------------------------------------------------------------------
+# ---- end of defaults ----------------------------------------------------------
 DEFAULTS = {name: value for name, value in globals().items()
             if name not in _NAMES_BEFORE_DEFAULTS and not name.startswith("_")}
 
@@ -134,7 +134,7 @@ def read_config_file(path, config):
     exec(builtins.compile(Path(path).read_text(), path, "exec"), namespace)
     assigned = {}
     for key, value in namespace.items():
-        if key.startswith("_") or type(value) is type(sys) or callable(value):
+        if key.startswith("_") or isinstance(value, ModuleType) or callable(value):
             continue  # __builtins__, imported modules, helper functions
         if key not in config or value is not config[key]:
             assigned[key] = checked_value(key, value, path)
@@ -173,18 +173,25 @@ def check_config(cfg):
     if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise TrainError(f"dtype must be auto, float32, bfloat16 or float16, got {cfg.dtype!r}")
     if cfg.init_from not in ("scratch", "resume") and not os.path.isfile(cfg.init_from):
-        raise TrainError(f"init_from must be scratch, resume or a checkpoint file; {cfg.init_from!r} is none")
+        raise TrainError(f"init_from must be scratch, resume or the path of a checkpoint file; {cfg.init_from!r} is not a file")
     if cfg.eval_only and cfg.init_from == "scratch":
         raise TrainError("eval_only=True evaluates a checkpoint: set init_from=resume or init_from=path/to/ckpt.pt")
 
 
 def help_text():
-    """Every key with its default and the comment beside it in this file."""
-    comments = dict(re.findall(r"^(\w+) = .*?  # (.*)$", Path(__file__).read_text(), re.MULTILINE))
-    width = max(len(f"--{key}={value!r}") for key, value in DEFAULTS.items())
-    lines = ["usage: python train.py [config/file.py ...] [--key=value ...]", "",
+    """Every key with its default and its comment, in the sections of the defaults above."""
+    source = Path(__file__).read_text()
+    block = source[source.index("# ---- defaults"):source.index("# ---- end of defaults")].splitlines()[1:]
+    width = max(len(f"--{key}={value}") for key, value in DEFAULTS.items())
+    lines = ["usage: python train.py [config/file.py ...] [--key=value ...]",
              "Config files run first, in order, then the flags. Keys and defaults:"]
-    lines += [f"  {f'--{key}={value!r}':<{width}}  {comments.get(key, '')}" for key, value in DEFAULTS.items()]
+    for line in block:
+        assignment = re.match(r"(\w+) = .*?  # (.*)", line)
+        if assignment:
+            key, comment = assignment.groups()
+            lines.append(f"  {f'--{key}={DEFAULTS[key]}':<{width}}  {comment}")
+        else:
+            lines.append(line.removeprefix("# ").join(["", ":"]))  # a section heading
     return "\n".join(lines)
 
 
@@ -255,6 +262,7 @@ class TokenWindows:
 
     def batch(self, window_ids, device):
         """Inputs and targets (len(window_ids), block_size) as int64 on device."""
+        window_ids = window_ids.numpy()
         shard_of = np.searchsorted(self.window_ends, window_ids, side="right")
         rows = []
         for shard, window_id in zip(shard_of.tolist(), window_ids.tolist()):
@@ -393,21 +401,18 @@ def write_checkpoint(out_dir, checkpoint, keep_last, is_best):
     records its size and sha256, and older ones are deleted only after that. A crash at any
     moment leaves the previous checkpoint recorded and intact.
     """
-    name = f"ckpt_{checkpoint['iter_num']:07d}.pt"
-    path = out_dir / name
-    writer = None
+    record = {"file": f"ckpt_{checkpoint['iter_num']:07d}.pt", "iter": checkpoint["iter_num"]}
+    path = out_dir / record["file"]
 
     def write(file):
-        nonlocal writer
         writer = HashingWriter(file)
         torch.save(checkpoint, writer)
+        record.update(bytes=writer.size, sha256=writer.sha256.hexdigest())
 
     prepare.atomic_write(path, write)
     # records past this iteration belong to a run we went back from (resumed from an older one)
-    entries = [entry for entry in read_manifest(out_dir) if entry["iter"] < checkpoint["iter_num"]]
-    entries.append({"file": name, "iter": checkpoint["iter_num"], "bytes": writer.size,
-                    "sha256": writer.sha256.hexdigest()})
-    kept = entries[-keep_last:]
+    entries = [entry for entry in read_manifest(out_dir) if entry["iter"] < record["iter"]]
+    kept = (entries + [record])[-keep_last:]
     prepare.atomic_write(out_dir / MANIFEST_FILE, lambda file: file.write(json.dumps({"checkpoints": kept}, indent=1).encode()))
     link_as(path, out_dir / "ckpt.pt")
     if is_best:
@@ -540,14 +545,14 @@ def run_evaluation(run):
     """Evaluate val and train on their fixed batches; log; return True if val loss is a new best."""
     started = time.perf_counter()
     val = evaluate(run.model, run.splits["val"], run.eval_batches["val"], run.byte_lengths, run.rt)
-    train = evaluate(run.model, run.splits["train"], run.eval_batches["train"], run.byte_lengths, run.rt)
+    on_train = evaluate(run.model, run.splits["train"], run.eval_batches["train"], run.byte_lengths, run.rt)
     run.eval_seconds = time.perf_counter() - started
-    run.log.print(f"eval at iter {run.iter_num}: val loss {val['loss']:.4f} (perplexity {math.exp(min(val['loss'], 700)):.2f}, "
-                  f"accuracy {val['acc']:.1%}, {val['bpb']:.3f} bits/byte) | train loss {train['loss']:.4f} | "
-                  f"gap {val['loss'] - train['loss']:+.4f} | {run.eval_seconds:.1f}s")
-    run.log.write({"iter": run.iter_num, "elapsed_s": run.elapsed_s(), "val_loss": val["loss"],
-                   "val_ppl": math.exp(min(val["loss"], 700)), "val_acc": val["acc"], "val_bpb": val["bpb"],
-                   "train_loss": train["loss"]})
+    perplexity = math.exp(min(val["loss"], 700))
+    run.log.print(f"eval at iter {run.iter_num}: val loss {val['loss']:.4f} (perplexity {perplexity:.2f}, "
+                  f"accuracy {val['acc']:.1%}, {val['bpb']:.3f} bits/byte) | train loss {on_train['loss']:.4f} | "
+                  f"gap {val['loss'] - on_train['loss']:+.4f} | {run.eval_seconds:.1f}s")
+    run.log.write({"iter": run.iter_num, "elapsed_s": run.elapsed_s(), "val_loss": val["loss"], "val_ppl": perplexity,
+                   "val_acc": val["acc"], "val_bpb": val["bpb"], "train_loss": on_train["loss"]})
     improved = run.iter_num > 0 and val["loss"] < run.best_val_loss
     if improved:
         run.best_val_loss = val["loss"]
@@ -634,7 +639,7 @@ class RunLog:
             except ImportError:
                 raise TrainError("wandb_log=True needs the wandb package: pip install wandb") from None
             self.wandb = wandb
-            wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=vars(cfg), resume="allow")
+            wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=vars(cfg))
 
     def trim_after(self, iteration):
         """Drop lines past the resumed checkpoint (a run killed between checkpoints wrote them),
@@ -749,21 +754,19 @@ def build_run(cfg):
     runtime = setup_runtime(cfg)
     stop = install_stop_handlers(runtime)
     folder = dataset_folder(cfg.dataset)
-    meta = prepare.read_meta(folder)
-    tokenizer_info = meta["tokenizer"]
+    meta = read_dataset(lambda: prepare.read_meta(folder))
     path, checkpoint = load_start_checkpoint(cfg, runtime)
-    if cfg.eval_only:
-        model_config = GPTConfig(**checkpoint["model_config"])
-    else:
-        model_config = GPTConfig(block_size=cfg.block_size, vocab_size=tokenizer_info["vocab_size"], n_layer=cfg.n_layer,
-                                 n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias,
-                                 gradient_checkpointing=cfg.gradient_checkpointing)
+    model_config = (GPTConfig(**checkpoint["model_config"]) if cfg.eval_only else
+                    GPTConfig(block_size=cfg.block_size, vocab_size=meta["tokenizer"]["vocab_size"], n_layer=cfg.n_layer,
+                              n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias,
+                              gradient_checkpointing=cfg.gradient_checkpointing))
     if checkpoint is not None:
-        check_checkpoint_fits(checkpoint, path, model_config, tokenizer_info, folder)
+        check_checkpoint_fits(checkpoint, path, model_config, meta["tokenizer"], folder)
     resuming = cfg.init_from == "resume" and not cfg.eval_only
     if runtime.is_main and not cfg.eval_only:
-        prepare_out_dir(cfg, folder, tokenizer_info, resuming)
-    splits = {split: load_split(folder, meta, split, model_config.block_size) for split in ("train", "val")}
+        prepare_out_dir(cfg, folder, meta["tokenizer"], resuming)
+    splits = {split: read_dataset(lambda: load_split(folder, meta, split, model_config.block_size))
+              for split in ("train", "val")}
 
     random.seed(cfg.seed + runtime.rank)
     np.random.seed(cfg.seed + runtime.rank)
@@ -773,26 +776,34 @@ def build_run(cfg):
         raw_model.load_state_dict(checkpoint["model"])
     raw_model.to(runtime.device)
     model = torch.compile(raw_model) if cfg.compile else raw_model
-    optimizer = raw_model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                              runtime.device.type)
-    scaler = torch.amp.GradScaler(runtime.device.type) if runtime.dtype == torch.float16 else None
     run = SimpleNamespace(
-        cfg=cfg, rt=runtime, splits=splits, tokenizer_info=tokenizer_info, raw_model=raw_model, model=model,
-        train_model=DistributedDataParallel(model) if runtime.world_size > 1 else model,
-        optimizer=optimizer, scaler=scaler, generator=torch.Generator().manual_seed(cfg.seed + runtime.rank),
-        byte_lengths=token_byte_lengths(folder, tokenizer_info, runtime.device),
+        cfg=cfg, rt=runtime, stop=stop, splits=splits, tokenizer_info=meta["tokenizer"],
+        byte_lengths=read_dataset(lambda: token_byte_lengths(folder, meta["tokenizer"], runtime.device)),
         eval_batches={split: windows.fixed_batch_ids(cfg.eval_iters, cfg.batch_size) for split, windows in splits.items()},
-        iter_num=0, best_val_loss=math.inf, elapsed_before=0.0, started=started, eval_seconds=0.0,
+        raw_model=raw_model, model=model,  # raw_model for state_dict, model (maybe compiled) to run
+        train_model=DistributedDataParallel(model) if runtime.world_size > 1 else model,
+        optimizer=raw_model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                                runtime.device.type),
+        scaler=torch.amp.GradScaler(runtime.device.type) if runtime.dtype == torch.float16 else None,
+        generator=torch.Generator().manual_seed(cfg.seed + runtime.rank),  # draws the training batches
         micro_steps=cfg.gradient_accumulation_steps // runtime.world_size,
         tokens_per_iter=cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps,
-        peak_flops=peak_flops(runtime.device), timer=StepTimer(), estimate_printed=False, stop=stop,
+        iter_num=0, best_val_loss=math.inf, elapsed_before=0.0, started=started, eval_seconds=0.0,
+        peak_flops=peak_flops(runtime.device), timer=StepTimer(), estimate_printed=False,
     )
     run.elapsed_s = lambda: run.elapsed_before + time.time() - run.started
     if resuming:
         restore_training_state(run, checkpoint, path)
-    run.start_iter = run.iter_num
     run.log = RunLog(cfg, runtime, run.iter_num if resuming else None)
     return run
+
+
+def read_dataset(read):
+    """read(), with prepare.py's errors about the dataset (they name the file) made TrainErrors."""
+    try:
+        return read()
+    except (ValueError, OSError) as error:
+        raise TrainError(str(error)) from error
 
 
 def prepare_out_dir(cfg, folder, tokenizer_info, resuming):
@@ -829,15 +840,15 @@ def train(run):
     print_plan(run)
     if run.iter_num == 0:
         run_evaluation(run)  # the starting point of the curves
+    next_batch = lambda: run.splits["train"].random_batch(cfg.batch_size, run.generator, run.rt.device)
     bad_in_a_row = skipped_total = 0
     while run.iter_num < cfg.max_iters:
         lr = learning_rate_at(run.iter_num, cfg)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
         started = time.perf_counter()
-        loss = forward_backward(run.train_model,
-                                lambda: run.splits["train"].random_batch(cfg.batch_size, run.generator, run.rt.device),
-                                run.micro_steps, run.rt.autocast, run.scaler, run.rt.world_size > 1)
+        loss = forward_backward(run.train_model, next_batch, run.micro_steps, run.rt.autocast, run.scaler,
+                                run.rt.world_size > 1)
         if run.iter_num + 1 == cfg.inject_nan_at:
             loss = loss * math.nan
         loss, grad_norm, skipped, stop = optimizer_step(run, loss, run.stop.is_set())
@@ -851,14 +862,12 @@ def train(run):
             raise TrainError(f"stopping at iteration {run.iter_num}: {bad_in_a_row} steps in a row had a loss or "
                              f"gradient that is not finite (the first at iteration {run.iter_num - bad_in_a_row + 1}); "
                              "nothing new was saved. Lower learning_rate, or resume from the last checkpoint")
-        if run.iter_num % cfg.eval_interval == 0 or run.iter_num == cfg.max_iters:
-            improved = run_evaluation(run)
-            if bad_in_a_row == 0:
-                save_checkpoint(run, improved)
-        elif stop:
-            save_checkpoint(run, False)
+        at_eval = run.iter_num % cfg.eval_interval == 0 or run.iter_num == cfg.max_iters
+        improved = run_evaluation(run) if at_eval else False
+        if (at_eval or stop) and bad_in_a_row == 0:  # never save while steps are failing
+            save_checkpoint(run, improved)
         if stop:
-            run.log.print(f"stopped at iteration {run.iter_num} and saved: continue with --init_from=resume")
+            run.log.print(f"stopped at iteration {run.iter_num}: continue with --init_from=resume")
             break
     run.log.print(f"done: iteration {run.iter_num} in {duration(run.elapsed_s())}, "
                   f"{run.iter_num * run.tokens_per_iter:,} tokens seen, {skipped_total} steps skipped, "
@@ -880,7 +889,7 @@ def main(argv):
         cfg = parse_config(argv)
         run = build_run(cfg)
         evaluate_only(run) if cfg.eval_only else train(run)
-    except (TrainError, prepare.ShardError) as error:
+    except TrainError as error:
         sys.exit(f"error: {error}")
     finally:
         if dist.is_initialized():

@@ -2,6 +2,7 @@
 same global batch, and a preempted two-process run saves and resumes without losing or
 repeating an iteration."""
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -67,7 +68,7 @@ def test_a_preempted_two_process_run_saves_and_resumes_without_losing_an_iterati
     wait_until(lambda: (out_dir / "metrics.jsonl").exists() and len(train_lines(out_dir)) >= 3, timeout=120)
     first.send_signal(signal.SIGTERM)
     first.wait(timeout=120)
-    stopped_at = int(log.read_text().split("stopped at iteration ")[1].split()[0])
+    stopped_at = int(re.search(r"stopped at iteration (\d+):", log.read_text())[1])
     checkpoint = torch.load(out_dir / "ckpt.pt", weights_only=True)
     assert checkpoint["iter_num"] == stopped_at and checkpoint["data"]["world_size"] == 2
     assert len(checkpoint["rng"]) == 2 and not torch.equal(checkpoint["rng"][0]["loader"], checkpoint["rng"][1]["loader"])

@@ -1,6 +1,7 @@
 """Stopping and resuming: a resumed run is the same run, bit for bit; SIGTERM and SIGINT
 save and exit cleanly; kill -9 at any moment leaves a checkpoint to resume from."""
 import json
+import re
 import random
 import signal
 import subprocess
@@ -70,7 +71,7 @@ def test_sigterm_and_sigint_finish_the_step_save_and_exit_zero_and_resume_neithe
         wait_until(lambda: trained_iterations(out_dir) >= already + 3)
         process.send_signal(signal_number)
         assert process.wait(timeout=60) == 0, log.read_text()
-        iteration = int(log.read_text().split("stopped at iteration ")[1].split()[0])
+        iteration = int(re.search(r"stopped at iteration (\d+):", log.read_text())[1])
         assert torch.load(out_dir / "ckpt.pt", weights_only=True)["iter_num"] == iteration
         assert train_lines(out_dir)[-1]["iter"] == iteration
         stopped_at.append(iteration)

@@ -81,7 +81,7 @@ def test_help_lists_every_key_with_its_default_and_comment(capsys):
     train.main(["--help"])
     text = capsys.readouterr().out
     for key, value in train.DEFAULTS.items():
-        assert f"--{key}={value!r}" in text
+        assert f"--{key}={value}" in text
     assert "--gradient_accumulation_steps=1  micro-steps per iteration" in text
 
 
@@ -236,6 +236,18 @@ def test_eval_only_evaluates_a_checkpoint_and_writes_nothing(trained_run, tiny_d
     val_loss = float(finished.stdout.split("val loss ")[1].split()[0])
     assert val_loss == pytest.approx(min(line["val_loss"] for line in eval_lines(trained_run[0])), abs=1e-3)
     assert {path.name: path.stat().st_mtime_ns for path in trained_run[0].iterdir()} == before
+
+
+def test_init_from_a_checkpoint_file_starts_a_new_run_from_its_weights(trained_run, tiny_dataset, tmp_path):
+    finished = run_train(f"--dataset={tiny_dataset}", f"--init_from={trained_run[0] / 'best.pt'}", "--out_dir=tuned",
+                         "--max_iters=2", "--eval_interval=2", "--learning_rate=1e-4", cwd=tmp_path)
+    assert finished.returncode == 0, finished.stderr
+    best_val_loss = min(line["val_loss"] for line in eval_lines(trained_run[0]))
+    start = eval_lines(tmp_path / "tuned")[0]
+    assert start["iter"] == 0 and start["val_loss"] == pytest.approx(best_val_loss, abs=1e-4)
+    checkpoint = torch.load(tmp_path / "tuned" / "ckpt.pt", weights_only=True)
+    assert checkpoint["iter_num"] == 2  # its own iterations and optimizer, not the checkpoint's
+    assert {int(state["step"]) for state in checkpoint["optimizer"]["state"].values()} == {2}
 
 
 def test_a_new_run_refuses_an_out_dir_that_holds_a_run(trained_run, tiny_dataset):
