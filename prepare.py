@@ -1612,6 +1612,9 @@ def filter_section(meta):
 
 
 def kept_section(meta):
+    """The kept documents' languages and top domains, for web text (WET headers)."""
+    if not meta["top_domains"] and list(meta["kept_languages"]) == ["unknown"]:
+        return []
     languages = ", ".join(f"{language} {count:,}" for language, count in meta["kept_languages"].items())
     lines = ["", "## Kept documents", "", f"Languages (the first of the WET header's): {languages}."]
     if meta["top_domains"]:

@@ -86,7 +86,6 @@ PAGES = [
     ("https://copycat.example.com/library", "eng", GOOD[0].replace("\n", "\n\n  "), "dedup:exact"),
     ("https://languages.example.org/adults", "eng", GOOD[4], "kept"),
     ("https://news.example.org/museum", "eng", GOOD[5], "kept"),
-    ("https://copycat.example.com/bread", "eng", GOOD[1].replace("very hot oven", "hot oven"), "dedup:near"),
     ("https://short.example.com/", "eng", "Thank you for visiting our page. See you soon!", "gopher_quality:word_count"),
     ("https://fr.example.org/port", "fra", """Le vieux port se trouve à l'embouchure d'une large rivière, et son histoire est écrite dans la pierre.
 Les pêcheurs travaillent ces eaux depuis des siècles et vendent leur poisson sur la place du marché.
@@ -105,6 +104,7 @@ Les visiteurs arrivent souvent en train depuis la capitale, un voyage d'environ 
     ("https://walks.example.org/join", "eng", WITH_PII, "kept"),
     ("https://www.garden.example.net/summer", "eng", GOOD[6], "kept"),
     ("https://news.example.org/council", "eng", GOOD[7], "kept"),
+    ("https://copycat.example.com/bread", "eng", GOOD[1].replace("very hot oven", "hot oven"), "dedup:near"),
 ]
 KEPT_TEXTS = {GOOD[index] for index in range(8)} | {MASKED_PII, WITH_BOILERPLATE.replace(
     JAVASCRIPT_LINE + "\n", "").replace(COOKIE_LINE + "\n", "")}
@@ -264,6 +264,17 @@ def test_zero_documents_left_names_the_filter_that_took_them(tmp_path):
     assert list((tmp_path / "data").iterdir()) == []
 
 
+def test_filters_web_applies_the_web_filters_to_plain_text_files(tmp_path):
+    german = ("Der alte Hafen liegt an der Mündung eines breiten Flusses, und seine Geschichte ist in "
+              "Stein geschrieben. ") * 6
+    (tmp_path / "in").mkdir()
+    for name, text in [("a.txt", GOOD[0]), ("b.txt", GOOD[1]), ("c.txt", german), ("d.txt", WITH_PII)]:
+        (tmp_path / "in" / name).write_text(text, encoding="utf-8")
+    run_prepare("--source=files", "--input=in", "--filters=web", "--tokenizer=byte", "--out_dir=out", cwd=tmp_path)
+    assert sorted(all_documents(tmp_path / "out")) == sorted([GOOD[0], GOOD[1], MASKED_PII])
+    assert prepare.read_meta(tmp_path / "out")["dropped"] == {"language:stop_words": 1}  # no header: stop words
+
+
 def test_web_filter_flags_are_listed_and_checked(tmp_path):
     help_text = run_prepare("--help", cwd=tmp_path).stdout
     for name, default, _ in webfilters.settings_help():
@@ -401,6 +412,16 @@ def test_a_rerun_after_a_failed_run_goes_on_with_the_next_wet_file(crawl_server,
     assert bin_files(tmp_path / "data" / "web") == bin_files(reference)
     assert prepare.read_meta(tmp_path / "data" / "web")["dropped"] == prepare.read_meta(reference)["dropped"]
     assert sorted(path.name for path in (tmp_path / "data").iterdir()) == ["web"]
+
+
+def test_the_url_source_reads_a_wet_file_with_the_web_filters(crawl_server, tmp_path):
+    FakeCrawl.plans = {}
+    run_prepare("--source=url", f"--url={crawl_server}/{WET_PATHS[1]}", "--tokenizer=byte", "--out_dir=out",
+                cwd=tmp_path)
+    second_half = PAGES[len(PAGES) // 2:]  # alone, its copy of a page in the first half is new
+    dropped = {reason: 1 for *_, reason in second_half if reason not in ("kept", "dedup:near")}
+    assert len(all_documents(tmp_path / "out")) == len(second_half) - len(dropped)
+    assert prepare.read_meta(tmp_path / "out")["dropped"] == {**dropped, **UNREADABLE}
 
 
 def test_a_crawl_id_that_does_not_exist_fails_saying_where_to_find_valid_ones(crawl_server, tmp_path):
