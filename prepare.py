@@ -1078,8 +1078,8 @@ def filter_fingerprint(settings, web_settings):
 
 
 def filter_stage(settings, parts, web_settings, build):
-    """Filters every part not yet finished into build/filtered/. Returns the parts, the
-    tally of all of them and the tally of those filtered by this run."""
+    """Filters every part not yet finished into build/filtered/. Returns the FilteredParts,
+    the tally of all parts and the tally of those filtered by this run."""
     resumable = settings["source"] == "commoncrawl"  # local text is cheap to read again
     filtered = FilteredParts(build / FILTERED, filter_fingerprint(settings, web_settings),
                              [part.name for part in parts], resumable)
