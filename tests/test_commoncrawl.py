@@ -11,7 +11,6 @@ import http.server
 import json
 import random
 import threading
-from pathlib import Path
 
 import pytest
 

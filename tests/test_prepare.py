@@ -6,7 +6,6 @@ subprocess and URLs are served by a real http.server on 127.0.0.1.
 import gzip
 import hashlib
 import http.server
-import io
 import json
 import os
 import socket
