@@ -642,11 +642,17 @@ class RunLog:
             wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=vars(cfg))
 
     def trim_after(self, iteration):
-        """Drop lines past the resumed checkpoint (a run killed between checkpoints wrote them),
-        so each iteration appears once."""
+        """Drop the lines past the resumed checkpoint (a run killed between checkpoints wrote
+        them), so each iteration appears once, and a line cut short by a power loss."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines(keepends=True) if json.loads(line)["iter"] <= iteration]
+        kept = []
+        for line in self.path.read_text().splitlines(keepends=True):
+            try:
+                if json.loads(line)["iter"] <= iteration:
+                    kept.append(line)
+            except (ValueError, KeyError):
+                pass
         prepare.atomic_write(self.path, lambda file: file.write("".join(kept).encode()))
 
     def print(self, text):
@@ -807,12 +813,16 @@ def read_dataset(read):
 
 
 def prepare_out_dir(cfg, folder, tokenizer_info, resuming):
-    """Create out_dir; refuse to start a new run over a recorded one; copy a trained tokenizer."""
+    """Create out_dir; refuse to start a new run over a recorded one; remove what a killed
+    save left (prepare.atomic_write's temporary .<name>.<random>.tmp files); copy a trained
+    tokenizer."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if not resuming and read_manifest(out):
         raise TrainError(f"{out} already holds checkpoints of a run: continue it with init_from=resume, "
                          "or choose another out_dir")
+    for leftover in out.glob(".*.tmp"):
+        leftover.unlink()
     if tokenizer_info.get("file"):
         source = folder / tokenizer_info["file"]
         prepare.atomic_write(out / tokenizer_info["file"], lambda file: file.write(source.read_bytes()))

@@ -48,11 +48,11 @@ def start_train(*flags, cwd, log):
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, env=ONE_THREAD)
 
 
-def wait_until(condition, timeout=60):
+def wait_until(condition, timeout=60, interval=0.05):
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
+        time.sleep(interval)
 
 
 def trained_iterations(out_dir):
@@ -80,26 +80,34 @@ def test_sigterm_and_sigint_finish_the_step_save_and_exit_zero_and_resume_neithe
     assert [line["iter"] for line in train_lines(out_dir)] == list(range(1, stopped_at[-1] + 3))
 
 
-def test_kill_9_at_random_moments_always_leaves_a_resumable_checkpoint(tiny_dataset, tmp_path):
-    # a checkpoint every iteration, so many of the kills land inside a save
-    flags = [f"--dataset={tiny_dataset}", "--out_dir=out", "--eval_interval=1", "--eval_iters=1"]
+def test_kill_9_at_any_moment_even_inside_a_save_leaves_a_resumable_checkpoint(tiny_dataset, tmp_path):
+    # a checkpoint every iteration, from a model big enough (~5 MB checkpoints) that a save takes a while
+    flags = [f"--dataset={tiny_dataset}", "--out_dir=out", "--eval_interval=1", "--eval_iters=1", "--n_embd=128",
+             "--n_head=4"]
     out_dir, moments = tmp_path / "out", random.Random(0)
-    resumed_at = [0]
-    for attempt in range(3):
+    resumed_at, kills_inside_a_save = [0], 0
+    for attempt in range(6):
+        if attempt >= 3 and kills_inside_a_save:
+            break
         log = tmp_path / f"attempt{attempt}.log"
         process = start_train(*flags, "--max_iters=100000", f"--init_from={'resume' if attempt else 'scratch'}",
                               cwd=tmp_path, log=log)
         # the first iteration past the checkpoint is done and its evaluation (then save) begun
         wait_until(lambda: f"eval at iter {resumed_at[-1] + 1}:" in log.read_text())
-        time.sleep(moments.uniform(0, 0.5))
+        if attempt % 2:  # the moment a checkpoint's temporary file appears
+            wait_until(lambda: any(out_dir.glob(".ckpt_*.tmp")), interval=0)
+        else:
+            time.sleep(moments.uniform(0, 0.5))
         process.kill()
         process.wait()
+        kills_inside_a_save += any(out_dir.glob(".ckpt_*.tmp"))  # a killed save leaves its temporary file
         path, checkpoint = train.newest_valid_checkpoint(out_dir)
         assert checkpoint["iter_num"] >= resumed_at[-1]
         resumed_at.append(checkpoint["iter_num"])
+    assert kills_inside_a_save
     finished = run_train(*flags, f"--max_iters={resumed_at[-1] + 2}", "--init_from=resume", cwd=tmp_path)
     assert finished.returncode == 0, finished.stderr
     assert f"at iteration {resumed_at[-1]}, exactly" in finished.stdout
-    iterations = [line["iter"] for line in train_lines(out_dir)]
-    assert iterations == list(range(1, resumed_at[-1] + 3))
+    assert [line["iter"] for line in train_lines(out_dir)] == list(range(1, resumed_at[-1] + 3))
     assert json.loads((out_dir / "checkpoints.json").read_text())["checkpoints"][-1]["iter"] == resumed_at[-1] + 2
+    assert not list(out_dir.glob(".*.tmp"))  # what the killed saves left behind was cleared

@@ -1,6 +1,7 @@
 """train.py: config checking, a real training run end to end, its checkpoints, metrics,
 the data checks, and the non-finite step guard. Training runs are real subprocesses on the
 tiny dataset with a tiny model."""
+import importlib.util
 import json
 import math
 import os
@@ -8,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -83,6 +85,15 @@ def test_help_lists_every_key_with_its_default_and_comment(capsys):
     for key, value in train.DEFAULTS.items():
         assert f"--{key}={value}" in text
     assert "--gradient_accumulation_steps=1  micro-steps per iteration" in text
+
+
+def test_wandb_log_without_wandb_installed_is_a_clear_error(tmp_path):
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    cfg = train.parse_config(["--wandb_log=True", f"--out_dir={tmp_path}"])
+    runtime = SimpleNamespace(is_main=True)
+    with pytest.raises(train.TrainError, match=r"wandb_log=True needs the wandb package: pip install wandb"):
+        train.RunLog(cfg, runtime, resumed_at=None)
 
 
 def test_a_config_error_exits_nonzero_with_the_message(tmp_path):

@@ -1,0 +1,26 @@
+"""The quick start: a small GPT on data/python, the standard library's own source code and
+documentation (made by `python prepare.py`), in about 5 minutes on a 2-core laptop CPU.
+
+    python prepare.py                       # data/python: ~2.8M tokens, a BPE of 8192
+    python train.py config/train_demo.py
+    python sample.py --out_dir=out/demo --start="def "
+"""
+out_dir = "out/demo"
+dataset = "python"
+# model: 4 blocks of width 128; half its 1.85M parameters are the token embedding
+n_layer = 4
+n_head = 4
+n_embd = 128
+block_size = 128
+dropout = 0.0  # the run sees each token about once: nothing to overfit
+# batch: 16 x 128 = 2,048 tokens per iteration
+batch_size = 16
+max_iters = 1500
+# a small model takes a high learning rate; beta2 0.99 averages the noisy small-batch gradients longer
+learning_rate = 3e-3
+min_lr = 3e-4
+warmup_iters = 50
+beta2 = 0.99
+eval_interval = 250
+eval_iters = 10
+log_interval = 50
