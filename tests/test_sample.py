@@ -131,6 +131,16 @@ def test_checkpoint_holding_code_is_refused(tmp_path, capsys):
     assert f"{tmp_path / 'best.pt'} does not load as a checkpoint" in capsys.readouterr().err
 
 
+def test_missing_tokenizer_file_names_it(out_dir, tmp_path, capsys):
+    checkpoint = torch.load(out_dir / "best.pt", weights_only=True)
+    checkpoint["tokenizer"] = {"kind": "bpe", "vocab_size": 257, "eot_id": 256,
+                               "file": "tokenizer.tiktoken", "sha256": "0" * 64}
+    torch.save(checkpoint, tmp_path / "best.pt")
+    assert sample.main([f"--out_dir={tmp_path}", "--device=cpu"]) == 1
+    error = capsys.readouterr().err
+    assert "cannot load its tokenizer" in error and str(tmp_path / "tokenizer.tiktoken") in error
+
+
 @pytest.mark.parametrize("flag, message", [
     ("--max_new_tokens=many", "--max_new_tokens=many: expected int"),
     ("--temperature=hot", "--temperature=hot: expected float"),
