@@ -7,10 +7,13 @@
 Configuration: the module globals below are the defaults. Config files (Python, run in
 order) and then --key=value flags override them. A key that is not a default stops the run
 with the closest known key; a value of the wrong type stops it naming the type expected.
-`python train.py --help` lists every key. Several processes on one machine or many:
+`python train.py --help` lists every key. One process, several on one machine, or several
+machines (run the same command on each, host0 being one of them):
 
     python train.py config/train_demo.py --batch_size=16 --max_iters=500
     torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2_124m.py
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=host0:29500 \
+        train.py config/train_gpt2_124m.py
 
 What a run writes into out_dir:
     ckpt_<iter>.pt    the last keep_last checkpoints (see save_checkpoint for the contents)
@@ -206,11 +209,11 @@ def setup_runtime(cfg):
             device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         torch.set_float32_matmul_precision("high")  # TF32 matmuls: ~8x faster than fp32, loss unchanged
+    if cfg.gradient_accumulation_steps % world_size:
+        raise TrainError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} does not divide by "
+                         f"the {world_size} processes: use a multiple of {world_size} so the global batch stays the same")
     if world_size > 1:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        if cfg.gradient_accumulation_steps % world_size:
-            raise TrainError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} does not divide by "
-                             f"the {world_size} processes: use a multiple of {world_size} so the global batch stays the same")
     amp_dtype = pick_dtype(cfg.dtype, device)
     autocast = (nullcontext() if amp_dtype == torch.float32
                 else torch.autocast(device_type=device.type, dtype=amp_dtype))
@@ -768,11 +771,11 @@ def build_run(cfg):
                               gradient_checkpointing=cfg.gradient_checkpointing))
     if checkpoint is not None:
         check_checkpoint_fits(checkpoint, path, model_config, meta["tokenizer"], folder)
+    splits = {split: read_dataset(lambda: load_split(folder, meta, split, model_config.block_size))
+              for split in ("train", "val")}
     resuming = cfg.init_from == "resume" and not cfg.eval_only
     if runtime.is_main and not cfg.eval_only:
         prepare_out_dir(cfg, folder, meta["tokenizer"], resuming)
-    splits = {split: read_dataset(lambda: load_split(folder, meta, split, model_config.block_size))
-              for split in ("train", "val")}
 
     random.seed(cfg.seed + runtime.rank)
     np.random.seed(cfg.seed + runtime.rank)

@@ -15,12 +15,12 @@ block_size = 128
 dropout = 0.0  # the run sees each token about once: nothing to overfit
 # batch: 16 x 128 = 2,048 tokens per iteration
 batch_size = 16
-max_iters = 1500
+max_iters = 600
 # a small model takes a high learning rate; beta2 0.99 averages the noisy small-batch gradients longer
 learning_rate = 3e-3
 min_lr = 3e-4
-warmup_iters = 50
+warmup_iters = 30
 beta2 = 0.99
-eval_interval = 250
-eval_iters = 10
+eval_interval = 100
+eval_iters = 8
 log_interval = 50

@@ -7,8 +7,10 @@ import signal
 import subprocess
 import sys
 
+import pytest
 import torch
 
+import train
 from test_train import ONE_THREAD, ROOT, TINY_MODEL, read_metrics, train_lines
 from test_resume import wait_until
 
@@ -19,7 +21,10 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 # whole batch in one process and writes the largest difference between the gradients.
 GRADIENT_SCRIPT = """
 import copy, json, sys
+import pytest
 import torch
+
+import train
 sys.path.insert(0, {root!r})
 import train
 from model import GPT, GPTConfig
@@ -56,6 +61,13 @@ def test_two_processes_compute_the_gradients_of_one_process_on_the_same_global_b
     gradients = json.loads(result.read_text())
     assert gradients["largest"] > 1e-3
     assert gradients["difference"] <= 1e-6 * gradients["largest"]
+
+
+def test_gradient_accumulation_that_does_not_divide_by_the_processes_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it for two processes
+    cfg = train.parse_config(["--device=cpu", "--gradient_accumulation_steps=3"])
+    with pytest.raises(train.TrainError, match=r"gradient_accumulation_steps=3 does not divide by the 2 processes"):
+        train.setup_runtime(cfg)
 
 
 def test_a_preempted_two_process_run_saves_and_resumes_without_losing_an_iteration(tiny_dataset, tmp_path):
