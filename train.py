@@ -24,9 +24,10 @@ What a run writes into out_dir:
     tokenizer.tiktoken a copy of a trained BPE, so sample.py needs only this folder
 
 A run survives being stopped: SIGTERM or SIGINT (Ctrl-C) finishes the current step, saves
-and exits 0, and `--init_from=resume` continues it exactly, as if it had never stopped
-(same batches, same dropout masks, same losses, bit for bit). A step whose loss or gradient
-is not finite is skipped; max_bad_steps of them in a row stop the run.
+and exits 0, and `--init_from=resume` continues it exactly, as if it had never stopped:
+same batches, same dropout masks, same losses (bit for bit on CPU; on GPUs some kernels add
+in a varying order, so equal up to rounding). A step whose loss or gradient is not finite is
+skipped; max_bad_steps of them in a row stop the run.
 """
 import ast
 import builtins
@@ -38,7 +39,6 @@ import math
 import os
 import random
 import re
-import resource
 import signal
 import sys
 import threading
@@ -737,6 +737,10 @@ def log_step(run, loss, grad_norm, skipped, lr):
 def peak_memory():
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (CUDA, max allocated)"
+    try:
+        import resource  # Unix only
+    except ImportError:
+        return "unknown on this OS"
     max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return f"{max_rss / (2**30 if sys.platform == 'darwin' else 2**20):.2f} GiB (max RSS of this process)"
 
