@@ -7,6 +7,16 @@ import torch
 from model import GPT, GPTConfig, padded_vocab_size, peak_flops, peak_flops_of_card, sample_next_token
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Models this small gain nothing from a second thread, which stalls whenever another
+    process shares the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_config(**overrides):
     settings = dict(vocab_size=300, block_size=16, n_layer=2, n_head=2, n_embd=32)
     return GPTConfig(**{**settings, **overrides})

@@ -1,6 +1,7 @@
 """sample.py on a real checkpoint: a tiny byte-level GPT that has learned one sentence."""
 import dataclasses
 import fractions
+import os
 import subprocess
 import sys
 
@@ -13,6 +14,16 @@ from model import GPT, GPTConfig
 
 SENTENCE = "¡hola señor! 3€ ünd 🙂 ok"  # 1- to 4-byte characters, each byte a token
 BYTE_TOKENIZER = {"kind": "byte", "vocab_size": 257, "eot_id": 256, "file": None, "sha256": None}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Models this small gain nothing from a second thread, which stalls whenever another
+    process shares the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def checkpoint_of(model):
@@ -29,19 +40,12 @@ def trained_on_sentence():
     optimizer = model.configure_optimizer(0.0, 1e-2, (0.9, 0.99), "cpu")
     stream = torch.tensor(([256] + list(SENTENCE.encode())) * 20)
     windows = stream.unfold(0, 33, 1)
-    # one thread: matrices this small gain nothing from splitting, and a second thread
-    # stalls badly when other processes share the cores
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for _ in range(100):
-            batch = windows[torch.randint(0, len(windows), (16,))]
-            _, loss = model(batch[:, :-1], batch[:, 1:])
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-    finally:
-        torch.set_num_threads(threads)
+    for _ in range(100):
+        batch = windows[torch.randint(0, len(windows), (16,))]
+        _, loss = model(batch[:, :-1], batch[:, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
     return model
 
 
@@ -57,8 +61,8 @@ def out_dir(tmp_path_factory):
 
 
 def run_sample(*flags):
-    return subprocess.run([sys.executable, str(ROOT / "sample.py"), *flags],
-                          capture_output=True, text=True, encoding="utf-8", cwd=ROOT, timeout=120)
+    return subprocess.run([sys.executable, str(ROOT / "sample.py"), *flags], capture_output=True, text=True,
+                          encoding="utf-8", cwd=ROOT, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def first_sample(stdout):
