@@ -213,12 +213,28 @@ def setup_runtime(cfg):
         raise TrainError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} does not divide by "
                          f"the {world_size} processes: use a multiple of {world_size} so the global batch stays the same")
     if world_size > 1:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        join_process_group("nccl" if device.type == "cuda" else "gloo", rank, world_size)
     amp_dtype = pick_dtype(cfg.dtype, device)
     autocast = (nullcontext() if amp_dtype == torch.float32
                 else torch.autocast(device_type=device.type, dtype=amp_dtype))
     return SimpleNamespace(rank=rank, world_size=world_size, is_main=rank == 0, device=device,
                            dtype=amp_dtype, autocast=autocast)
+
+
+def join_process_group(backend, rank, world_size):
+    """dist.init_process_group, with each torchrun attempt's keys kept apart.
+
+    torchrun --max-restarts=N starts every process again when one fails, but its agent keeps
+    one key-value store for all attempts: a restarted process can read the addresses the
+    failed attempt left there, and then fails or hangs connecting to processes that are gone
+    (pytorch issue 135712). The keys of restart N get the prefix attempt_N."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":  # not under torchrun: MASTER_ADDR/PORT as usual
+        dist.init_process_group(backend=backend)
+        return
+    agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend=backend, store=dist.PrefixStore(f"attempt_{attempt}", agent_store),
+                            rank=rank, world_size=world_size)
 
 
 def pick_device(requested):
