@@ -27,7 +27,9 @@ A run survives being stopped: SIGTERM or SIGINT (Ctrl-C) finishes the current st
 and exits 0, and `--init_from=resume` continues it exactly, as if it had never stopped:
 same batches, same dropout masks, same losses (bit for bit on CPU; on GPUs some kernels add
 in a varying order, so equal up to rounding). A step whose loss or gradient is not finite is
-skipped; max_bad_steps of them in a row stop the run.
+skipped; max_bad_steps of them in a row stop the run. Under `torchrun --max-restarts=N`,
+when a process crashes torchrun restarts the group, and the restarted group goes on from
+the newest checkpoint by itself (see continue_after_restart).
 """
 import ast
 import builtins
@@ -228,7 +230,7 @@ def join_process_group(backend, rank, world_size):
     one key-value store for all attempts: a restarted process can read the addresses the
     failed attempt left there, and then fails or hangs connecting to processes that are gone
     (pytorch issue 135712). The keys of restart N get the prefix attempt_N."""
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":  # not under torchrun: MASTER_ADDR/PORT as usual
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":  # no agent store: the usual MASTER_ADDR/PORT
         dist.init_process_group(backend=backend)
         return
     agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
@@ -784,7 +786,10 @@ def build_run(cfg):
     stop = install_stop_handlers(runtime)
     folder = dataset_folder(cfg.dataset)
     meta = read_dataset(lambda: prepare.read_meta(folder))
+    restarted = continue_after_restart(cfg, runtime)
     path, checkpoint = load_start_checkpoint(cfg, runtime)
+    if restarted:
+        check_same_run(checkpoint, path, cfg)
     model_config = (GPTConfig(**checkpoint["model_config"]) if cfg.eval_only else
                     GPTConfig(block_size=cfg.block_size, vocab_size=meta["tokenizer"]["vocab_size"], n_layer=cfg.n_layer,
                               n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias,
@@ -833,6 +838,30 @@ def read_dataset(read):
         return read()
     except (ValueError, OSError) as error:
         raise TrainError(str(error)) from error
+
+
+def continue_after_restart(cfg, runtime):
+    """torchrun --max-restarts=N starts the whole group again, with the same command, when a
+    process fails; TORCHELASTIC_RESTART_COUNT counts the restarts. A restarted group goes on
+    from the newest valid checkpoint in out_dir, which the failed attempt wrote, instead of
+    starting over: init_from becomes resume. Returns whether it did (with no checkpoint yet,
+    the group starts as configured)."""
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if not restarts or cfg.eval_only or cfg.init_from == "resume" or not read_manifest(Path(cfg.out_dir)):
+        return False
+    if runtime.is_main:
+        print(f"torchrun restart {restarts}: continuing from the newest valid checkpoint in {cfg.out_dir}", flush=True)
+    cfg.init_from = "resume"
+    return True
+
+
+def check_same_run(checkpoint, path, cfg):
+    """A restart resumes only a checkpoint of this very command (the first attempt refuses to
+    start over another run's checkpoints, so these may not be its own)."""
+    for key, value in vars(cfg).items():
+        if key != "init_from" and checkpoint["config"].get(key) != value:
+            raise TrainError(f"torchrun restart: {path} belongs to another run ({key} is "
+                             f"{checkpoint['config'].get(key)!r} there, {value!r} here): choose another out_dir")
 
 
 def prepare_out_dir(cfg, folder, tokenizer_info, resuming):
