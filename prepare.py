@@ -157,8 +157,10 @@ class AtomicFile:
         fsync_folder(self.path.parent)
 
     def discard(self):
-        self.file.close()
-        self.temporary.unlink(missing_ok=True)
+        try:
+            self.file.close()  # raises again if the failure was a flush that close retries
+        finally:
+            self.temporary.unlink(missing_ok=True)
 
 
 def fsync_folder(folder):
@@ -176,10 +178,10 @@ def atomic_write(path, write):
     target = AtomicFile(path)
     try:
         write(target.file)
+        target.commit()  # inside: a full disk may only show when the data is flushed
     except BaseException:
         target.discard()
         raise
-    target.commit()
 
 
 def read_shard(path):
