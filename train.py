@@ -41,8 +41,10 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from contextlib import nullcontext
@@ -411,7 +413,12 @@ def save_checkpoint(run, is_best):
         "tokenizer": run.tokenizer_info, "rng": states, "data": {"world_size": run.rt.world_size},
         "elapsed_s": run.elapsed_s(),
     }
-    write_checkpoint(Path(run.cfg.out_dir), checkpoint, run.cfg.keep_last, is_best)
+    try:
+        write_checkpoint(Path(run.cfg.out_dir), checkpoint, run.cfg.keep_last, is_best)
+    except OSError as error:  # most often a full disk
+        raise TrainError(f"saving iteration {run.iter_num} into {run.cfg.out_dir} failed: {error.strerror or error}. "
+                         f"The checkpoints recorded in {MANIFEST_FILE} are intact: make room, then continue "
+                         "with --init_from=resume") from None
 
 
 def write_checkpoint(out_dir, checkpoint, keep_last, is_best):
@@ -427,7 +434,10 @@ def write_checkpoint(out_dir, checkpoint, keep_last, is_best):
 
     def write(file):
         writer = HashingWriter(file)
-        torch.save(checkpoint, writer)
+        try:
+            torch.save(checkpoint, writer)
+        except RuntimeError as error:  # torch reports a failed write this way; the OSError behind it says why
+            raise error.__context__ if isinstance(error.__context__, OSError) else error
         record.update(bytes=writer.size, sha256=writer.sha256.hexdigest())
 
     prepare.atomic_write(path, write)
@@ -808,6 +818,8 @@ def build_run(cfg):
     raw_model = GPT(model_config)
     if checkpoint is not None:
         raw_model.load_state_dict(checkpoint["model"])
+    if runtime.is_main and not cfg.eval_only:
+        check_free_space(Path(cfg.out_dir), raw_model, cfg.keep_last)
     raw_model.to(runtime.device)
     model = torch.compile(raw_model) if cfg.compile else raw_model
     run = SimpleNamespace(
@@ -869,7 +881,13 @@ def prepare_out_dir(cfg, folder, tokenizer_info, resuming):
     save left (prepare.atomic_write's temporary .<name>.<random>.tmp files); copy a trained
     tokenizer."""
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"out_dir {out} is a file, not a folder: choose another out_dir")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()  # an unwritable out_dir shows now, not at the first save
+    except OSError as error:
+        raise TrainError(f"out_dir {out} is not writable: {error.strerror or error}") from None
     if not resuming and read_manifest(out):
         raise TrainError(f"{out} already holds checkpoints of a run: continue it with init_from=resume, "
                          "or choose another out_dir")
@@ -878,6 +896,21 @@ def prepare_out_dir(cfg, folder, tokenizer_info, resuming):
     if tokenizer_info.get("file"):
         source = folder / tokenizer_info["file"]
         prepare.atomic_write(out / tokenizer_info["file"], lambda file: file.write(source.read_bytes()))
+
+
+def check_free_space(out_dir, model, keep_last):
+    """Refuse to start when out_dir's disk cannot hold the checkpoints to come. At a save it
+    holds the keep_last kept ones, best.pt (which may be an older one) and the one being
+    written, each about three times the weights (AdamW keeps two moments per weight); the
+    checkpoints already there count as room."""
+    checkpoint_bytes = 3 * sum(param.numel() * param.element_size() for param in model.parameters())
+    on_disk = {path.stat().st_ino: path.stat().st_size for path in out_dir.glob("*.pt")}  # hard links once
+    needed = (keep_last + 2) * checkpoint_bytes - sum(on_disk.values())
+    free = shutil.disk_usage(out_dir).free
+    if free < needed:
+        raise TrainError(f"{out_dir} has {free / 1e6:,.1f} MB free, but its checkpoints will need {needed / 1e6:,.1f} MB "
+                         f"more ({keep_last + 2} of ~{checkpoint_bytes / 1e6:,.1f} MB: keep_last={keep_last}, best.pt "
+                         "and the one being written): make room, lower keep_last, or choose another out_dir")
 
 
 def restore_training_state(run, checkpoint, path):
