@@ -481,6 +481,11 @@ def load_checkpoint_file(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # any failure to unpickle means the same thing: not a usable checkpoint
+        refused = re.search(r"GLOBAL ([\w.]+)", str(error))  # how weights_only names a Python object it met
+        if refused:
+            raise TrainError(f"{path} does not load as a checkpoint: it holds a Python object ({refused[1]}), and "
+                             "loading one can run any code, so it is refused (train.py's checkpoints hold only "
+                             "tensors and plain values)") from error
         raise TrainError(f"{path} does not load as a checkpoint: {type(error).__name__}: {error}") from error
 
 
