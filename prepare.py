@@ -678,6 +678,8 @@ def response_blocks(url, offset):
                     yield block[dropped:]
     except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as error:
         raise RetryableError(f"{url}: {error}") from None
+    except requests.exceptions.InvalidSchema as error:  # a redirect to file://, ftp://, ...
+        raise PrepareError(f"download failed: {url} redirected to a URL that is not http(s): {error}") from None
     if expected is not None and received != expected:
         raise RetryableError(f"{url}: transfer stopped at {offset + received:,} of "
                              f"{offset + expected:,} bytes")
