@@ -21,10 +21,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 # whole batch in one process and writes the largest difference between the gradients.
 GRADIENT_SCRIPT = """
 import copy, json, sys
-import pytest
 import torch
-
-import train
 sys.path.insert(0, {root!r})
 import train
 from model import GPT, GPTConfig

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import prepare
 import train
 from model import GPT, GPTConfig
 
@@ -196,6 +197,14 @@ def test_checkpoints_load_with_weights_only_into_a_fresh_model(trained_run):
         model.load_state_dict(checkpoint["model"])
         assert checkpoint["tokenizer"]["vocab_size"] == checkpoint["model_config"]["vocab_size"]
     assert torch.load(out_dir / "ckpt.pt", weights_only=True)["iter_num"] == 30
+
+
+def test_the_trained_tokenizer_is_copied_so_the_out_dir_stands_alone(trained_run):
+    out_dir, dataset, _ = trained_run
+    checkpoint = torch.load(out_dir / "ckpt.pt", weights_only=True)
+    assert (out_dir / "tokenizer.tiktoken").read_bytes() == (dataset / "tokenizer.tiktoken").read_bytes()
+    encoding = prepare.load_tokenizer(out_dir, checkpoint["tokenizer"])  # as sample.py does
+    assert encoding.decode(encoding.encode("Kalo mi ne.")) == "Kalo mi ne."
 
 
 def test_keep_last_checkpoints_are_recorded_with_size_and_sha256(trained_run):
