@@ -874,9 +874,10 @@ def continue_after_restart(cfg, runtime):
 
 def check_same_run(checkpoint, path, cfg):
     """A restart resumes only a checkpoint of this very command (the first attempt refuses to
-    start over another run's checkpoints, so these may not be its own)."""
+    start over another run's checkpoints, so these may not be its own). out_dir may differ:
+    the run may have been moved."""
     for key, value in vars(cfg).items():
-        if key != "init_from" and checkpoint["config"].get(key) != value:
+        if key not in ("init_from", "out_dir") and checkpoint["config"].get(key) != value:
             raise TrainError(f"torchrun restart: {path} belongs to another run ({key} is "
                              f"{checkpoint['config'].get(key)!r} there, {value!r} here): choose another out_dir")
 
