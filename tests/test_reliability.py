@@ -3,17 +3,22 @@ a full disk and a read-only disk (small tmpfs mounts), an out_dir that is a file
 and mismatched datasets, mismatched checkpoints, pickles that carry code, and downloads
 that try to leave the dataset folder. Every case must end in a clear message naming the
 file, key or value, a non-zero exit, and nothing already written damaged."""
+import hashlib
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
+import prepare
 import train
 from test_resume import trained_iterations, wait_until
 from test_train import ONE_THREAD, ROOT, TINY_MODEL, read_metrics, train_lines
@@ -92,3 +97,228 @@ def test_a_rank_killed_mid_run_makes_torchrun_restart_the_group_which_resumes_fr
         if "loss" in line:
             assert after[line["iter"]]["loss"] == line["loss"], line["iter"]
     assert torch.load(out_dir / "ckpt.pt", weights_only=True)["iter_num"] == 24
+
+
+# ----------------------------------------------------------------------------- train.py in this process
+RUN_FLAGS = [*TINY_MODEL, "--eval_interval=1"]
+
+
+def run_main(*flags):
+    """train.main in this process (torch is already imported here): the message it exits
+    with (sys.exit prints it and exits with status 1), or None when it finishes."""
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        train.main([*RUN_FLAGS, *flags])
+    except SystemExit as stop:
+        return stop.code
+    finally:
+        for number, handler in handlers.items():  # train.py installs its own
+            signal.signal(number, handler)
+    return None
+
+
+def contents(folder):
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def saved_run(tiny_dataset, tmp_path_factory):
+    """Two iterations with a checkpoint after each: out_dir holds ckpt_0000001.pt and ckpt_0000002.pt."""
+    out_dir = tmp_path_factory.mktemp("saved") / "out"
+    assert run_main(f"--dataset={tiny_dataset}", f"--out_dir={out_dir}", "--max_iters=2") is None
+    return out_dir
+
+
+@pytest.fixture
+def run_copy(saved_run, tmp_path):
+    out_dir = tmp_path / "out"
+    shutil.copytree(saved_run, out_dir)
+    return out_dir
+
+
+def test_a_restart_over_another_runs_checkpoints_is_refused_naming_the_difference(run_copy, tiny_dataset, monkeypatch):
+    # the first attempt of this command refused to start over them; the restart must not resume them either
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    before = contents(run_copy)
+    message = run_main(f"--dataset={tiny_dataset}", f"--out_dir={run_copy}", "--max_iters=3")
+    assert "torchrun restart: " in message and "ckpt_0000002.pt belongs to another run (max_iters is 2 there, 3 here)" in message
+    assert contents(run_copy) == before
+
+
+# ----------------------------------------------------------------------------- bad datasets
+def write_shard(path, tokens, magic=20240520, version=1, dtype="<u2", count=None):
+    """A shard in the llm.c format: 256 int32 header (magic, version, token count), tokens."""
+    header = np.zeros(256, dtype="<i4")
+    header[:3] = magic, version, len(tokens) if count is None else count
+    path.write_bytes(header.tobytes() + np.asarray(tokens).astype(dtype).tobytes())
+
+
+def tokens_of(path):
+    return np.array(prepare.read_shard(path))
+
+
+def truncate(folder):
+    path = folder / "train_000001.bin"
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def bad_magic(folder):
+    path = folder / "train_000001.bin"
+    path.write_bytes((12345).to_bytes(4, "little") + path.read_bytes()[4:])
+
+
+def uint32_header(folder):
+    path = folder / "train_000001.bin"
+    write_shard(path, tokens_of(path), magic=20240801, version=7, dtype="<u4")
+
+
+def fewer_tokens(folder):
+    path = folder / "train_000001.bin"
+    write_shard(path, tokens_of(path)[:-10])  # a consistent shard, but not the one meta.json counted
+
+
+def token_beyond_vocabulary(folder):
+    path = folder / "train_000001.bin"
+    tokens = tokens_of(path)
+    tokens[5] = 600  # the tokenizer has 512 ids
+    write_shard(path, tokens)
+
+
+def missing_shard(folder):
+    (folder / "val_000000.bin").unlink()
+
+
+def meta_cut_short(folder):
+    (folder / "meta.json").write_bytes((folder / "meta.json").read_bytes()[:50])
+
+
+def emptied(folder):
+    for path in folder.iterdir():
+        path.unlink()
+
+
+@pytest.mark.parametrize("damage, message", [
+    (truncate, r"train_000001.bin: the header says \d+ tokens, so \d+ bytes, but the file has \d+ bytes"),
+    (bad_magic, r"train_000001.bin: bad magic number 12345"),
+    (uint32_header, r"train_000001.bin holds uint32 tokens but meta.json says uint16"),
+    (fewer_tokens, r"meta.json says the train split has [\d,]+ tokens, its shards hold [\d,]+"),
+    (token_beyond_vocabulary, r"train_000001.bin holds token id 600, but the tokenizer has only 512 ids"),
+    (missing_shard, r"meta.json lists val_000000.bin, which is missing"),
+    (meta_cut_short, r"meta.json is not valid JSON"),
+    (emptied, r"has no meta.json: it is empty or was not made by prepare.py"),
+])
+def test_a_damaged_dataset_stops_a_resumed_run_before_it_touches_out_dir(damage, message, tiny_dataset, run_copy, tmp_path):
+    dataset = tmp_path / "dataset"
+    shutil.copytree(tiny_dataset, dataset)
+    damage(dataset)
+    before = contents(run_copy)
+    error = run_main(f"--dataset={dataset}", f"--out_dir={run_copy}", "--max_iters=4", "--init_from=resume")
+    assert re.search(message, error), error
+    assert str(dataset) in error and error.startswith("error: ")
+    assert contents(run_copy) == before
+
+
+def test_a_dataset_with_another_bpe_of_the_same_size_is_refused_on_resume(tiny_dataset, run_copy, tmp_path):
+    # as if prepared again from other text: same kind, size and end-of-text id, other merges
+    dataset = tmp_path / "dataset"
+    shutil.copytree(tiny_dataset, dataset)
+    lines = (dataset / "tokenizer.tiktoken").read_text().splitlines()
+    (first, first_rank), (second, second_rank) = lines[256].split(), lines[257].split()
+    lines[256:258] = [f"{second} {first_rank}", f"{first} {second_rank}"]
+    (dataset / "tokenizer.tiktoken").write_text("\n".join(lines) + "\n")
+    meta = json.loads((dataset / "meta.json").read_text())
+    trained_with = meta["tokenizer"]["sha256"]
+    meta["tokenizer"]["sha256"] = hashlib.sha256((dataset / "tokenizer.tiktoken").read_bytes()).hexdigest()
+    (dataset / "meta.json").write_text(json.dumps(meta))
+    before = contents(run_copy)
+    error = run_main(f"--dataset={dataset}", f"--out_dir={run_copy}", "--max_iters=4", "--init_from=resume")
+    assert "ckpt_0000002.pt was trained with a different tokenizer than" in error and str(dataset) in error
+    assert f"sha256 is '{trained_with}' there and '{meta['tokenizer']['sha256']}' here" in error
+    assert contents(run_copy) == before
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--n_layer=3", "has n_layer=2 but the config says n_layer=3"),
+    ("--block_size=16", "has block_size=32 but the config says block_size=16"),
+    ("--bias=True", "has bias=False but the config says bias=True"),
+])
+def test_resuming_with_another_architecture_names_the_field_and_both_values(flag, message, tiny_dataset, run_copy):
+    before = contents(run_copy)
+    error = run_main(f"--dataset={tiny_dataset}", f"--out_dir={run_copy}", "--max_iters=4", "--init_from=resume", flag)
+    assert f"{run_copy / 'ckpt_0000002.pt'} {message}" in error
+    assert contents(run_copy) == before
+
+
+# ----------------------------------------------------------------------------- out_dir and disks
+@pytest.fixture
+def small_disk(tmp_path):
+    """mount_disk(size) mounts a tmpfs of that size at tmp_path/disk: a real file system
+    that fills up or turns read-only (root can write to any folder, so chmod proves nothing)."""
+    mounted = []
+
+    def mount_disk(size):
+        disk = tmp_path / "disk"
+        disk.mkdir()
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.strip()}")
+        mounted.append(disk)
+        return disk
+
+    yield mount_disk
+    for disk in mounted:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_an_out_dir_that_is_a_file_is_refused_before_training(tiny_dataset, tmp_path):
+    notes = tmp_path / "notes"
+    notes.write_text("not a folder")
+    error = run_main(f"--dataset={tiny_dataset}", f"--out_dir={notes}", "--max_iters=2")
+    assert error == f"error: out_dir {notes} is a file, not a folder: choose another out_dir"
+    assert notes.read_text() == "not a folder"
+
+
+def test_a_read_only_out_dir_is_refused_before_training_and_left_as_it_was(small_disk, saved_run, tiny_dataset):
+    disk = small_disk("8m")
+    shutil.copytree(saved_run, disk / "out")
+    before = contents(disk / "out")
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    error = run_main(f"--dataset={tiny_dataset}", f"--out_dir={disk / 'out'}", "--max_iters=4", "--init_from=resume")
+    assert error == f"error: out_dir {disk / 'out'} is not writable: Read-only file system"
+    assert contents(disk / "out") == before
+
+
+def test_a_disk_too_small_for_the_checkpoints_is_refused_before_training(small_disk, tiny_dataset):
+    disk = small_disk("1m")
+    error = run_main(f"--dataset={tiny_dataset}", f"--out_dir={disk / 'out'}", "--max_iters=2")
+    # 4 checkpoints of ~0.5 MB: keep_last=2, best.pt and the one being written
+    assert re.fullmatch(r"error: \S+/out has 1.0 MB free, but its checkpoints will need 2.0 MB more \(4 of ~0.5 MB: "
+                        r"keep_last=2, best.pt and the one being written\): make room, lower keep_last, or choose "
+                        r"another out_dir", error), error
+    assert not (disk / "out" / "metrics.jsonl").exists()
+
+
+def test_a_disk_that_fills_while_saving_stops_the_run_and_the_previous_checkpoint_survives(small_disk, tiny_dataset, tmp_path):
+    disk = small_disk("4m")
+    out_dir, log = disk / "out", tmp_path / "train.log"
+    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *RUN_FLAGS, f"--dataset={tiny_dataset}",
+                                f"--out_dir={out_dir}", "--eval_interval=3", "--max_iters=100000"],
+                               stdout=open(log, "w"), stderr=subprocess.STDOUT, env=ONE_THREAD)
+    try:
+        wait_until(lambda: (out_dir / "checkpoints.json").exists() and trained_iterations(out_dir) >= 4)
+        process.send_signal(signal.SIGSTOP)
+        # another program takes the disk, all but 100 kB: room for log lines, not for a checkpoint
+        (disk / "filler").write_bytes(bytes(shutil.disk_usage(disk).free - 100_000))
+        process.send_signal(signal.SIGCONT)
+        assert process.wait(timeout=60) == 1
+    finally:
+        process.kill()
+    text = log.read_text()
+    assert "error: saving iteration 6 into" in text and ("failed: No space left on device. The checkpoints recorded "
+                                                         "in checkpoints.json are intact") in text
+    assert "Traceback" not in text
+    path, checkpoint = train.newest_valid_checkpoint(out_dir)  # its size and sha256 as recorded
+    assert path.name == "ckpt_0000003.pt" and checkpoint["iter_num"] == 3
+    assert not list(out_dir.glob(".*.tmp"))  # the half-written checkpoint is gone
+    assert [line["iter"] for line in train_lines(out_dir)] == list(range(1, 7))
