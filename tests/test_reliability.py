@@ -4,6 +4,7 @@ and mismatched datasets, mismatched checkpoints, pickles that carry code, and do
 that try to leave the dataset folder. Every case must end in a clear message naming the
 file, key or value, a non-zero exit, and nothing already written damaged."""
 import hashlib
+import http.server
 import json
 import os
 import re
@@ -12,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -19,7 +21,9 @@ import pytest
 import torch
 
 import prepare
+import sample
 import train
+from conftest import make_text
 from test_resume import trained_iterations, wait_until
 from test_train import ONE_THREAD, ROOT, TINY_MODEL, read_metrics, train_lines
 
@@ -322,3 +326,104 @@ def test_a_disk_that_fills_while_saving_stops_the_run_and_the_previous_checkpoin
     assert path.name == "ckpt_0000003.pt" and checkpoint["iter_num"] == 3
     assert not list(out_dir.glob(".*.tmp"))  # the half-written checkpoint is gone
     assert [line["iter"] for line in train_lines(out_dir)] == list(range(1, 7))
+
+
+# ----------------------------------------------------------------------------- security
+class CodePayload:
+    """Unpickled, this runs os.mkdir(marker): what a malicious checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+REFUSED = (r"does not load as a checkpoint: it holds a Python object \((posix|nt)\.mkdir\), and loading one can run "
+           r"any code, so it is refused")
+
+
+def test_a_checkpoint_carrying_code_is_refused_by_init_from(tiny_dataset, tmp_path):
+    marker = tmp_path / "code_ran"
+    torch.save({"model": CodePayload(marker)}, tmp_path / "payload.pt")
+    error = run_main(f"--dataset={tiny_dataset}", f"--out_dir={tmp_path / 'out'}", f"--init_from={tmp_path / 'payload.pt'}")
+    assert re.search(str(tmp_path / "payload.pt") + " " + REFUSED, error), error
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_a_recorded_checkpoint_replaced_by_code_is_refused_and_resume_takes_the_one_before(tiny_dataset, run_copy, tmp_path, capsys):
+    # the file and its record in checkpoints.json both replaced, so size and sha256 agree: only weights_only stops it
+    marker = tmp_path / "code_ran"
+    newest = run_copy / "ckpt_0000002.pt"
+    newest.unlink()  # ckpt.pt and best.pt are hard links to it: they keep the real checkpoint
+    torch.save({"model": CodePayload(marker)}, newest)
+    manifest = json.loads((run_copy / "checkpoints.json").read_text())
+    manifest["checkpoints"][-1].update(bytes=newest.stat().st_size, sha256=hashlib.sha256(newest.read_bytes()).hexdigest())
+    (run_copy / "checkpoints.json").write_text(json.dumps(manifest))
+    assert run_main(f"--dataset={tiny_dataset}", f"--out_dir={run_copy}", "--max_iters=2", "--init_from=resume") is None
+    output = capsys.readouterr()
+    assert re.search(f"warning: skipping damaged checkpoint {newest}: {newest} {REFUSED}", output.err), output.err
+    assert f"resuming from {run_copy / 'ckpt_0000001.pt'} at iteration 1, exactly" in output.out
+    assert not marker.exists()
+    assert torch.load(run_copy / "ckpt_0000002.pt", weights_only=True)["iter_num"] == 2  # iteration 2 again, for real
+
+
+def test_sample_refuses_a_checkpoint_carrying_code(tmp_path, capsys):
+    marker = tmp_path / "code_ran"
+    torch.save({"model": CodePayload(marker)}, tmp_path / "best.pt")
+    assert sample.main([f"--out_dir={tmp_path}", "--device=cpu"]) == 1
+    assert re.search(str(tmp_path / "best.pt") + " " + REFUSED, capsys.readouterr().err)
+    assert not marker.exists()
+
+
+class HostileServer(http.server.BaseHTTPRequestHandler):
+    """Redirects and file names chosen to leave the dataset folder, and a redirect to file://."""
+    requested = []
+
+    def do_GET(self):
+        self.requested.append(self.path)
+        if self.path == "/local":
+            self.redirect("file:///etc/passwd")
+        elif self.path == "/book.txt":
+            self.redirect("/..%2F..%2Fescape.txt")
+        else:
+            body = make_text(len(self.path)).encode()
+            self.send_response(200)
+            self.send_header("Content-Disposition", f'attachment; filename="{self.server.escape_to}"')
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    def redirect(self, location):
+        self.send_response(302)
+        self.send_header("Location", location)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def hostile_server(tmp_path):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HostileServer)
+    server.escape_to = str(tmp_path / "escaped.txt")  # an absolute name, outside the dataset folder
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_downloads_stay_in_the_dataset_folder_whatever_names_the_server_sends(hostile_server, tmp_path):
+    urls = [f"{hostile_server}/book.txt", f"{hostile_server}/second.txt"]
+    prepare.main(["--source=url", f"--url={','.join(urls)}", "--tokenizer=byte", f"--out_dir={tmp_path / 'data'}"])
+    assert "/..%2F..%2Fescape.txt" in HostileServer.requested  # the redirect was followed
+    downloads = tmp_path / "data" / "downloads"
+    assert sorted(path.name for path in downloads.iterdir()) == sorted(prepare.download_name(url) for url in urls)
+    assert [path.name for path in tmp_path.iterdir()] == ["data"]  # nothing beside it, no escaped.txt
+
+
+def test_a_download_redirected_to_a_local_file_is_refused(hostile_server, tmp_path):
+    url = f"{hostile_server}/local"
+    with pytest.raises(prepare.PrepareError, match=f"download failed: {url} redirected to a URL that is not http"):
+        prepare.main(["--source=url", f"--url={url}", "--tokenizer=byte", f"--out_dir={tmp_path / 'data'}"])
+    assert not (tmp_path / "data").exists()
