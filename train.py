@@ -910,7 +910,8 @@ def check_free_space(out_dir, model, keep_last):
     written, each about three times the weights (AdamW keeps two moments per weight); the
     checkpoints already there count as room."""
     checkpoint_bytes = 3 * sum(param.numel() * param.element_size() for param in model.parameters())
-    on_disk = {path.stat().st_ino: path.stat().st_size for path in out_dir.glob("*.pt")}  # hard links once
+    on_disk = {path.stat().st_ino: path.stat().st_size  # by inode: ckpt.pt and best.pt are hard links
+               for path in [*out_dir.glob("ckpt_*.pt"), out_dir / "best.pt"] if path.exists()}
     needed = (keep_last + 2) * checkpoint_bytes - sum(on_disk.values())
     free = shutil.disk_usage(out_dir).free
     if free < needed:
