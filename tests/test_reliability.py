@@ -77,7 +77,7 @@ def test_a_rank_killed_mid_run_makes_torchrun_restart_the_group_which_resumes_fr
         # SIGSTOP first: rank 0 then waits for rank 1 at the next all-reduce, so the record
         # read below is the whole record of the first attempt; then the crash itself
         os.kill(rank_1, signal.SIGSTOP)
-        time.sleep(1)
+        time.sleep(0.5)
         before_crash = lines_so_far(out_dir)
         checkpoint_iter = json.loads((out_dir / "checkpoints.json").read_text())["checkpoints"][-1]["iter"]
         os.kill(rank_1, signal.SIGKILL)
@@ -427,3 +427,30 @@ def test_a_download_redirected_to_a_local_file_is_refused(hostile_server, tmp_pa
     with pytest.raises(prepare.PrepareError, match=f"download failed: {url} redirected to a URL that is not http"):
         prepare.main(["--source=url", f"--url={url}", "--tokenizer=byte", f"--out_dir={tmp_path / 'data'}"])
     assert not (tmp_path / "data").exists()
+
+
+def remove_records(out_dir):
+    for path in out_dir.iterdir():
+        path.unlink()
+
+
+def damage_every_checkpoint(out_dir):
+    for path in out_dir.glob("ckpt_*.pt"):
+        path.write_bytes(path.read_bytes()[:1000])  # ckpt.pt and best.pt are the same files
+
+
+def cut_the_record(out_dir):
+    (out_dir / "checkpoints.json").write_text('{"checkpoints": [')
+
+
+@pytest.mark.parametrize("damage, message", [
+    (remove_records, r"init_from=resume: \S+ holds no recorded checkpoint \(checkpoints.json\)"),
+    (damage_every_checkpoint, r"no valid checkpoint in \S+: all 2 recorded ones are damaged"),
+    (cut_the_record, r"checkpoints.json is not a checkpoint record written by train.py"),
+])
+def test_resume_without_a_usable_checkpoint_says_what_is_wrong(damage, message, tiny_dataset, run_copy):
+    damage(run_copy)
+    before = contents(run_copy)
+    error = run_main(f"--dataset={tiny_dataset}", f"--out_dir={run_copy}", "--max_iters=4", "--init_from=resume")
+    assert re.search(message, error) and str(run_copy) in error, error
+    assert contents(run_copy) == before
