@@ -63,7 +63,8 @@ def lines_so_far(out_dir):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds torchrun's worker processes in /proc")
 def test_a_rank_killed_mid_run_makes_torchrun_restart_the_group_which_resumes_from_its_last_checkpoint(tiny_dataset, tmp_path):
-    # a static rendezvous on a free port: torchrun's agent stays up and restarts its two workers
+    # a static rendezvous on a free port (--standalone's c10d one has a known restart problem on
+    # CPU): torchrun's agent stays up and restarts both workers when one dies
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--node-rank=0", "--nproc-per-node=2",
                 "--max-restarts=1", "--master-addr=127.0.0.1", f"--master-port={free_port()}"]
     flags = [*TINY_MODEL, f"--dataset={tiny_dataset}", "--out_dir=out", "--gradient_accumulation_steps=2",
@@ -74,6 +75,7 @@ def test_a_rank_killed_mid_run_makes_torchrun_restart_the_group_which_resumes_fr
     try:
         wait_until(lambda: (out_dir / "metrics.jsonl").exists() and trained_iterations(out_dir) >= 6, timeout=120)
         rank_1 = worker_pid(group.pid, rank=1)
+        assert rank_1, "no process of rank 1 among torchrun's children"
         # SIGSTOP first: rank 0 then waits for rank 1 at the next all-reduce, so the record
         # read below is the whole record of the first attempt; then the crash itself
         os.kill(rank_1, signal.SIGSTOP)
@@ -150,10 +152,10 @@ def test_a_restart_over_another_runs_checkpoints_is_refused_naming_the_differenc
 
 
 # ----------------------------------------------------------------------------- bad datasets
-def write_shard(path, tokens, magic=20240520, version=1, dtype="<u2", count=None):
+def write_shard(path, tokens, magic=20240520, version=1, dtype="<u2"):
     """A shard in the llm.c format: 256 int32 header (magic, version, token count), tokens."""
     header = np.zeros(256, dtype="<i4")
-    header[:3] = magic, version, len(tokens) if count is None else count
+    header[:3] = magic, version, len(tokens)
     path.write_bytes(header.tobytes() + np.asarray(tokens).astype(dtype).tobytes())
 
 
@@ -319,13 +321,13 @@ def test_a_disk_that_fills_while_saving_stops_the_run_and_the_previous_checkpoin
     finally:
         process.kill()
     text = log.read_text()
-    assert "error: saving iteration 6 into" in text and ("failed: No space left on device. The checkpoints recorded "
-                                                         "in checkpoints.json are intact") in text
+    failed_at = int(re.search(r"error: saving iteration (\d+) into \S+ failed: No space left on device\. The "
+                              r"checkpoints recorded in checkpoints.json are intact", text)[1])
     assert "Traceback" not in text
-    path, checkpoint = train.newest_valid_checkpoint(out_dir)  # its size and sha256 as recorded
-    assert path.name == "ckpt_0000003.pt" and checkpoint["iter_num"] == 3
+    path, checkpoint = train.newest_valid_checkpoint(out_dir)  # size and sha256 as recorded
+    assert checkpoint["iter_num"] == failed_at - 3 and path.name == f"ckpt_{failed_at - 3:07d}.pt"
     assert not list(out_dir.glob(".*.tmp"))  # the half-written checkpoint is gone
-    assert [line["iter"] for line in train_lines(out_dir)] == list(range(1, 7))
+    assert [line["iter"] for line in train_lines(out_dir)] == list(range(1, failed_at + 1))
 
 
 # ----------------------------------------------------------------------------- security
