@@ -254,18 +254,26 @@ class GPT(nn.Module):
         generation ends once every row has. Put the model in eval() mode first.
 
         With use_cache the prompt is read once and each step reads just the new token.
-        Positions are learned and absolute, so once the context outgrows block_size the
-        window slides, every token's position changes and the cache is refilled from the
-        last block_size tokens (a full forward per step from then on, as without a cache).
-        use_cache=False recomputes the whole context each step: the reference the cache is
-        tested against. Both paths sample through the same calls, so they agree exactly
-        whenever their logits do.
+        Positions are learned and absolute, so the cache cannot slide one token at a time.
+        Once the context outgrows block_size, generation turns the page like a reader: it
+        keeps the last block_size - block_size // 2 tokens, refills the cache from them
+        once, and goes on one token per step for the next block_size // 2 steps. The price:
+        each token past block_size sees from half a window to a full one of context.
+        use_cache=False recomputes the same windows in full at every step: the reference
+        the cache is tested against. Both paths sample through the same calls, so they
+        agree exactly whenever their logits do.
         """
         check_sampling_options(temperature, top_k, top_p)
         kv_cache = KVCache(self.config) if use_cache else None
         finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        tokens_kept_on_a_new_page = self.config.block_size - self.config.block_size // 2
+        window_start = 0  # index in idx of the first token the model sees
         for _ in range(max_new_tokens):
-            logits = self._next_token_logits(idx, kv_cache)
+            if idx.size(1) - window_start > self.config.block_size:
+                window_start = idx.size(1) - tokens_kept_on_a_new_page
+                if kv_cache is not None:
+                    kv_cache.clear()
+            logits = self._next_token_logits(idx[:, window_start:], kv_cache)
             token = sample_next_token(logits, temperature, top_k, top_p, generator)
             if stop_token is not None:
                 token = torch.where(finished, stop_token, token)
@@ -275,15 +283,10 @@ class GPT(nn.Module):
             if stop_token is not None and bool(finished.all()):
                 return
 
-    def _next_token_logits(self, idx, kv_cache):
-        """Logits (B, vocab_size) for the token after idx, read from the last block_size tokens."""
-        context = idx[:, -self.config.block_size:]
-        if kv_cache is None:
-            new_tokens = context
-        else:
-            if idx.size(1) > self.config.block_size:
-                kv_cache.clear()  # the window slid: refill it
-            new_tokens = context[:, kv_cache.length:]
+    def _next_token_logits(self, window, kv_cache):
+        """Logits (B, vocab_size) for the token after window (B, T <= block_size); with a
+        cache, only the tokens of window it does not hold yet are read."""
+        new_tokens = window if kv_cache is None else window[:, kv_cache.length:]
         return self.head(self.hidden_states(new_tokens, kv_cache)[:, -1])
 
 

@@ -102,12 +102,40 @@ def test_kv_cache_generation_equals_recomputing_the_whole_context(options):
     # differ in the last bits; in float64 that is ~1e-16, far too little to flip a choice.
     model = opinionated_model()
     prompt = torch.randint(0, 300, (3, 5))
-    # 40 new tokens run well past block_size (16): the window slides and the cache refills
+    # 40 new tokens run well past block_size (16): the page turns four times
     cached = generate_all(model, prompt, use_cache=True, max_new_tokens=40, **options)
     recomputed = generate_all(model, prompt, use_cache=False, max_new_tokens=40, **options)
     assert cached.shape == (3, 40)
     assert torch.equal(cached, recomputed)
     assert len(cached.unique()) > 10  # varied contexts, not one token repeated
+
+
+def test_past_block_size_the_cache_is_refilled_once_every_half_window():
+    model = opinionated_model()
+    tokens_read_per_forward = []
+    model.transformer.wte.register_forward_hook(
+        lambda module, inputs, output: tokens_read_per_forward.append(inputs[0].size(1)))
+    prompt = torch.randint(0, 300, (2, 5))
+    generate_all(model, prompt, use_cache=True, max_new_tokens=40, temperature=0.0)
+    # the prompt (5) is read, the window grows to block_size (16); at 17 tokens the page
+    # turns and the last 8 are read again, then 8 single steps fill it up, and so on
+    refills = [n for n in tokens_read_per_forward if n > 1]
+    assert refills == [5, 8, 8, 8, 8]
+    assert len(tokens_read_per_forward) == 40  # the other 35 steps read one token each
+
+
+def test_each_token_past_block_size_sees_the_window_after_the_last_page_turn():
+    model = opinionated_model()
+    prompt = torch.randint(0, 300, (1, 5))
+    generated = generate_all(model, prompt, use_cache=True, max_new_tokens=30, temperature=0.0)
+    context = torch.cat([prompt, generated], dim=1)
+    window_start = 0
+    for step in range(30):
+        length = 5 + step  # tokens before this one
+        if length - window_start > 16:
+            window_start = length - 8
+        logits, _ = model(context[:, window_start:length])
+        assert int(logits[0, -1].argmax()) == int(generated[0, step]), step
 
 
 def test_seeded_generation_is_repeatable_and_depends_on_the_seed():
