@@ -113,11 +113,14 @@ def run_main(*flags):
     """train.main in this process (torch is already imported here): the message it exits
     with (sys.exit prints it and exits with status 1), or None when it finishes."""
     handlers = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as ONE_THREAD does for subprocesses: a second thread stalls on shared cores
     try:
         train.main([*RUN_FLAGS, *flags])
     except SystemExit as stop:
         return stop.code
     finally:
+        torch.set_num_threads(threads)
         for number, handler in handlers.items():  # train.py installs its own
             signal.signal(number, handler)
     return None
