@@ -251,7 +251,7 @@ def test_a_dataset_with_another_bpe_of_the_same_size_is_refused_on_resume(tiny_d
     ("--block_size=16", "has block_size=32 but the config says block_size=16"),
     ("--bias=True", "has bias=False but the config says bias=True"),
 ])
-def test_resuming_with_another_architecture_names_the_field_and_both_values(flag, message, tiny_dataset, run_copy):
+def test_resume_with_another_architecture_stops_naming_the_field_and_both_values_before_touching_out_dir(flag, message, tiny_dataset, run_copy):
     before = contents(run_copy)
     error = run_main(f"--dataset={tiny_dataset}", f"--out_dir={run_copy}", "--max_iters=4", "--init_from=resume", flag)
     assert f"{run_copy / 'ckpt_0000002.pt'} {message}" in error
