@@ -42,3 +42,32 @@ def tiny_dataset(tmp_path_factory):
         capture_output=True, text=True, cwd=corpus)
     assert result.returncode == 0, f"prepare.py failed:\n{result.stderr}"
     return folder
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Models this small gain nothing from a second thread, which stalls whenever another
+    process shares the cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def send_body(handler, body, broken=False):
+    """Answer a GET with body, honouring an open-ended Range header (bytes=N-) with a 206;
+    broken=True sends only half of what was asked and drops the connection."""
+    asked = handler.headers["Range"]
+    start = int(asked.removeprefix("bytes=").rstrip("-")) if asked else 0
+    handler.send_response(206 if start else 200)
+    if start:
+        handler.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+    handler.send_header("Content-Length", str(len(body) - start))
+    handler.end_headers()
+    if broken:
+        handler.wfile.write(body[start:start + (len(body) - start) // 2])
+        handler.close_connection = True
+    else:
+        handler.wfile.write(body[start:])

@@ -16,6 +16,7 @@ import pytest
 
 import prepare
 import webfilters
+from conftest import send_body
 from test_prepare import bin_files, documents_in, run_prepare
 
 GOOD = [
@@ -313,17 +314,7 @@ class FakeCrawl(http.server.BaseHTTPRequestHandler):
             self.send_error(behaviour if isinstance(behaviour, int) else 404)
             return
         body = self.files[path]
-        start = int(self.headers["Range"].removeprefix("bytes=").rstrip("-")) if self.headers["Range"] else 0
-        self.send_response(206 if start else 200)
-        if start:
-            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-        self.send_header("Content-Length", str(len(body) - start))
-        self.end_headers()
-        if behaviour == "broken":
-            self.wfile.write(body[start:start + (len(body) - start) // 2])
-            self.close_connection = True
-        else:
-            self.wfile.write(body[start:])
+        send_body(self, body, broken=behaviour == "broken")
 
     def log_message(self, *args):
         pass

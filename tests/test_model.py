@@ -7,14 +7,7 @@ import torch
 from model import GPT, GPTConfig, padded_vocab_size, peak_flops, peak_flops_of_card, sample_next_token
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Models this small gain nothing from a second thread, which stalls whenever another
-    process shares the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(**overrides):

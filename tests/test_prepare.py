@@ -21,7 +21,7 @@ import pytest
 import tiktoken.load
 
 import prepare
-from conftest import ROOT, make_text
+from conftest import ROOT, make_text, send_body
 
 # Text that a tokenizer must round-trip exactly: emoji (with skin tones and zero-width
 # joiners), flags, CJK, Hangul, Arabic, combining marks, control characters.
@@ -543,17 +543,7 @@ class TextServer(http.server.BaseHTTPRequestHandler):
             self.send_error(behaviour)
             return
         body = self.files[self.path]
-        start = int(self.headers["Range"].removeprefix("bytes=").rstrip("-")) if self.headers["Range"] else 0
-        self.send_response(206 if start else 200)
-        if start:
-            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-        self.send_header("Content-Length", str(len(body) - start))
-        self.end_headers()
-        if behaviour == "broken":
-            self.wfile.write(body[start:start + (len(body) - start) // 2])
-            self.close_connection = True
-        else:
-            self.wfile.write(body[start:])
+        send_body(self, body, broken=behaviour == "broken")
 
     def log_message(self, *args):
         pass

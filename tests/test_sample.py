@@ -16,14 +16,7 @@ SENTENCE = "¡hola señor! 3€ ünd 🙂 ok"  # 1- to 4-byte characters, each b
 BYTE_TOKENIZER = {"kind": "byte", "vocab_size": 257, "eot_id": 256, "file": None, "sha256": None}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Models this small gain nothing from a second thread, which stalls whenever another
-    process shares the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def checkpoint_of(model):
