@@ -11,7 +11,7 @@ import time
 import torch
 
 import train
-from test_train import ONE_THREAD, ROOT, TINY_MODEL, read_metrics, run_train, train_lines
+from test_train import ONE_THREAD, ROOT, TINY_MODEL, read_metrics, run_train, train_here, train_lines  # noqa: F401 (a fixture)
 
 TIMING_KEYS = {"elapsed_s", "ms_per_iter", "tokens_per_s"}
 
@@ -20,14 +20,14 @@ def without_timings(lines):
     return [{key: value for key, value in line.items() if key not in TIMING_KEYS} for line in lines]
 
 
-def test_resume_continues_exactly_as_if_never_stopped(tiny_dataset, tmp_path):
+def test_resume_continues_exactly_as_if_never_stopped(tiny_dataset, tmp_path, train_here):
     # dropout and gradient accumulation: the resumed run must redraw the same batches and masks
     flags = [f"--dataset={tiny_dataset}", "--dropout=0.2", "--gradient_accumulation_steps=2", "--eval_interval=4",
              "--lr_decay_iters=8"]
-    assert run_train(*flags, "--out_dir=whole", "--max_iters=8", cwd=tmp_path).returncode == 0
-    assert run_train(*flags, "--out_dir=halves", "--max_iters=4", cwd=tmp_path).returncode == 0
-    resumed = run_train(*flags, "--out_dir=halves", "--max_iters=8", "--init_from=resume", cwd=tmp_path)
-    assert "resuming from halves/ckpt_0000004.pt at iteration 4, exactly" in resumed.stdout
+    assert train_here(*flags, f"--out_dir={tmp_path / 'whole'}", "--max_iters=8").returncode == 0
+    assert train_here(*flags, f"--out_dir={tmp_path / 'halves'}", "--max_iters=4").returncode == 0
+    resumed = train_here(*flags, f"--out_dir={tmp_path / 'halves'}", "--max_iters=8", "--init_from=resume")
+    assert f"resuming from {tmp_path / 'halves' / 'ckpt_0000004.pt'} at iteration 4, exactly" in resumed.stdout
 
     whole, halves = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "halves")
     assert [line["iter"] for line in halves] == [0, 1, 2, 3, 4, 4, 5, 6, 7, 8, 8]  # train and eval lines

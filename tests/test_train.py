@@ -6,6 +6,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,28 @@ def run_train(*flags, cwd, timeout=120):
     """python train.py with the tiny model and these flags; the finished process."""
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY_MODEL, *flags], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout, env=ONE_THREAD)
+
+
+@pytest.fixture
+def train_here(capsys, one_thread):
+    """train.main in this process, as `python train.py` with the tiny model runs it, minus the
+    seconds of starting Python and torch. Returns (exit status, stdout, stderr). The SIGTERM
+    and SIGINT handlers train.py installs are put back afterwards."""
+
+    def run(*flags):
+        handlers = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            train.main([*TINY_MODEL, *flags])
+            status, message = 0, ""
+        except SystemExit as exit:  # sys.exit("error: ...") prints the message and exits with 1
+            status, message = (1, exit.code) if isinstance(exit.code, str) else (exit.code, "")
+        finally:
+            for number, handler in handlers.items():
+                signal.signal(number, handler)
+        output = capsys.readouterr()
+        return SimpleNamespace(returncode=status, stdout=output.out, stderr=output.err + message)
+
+    return run
 
 
 def read_metrics(out_dir):
@@ -97,8 +120,8 @@ def test_wandb_log_without_wandb_installed_is_a_clear_error(tmp_path):
         train.RunLog(cfg, runtime, resumed_at=None)
 
 
-def test_a_config_error_exits_nonzero_with_the_message(tmp_path):
-    finished = run_train("--dropuot=0.1", cwd=tmp_path)
+def test_a_config_error_exits_nonzero_with_the_message(train_here):
+    finished = train_here("--dropuot=0.1")
     assert finished.returncode != 0
     assert "did you mean 'dropout'" in finished.stderr
     assert "Traceback" not in finished.stderr
@@ -235,32 +258,34 @@ def test_a_damaged_newest_checkpoint_is_reported_and_the_previous_one_used(train
     assert "skipping damaged checkpoint" in capsys.readouterr().err
 
 
-def test_resume_after_a_damaged_checkpoint_continues_from_the_previous_without_repeating(trained_run, tiny_dataset, tmp_path):
-    shutil.copytree(trained_run[0], tmp_path / "out")
-    newest = tmp_path / "out" / "ckpt_0000030.pt"
+def test_resume_after_a_damaged_checkpoint_continues_from_the_previous_without_repeating(
+        trained_run, tiny_dataset, tmp_path, train_here):
+    out_dir = tmp_path / "out"
+    shutil.copytree(trained_run[0], out_dir)
+    newest = out_dir / "ckpt_0000030.pt"
     newest.write_bytes(newest.read_bytes()[:-100])
-    finished = run_train(f"--dataset={tiny_dataset}", "--out_dir=out", "--max_iters=34", "--eval_interval=10",
-                         "--dropout=0.1", "--init_from=resume", cwd=tmp_path)
+    finished = train_here(f"--dataset={tiny_dataset}", f"--out_dir={out_dir}", "--max_iters=34", "--eval_interval=10",
+                          "--dropout=0.1", "--init_from=resume")
     assert finished.returncode == 0, finished.stderr
     assert "skipping damaged checkpoint" in finished.stderr
-    assert "resuming from out/ckpt_0000020.pt at iteration 20" in finished.stdout
-    assert [line["iter"] for line in train_lines(tmp_path / "out")] == list(range(1, 35))
-    assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["iter_num"] == 34
+    assert f"resuming from {out_dir / 'ckpt_0000020.pt'} at iteration 20" in finished.stdout
+    assert [line["iter"] for line in train_lines(out_dir)] == list(range(1, 35))
+    assert torch.load(out_dir / "ckpt.pt", weights_only=True)["iter_num"] == 34
 
 
-def test_eval_only_evaluates_a_checkpoint_and_writes_nothing(trained_run, tiny_dataset, tmp_path):
+def test_eval_only_evaluates_a_checkpoint_and_writes_nothing(trained_run, tiny_dataset, train_here):
     before = {path.name: path.stat().st_mtime_ns for path in trained_run[0].iterdir()}
-    finished = run_train(f"--dataset={tiny_dataset}", f"--init_from={trained_run[0] / 'best.pt'}", "--eval_only=True",
-                         f"--out_dir={trained_run[0]}", cwd=tmp_path)
+    finished = train_here(f"--dataset={tiny_dataset}", f"--init_from={trained_run[0] / 'best.pt'}", "--eval_only=True",
+                          f"--out_dir={trained_run[0]}")
     assert finished.returncode == 0, finished.stderr
     val_loss = float(finished.stdout.split("val loss ")[1].split()[0])
     assert val_loss == pytest.approx(min(line["val_loss"] for line in eval_lines(trained_run[0])), abs=1e-3)
     assert {path.name: path.stat().st_mtime_ns for path in trained_run[0].iterdir()} == before
 
 
-def test_init_from_a_checkpoint_file_starts_a_new_run_from_its_weights(trained_run, tiny_dataset, tmp_path):
-    finished = run_train(f"--dataset={tiny_dataset}", f"--init_from={trained_run[0] / 'best.pt'}", "--out_dir=tuned",
-                         "--max_iters=2", "--eval_interval=2", "--learning_rate=1e-4", cwd=tmp_path)
+def test_init_from_a_checkpoint_file_starts_a_new_run_from_its_weights(trained_run, tiny_dataset, tmp_path, train_here):
+    finished = train_here(f"--dataset={tiny_dataset}", f"--init_from={trained_run[0] / 'best.pt'}",
+                          f"--out_dir={tmp_path / 'tuned'}", "--max_iters=2", "--eval_interval=2", "--learning_rate=1e-4")
     assert finished.returncode == 0, finished.stderr
     best_val_loss = min(line["val_loss"] for line in eval_lines(trained_run[0]))
     start = eval_lines(tmp_path / "tuned")[0]
@@ -287,18 +312,16 @@ def test_resuming_with_another_architecture_names_the_field_and_both_values(trai
 
 
 # ----------------------------------------------------------------------------- non-finite steps
-@pytest.fixture(scope="module")
-def run_with_a_nan_step(tiny_dataset, tmp_path_factory):
+def train_with_a_nan_step(train_here, dataset, out_dir):
     """Iteration 3's loss is made NaN (inject_nan_at) in a run that saves every iteration."""
-    work = tmp_path_factory.mktemp("nan")
-    finished = run_train(f"--dataset={tiny_dataset}", "--out_dir=out", "--max_iters=5", "--eval_interval=1",
-                         "--keep_last=10", "--inject_nan_at=3", cwd=work)
+    finished = train_here(f"--dataset={dataset}", f"--out_dir={out_dir}", "--max_iters=5", "--eval_interval=1",
+                          "--keep_last=10", "--inject_nan_at=3")
     assert finished.returncode == 0, finished.stderr
-    return work
 
 
-def test_a_non_finite_step_is_skipped_and_counted_leaving_the_optimizer_untouched(run_with_a_nan_step):
-    out_dir = run_with_a_nan_step / "out"
+def test_a_non_finite_step_is_skipped_and_counted_leaving_the_optimizer_untouched(train_here, tiny_dataset, tmp_path):
+    out_dir = tmp_path / "out"
+    train_with_a_nan_step(train_here, tiny_dataset, out_dir)
     lines = {line["iter"]: line for line in train_lines(out_dir)}
     assert lines[3]["skipped"] is True and lines[3]["loss"] is None
     assert not any(lines[i]["skipped"] for i in (1, 2, 4, 5))
@@ -308,13 +331,15 @@ def test_a_non_finite_step_is_skipped_and_counted_leaving_the_optimizer_untouche
     assert not (out_dir / "ckpt_0000003.pt").exists()  # nothing saved while steps are failing
 
 
-def test_repeated_non_finite_steps_stop_the_run_naming_the_iteration_and_save_nothing_new(run_with_a_nan_step, tiny_dataset):
+def test_repeated_non_finite_steps_stop_the_run_naming_the_iteration_and_save_nothing_new(train_here, tiny_dataset, tmp_path):
+    out_dir = tmp_path / "out"
+    train_with_a_nan_step(train_here, tiny_dataset, out_dir)
     # a learning rate of 1e30 is a real divergence: one step sends the weights to ~1e30, then every loss is NaN
-    finished = run_train(f"--dataset={tiny_dataset}", "--out_dir=out", "--max_iters=20", "--eval_interval=1",
-                         "--keep_last=10", "--init_from=resume", "--learning_rate=1e30", "--warmup_iters=0",
-                         "--max_bad_steps=3", cwd=run_with_a_nan_step)
+    finished = train_here(f"--dataset={tiny_dataset}", f"--out_dir={out_dir}", "--max_iters=20", "--eval_interval=1",
+                          "--keep_last=10", "--init_from=resume", "--learning_rate=1e30", "--warmup_iters=0",
+                          "--max_bad_steps=3")
     assert finished.returncode == 1
     assert "stopping at iteration 9: 3 steps in a row had a loss or gradient that is not finite (the first at iteration 7)" in finished.stderr
-    saved = [entry["iter"] for entry in json.loads((run_with_a_nan_step / "out" / "checkpoints.json").read_text())["checkpoints"]]
+    saved = [entry["iter"] for entry in json.loads((out_dir / "checkpoints.json").read_text())["checkpoints"]]
     assert max(saved) == 6
-    assert [line["skipped"] for line in train_lines(run_with_a_nan_step / "out")][-3:] == [True] * 3
+    assert [line["skipped"] for line in train_lines(out_dir)][-3:] == [True] * 3
