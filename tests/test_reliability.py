@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+import dataset
 import prepare
 import sample
 import train
@@ -61,6 +62,39 @@ def lines_so_far(out_dir):
     return lines
 
 
+def cpu_ticks(pid):
+    """User plus system CPU time a process has used, in clock ticks (from /proc)."""
+    fields = open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def blocked(pid, seconds=0.5):
+    """True when the process used no CPU for a while: waiting, not computing."""
+    before = cpu_ticks(pid)
+    time.sleep(seconds)
+    return cpu_ticks(pid) == before
+
+
+def stop_past_a_checkpoint(rank_0, rank_1, out_dir):
+    """Freeze rank 1 (SIGSTOP) at a point where the first attempt has trained past its newest
+    checkpoint, so that the restart must redo iterations. Once rank 1 is frozen, rank 0 runs
+    on to the next collective that needs rank 1 and waits there, using no CPU: from then on
+    the record on disk is the whole record of the first attempt. When the freeze landed just
+    after a checkpoint, let rank 1 go on to the next iteration and freeze it again.
+    Returns (the metrics lines of the first attempt, its newest checkpoint's iteration)."""
+    for _ in range(30):
+        os.kill(rank_1, signal.SIGSTOP)
+        wait_until(lambda: blocked(rank_0), timeout=60)
+        record = lines_so_far(out_dir)
+        checkpoint_iter = json.loads((out_dir / "checkpoints.json").read_text())["checkpoints"][-1]["iter"]
+        done = [line["iter"] for line in record if "loss" in line]
+        if done[-1] > checkpoint_iter:
+            return record, checkpoint_iter
+        os.kill(rank_1, signal.SIGCONT)
+        wait_until(lambda: trained_iterations(out_dir) > done[-1], timeout=60)
+    raise AssertionError("rank 1 was frozen at a checkpoint 30 times in a row")
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds torchrun's worker processes in /proc")
 def test_a_rank_killed_mid_run_makes_torchrun_restart_the_group_which_resumes_from_its_last_checkpoint(tiny_dataset, tmp_path):
     # a static rendezvous on a free port (--standalone's c10d one has a known restart problem on
@@ -74,14 +108,9 @@ def test_a_rank_killed_mid_run_makes_torchrun_restart_the_group_which_resumes_fr
                              stderr=subprocess.STDOUT, env=ONE_THREAD)
     try:
         wait_until(lambda: (out_dir / "metrics.jsonl").exists() and trained_iterations(out_dir) >= 6, timeout=120)
-        rank_1 = worker_pid(group.pid, rank=1)
-        assert rank_1, "no process of rank 1 among torchrun's children"
-        # SIGSTOP first: rank 0 then waits for rank 1 at the next all-reduce, so the record
-        # read below is the whole record of the first attempt; then the crash itself
-        os.kill(rank_1, signal.SIGSTOP)
-        time.sleep(0.5)
-        before_crash = lines_so_far(out_dir)
-        checkpoint_iter = json.loads((out_dir / "checkpoints.json").read_text())["checkpoints"][-1]["iter"]
+        rank_0, rank_1 = worker_pid(group.pid, rank=0), worker_pid(group.pid, rank=1)
+        assert rank_0 and rank_1, "no process of rank 0 or 1 among torchrun's children"
+        before_crash, checkpoint_iter = stop_past_a_checkpoint(rank_0, rank_1, out_dir)
         os.kill(rank_1, signal.SIGKILL)
         assert group.wait(timeout=180) == 0, log.read_text()
     finally:
@@ -163,7 +192,7 @@ def write_shard(path, tokens, magic=20240520, version=1, dtype="<u2"):
 
 
 def tokens_of(path):
-    return np.array(prepare.read_shard(path))
+    return np.array(dataset.read_shard(path))
 
 
 def truncate(folder):
