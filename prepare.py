@@ -32,41 +32,38 @@ there, and a record written with other filter settings is discarded. Local sourc
 cheap to read again, so their runs always start over. The filtered text is deleted once
 the dataset is complete.
 
-train.py and sample.py import the dataset-folder API from here: EOT, load_tokenizer,
-read_shard, read_meta, atomic_write.
+The dataset folder's contract (shards, meta.json, atomic writes) is dataset.py; the BPE
+trainer and the tokenizer loader are tokenizer.py.
 """
-import base64
 import dataclasses
 import difflib
 import glob
 import gzip
 import hashlib
-import heapq
 import itertools
 import json
 import os
 import platform
 import posixpath
 import re
-import secrets
 import shutil
 import sys
 import sysconfig
 import time
-import unicodedata
 import urllib.parse
 import zlib
 from collections import Counter, defaultdict, deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 
 import numpy as np
 import requests
-import tiktoken
 
 import webfilters
+from dataset import META_FORMAT_VERSION, SPLITS, AtomicFile, ShardWriter, atomic_write, fsync_folder
+from flags import UserError
+from tokenizer import TOKENIZERS, count_chunks, gpt2_encoding, load_tokenizer, train_bpe, write_tiktoken_file
 
 
 def _cpu_count():
@@ -114,174 +111,10 @@ FLAGS = {
 WEB_FLAGS = {name: (default, help_text) for name, default, help_text in webfilters.settings_help()}
 SOURCES = ("python", "files", "url", "commoncrawl")
 FILTER_MODES = ("auto", "web", "none")
-TOKENIZERS = ("bpe", "byte", "gpt2")
 
 
-class PrepareError(Exception):
+class PrepareError(UserError):
     """Bad input or settings: the message says what was found and what was expected."""
-
-
-# ----------------------------------------------------------------------------------------
-# The dataset folder: the API that train.py and sample.py import
-
-EOT = "<|endoftext|>"
-META_FORMAT_VERSION = 1
-HEADER_INTS = 256  # llm.c shard header: 256 little-endian int32, [magic, version, tokens, 0...]
-HEADER_BYTES = HEADER_INTS * 4
-SHARD_FORMATS = {  # magic -> (version, token dtype), as llm.c and modded-nanogpt write them
-    20240520: (1, np.dtype("<u2")),
-    20240801: (7, np.dtype("<u4")),
-}
-
-
-class ShardError(ValueError):
-    """A token shard that does not follow the llm.c format (the message names the file)."""
-
-
-class AtomicFile:
-    """A file written under a temporary name in its final folder, then renamed onto its
-    final name once complete: a reader sees the old file or the whole new one, never half."""
-
-    def __init__(self, path):
-        self.path = Path(path)
-        self.temporary = self.path.with_name(f".{self.path.name}.{secrets.token_hex(4)}.tmp")
-        # os.open with mode 0o666 honours the umask (mkstemp would force 0o600)
-        descriptor = os.open(self.temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        self.file = os.fdopen(descriptor, "wb")
-
-    def commit(self):
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        os.replace(self.temporary, self.path)
-        fsync_folder(self.path.parent)
-
-    def discard(self):
-        try:
-            self.file.close()  # raises again if the failure was a flush that close retries
-        finally:
-            self.temporary.unlink(missing_ok=True)
-
-
-def fsync_folder(folder):
-    """Makes a rename inside folder durable (POSIX; Windows cannot open a folder)."""
-    if os.name == "posix":
-        descriptor = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-
-
-def atomic_write(path, write):
-    """Calls write(f) with a binary file that becomes `path` only if write returns."""
-    target = AtomicFile(path)
-    try:
-        write(target.file)
-        target.commit()  # inside: a full disk may only show when the data is flushed
-    except BaseException:
-        target.discard()
-        raise
-
-
-def read_shard(path):
-    """The tokens of an llm.c shard as a read-only memmap (uint16 or uint32)."""
-    path = Path(path)
-    size = path.stat().st_size
-    if size < HEADER_BYTES:
-        raise ShardError(f"{path}: {size} bytes is too short for the {HEADER_BYTES}-byte shard header")
-    magic, version, token_count = (int(value) for value in np.fromfile(path, dtype="<i4", count=3))
-    if magic not in SHARD_FORMATS:
-        raise ShardError(f"{path}: bad magic number {magic}, expected 20240520 (uint16 tokens) "
-                         f"or 20240801 (uint32 tokens): not a token shard")
-    expected_version, dtype = SHARD_FORMATS[magic]
-    if version != expected_version:
-        raise ShardError(f"{path}: magic {magic} needs version {expected_version}, found {version}")
-    expected_size = HEADER_BYTES + token_count * dtype.itemsize
-    if size != expected_size:
-        raise ShardError(f"{path}: the header says {token_count} tokens, so {expected_size} bytes, "
-                         f"but the file has {size} bytes (truncated or corrupted)")
-    if token_count == 0:  # mmap cannot map zero bytes
-        return np.zeros(0, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(token_count,))
-
-
-def read_meta(folder):
-    """meta.json of a dataset folder, parsed."""
-    path = Path(folder) / "meta.json"
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} not found: is {folder} a dataset folder written by "
-                                f"prepare.py?") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from None
-
-
-def load_tokenizer(folder, tokenizer_info=None):
-    """The tiktoken.Encoding described by tokenizer_info (meta.json's "tokenizer" entry,
-    read from folder/meta.json when None); a trained BPE's file is read from folder."""
-    info = tokenizer_info if tokenizer_info is not None else read_meta(folder)["tokenizer"]
-    kind = info["kind"]
-    if kind == "bpe":
-        encoder = _encoding("owngpt-bpe", read_tiktoken_file(Path(folder) / info["file"], info["sha256"]))
-    elif kind == "byte":
-        encoder = _encoding("owngpt-byte", [bytes([value]) for value in range(256)])
-    elif kind == "gpt2":
-        encoder = _gpt2_encoding()
-    else:
-        raise ValueError(f"{folder}: unknown tokenizer kind {kind!r}, expected one of {TOKENIZERS}")
-    if (encoder.n_vocab, encoder.eot_token) != (info["vocab_size"], info["eot_id"]):
-        raise ValueError(f"{folder}: the {kind} tokenizer has {encoder.n_vocab} tokens and end-of-text "
-                         f"id {encoder.eot_token}, but its description says {info['vocab_size']} "
-                         f"and {info['eot_id']}")
-    return encoder
-
-
-def _encoding(name, vocabulary):
-    """tiktoken encoding: the tokens in rank order, then the end-of-text special token."""
-    return tiktoken.Encoding(
-        f"{name}-{len(vocabulary) + 1}", pat_str=SPLIT_PATTERN,
-        mergeable_ranks={token: rank for rank, token in enumerate(vocabulary)},
-        special_tokens={EOT: len(vocabulary)})
-
-
-def _gpt2_encoding():
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except OSError as error:  # requests' errors are OSErrors
-        raise ConnectionError(
-            f"the gpt2 tokenizer needs the network the first time (tiktoken downloads its files "
-            f"and caches them), and the download failed: {error}. Offline, use --tokenizer=bpe "
-            f"or --tokenizer=byte.") from None
-
-
-def read_tiktoken_file(path, sha256):
-    """The token byte strings of a tokenizer.tiktoken file (`base64(token) rank` per line),
-    checked against the sha256 recorded when it was written."""
-    data = Path(path).read_bytes()
-    actual = hashlib.sha256(data).hexdigest()
-    if actual != sha256:
-        raise ValueError(f"{path}: sha256 is {actual} but the dataset recorded {sha256}: the "
-                         f"tokenizer file was changed or belongs to another dataset")
-    vocabulary = []
-    for number, line in enumerate(data.splitlines(), start=1):
-        try:
-            token, rank = line.split()
-            vocabulary.append(base64.b64decode(token, validate=True))
-            valid = int(rank) == number - 1
-        except ValueError:
-            valid = False
-        if not valid:
-            raise ValueError(f"{path}:{number}: expected 'base64-token {number - 1}', found {line[:60]!r}")
-    return vocabulary
-
-
-def write_tiktoken_file(path, vocabulary):
-    """Writes tiktoken's own format, so tiktoken.load.load_tiktoken_bpe reads it too."""
-    lines = b"".join(base64.b64encode(token) + b" %d\n" % rank for rank, token in enumerate(vocabulary))
-    atomic_write(path, lambda f: f.write(lines))
-    return hashlib.sha256(lines).hexdigest()
 
 
 # ----------------------------------------------------------------------------------------
@@ -1167,147 +1000,7 @@ def check_kept(tally):
 
 
 # ----------------------------------------------------------------------------------------
-# Tokenizer: byte-level BPE trained on the train documents
-
-# GPT-4's split pattern (tiktoken's cl100k_base). Text is cut into chunks (a word with its
-# leading space, up to 3 digits, a run of punctuation, whitespace) and BPE never merges
-# across chunks, so no token spans the end of one word and the start of the next.
-SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+|"""
-                 r""" ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
-# Unicode's White_Space property: \s in tiktoken's regex engine (Python's \s adds \x1c-\x1f)
-WHITE_SPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200b))) + \
-              "\u2028\u2029\u202f\u205f\u3000"
-
-
-@cache
-def python_split_regex():
-    """SPLIT_PATTERN for Python's re, which has no \\p{L} (letters) or \\p{N} (numbers).
-
-    tiktoken runs SPLIT_PATTERN in Rust when encoding; the trainer runs this translation,
-    whose classes are built from unicodedata, so both cut text into the same chunks
-    (except for characters newer than this Python's Unicode database)."""
-    kinds = "".join(map(_char_kind, map(chr, range(sys.maxunicode + 1))))
-    translations = {r"[^\r\n\p{L}\p{N}]": "SO", r"[^\s\p{L}\p{N}]": "O", r"\p{L}": "L",
-                    r"\p{N}": "N", r"\s": "SR", r"\S": "LNO"}
-    classes = {key: _char_class(kinds, wanted) for key, wanted in translations.items()}
-    classes["$"] = r"\Z"  # end of text; Python's $ would also match before a final newline
-    translated = re.sub("|".join(map(re.escape, classes)), lambda match: classes[match.group()], SPLIT_PATTERN)
-    return re.compile(translated)
-
-
-def _char_kind(char):
-    """L letter, N number, R \\r or \\n, S other white space, O anything else."""
-    if char in "\r\n":
-        return "R"
-    if char in WHITE_SPACE:
-        return "S"
-    category = unicodedata.category(char)[0]
-    return category if category in "LN" else "O"
-
-
-def _char_class(kinds, wanted):
-    """A regex matching the code points whose kind letter is in wanted."""
-    spans = [(match.start(), match.end() - 1) for match in re.finditer(f"[{wanted}]+", kinds)]
-    bmp = [(start, min(end, 0xFFFF)) for start, end in spans if start <= 0xFFFF]
-    astral = [(max(start, 0x10000), end) for start, end in spans if end > 0xFFFF]
-    brackets = lambda spans: "[" + "".join(f"{re.escape(chr(start))}-{re.escape(chr(end))}" for start, end in spans) + "]"
-    if not astral:
-        return brackets(bmp)
-    # re tests BMP characters against a bitmap but scans characters past U+FFFF one range
-    # at a time; the lookahead keeps the common BMP characters out of that scan (5x faster)
-    return f"(?:{brackets(bmp)}|(?=[\U00010000-\U0010FFFF]){brackets(astral)})"
-
-
-def count_chunks(texts):
-    """How often each chunk (see SPLIT_PATTERN) occurs in texts."""
-    split = python_split_regex()
-    chunk_counts = Counter()
-    for text in texts:
-        chunk_counts.update(split.findall(text))
-    return chunk_counts
-
-
-def train_bpe(chunk_counts, vocab_size, progress=None):
-    """Byte-level BPE: the vocabulary (token bytes in rank order) of vocab_size - 1 tokens;
-    the end-of-text token comes last. Each step merges the most frequent adjacent pair of
-    tokens (ties: the smallest pair of ids), counted inside chunks and weighted by how
-    often each chunk occurs; a pair must occur at least twice."""
-    vocabulary = [bytes([value]) for value in range(256)]
-    token_ids = {token: token_id for token_id, token in enumerate(vocabulary)}
-    words = [list(chunk.encode("utf-8", "surrogatepass")) for chunk in chunk_counts]
-    word_counts = list(chunk_counts.values())
-    pair_counts, pair_words = defaultdict(int), defaultdict(set)
-    for index, word in enumerate(words):
-        for pair in zip(word, word[1:]):
-            pair_counts[pair] += word_counts[index]
-            pair_words[pair].add(index)
-    # A max-heap of (-count, pair). A merge only lowers the counts of the pairs around it,
-    # except those with the new token, which are pushed afresh; so every entry is an upper
-    # bound: a stale top entry goes back with its current count, and the first entry that
-    # is up to date is the true maximum.
-    heap = [(-count, pair) for pair, count in pair_counts.items()]
-    heapq.heapify(heap)
-    target = vocab_size - 1
-    while len(vocabulary) < target and heap:
-        negative_count, pair = heapq.heappop(heap)
-        count = pair_counts[pair]
-        if count != -negative_count:
-            if count:
-                heapq.heappush(heap, (-count, pair))
-            continue
-        if count < 2:
-            break
-        merged = vocabulary[pair[0]] + vocabulary[pair[1]]
-        if merged not in token_ids:  # a byte string reached by two merges keeps one id
-            token_ids[merged] = len(vocabulary)
-            vocabulary.append(merged)
-        for new_pair in merge_pair(pair, token_ids[merged], words, word_counts, pair_counts, pair_words):
-            heapq.heappush(heap, (-pair_counts[new_pair], new_pair))
-        if progress:
-            progress.update(len(vocabulary) - 256)
-    if len(vocabulary) < target:
-        raise PrepareError(
-            f"--vocab_size={vocab_size} is more than this text supports: after "
-            f"{len(vocabulary) - 256} merges no pair of tokens occurs twice. Use at most "
-            f"--vocab_size={len(vocabulary) + 1}, or train on more text (more input, or a "
-            f"larger --tokenizer_train_chars).")
-    return vocabulary
-
-
-def merge_pair(pair, new_id, words, word_counts, pair_counts, pair_words):
-    """Replaces pair by new_id in the words that hold it and updates the pair counts of
-    just those words; returns the pairs whose counts grew (they all contain new_id)."""
-    grown = set()
-    for index in pair_words.pop(pair):
-        word = words[index]
-        merged = merge_word(word, pair, new_id)
-        if len(merged) == len(word):
-            continue  # a stale entry: an earlier merge already took this pair apart
-        count = word_counts[index]
-        for old_pair in zip(word, word[1:]):
-            pair_counts[old_pair] -= count
-        for new_pair in zip(merged, merged[1:]):
-            pair_counts[new_pair] += count
-            if new_id in new_pair:
-                pair_words[new_pair].add(index)
-                grown.add(new_pair)
-        words[index] = merged
-    return grown
-
-
-def merge_word(word, pair, new_id):
-    """word with every occurrence of pair, left to right, replaced by new_id."""
-    first, second = pair
-    merged, position, last = [], 0, len(word) - 1
-    while position <= last:
-        if position < last and word[position] == first and word[position + 1] == second:
-            merged.append(new_id)
-            position += 2
-        else:
-            merged.append(word[position])
-            position += 1
-    return merged
-
+# Tokenizer: trained on the train documents (tokenizer.py holds the BPE itself)
 
 def training_texts(filtered, budget, progress):
     """The kept train documents' texts, up to budget characters in all."""
@@ -1328,7 +1021,7 @@ def build_tokenizer(settings, filtered, folder, timings):
     if kind == "byte":
         return {"kind": "byte", "vocab_size": 257, "eot_id": 256, "file": None, "sha256": None}
     if kind == "gpt2":
-        encoder = _gpt2_encoding()
+        encoder = gpt2_encoding()
         return {"kind": "gpt2", "vocab_size": encoder.n_vocab, "eot_id": encoder.eot_token,
                 "file": None, "sha256": None}
     start = time.perf_counter()
@@ -1350,61 +1043,6 @@ def build_tokenizer(settings, filtered, folder, timings):
 
 # ----------------------------------------------------------------------------------------
 # Shards: tokenize on all cores, stream tokens into llm.c .bin files
-
-SPLITS = ("train", "val")
-
-
-class ShardWriter:
-    """Streams one split's tokens into shards of shard_tokens tokens each (the last one
-    shorter); each shard is an AtomicFile whose header is filled in when it is full."""
-
-    def __init__(self, folder, split, vocab_size, shard_tokens):
-        self.folder, self.split, self.shard_tokens = Path(folder), split, shard_tokens
-        # uint16 holds ids below 65536; larger vocabularies need llm.c's uint32 format
-        self.magic = 20240520 if vocab_size <= 2 ** 16 else 20240801
-        self.version, self.dtype = SHARD_FORMATS[self.magic]
-        self.shard_names, self.shard, self.shard_count = [], None, 0
-        self.tokens = self.documents = self.bytes = 0
-
-    def write_document(self, tokens, text_bytes):
-        self.documents += 1
-        self.bytes += text_bytes
-        self.write(tokens)
-
-    def write(self, tokens):
-        tokens = np.asarray(tokens, dtype=self.dtype)
-        while len(tokens):
-            if self.shard is None:
-                name = f"{self.split}_{len(self.shard_names):06d}.bin"
-                self.shard_names.append(name)
-                self.shard, self.shard_count = AtomicFile(self.folder / name), 0
-                self.shard.file.write(bytes(HEADER_BYTES))  # filled in by _finish_shard
-            room = self.shard_tokens - self.shard_count
-            self.shard.file.write(tokens[:room].tobytes())
-            self.shard_count += len(tokens[:room])
-            self.tokens += len(tokens[:room])
-            tokens = tokens[room:]
-            if self.shard_count == self.shard_tokens:
-                self._finish_shard()
-
-    def _finish_shard(self):
-        header = np.zeros(HEADER_INTS, dtype="<i4")
-        header[:3] = self.magic, self.version, self.shard_count
-        self.shard.file.seek(0)
-        self.shard.file.write(header.tobytes())
-        self.shard.commit()
-        self.shard = None
-
-    def close(self):
-        if self.shard is not None:
-            self._finish_shard()
-        return {"shards": self.shard_names, "tokens": self.tokens, "documents": self.documents,
-                "bytes": self.bytes}
-
-    def discard(self):
-        if self.shard is not None:
-            self.shard.discard()
-
 
 _tokenizer = None  # (encoder, shard dtype) in each worker process
 
@@ -1877,6 +1515,6 @@ def main(argv):
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except (PrepareError, OSError) as error:
+    except (UserError, OSError) as error:
         print(f"prepare.py: error: {error}", file=sys.stderr)
         sys.exit(1)

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from model import GPT, GPTConfig, check_sampling_options
-from prepare import EOT, load_tokenizer
+from dataset import EOT
+from tokenizer import load_tokenizer
 from train import TrainError, load_checkpoint_file, pick_device
 
 _NAMES_BEFORE_DEFAULTS = set(globals())

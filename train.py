@@ -56,7 +56,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-import prepare
+from dataset import atomic_write, open_folder, read_meta, read_split
+from flags import UserError
+from tokenizer import load_tokenizer
 from model import GPT, GPTConfig, peak_flops
 
 _NAMES_BEFORE_DEFAULTS = set(globals())
@@ -111,7 +113,7 @@ METRICS_FILE = "metrics.jsonl"
 MANIFEST_FILE = "checkpoints.json"
 
 
-class TrainError(Exception):
+class TrainError(UserError):
     """A problem the user can fix (config, data, checkpoint): printed without a traceback."""
 
 
@@ -260,16 +262,6 @@ def pick_dtype(requested, device):
 
 
 # ----------------------------------------------------------------------------- data
-def dataset_folder(name):
-    folder = Path(name) if "/" in name or os.sep in name else Path("data") / name
-    if not folder.is_dir():
-        raise TrainError(f"dataset folder {folder} does not exist: make it with "
-                         f"`python prepare.py --out_dir={folder}` (or --name=... for data/<name>)")
-    if not (folder / "meta.json").is_file():
-        raise TrainError(f"dataset folder {folder} has no meta.json: it is empty or was not made by prepare.py")
-    return folder
-
-
 class TokenWindows:
     """Every window of block_size + 1 consecutive tokens inside the shards of one split.
 
@@ -308,25 +300,8 @@ class TokenWindows:
 
 
 def load_split(folder, meta, split, block_size):
-    """The split's shards, checked against meta.json: present, same dtype, same token count,
-    every token id below vocab_size (found here, not as a device assert mid-run)."""
-    info, vocab_size = meta["splits"][split], meta["tokenizer"]["vocab_size"]
-    shards = []
-    for name in info["shards"]:
-        path = folder / name
-        if not path.is_file():
-            raise TrainError(f"{folder}/meta.json lists {name}, which is missing")
-        tokens = prepare.read_shard(path)
-        if tokens.dtype != np.dtype(meta["dtype"]):
-            raise TrainError(f"{path} holds {tokens.dtype} tokens but meta.json says {meta['dtype']}")
-        if len(tokens) and int(tokens.max()) >= vocab_size:
-            raise TrainError(f"{path} holds token id {int(tokens.max())}, but the tokenizer has only "
-                             f"{vocab_size} ids (0-{vocab_size - 1}): the shard does not belong to this meta.json")
-        shards.append(tokens)
-    found = sum(len(tokens) for tokens in shards)
-    if found != info["tokens"]:
-        raise TrainError(f"{folder}/meta.json says the {split} split has {info['tokens']:,} tokens, "
-                         f"its shards hold {found:,}")
+    """The split's windows of block_size + 1 tokens (read_split checks the shards)."""
+    shards = read_split(folder, meta, split)
     windows = TokenWindows(shards, block_size)
     if windows.count == 0:
         longest = max((len(tokens) for tokens in shards), default=0)
@@ -339,7 +314,7 @@ def load_split(folder, meta, split, block_size):
 def token_byte_lengths(folder, tokenizer_info, device):
     """Bytes of text each token id stands for (end-of-text counts 0: it is a boundary, not
     text), so losses can be turned into bits per byte, which compares across tokenizers."""
-    encoding = prepare.load_tokenizer(folder, tokenizer_info)
+    encoding = load_tokenizer(folder, tokenizer_info)
     lengths = [0 if token == encoding.eot_token else len(encoding.decode_single_token_bytes(token))
                for token in range(encoding.n_vocab)]
     return torch.tensor(lengths, dtype=torch.int64, device=device)
@@ -440,11 +415,11 @@ def write_checkpoint(out_dir, checkpoint, keep_last, is_best):
             raise error.__context__ if isinstance(error.__context__, OSError) else error
         record.update(bytes=writer.size, sha256=writer.sha256.hexdigest())
 
-    prepare.atomic_write(path, write)
+    atomic_write(path, write)
     # records past this iteration belong to a run we went back from (resumed from an older one)
     entries = [entry for entry in read_manifest(out_dir) if entry["iter"] < record["iter"]]
     kept = (entries + [record])[-keep_last:]
-    prepare.atomic_write(out_dir / MANIFEST_FILE, lambda file: file.write(json.dumps({"checkpoints": kept}, indent=1).encode()))
+    atomic_write(out_dir / MANIFEST_FILE, lambda file: file.write(json.dumps({"checkpoints": kept}, indent=1).encode()))
     link_as(path, out_dir / "ckpt.pt")
     if is_best:
         link_as(path, out_dir / "best.pt")
@@ -463,7 +438,7 @@ def link_as(source, alias):
         os.link(source, temporary)
         os.replace(temporary, alias)
     except OSError:
-        prepare.atomic_write(alias, lambda file: file.write(source.read_bytes()))
+        atomic_write(alias, lambda file: file.write(source.read_bytes()))
 
 
 def read_manifest(out_dir):
@@ -689,7 +664,7 @@ class RunLog:
                     kept.append(line)
             except (ValueError, KeyError):
                 pass
-        prepare.atomic_write(self.path, lambda file: file.write("".join(kept).encode()))
+        atomic_write(self.path, lambda file: file.write("".join(kept).encode()))
 
     def print(self, text):
         if self.is_main:
@@ -799,8 +774,8 @@ def build_run(cfg):
     started = time.time()
     runtime = setup_runtime(cfg)
     stop = install_stop_handlers(runtime)
-    folder = dataset_folder(cfg.dataset)
-    meta = read_dataset(lambda: prepare.read_meta(folder))
+    folder = open_folder(cfg.dataset)
+    meta = read_dataset(lambda: read_meta(folder))
     restarted = continue_after_restart(cfg, runtime)
     path, checkpoint = load_start_checkpoint(cfg, runtime)
     if restarted:
@@ -850,7 +825,7 @@ def build_run(cfg):
 
 
 def read_dataset(read):
-    """read(), with prepare.py's errors about the dataset (they name the file) made TrainErrors."""
+    """read(), with OS and value errors about the dataset files (they name the file) made TrainErrors."""
     try:
         return read()
     except (ValueError, OSError) as error:
@@ -884,7 +859,7 @@ def check_same_run(checkpoint, path, cfg):
 
 def prepare_out_dir(cfg, folder, tokenizer_info, resuming):
     """Create out_dir; refuse to start a new run over a recorded one; remove what a killed
-    save left (prepare.atomic_write's temporary .<name>.<random>.tmp files); copy a trained
+    save left (atomic_write's temporary .<name>.<random>.tmp files); copy a trained
     tokenizer."""
     out = Path(cfg.out_dir)
     if out.exists() and not out.is_dir():
@@ -901,7 +876,7 @@ def prepare_out_dir(cfg, folder, tokenizer_info, resuming):
         leftover.unlink()
     if tokenizer_info.get("file"):
         source = folder / tokenizer_info["file"]
-        prepare.atomic_write(out / tokenizer_info["file"], lambda file: file.write(source.read_bytes()))
+        atomic_write(out / tokenizer_info["file"], lambda file: file.write(source.read_bytes()))
 
 
 def check_free_space(out_dir, model, keep_last):
@@ -991,7 +966,7 @@ def main(argv):
         cfg = parse_config(argv)
         run = build_run(cfg)
         evaluate_only(run) if cfg.eval_only else train(run)
-    except TrainError as error:
+    except UserError as error:
         sys.exit(f"error: {error}")
     finally:
         if dist.is_initialized():

@@ -14,6 +14,8 @@ import threading
 
 import pytest
 
+import dataset
+import tokenizer
 import prepare
 import webfilters
 from conftest import send_body
@@ -189,7 +191,7 @@ def wet_dataset(tmp_path_factory):
 
 
 def test_web_filters_keep_the_good_pages_and_count_each_drop_under_its_reason(wet_dataset):
-    meta = prepare.read_meta(wet_dataset)
+    meta = dataset.read_meta(wet_dataset)
     assert sorted(all_documents(wet_dataset)) == sorted(KEPT_TEXTS)
     assert meta["dropped"] == {**DROPPED, **UNREADABLE}
     assert meta["documents"]["read"] == len(PAGES) + 2
@@ -213,13 +215,13 @@ def test_bpe_is_trained_on_the_filtered_text_only(wet_dataset, tmp_path):
     (tmp_path / "pages.warc.wet.gz").write_bytes(wet_file(PAGES))
     run_prepare("--source=files", "--input=pages.warc.wet.gz", "--out_dir=unfiltered", "--vocab_size=300",
                 "--filters=none", cwd=tmp_path)
-    assert len(prepare.load_tokenizer(tmp_path / "unfiltered").encode(" zyzzyva")) == 1
-    assert len(prepare.load_tokenizer(wet_dataset).encode(" zyzzyva")) > 1
-    assert prepare.read_meta(tmp_path / "unfiltered")["dropped"] == UNREADABLE
+    assert len(tokenizer.load_tokenizer(tmp_path / "unfiltered").encode(" zyzzyva")) == 1
+    assert len(tokenizer.load_tokenizer(wet_dataset).encode(" zyzzyva")) > 1
+    assert dataset.read_meta(tmp_path / "unfiltered")["dropped"] == UNREADABLE
 
 
 def test_docs_jsonl_lists_every_kept_document_with_its_labels(wet_dataset):
-    meta = prepare.read_meta(wet_dataset)
+    meta = dataset.read_meta(wet_dataset)
     lines = [json.loads(line) for line in (wet_dataset / "docs.jsonl").read_text().splitlines()]
     assert sorted(line["url"] for line in lines) == sorted(url for url, *_, kept in PAGES if kept == "kept")
     assert {line["language"] for line in lines} == {"eng"}
@@ -238,7 +240,7 @@ def test_report_shows_per_filter_drops_examples_languages_and_domains(wet_datase
     assert "Languages (the first of the WET header's): eng 10." in report
     assert "| news.example.org | 4 |" in report.split("| top domains | documents |")[1]
     assert "With 2 worker(s): filtering ran at" in report
-    meta = prepare.read_meta(wet_dataset)
+    meta = dataset.read_meta(wet_dataset)
     assert set(meta["throughput"]) == {"filter", "shards", "total"}
     assert meta["throughput"]["filter"]["documents_per_s"] > 0 and meta["throughput"]["filter"]["mb_per_s"] > 0
     assert meta["top_domains"]["garden.example.net"] == 1  # www. is not a different site
@@ -272,7 +274,7 @@ def test_filters_web_applies_the_web_filters_to_plain_text_files(tmp_path):
         (tmp_path / "in" / name).write_text(text, encoding="utf-8")
     run_prepare("--source=files", "--input=in", "--filters=web", "--tokenizer=byte", "--out_dir=out", cwd=tmp_path)
     assert sorted(all_documents(tmp_path / "out")) == sorted([GOOD[0], GOOD[1], MASKED_PII])
-    assert prepare.read_meta(tmp_path / "out")["dropped"] == {"language:stop_words": 1}  # no header: stop words
+    assert dataset.read_meta(tmp_path / "out")["dropped"] == {"language:stop_words": 1}  # no header: stop words
 
 
 def test_web_filter_flags_are_listed_and_checked(tmp_path):
@@ -359,7 +361,7 @@ def test_commoncrawl_streams_the_latest_crawls_wet_files_through_the_filters(cra
     folder, requests = crawl_reference
     assert [path for path, _, _ in requests] == ["collinfo.json", f"crawl-data/{CRAWL}/wet.paths.gz", *WET_PATHS]
     assert all(agent.startswith("owngpt") for _, _, agent in requests)
-    meta = prepare.read_meta(folder)
+    meta = dataset.read_meta(folder)
     assert sorted(all_documents(folder)) == sorted(KEPT_TEXTS)
     assert meta["dropped"] == {**DROPPED, "bad_record:gzip": 2, "bad_record:warc_header": 2}
     assert meta["sources"][0]["crawl"] == CRAWL and meta["sources"][0]["wet_files"] == WET_PATHS
@@ -400,7 +402,7 @@ def test_a_rerun_after_a_failed_run_goes_on_with_the_next_wet_file(crawl_server,
     assert [path for path, _, _ in requests_since(start) if path in WET_PATHS] == WET_PATHS[1:]
     assert "1 of 2 parts were finished by an earlier run" in resumed.stderr
     assert bin_files(tmp_path / "data" / "web") == bin_files(reference)
-    assert prepare.read_meta(tmp_path / "data" / "web")["dropped"] == prepare.read_meta(reference)["dropped"]
+    assert dataset.read_meta(tmp_path / "data" / "web")["dropped"] == dataset.read_meta(reference)["dropped"]
     assert sorted(path.name for path in (tmp_path / "data").iterdir()) == ["web"]
 
 
@@ -411,7 +413,7 @@ def test_the_url_source_reads_a_wet_file_with_the_web_filters(crawl_server, tmp_
     second_half = PAGES[len(PAGES) // 2:]  # alone, its copy of a page in the first half is new
     dropped = {reason: 1 for *_, reason in second_half if reason not in ("kept", "dedup:near")}
     assert len(all_documents(tmp_path / "out")) == len(second_half) - len(dropped)
-    assert prepare.read_meta(tmp_path / "out")["dropped"] == {**dropped, **UNREADABLE}
+    assert dataset.read_meta(tmp_path / "out")["dropped"] == {**dropped, **UNREADABLE}
 
 
 def test_a_crawl_id_that_does_not_exist_fails_saying_where_to_find_valid_ones(crawl_server, tmp_path):

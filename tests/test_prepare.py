@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 import tiktoken.load
 
+import dataset
+import tokenizer
 import prepare
 from conftest import ROOT, make_text, send_body
 
@@ -54,9 +56,9 @@ def write_files(folder, texts, suffix=".txt"):
 
 def documents_in(folder, split):
     """The documents of a split, decoded: the tokens between end-of-text tokens."""
-    meta = prepare.read_meta(folder)
-    encoder = prepare.load_tokenizer(folder)
-    tokens = np.concatenate([prepare.read_shard(folder / name) for name in meta["splits"][split]["shards"]])
+    meta = dataset.read_meta(folder)
+    encoder = tokenizer.load_tokenizer(folder)
+    tokens = np.concatenate([dataset.read_shard(folder / name) for name in meta["splits"][split]["shards"]])
     starts = np.flatnonzero(tokens == encoder.eot_token)
     assert starts[0] == 0, "a split must start with the end-of-text token"
     return [encoder.decode(tokens[start + 1:end].tolist())
@@ -71,7 +73,7 @@ def bin_files(folder):
 # Split pattern and BPE trainer
 
 def test_split_pattern_cuts_words_numbers_punctuation_and_spaces():
-    chunks = prepare.python_split_regex().findall("Hello  world's 12345 (x+y)!\n\n  z")
+    chunks = tokenizer.python_split_regex().findall("Hello  world's 12345 (x+y)!\n\n  z")
     assert chunks == ["Hello", " ", " world", "'s", " ", "123", "45", " (", "x", "+y", ")!\n\n",
                       " ", " z"]
 
@@ -80,10 +82,10 @@ def test_python_split_agrees_with_tiktokens_split():
     # An encoding whose vocabulary holds every chunk of the Python split encodes each of
     # tiktoken's pieces as one token exactly when tiktoken cut the text the same way.
     text = "\n".join(UNICODE_SAMPLES) + "\n" + make_text(0)
-    chunks = [chunk.encode() for chunk in prepare.python_split_regex().findall(text)]
+    chunks = [chunk.encode() for chunk in tokenizer.python_split_regex().findall(text)]
     vocabulary = [bytes([value]) for value in range(256)]
     vocabulary += sorted({chunk for chunk in chunks if len(chunk) > 1})
-    encoder = prepare._encoding("split-check", vocabulary)
+    encoder = tokenizer._encoding("split-check", vocabulary)
     pieces = [encoder.decode_single_token_bytes(token) for token in encoder.encode_ordinary(text)]
     assert pieces == chunks
 
@@ -122,15 +124,15 @@ def naive_bpe(chunk_counts, vocab_size):
 
 def test_bpe_merges_equal_a_naive_reference_merge_for_merge():
     texts = [make_text(seed, sentences=20) for seed in range(3)] + UNICODE_SAMPLES + ["aaaaaaa bbbb aaa"]
-    chunk_counts = prepare.count_chunks(texts)
-    vocabulary = prepare.train_bpe(chunk_counts, vocab_size=420)
+    chunk_counts = tokenizer.count_chunks(texts)
+    vocabulary = tokenizer.train_bpe(chunk_counts, vocab_size=420)
     assert len(vocabulary) == 419
     assert vocabulary == naive_bpe(chunk_counts, vocab_size=420)
 
 
 def test_bpe_refuses_a_vocabulary_larger_than_the_text_supports():
-    with pytest.raises(prepare.PrepareError, match=r"--vocab_size=400 is more than this text supports.*at most --vocab_size=26\d"):
-        prepare.train_bpe(prepare.count_chunks(["the cat sat on the mat, the cat sat."]), vocab_size=400)
+    with pytest.raises(tokenizer.TokenizerError, match=r"--vocab_size=400 is more than this text supports.*at most --vocab_size=26\d"):
+        tokenizer.train_bpe(tokenizer.count_chunks(["the cat sat on the mat, the cat sat."]), vocab_size=400)
 
 
 @pytest.fixture(scope="module")
@@ -139,14 +141,14 @@ def trained_bpe(tmp_path_factory):
     dataset folder's tokenizer; returns (folder, tokenizer_info)."""
     folder = tmp_path_factory.mktemp("bpe")
     texts = [make_text(seed) for seed in range(6)] + UNICODE_SAMPLES
-    vocabulary = prepare.train_bpe(prepare.count_chunks(texts), vocab_size=600)
-    sha256 = prepare.write_tiktoken_file(folder / "tokenizer.tiktoken", vocabulary)
+    vocabulary = tokenizer.train_bpe(tokenizer.count_chunks(texts), vocab_size=600)
+    sha256 = tokenizer.write_tiktoken_file(folder / "tokenizer.tiktoken", vocabulary)
     info = {"kind": "bpe", "vocab_size": 600, "eot_id": 599, "file": "tokenizer.tiktoken", "sha256": sha256}
     return folder, info
 
 
 def test_bpe_round_trip_is_exact_on_arbitrary_unicode(trained_bpe):
-    encoder = prepare.load_tokenizer(*trained_bpe)
+    encoder = tokenizer.load_tokenizer(*trained_bpe)
     rng = random.Random(0)
     random_texts = ["".join(chr(rng.choice([rng.randrange(0x20, 0x7f), rng.randrange(0xa0, 0xd800),
                                             rng.randrange(0xe000, 0x110000)])) for _ in range(200))
@@ -159,17 +161,17 @@ def test_bpe_round_trip_is_exact_on_arbitrary_unicode(trained_bpe):
 
 
 def test_bpe_tokenizer_has_end_of_text_as_its_last_id(trained_bpe):
-    encoder = prepare.load_tokenizer(*trained_bpe)
+    encoder = tokenizer.load_tokenizer(*trained_bpe)
     assert (encoder.n_vocab, encoder.eot_token) == (600, 599)
-    assert encoder.encode(prepare.EOT, allowed_special="all") == [599]
-    assert 599 not in encoder.encode_ordinary(prepare.EOT)
+    assert encoder.encode(dataset.EOT, allowed_special="all") == [599]
+    assert 599 not in encoder.encode_ordinary(dataset.EOT)
 
 
 def test_tokenizer_file_is_read_by_tiktokens_own_loader(trained_bpe, monkeypatch):
     folder, _ = trained_bpe
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")  # read the file itself, no cache copy
     ranks = tiktoken.load.load_tiktoken_bpe(str(folder / "tokenizer.tiktoken"))
-    vocabulary = prepare.read_tiktoken_file(folder / "tokenizer.tiktoken", trained_bpe[1]["sha256"])
+    vocabulary = tokenizer.read_tiktoken_file(folder / "tokenizer.tiktoken", trained_bpe[1]["sha256"])
     assert ranks == {token: rank for rank, token in enumerate(vocabulary)}
     assert len(ranks) == 599
 
@@ -178,13 +180,13 @@ def test_load_tokenizer_rejects_a_changed_tokenizer_file(trained_bpe, tmp_path):
     folder, info = trained_bpe
     lines = (folder / "tokenizer.tiktoken").read_bytes().splitlines(keepends=True)
     (tmp_path / "tokenizer.tiktoken").write_bytes(b"".join(lines[:-1]))
-    with pytest.raises(ValueError, match="tokenizer.tiktoken: sha256 is .* but the dataset recorded"):
-        prepare.load_tokenizer(tmp_path, info)
+    with pytest.raises(tokenizer.TokenizerError, match="tokenizer.tiktoken: sha256 is .* but the dataset recorded"):
+        tokenizer.load_tokenizer(tmp_path, info)
 
 
 def test_byte_tokenizer_is_256_bytes_and_end_of_text(tmp_path):
     info = {"kind": "byte", "vocab_size": 257, "eot_id": 256, "file": None, "sha256": None}
-    encoder = prepare.load_tokenizer(tmp_path, info)
+    encoder = tokenizer.load_tokenizer(tmp_path, info)
     assert encoder.encode_ordinary("hé") == [104, 0xC3, 0xA9]
     assert encoder.eot_token == 256
 
@@ -193,7 +195,7 @@ def test_byte_tokenizer_is_256_bytes_and_end_of_text(tmp_path):
 # Shard format
 
 def test_shard_writer_fills_shards_of_shard_tokens_and_writes_the_llm_c_header(tmp_path):
-    writer = prepare.ShardWriter(tmp_path, "train", vocab_size=257, shard_tokens=10)
+    writer = dataset.ShardWriter(tmp_path, "train", vocab_size=257, shard_tokens=10)
     writer.write_document(np.arange(7), text_bytes=6)
     writer.write_document(np.arange(18), text_bytes=17)
     summary = writer.close()
@@ -202,7 +204,7 @@ def test_shard_writer_fills_shards_of_shard_tokens_and_writes_the_llm_c_header(t
     header = np.fromfile(tmp_path / "train_000002.bin", dtype="<i4", count=256)
     assert list(header[:3]) == [20240520, 1, 5] and not header[3:].any()
     assert (tmp_path / "train_000002.bin").stat().st_size == 1024 + 5 * 2
-    tokens = np.concatenate([prepare.read_shard(tmp_path / name) for name in summary["shards"]])
+    tokens = np.concatenate([dataset.read_shard(tmp_path / name) for name in summary["shards"]])
     assert tokens.dtype == np.uint16
     assert tokens.tolist() == list(range(7)) + list(range(18))
 
@@ -210,17 +212,17 @@ def test_shard_writer_fills_shards_of_shard_tokens_and_writes_the_llm_c_header(t
 @pytest.mark.parametrize("vocab_size, magic, version, dtype", [
     (65536, 20240520, 1, np.uint16), (65537, 20240801, 7, np.uint32), (200_000, 20240801, 7, np.uint32)])
 def test_shards_use_uint32_only_above_65536_tokens(tmp_path, vocab_size, magic, version, dtype):
-    writer = prepare.ShardWriter(tmp_path, "val", vocab_size=vocab_size, shard_tokens=100)
+    writer = dataset.ShardWriter(tmp_path, "val", vocab_size=vocab_size, shard_tokens=100)
     writer.write_document(np.array([vocab_size - 1, 0, 65535]), text_bytes=3)
     writer.close()
     assert list(np.fromfile(tmp_path / "val_000000.bin", dtype="<i4", count=3)) == [magic, version, 3]
-    tokens = prepare.read_shard(tmp_path / "val_000000.bin")
+    tokens = dataset.read_shard(tmp_path / "val_000000.bin")
     assert tokens.dtype == dtype and tokens.tolist() == [vocab_size - 1, 0, 65535]
 
 
 @pytest.fixture
 def good_shard(tmp_path):
-    writer = prepare.ShardWriter(tmp_path, "train", vocab_size=257, shard_tokens=100)
+    writer = dataset.ShardWriter(tmp_path, "train", vocab_size=257, shard_tokens=100)
     writer.write_document(np.arange(40), text_bytes=39)
     writer.close()
     return tmp_path / "train_000000.bin"
@@ -234,21 +236,21 @@ def good_shard(tmp_path):
 ])
 def test_read_shard_rejects_a_damaged_file_naming_it(good_shard, damage, message):
     good_shard.write_bytes(damage(good_shard.read_bytes()))
-    with pytest.raises(prepare.ShardError, match=message) as error:
-        prepare.read_shard(good_shard)
+    with pytest.raises(dataset.ShardError, match=message) as error:
+        dataset.read_shard(good_shard)
     assert str(good_shard) in str(error.value)
-    assert isinstance(error.value, ValueError)
+    assert isinstance(error.value, dataset.DatasetError)
 
 
 def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
     target = tmp_path / "meta.json"
-    prepare.atomic_write(target, lambda f: f.write(b"old"))
+    dataset.atomic_write(target, lambda f: f.write(b"old"))
 
     def fail_midway(f):
         f.write(b"half of the new")
         raise RuntimeError("disk full")
     with pytest.raises(RuntimeError):
-        prepare.atomic_write(target, fail_midway)
+        dataset.atomic_write(target, fail_midway)
     assert target.read_bytes() == b"old"
     assert [path.name for path in tmp_path.iterdir()] == ["meta.json"]
 
@@ -376,7 +378,7 @@ def test_every_document_is_in_exactly_one_split_starting_with_end_of_text(built,
 
 def test_shards_follow_the_llm_c_format_and_agree_with_meta(built):
     folder, _ = built
-    meta = prepare.read_meta(folder)
+    meta = dataset.read_meta(folder)
     assert meta["dtype"] == "uint16"
     for split, summary in meta["splits"].items():
         counts = []
@@ -392,7 +394,7 @@ def test_shards_follow_the_llm_c_format_and_agree_with_meta(built):
 
 def test_meta_json_describes_the_tokenizer_drops_and_timings(built, corpus):
     folder, result = built
-    meta = prepare.read_meta(folder)
+    meta = dataset.read_meta(folder)
     tokenizer = meta["tokenizer"]
     assert tokenizer == {"kind": "bpe", "vocab_size": 400, "eot_id": 399, "file": "tokenizer.tiktoken",
                          "sha256": hashlib.sha256((folder / "tokenizer.tiktoken").read_bytes()).hexdigest()}
@@ -430,7 +432,7 @@ def test_a_tiny_corpus_still_gets_a_train_and_a_val_document(tmp_path):
     write_files(tmp_path / "in", ["first document", "second document"])
     run_prepare("--source=files", "--input=in", "--tokenizer=byte", "--val_fraction=0.01", "--name=tiny",
                 cwd=tmp_path)
-    meta = prepare.read_meta(tmp_path / "data" / "tiny")
+    meta = dataset.read_meta(tmp_path / "data" / "tiny")
     assert [meta["splits"][split]["documents"] for split in ("train", "val")] == [1, 1]
     assert sorted(documents_in(tmp_path / "data" / "tiny", "train") + documents_in(tmp_path / "data" / "tiny", "val")) \
         == ["first document", "second document"]
@@ -449,7 +451,7 @@ def test_a_file_that_is_not_utf8_is_decoded_with_replacement_and_counted(tmp_pat
     write_files(tmp_path / "in", ["plain text one", "plain text two"])
     (tmp_path / "in" / "latin1.txt").write_bytes("café au lait".encode("latin-1"))
     run_prepare("--source=files", "--input=in", "--tokenizer=byte", "--out_dir=out", cwd=tmp_path)
-    meta = prepare.read_meta(tmp_path / "out")
+    meta = dataset.read_meta(tmp_path / "out")
     assert meta["documents"]["invalid_utf8"] == 1
     assert "caf\ufffd au lait" in documents_in(tmp_path / "out", "train") + documents_in(tmp_path / "out", "val")
     assert "decoded with U+FFFD): 1" in (tmp_path / "out" / "report.md").read_text()
@@ -578,7 +580,7 @@ def test_url_source_downloads_once_and_a_rerun_downloads_nothing(server, tmp_pat
     assert sorted(documents_in(folder, "train") + documents_in(folder, "val")) == sorted(make_text(index) for index in range(3))
     run_prepare(*flags, cwd=tmp_path)
     assert [len(requests_for(path)) for path in paths] == [1, 1, 1]
-    assert prepare.read_meta(folder)["sources"][0]["url"] == server + paths[0]
+    assert dataset.read_meta(folder)["sources"][0]["url"] == server + paths[0]
 
 
 def test_a_transfer_broken_midway_resumes_with_a_range_request(server, tmp_path):

@@ -15,7 +15,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import prepare
+import dataset
+import tokenizer
 import train
 from model import GPT, GPTConfig
 
@@ -129,11 +130,11 @@ def test_a_config_error_exits_nonzero_with_the_message(train_here):
 
 # ----------------------------------------------------------------------------- data checks
 def test_missing_dataset_folder_is_a_clear_error(tmp_path):
-    with pytest.raises(train.TrainError, match=r"dataset folder .*nowhere does not exist.*prepare.py"):
-        train.dataset_folder(str(tmp_path / "nowhere"))
+    with pytest.raises(dataset.DatasetError, match=r"dataset folder .*nowhere does not exist.*prepare.py"):
+        dataset.open_folder(str(tmp_path / "nowhere"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(train.TrainError, match=r"empty has no meta.json"):
-        train.dataset_folder(str(tmp_path / "empty"))
+    with pytest.raises(dataset.DatasetError, match=r"empty has no meta.json"):
+        dataset.open_folder(str(tmp_path / "empty"))
 
 
 def test_block_size_longer_than_the_val_split_is_a_clear_error(tiny_dataset):
@@ -146,14 +147,14 @@ def test_block_size_longer_than_the_val_split_is_a_clear_error(tiny_dataset):
 def test_token_id_beyond_the_vocabulary_is_found_before_training(tiny_dataset):
     meta = json.loads((tiny_dataset / "meta.json").read_text())
     meta["tokenizer"]["vocab_size"] = 100  # the shards hold byte values and end-of-text above it
-    with pytest.raises(train.TrainError, match=r"train_000000.bin holds token id \d+, but the tokenizer has only 100 ids"):
+    with pytest.raises(dataset.DatasetError, match=r"train_000000.bin holds token id \d+, but the tokenizer has only 100 ids"):
         train.load_split(tiny_dataset, meta, "train", 32)
 
 
 def test_meta_json_disagreeing_with_the_shards_is_refused(tiny_dataset):
     meta = json.loads((tiny_dataset / "meta.json").read_text())
     meta["splits"]["train"]["tokens"] += 1
-    with pytest.raises(train.TrainError, match=r"meta.json says the train split has [\d,]+ tokens, its shards hold"):
+    with pytest.raises(dataset.DatasetError, match=r"meta.json says the train split has [\d,]+ tokens, its shards hold"):
         train.load_split(tiny_dataset, meta, "train", 32)
 
 
@@ -226,7 +227,7 @@ def test_the_trained_tokenizer_is_copied_so_the_out_dir_stands_alone(trained_run
     out_dir, dataset, _ = trained_run
     checkpoint = torch.load(out_dir / "ckpt.pt", weights_only=True)
     assert (out_dir / "tokenizer.tiktoken").read_bytes() == (dataset / "tokenizer.tiktoken").read_bytes()
-    encoding = prepare.load_tokenizer(out_dir, checkpoint["tokenizer"])  # as sample.py does
+    encoding = tokenizer.load_tokenizer(out_dir, checkpoint["tokenizer"])  # as sample.py does
     assert encoding.decode(encoding.encode("Kalo mi ne.")) == "Kalo mi ne."
 
 

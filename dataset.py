@@ -1,0 +1,226 @@
+"""The dataset folder: what prepare.py writes and train.py reads, and how files are written safely.
+
+    data/<name>/train_000000.bin ...  token shards (llm.c's format, below)
+    data/<name>/val_000000.bin ...    held-out text, never in train
+    data/<name>/tokenizer.tiktoken    a trained BPE's vocabulary (tokenizer.py)
+    data/<name>/meta.json             the manifest: tokenizer, dtype, splits, sources, filters
+    data/<name>/report.md             what was kept and dropped, for people
+
+    folder = dataset.open_folder("python")           # data/python, checked
+    meta = dataset.read_meta(folder)
+    shards = dataset.read_split(folder, meta, "val")  # read-only numpy memmaps
+
+A shard is a header of 256 little-endian int32 ([magic, version, token count, 0...]) and then
+exactly that many tokens: uint16 (magic 20240520, version 1) for vocabularies up to 65536,
+uint32 (magic 20240801, version 7) above, as llm.c and modded-nanogpt write them. Every
+document starts with the end-of-text token. Every file is written through atomic_write: a
+reader sees the old file or the whole new one, never a half-written one.
+"""
+import json
+import os
+import secrets
+from pathlib import Path
+
+import numpy as np
+
+from flags import UserError
+
+EOT = "<|endoftext|>"
+META_FORMAT_VERSION = 1
+SPLITS = ("train", "val")
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+SHARD_FORMATS = {  # magic -> (version, token dtype)
+    20240520: (1, np.dtype("<u2")),
+    20240801: (7, np.dtype("<u4")),
+}
+
+
+class DatasetError(UserError):
+    """A dataset folder, shard or manifest that is missing or does not follow the contract."""
+
+
+class ShardError(DatasetError):
+    """A token shard that does not follow the llm.c format (the message names the file)."""
+
+
+def shard_magic(vocab_size):
+    """The shard format for a vocabulary: uint16 holds ids below 65536, larger ones need uint32."""
+    return 20240520 if vocab_size <= 2 ** 16 else 20240801
+
+
+def token_dtype(vocab_size):
+    return SHARD_FORMATS[shard_magic(vocab_size)][1]
+
+
+# ----------------------------------------------------------------------------- atomic writes
+class AtomicFile:
+    """A file written under a temporary name in its final folder, then renamed onto its
+    final name once complete: a reader sees the old file or the whole new one, never half."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.temporary = self.path.with_name(f".{self.path.name}.{secrets.token_hex(4)}.tmp")
+        # os.open with mode 0o666 honours the umask (mkstemp would force 0o600)
+        descriptor = os.open(self.temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        self.file = os.fdopen(descriptor, "wb")
+
+    def commit(self):
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.temporary, self.path)
+        fsync_folder(self.path.parent)
+
+    def discard(self):
+        try:
+            self.file.close()  # raises again if the failure was a flush that close retries
+        finally:
+            self.temporary.unlink(missing_ok=True)
+
+
+def fsync_folder(folder):
+    """Makes a rename inside folder durable (POSIX; Windows cannot open a folder)."""
+    if os.name == "posix":
+        descriptor = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+def atomic_write(path, write):
+    """Calls write(f) with a binary file that becomes `path` only if write returns."""
+    target = AtomicFile(path)
+    try:
+        write(target.file)
+        target.commit()  # inside: a full disk may only show when the data is flushed
+    except BaseException:
+        target.discard()
+        raise
+
+
+# ----------------------------------------------------------------------------- shards
+class ShardWriter:
+    """Streams one split's tokens into shards of shard_tokens tokens each (the last one
+    shorter); each shard is an AtomicFile whose header is filled in when it is full."""
+
+    def __init__(self, folder, split, vocab_size, shard_tokens):
+        self.folder, self.split, self.shard_tokens = Path(folder), split, shard_tokens
+        self.magic = shard_magic(vocab_size)
+        self.version, self.dtype = SHARD_FORMATS[self.magic]
+        self.shard_names, self.shard, self.shard_count = [], None, 0
+        self.tokens = self.documents = self.bytes = 0
+
+    def write_document(self, tokens, text_bytes):
+        self.documents += 1
+        self.bytes += text_bytes
+        self.write(tokens)
+
+    def write(self, tokens):
+        tokens = np.asarray(tokens, dtype=self.dtype)
+        while len(tokens):
+            if self.shard is None:
+                name = f"{self.split}_{len(self.shard_names):06d}.bin"
+                self.shard_names.append(name)
+                self.shard, self.shard_count = AtomicFile(self.folder / name), 0
+                self.shard.file.write(bytes(HEADER_BYTES))  # filled in by _finish_shard
+            room = self.shard_tokens - self.shard_count
+            self.shard.file.write(tokens[:room].tobytes())
+            self.shard_count += len(tokens[:room])
+            self.tokens += len(tokens[:room])
+            tokens = tokens[room:]
+            if self.shard_count == self.shard_tokens:
+                self._finish_shard()
+
+    def _finish_shard(self):
+        header = np.zeros(HEADER_INTS, dtype="<i4")
+        header[:3] = self.magic, self.version, self.shard_count
+        self.shard.file.seek(0)
+        self.shard.file.write(header.tobytes())
+        self.shard.commit()
+        self.shard = None
+
+    def close(self):
+        if self.shard is not None:
+            self._finish_shard()
+        return {"shards": self.shard_names, "tokens": self.tokens, "documents": self.documents,
+                "bytes": self.bytes}
+
+    def discard(self):
+        if self.shard is not None:
+            self.shard.discard()
+
+
+def read_shard(path):
+    """The tokens of an llm.c shard as a read-only memmap (uint16 or uint32)."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size < HEADER_BYTES:
+        raise ShardError(f"{path}: {size} bytes is too short for the {HEADER_BYTES}-byte shard header")
+    magic, version, token_count = (int(value) for value in np.fromfile(path, dtype="<i4", count=3))
+    if magic not in SHARD_FORMATS:
+        raise ShardError(f"{path}: bad magic number {magic}, expected 20240520 (uint16 tokens) "
+                         f"or 20240801 (uint32 tokens): not a token shard")
+    expected_version, dtype = SHARD_FORMATS[magic]
+    if version != expected_version:
+        raise ShardError(f"{path}: magic {magic} needs version {expected_version}, found {version}")
+    expected_size = HEADER_BYTES + token_count * dtype.itemsize
+    if size != expected_size:
+        raise ShardError(f"{path}: the header says {token_count} tokens, so {expected_size} bytes, "
+                         f"but the file has {size} bytes (truncated or corrupted)")
+    if token_count == 0:  # mmap cannot map zero bytes
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(token_count,))
+
+
+# ----------------------------------------------------------------------------- the folder
+def folder_path(name):
+    """A dataset name means data/<name>; anything with a slash is a path."""
+    return Path(name) if "/" in name or os.sep in name else Path("data") / name
+
+
+def open_folder(name):
+    """The folder of a dataset name or path, checked to be a dataset folder."""
+    folder = folder_path(name)
+    if not folder.is_dir():
+        raise DatasetError(f"dataset folder {folder} does not exist: make it with "
+                           f"`python prepare.py --out_dir={folder}` (or --name=... for data/<name>)")
+    if not (folder / "meta.json").is_file():
+        raise DatasetError(f"dataset folder {folder} has no meta.json: it is empty or was not made by prepare.py")
+    return folder
+
+
+def read_meta(folder):
+    """meta.json of a dataset folder, parsed."""
+    path = Path(folder) / "meta.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DatasetError(f"{path} not found: is {folder} a dataset folder written by "
+                           f"prepare.py?") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DatasetError(f"{path} is not valid JSON: {error}") from None
+
+
+def read_split(folder, meta, split):
+    """The split's shards, checked against meta.json: present, same dtype, same token count,
+    every token id below vocab_size (found here, not as a device assert mid-run)."""
+    info, vocab_size = meta["splits"][split], meta["tokenizer"]["vocab_size"]
+    shards = []
+    for name in info["shards"]:
+        path = Path(folder) / name
+        if not path.is_file():
+            raise DatasetError(f"{folder}/meta.json lists {name}, which is missing")
+        tokens = read_shard(path)
+        if tokens.dtype != np.dtype(meta["dtype"]):
+            raise DatasetError(f"{path} holds {tokens.dtype} tokens but meta.json says {meta['dtype']}")
+        if len(tokens) and int(tokens.max()) >= vocab_size:
+            raise DatasetError(f"{path} holds token id {int(tokens.max())}, but the tokenizer has only "
+                               f"{vocab_size} ids (0-{vocab_size - 1}): the shard does not belong to this meta.json")
+        shards.append(tokens)
+    found = sum(len(tokens) for tokens in shards)
+    if found != info["tokens"]:
+        raise DatasetError(f"{folder}/meta.json says the {split} split has {info['tokens']:,} tokens, "
+                           f"its shards hold {found:,}")
+    return shards

@@ -1,0 +1,239 @@
+"""Tokenizers: train your own byte-level BPE, save it in tiktoken's file format, load any tokenizer.
+
+    chunk_counts = count_chunks(texts)                # text cut into word-like chunks, counted
+    vocabulary = train_bpe(chunk_counts, 8192)        # token byte strings in rank order
+    sha256 = write_tiktoken_file(path, vocabulary)    # `base64(token) rank` per line
+    encoder = load_tokenizer(folder, meta["tokenizer"])  # a tiktoken.Encoding
+    encoder.encode("def f(x):", disallowed_special=())
+
+Three kinds, all encoding through tiktoken: bpe (trained here on the corpus, pure Python),
+byte (256 bytes and end-of-text; no training) and gpt2 (tiktoken's own; needs the network
+once). End-of-text is the last id of every vocabulary we train.
+"""
+import base64
+import hashlib
+import heapq
+import re
+import sys
+import unicodedata
+from collections import Counter, defaultdict
+from functools import cache
+from pathlib import Path
+
+import tiktoken
+
+from dataset import EOT, atomic_write, read_meta
+from flags import UserError
+
+TOKENIZERS = ("bpe", "byte", "gpt2")
+
+
+class TokenizerError(UserError):
+    """A tokenizer that cannot be trained or loaded as described."""
+
+
+# GPT-4's split pattern (tiktoken's cl100k_base). Text is cut into chunks (a word with its
+# leading space, up to 3 digits, a run of punctuation, whitespace) and BPE never merges
+# across chunks, so no token spans the end of one word and the start of the next.
+SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+|"""
+                 r""" ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
+# Unicode's White_Space property: \s in tiktoken's regex engine (Python's \s adds \x1c-\x1f)
+WHITE_SPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200b))) + \
+              "\u2028\u2029\u202f\u205f\u3000"
+
+
+@cache
+def python_split_regex():
+    """SPLIT_PATTERN for Python's re, which has no \\p{L} (letters) or \\p{N} (numbers).
+
+    tiktoken runs SPLIT_PATTERN in Rust when encoding; the trainer runs this translation,
+    whose classes are built from unicodedata, so both cut text into the same chunks
+    (except for characters newer than this Python's Unicode database)."""
+    kinds = "".join(map(_char_kind, map(chr, range(sys.maxunicode + 1))))
+    translations = {r"[^\r\n\p{L}\p{N}]": "SO", r"[^\s\p{L}\p{N}]": "O", r"\p{L}": "L",
+                    r"\p{N}": "N", r"\s": "SR", r"\S": "LNO"}
+    classes = {key: _char_class(kinds, wanted) for key, wanted in translations.items()}
+    classes["$"] = r"\Z"  # end of text; Python's $ would also match before a final newline
+    translated = re.sub("|".join(map(re.escape, classes)), lambda match: classes[match.group()], SPLIT_PATTERN)
+    return re.compile(translated)
+
+
+def _char_kind(char):
+    """L letter, N number, R \\r or \\n, S other white space, O anything else."""
+    if char in "\r\n":
+        return "R"
+    if char in WHITE_SPACE:
+        return "S"
+    category = unicodedata.category(char)[0]
+    return category if category in "LN" else "O"
+
+
+def _char_class(kinds, wanted):
+    """A regex matching the code points whose kind letter is in wanted."""
+    spans = [(match.start(), match.end() - 1) for match in re.finditer(f"[{wanted}]+", kinds)]
+    bmp = [(start, min(end, 0xFFFF)) for start, end in spans if start <= 0xFFFF]
+    astral = [(max(start, 0x10000), end) for start, end in spans if end > 0xFFFF]
+    brackets = lambda spans: "[" + "".join(f"{re.escape(chr(start))}-{re.escape(chr(end))}" for start, end in spans) + "]"
+    if not astral:
+        return brackets(bmp)
+    # re tests BMP characters against a bitmap but scans characters past U+FFFF one range
+    # at a time; the lookahead keeps the common BMP characters out of that scan (5x faster)
+    return f"(?:{brackets(bmp)}|(?=[\U00010000-\U0010FFFF]){brackets(astral)})"
+
+
+def count_chunks(texts):
+    """How often each chunk (see SPLIT_PATTERN) occurs in texts."""
+    split = python_split_regex()
+    chunk_counts = Counter()
+    for text in texts:
+        chunk_counts.update(split.findall(text))
+    return chunk_counts
+
+
+def train_bpe(chunk_counts, vocab_size, progress=None):
+    """Byte-level BPE: the vocabulary (token bytes in rank order) of vocab_size - 1 tokens;
+    the end-of-text token comes last. Each step merges the most frequent adjacent pair of
+    tokens (ties: the smallest pair of ids), counted inside chunks and weighted by how
+    often each chunk occurs; a pair must occur at least twice."""
+    vocabulary = [bytes([value]) for value in range(256)]
+    token_ids = {token: token_id for token_id, token in enumerate(vocabulary)}
+    words = [list(chunk.encode("utf-8", "surrogatepass")) for chunk in chunk_counts]
+    word_counts = list(chunk_counts.values())
+    pair_counts, pair_words = defaultdict(int), defaultdict(set)
+    for index, word in enumerate(words):
+        for pair in zip(word, word[1:]):
+            pair_counts[pair] += word_counts[index]
+            pair_words[pair].add(index)
+    # A max-heap of (-count, pair). A merge only lowers the counts of the pairs around it,
+    # except those with the new token, which are pushed afresh; so every entry is an upper
+    # bound: a stale top entry goes back with its current count, and the first entry that
+    # is up to date is the true maximum.
+    heap = [(-count, pair) for pair, count in pair_counts.items()]
+    heapq.heapify(heap)
+    target = vocab_size - 1
+    while len(vocabulary) < target and heap:
+        negative_count, pair = heapq.heappop(heap)
+        count = pair_counts[pair]
+        if count != -negative_count:
+            if count:
+                heapq.heappush(heap, (-count, pair))
+            continue
+        if count < 2:
+            break
+        merged = vocabulary[pair[0]] + vocabulary[pair[1]]
+        if merged not in token_ids:  # a byte string reached by two merges keeps one id
+            token_ids[merged] = len(vocabulary)
+            vocabulary.append(merged)
+        for new_pair in merge_pair(pair, token_ids[merged], words, word_counts, pair_counts, pair_words):
+            heapq.heappush(heap, (-pair_counts[new_pair], new_pair))
+        if progress:
+            progress.update(len(vocabulary) - 256)
+    if len(vocabulary) < target:
+        raise TokenizerError(
+            f"--vocab_size={vocab_size} is more than this text supports: after "
+            f"{len(vocabulary) - 256} merges no pair of tokens occurs twice. Use at most "
+            f"--vocab_size={len(vocabulary) + 1}, or train on more text (more input, or a "
+            f"larger --tokenizer_train_chars).")
+    return vocabulary
+
+
+def merge_pair(pair, new_id, words, word_counts, pair_counts, pair_words):
+    """Replaces pair by new_id in the words that hold it and updates the pair counts of
+    just those words; returns the pairs whose counts grew (they all contain new_id)."""
+    grown = set()
+    for index in pair_words.pop(pair):
+        word = words[index]
+        merged = merge_word(word, pair, new_id)
+        if len(merged) == len(word):
+            continue  # a stale entry: an earlier merge already took this pair apart
+        count = word_counts[index]
+        for old_pair in zip(word, word[1:]):
+            pair_counts[old_pair] -= count
+        for new_pair in zip(merged, merged[1:]):
+            pair_counts[new_pair] += count
+            if new_id in new_pair:
+                pair_words[new_pair].add(index)
+                grown.add(new_pair)
+        words[index] = merged
+    return grown
+
+
+def merge_word(word, pair, new_id):
+    """word with every occurrence of pair, left to right, replaced by new_id."""
+    first, second = pair
+    merged, position, last = [], 0, len(word) - 1
+    while position <= last:
+        if position < last and word[position] == first and word[position + 1] == second:
+            merged.append(new_id)
+            position += 2
+        else:
+            merged.append(word[position])
+            position += 1
+    return merged
+
+
+# ----------------------------------------------------------------------------- files and loading
+def load_tokenizer(folder, tokenizer_info=None):
+    """The tiktoken.Encoding described by tokenizer_info (meta.json's "tokenizer" entry,
+    read from folder/meta.json when None); a trained BPE's file is read from folder."""
+    info = tokenizer_info if tokenizer_info is not None else read_meta(folder)["tokenizer"]
+    kind = info["kind"]
+    if kind == "bpe":
+        encoder = _encoding("owngpt-bpe", read_tiktoken_file(Path(folder) / info["file"], info["sha256"]))
+    elif kind == "byte":
+        encoder = _encoding("owngpt-byte", [bytes([value]) for value in range(256)])
+    elif kind == "gpt2":
+        encoder = gpt2_encoding()
+    else:
+        raise TokenizerError(f"{folder}: unknown tokenizer kind {kind!r}, expected one of {TOKENIZERS}")
+    if (encoder.n_vocab, encoder.eot_token) != (info["vocab_size"], info["eot_id"]):
+        raise TokenizerError(f"{folder}: the {kind} tokenizer has {encoder.n_vocab} tokens and end-of-text "
+                         f"id {encoder.eot_token}, but its description says {info['vocab_size']} "
+                         f"and {info['eot_id']}")
+    return encoder
+
+
+def _encoding(name, vocabulary):
+    """tiktoken encoding: the tokens in rank order, then the end-of-text special token."""
+    return tiktoken.Encoding(
+        f"{name}-{len(vocabulary) + 1}", pat_str=SPLIT_PATTERN,
+        mergeable_ranks={token: rank for rank, token in enumerate(vocabulary)},
+        special_tokens={EOT: len(vocabulary)})
+
+
+def gpt2_encoding():
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except OSError as error:  # requests' errors are OSErrors
+        raise TokenizerError(
+            f"the gpt2 tokenizer needs the network the first time (tiktoken downloads its files "
+            f"and caches them), and the download failed: {error}. Offline, use --tokenizer=bpe "
+            f"or --tokenizer=byte.") from None
+
+
+def read_tiktoken_file(path, sha256):
+    """The token byte strings of a tokenizer.tiktoken file (`base64(token) rank` per line),
+    checked against the sha256 recorded when it was written."""
+    data = Path(path).read_bytes()
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != sha256:
+        raise TokenizerError(f"{path}: sha256 is {actual} but the dataset recorded {sha256}: the "
+                         f"tokenizer file was changed or belongs to another dataset")
+    vocabulary = []
+    for number, line in enumerate(data.splitlines(), start=1):
+        try:
+            token, rank = line.split()
+            vocabulary.append(base64.b64decode(token, validate=True))
+            valid = int(rank) == number - 1
+        except ValueError:
+            valid = False
+        if not valid:
+            raise TokenizerError(f"{path}:{number}: expected 'base64-token {number - 1}', found {line[:60]!r}")
+    return vocabulary
+
+
+def write_tiktoken_file(path, vocabulary):
+    """Writes tiktoken's own format, so tiktoken.load.load_tiktoken_bpe reads it too."""
+    lines = b"".join(base64.b64encode(token) + b" %d\n" % rank for rank, token in enumerate(vocabulary))
+    atomic_write(path, lambda f: f.write(lines))
+    return hashlib.sha256(lines).hexdigest()
