@@ -1,8 +1,14 @@
 """The GPT: a decoder-only transformer in one file, with generation through a KV cache.
 
-It is GPT-2's architecture: token and learned position embeddings, a stack of pre-norm
-blocks (causal self-attention, then an MLP), a final LayerNorm, and an output head that
-shares its weights with the token embedding. train.py and sample.py import it.
+Two blocks, chosen by GPTConfig.block:
+- "gpt2", GPT-2's architecture (2019): token and learned position embeddings, a stack of
+  pre-norm blocks (causal self-attention, then a GELU MLP) with LayerNorm, a final
+  LayerNorm, and an output head that shares its weights with the token embedding.
+- "modern", the changes modded-nanogpt and nanochat found to train more per token (each
+  with its source below): rotary position embeddings instead of learned ones, RMSNorm
+  without gains (also right after the embedding), RMSNorm on queries and keys, a ReLU^2
+  MLP, output projections and head initialised to zero, and a head of its own.
+train.py and sample.py import it.
 
 Run on its own, it builds a small model and prints its size and a few generated tokens:
 
@@ -35,8 +41,19 @@ class GPTConfig:
     n_head: int = 6
     n_embd: int = 384
     dropout: float = 0.0
-    bias: bool = False  # biases in Linear and LayerNorm (GPT-2 had them; without is a bit faster)
+    bias: bool = False  # biases in Linear and LayerNorm (GPT-2 had them; without is a bit faster); gpt2 block only
     gradient_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
+    block: str = "gpt2"  # gpt2 | modern (see the module docstring); checkpoints from before it are gpt2
+
+    def __post_init__(self):
+        if self.block not in BLOCKS:
+            raise ValueError(f"block must be one of {', '.join(BLOCKS)}, got {self.block!r}")
+        if self.block == "modern" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"the modern block's rotary embedding needs an even head size, "
+                             f"got n_embd / n_head = {self.n_embd // self.n_head}")
+
+
+BLOCKS = ("gpt2", "modern")
 
 
 def padded_vocab_size(vocab_size: int) -> int:
@@ -80,12 +97,43 @@ class KVCache:
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
 
+def rms_norm(x):
+    """RMSNorm without a gain (Zhang & Sennrich 2019; gain-free as in modded-nanogpt and
+    nanochat): x / sqrt(mean(x^2) + eps) over the last dimension."""
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (Su et al. 2021, RoFormer): each pair of a head's channels
+    (i, i + head_size/2) is rotated by position * base^(-2i/head_size). The dot product of
+    a rotated query and key then depends only on how far apart they are, so the model needs
+    no position table and a KV cache can be refilled from any offset."""
+
+    def __init__(self, head_size, max_positions, base=10000.0):
+        super().__init__()
+        frequencies = base ** (-torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
+        angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), frequencies)
+        # buffers, not parameters, and not saved: they are rebuilt from the config
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x, start):
+        """x: (B, n_head, T, head_size) at positions start .. start + T - 1."""
+        T = x.size(2)
+        cos, sin = self.cos[start:start + T].to(x.dtype), self.sin[start:start + T].to(x.dtype)
+        first, second = x.chunk(2, dim=-1)
+        return torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         assert config.n_embd % config.n_head == 0, "n_embd must be a multiple of n_head"
         self.n_head = config.n_head
         self.dropout = config.dropout
+        self.modern = config.block == "modern"
+        if self.modern:
+            self.rotary = Rotary(config.n_embd // config.n_head, config.block_size)
         # one matrix for query, key and value: one large multiply instead of three small ones
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -97,6 +145,11 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, n_head, T, head_size): each head attends on its own
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if self.modern:
+            # QK-norm (Dehghani et al. 2023; modded-nanogpt): unit-RMS queries and keys keep
+            # the attention logits bounded, which lets the learning rate be higher
+            start = kv_cache.length if kv_cache is not None else 0
+            q, k = self.rotary(rms_norm(q), start), self.rotary(rms_norm(k), start)
         if kv_cache is not None:
             # A prefill starts from an empty cache, so queries and keys line up and the
             # usual causal mask applies; a single new query may look at every stored key.
@@ -112,12 +165,17 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
+        self.modern = config.block == "modern"
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.is_residual_projection = True
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
+        if self.modern:
+            # ReLU^2 (So et al. 2021, Primer): cheaper than GELU and trained better in
+            # their search and in modded-nanogpt
+            return self.dropout(self.c_proj(F.relu(self.c_fc(x)).square()))
         # The exact GELU, x * Phi(x) (Hendrycks & Gimpel 2016). GPT-2 used its tanh
         # approximation, which is within 5e-4 of it everywhere but about 3x slower on CPU.
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
@@ -129,32 +187,41 @@ class Block(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.modern = config.block == "modern"
+        if not self.modern:
+            self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+            self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
     def forward(self, x, kv_cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), kv_cache, layer)
-        return x + self.mlp(self.ln_2(x))
+        norm_1, norm_2 = (rms_norm, rms_norm) if self.modern else (self.ln_1, self.ln_2)
+        x = x + self.attn(norm_1(x), kv_cache, layer)
+        return x + self.mlp(norm_2(x))
 
 
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(dict(
+        self.modern = config.block == "modern"
+        modules = dict(
             wte=nn.Embedding(padded_vocab_size(config.vocab_size), config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
-        ))
+        )
+        if not self.modern:  # the modern block has rotary positions and gain-free norms
+            modules.update(wpe=nn.Embedding(config.block_size, config.n_embd),
+                           ln_f=nn.LayerNorm(config.n_embd, bias=config.bias))
+        self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, padded_vocab_size(config.vocab_size), bias=False)
-        # Weight tying (Press & Wolf 2017): reading a token and predicting it use one
-        # matrix, which saves vocab_size * n_embd parameters and trains at least as well.
-        self.lm_head.weight = self.transformer.wte.weight
-        self.apply(self._init_weights)
+        if not self.modern:
+            # Weight tying (Press & Wolf 2017): reading a token and predicting it use one
+            # matrix, which saves vocab_size * n_embd parameters and trains at least as well.
+            # The modern recipe unties them (modded-nanogpt, nanochat): the head then learns
+            # at its own rate.
+            self.lm_head.weight = self.transformer.wte.weight
+        self.apply(self._init_weights_modern if self.modern else self._init_weights)
 
     def _init_weights(self, module):
         """GPT-2's initialisation (its paper, section 2.3, and its released code).
@@ -180,6 +247,25 @@ class GPT(nn.Module):
             with torch.no_grad():
                 module.weight[self.config.vocab_size:].zero_()  # the padding rows
 
+    def _init_weights_modern(self, module):
+        """The modern block's initialisation (modded-nanogpt, nanochat): matrices uniform
+        with std 1/sqrt(fan_in), so each output starts at unit scale whatever the width; the
+        projections into the residual stream and the head start at zero, so each block
+        starts as the identity and the first logits are uniform; the embedding N(0, 1)
+        (an RMSNorm follows it)."""
+        if isinstance(module, nn.Linear):
+            if getattr(module, "is_residual_projection", False) or module is self.lm_head:
+                nn.init.zeros_(module.weight)
+            else:
+                bound = math.sqrt(3 / module.in_features)  # uniform(-b, b) has std b / sqrt(3)
+                nn.init.uniform_(module.weight, -bound, bound)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif module is self.transformer.wte:
+            nn.init.normal_(module.weight, mean=0.0, std=1.0)
+            with torch.no_grad():
+                module.weight[self.config.vocab_size:].zero_()  # the padding rows
+
     def forward(self, idx, targets=None):
         """idx, targets: (B, T) token ids. Returns logits (B, T, vocab_size) and the mean
         cross-entropy over the targets that are not -1, or None without targets."""
@@ -196,8 +282,11 @@ class GPT(nn.Module):
         start = kv_cache.length if kv_cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"{start + T} tokens of context, more than block_size={self.config.block_size}")
-        positions = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
+        if self.modern:
+            x = self.transformer.drop(rms_norm(self.transformer.wte(idx)))  # positions: rotary, in attention
+        else:
+            positions = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+            x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
         recompute = self.config.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer, block in enumerate(self.transformer.h):
             if recompute:
@@ -208,16 +297,17 @@ class GPT(nn.Module):
                 x = block(x, kv_cache, layer)
         if kv_cache is not None:
             kv_cache.length += T
-        return self.transformer.ln_f(x)
+        return rms_norm(x) if self.modern else self.transformer.ln_f(x)
 
     def head(self, x):
         """Logits over the real vocabulary: the padded columns are cut off."""
         return self.lm_head(x)[..., : self.config.vocab_size]
 
     def num_params(self) -> int:
-        """All parameters, the tied head counted once, the embedding's padding rows not."""
+        """All parameters, a tied head counted once, the padding rows of embedding and head not."""
         padding = (padded_vocab_size(self.config.vocab_size) - self.config.vocab_size) * self.config.n_embd
-        return sum(p.numel() for p in self.parameters()) - padding
+        tables = 1 if self.lm_head.weight is self.transformer.wte.weight else 2
+        return sum(p.numel() for p in self.parameters()) - tables * padding
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token: 6N + 12 * n_layer * n_embd * block_size.
@@ -225,23 +315,24 @@ class GPT(nn.Module):
         PaLM (Chowdhery et al. 2022), appendix B: every weight does a multiply-add
         (2 FLOPs) forward and twice that backward (6N), plus the attention scores and their
         weighted sum over a context of T (12 L C T). N counts the weights that multiply:
-        the tied head (the token lookup is free), not the position embeddings.
+        the head, not the lookups of the token and position embeddings.
         """
         c = self.config
-        n_matmul = self.num_params() - self.transformer.wpe.weight.numel()
+        lookups = c.vocab_size * c.n_embd if self.modern else c.block_size * c.n_embd  # untied wte | wpe
+        n_matmul = self.num_params() - lookups
         return 6 * n_matmul + 12 * c.n_layer * c.n_embd * c.block_size
 
-    def configure_optimizer(self, weight_decay, learning_rate, betas, device_type) -> torch.optim.AdamW:
-        """AdamW that decays the matrices (dim >= 2: Linear weights, embeddings) and not
-        the gains and biases, whose size carries no overfitting risk worth pulling on."""
+    def parameter_groups(self, hidden_matrices_apart):
+        """The parameters by how they are optimised: (hidden, matrices, vectors). hidden are
+        the blocks' weight matrices (a list, empty unless hidden_matrices_apart), for Muon;
+        matrices the other tensors of dim >= 2 (embeddings, head), which weight decay pulls
+        on; vectors the gains and biases, whose size carries no overfitting risk."""
         params = [p for p in self.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        # The fused kernel updates all tensors in one pass instead of one small op at a time:
-        # on CUDA that is one launch; on CPU it took a quarter of the default's time (2 cores).
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
+        hidden_ids = {id(p) for p in self.transformer.h.parameters() if p.dim() == 2} if hidden_matrices_apart else set()
+        hidden = [p for p in params if id(p) in hidden_ids]
+        matrices = [p for p in params if p.dim() >= 2 and id(p) not in hidden_ids]
+        vectors = [p for p in params if p.dim() < 2]
+        return hidden, matrices, vectors
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
@@ -254,8 +345,7 @@ class GPT(nn.Module):
         generation ends once every row has. Put the model in eval() mode first.
 
         With use_cache the prompt is read once and each step reads just the new token.
-        Positions are learned and absolute, so the cache cannot slide one token at a time.
-        Once the context outgrows block_size, generation turns the page like a reader: it
+        The cache holds block_size tokens, so it cannot grow forever. Once the context outgrows block_size, generation turns the page like a reader: it
         keeps the last block_size - block_size // 2 tokens, refills the cache from them
         once, and goes on one token per step for the next block_size // 2 steps. The price:
         each token past block_size sees from half a window to a full one of context.
