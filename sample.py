@@ -23,7 +23,9 @@ import torch
 from model import GPT, GPTConfig, check_sampling_options
 from dataset import EOT
 from tokenizer import load_tokenizer
-from train import TrainError, load_checkpoint_file, pick_device
+from checkpoint import load_checkpoint_file
+from flags import UserError
+from train import pick_device
 
 _NAMES_BEFORE_DEFAULTS = set(globals())
 # ----------------------------------------------------------------------------- defaults
@@ -119,7 +121,7 @@ def load_model(path, device):
                           f"best.pt (--ckpt=best) into its out_dir")
     try:
         checkpoint = load_checkpoint_file(path)
-    except TrainError as error:
+    except UserError as error:
         raise SampleError(str(error)) from None
     missing = [key for key in ("model", "model_config", "tokenizer") if key not in checkpoint]
     if missing:

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import checkpoint
 import dataset
 import tokenizer
 import train
@@ -237,7 +238,7 @@ def test_keep_last_checkpoints_are_recorded_with_size_and_sha256(trained_run):
     assert [entry["iter"] for entry in entries] == [20, 30]
     assert sorted(path.name for path in out_dir.glob("ckpt_*.pt")) == ["ckpt_0000020.pt", "ckpt_0000030.pt"]
     for entry in entries:
-        assert train.checkpoint_problem(out_dir / entry["file"], entry) is None
+        assert checkpoint.checkpoint_problem(out_dir / entry["file"], entry) is None
     assert (out_dir / "ckpt.pt").samefile(out_dir / "ckpt_0000030.pt")
 
 
@@ -254,8 +255,8 @@ def test_a_damaged_newest_checkpoint_is_reported_and_the_previous_one_used(train
         newest.write_bytes(data[: len(data) // 2])
     else:
         newest.unlink()
-    path, checkpoint = train.newest_valid_checkpoint(out_dir)
-    assert path.name == "ckpt_0000020.pt" and checkpoint["iter_num"] == 20
+    path, saved = checkpoint.newest_valid_checkpoint(out_dir)
+    assert path.name == "ckpt_0000020.pt" and saved["iter_num"] == 20
     assert "skipping damaged checkpoint" in capsys.readouterr().err
 
 
