@@ -31,15 +31,11 @@ skipped; max_bad_steps of them in a row stop the run. Under `torchrun --max-rest
 when a process crashes torchrun restarts the group, and the restarted group goes on from
 the newest checkpoint by itself (see continue_after_restart).
 """
-import ast
-import builtins
 import dataclasses
-import difflib
 import json
 import math
 import os
 import random
-import re
 import signal
 import sys
 import tempfile
@@ -47,19 +43,19 @@ import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+import flags
 from checkpoint import (MANIFEST_FILE, check_free_space, load_checkpoint_file, newest_valid_checkpoint, read_manifest,
                         write_checkpoint)
 from dataset import atomic_write, open_folder, read_meta, read_split
-from flags import UserError
+from model import GPT, GPTConfig, available_devices, peak_flops, pick_device
 from tokenizer import load_tokenizer
-from model import GPT, GPTConfig, peak_flops
 
 _NAMES_BEFORE_DEFAULTS = set(globals())
 # ---- defaults ---------------------------------------------------------------
@@ -104,103 +100,62 @@ compile = False  # torch.compile the model: faster on GPUs after a minute of com
 seed = 1337  # seeds model init, batches and dropout (process k uses seed + k)
 # reliability
 max_bad_steps = 5  # stop after this many non-finite steps in a row
-inject_nan_at = 0  # testing aid: make the loss of this iteration NaN, to exercise the skip; 0 = off
 # ---- end of defaults ----------------------------------------------------------
 DEFAULTS = {name: value for name, value in globals().items()
             if name not in _NAMES_BEFORE_DEFAULTS and not name.startswith("_")}
+HELP = flags.comments_of(__file__)  # --help shows the comment beside each default
 
+
+def above_zero(value):
+    return None if value > 0 else "greater than 0"
+
+
+def zero_to_below_one(value):
+    return None if 0 <= value < 1 else "at least 0 and below 1"
+
+
+def checkpoint_to_start_from(value):
+    return None if value in ("scratch", "resume") or os.path.isfile(value) else \
+        "scratch, resume or the path of a checkpoint file"
+
+
+# What each value may be, checked before any work starts (flags.py). Every key is here but the
+# booleans (true or false is all they can be) and the free-form names out_dir, dataset,
+# wandb_project and wandb_run_name (a missing dataset or an unwritable out_dir is found when opened).
+positive, non_negative = flags.at_least(1), flags.all_of(flags.finite, flags.at_least(0))
+CHECKS = {
+    "init_from": checkpoint_to_start_from,
+    **dict.fromkeys(("eval_interval", "eval_iters", "log_interval", "keep_last", "batch_size", "block_size",
+                     "gradient_accumulation_steps", "n_layer", "n_head", "n_embd", "max_iters", "max_bad_steps"),
+                    positive),
+    **dict.fromkeys(("dropout", "beta1", "beta2"), zero_to_below_one),
+    "learning_rate": flags.all_of(flags.finite, above_zero),
+    **dict.fromkeys(("weight_decay", "grad_clip", "min_lr"), non_negative),
+    **dict.fromkeys(("warmup_iters", "lr_decay_iters"), flags.at_least(0)),
+    "device": lambda device: flags.one_of("auto", *available_devices())(device),  # what this machine has
+    "dtype": flags.one_of("auto", "float32", "bfloat16", "float16"),
+    "seed": flags.between(0, 2**31 - 1),  # numpy takes 32-bit seeds, and process k adds k
+}
+RELATIONS = (  # rules between keys: each returns what is wrong, or None
+    lambda config: None if config["n_embd"] % config["n_head"] == 0 else
+    f"n_embd={config['n_embd']} must be a multiple of n_head={config['n_head']} (each head gets n_embd / n_head)",
+    lambda config: None if config["min_lr"] <= config["learning_rate"] else
+    f"min_lr={config['min_lr']} must be at most learning_rate={config['learning_rate']}: the schedule decays "
+    "from learning_rate down to min_lr",
+    lambda config: None if not (config["eval_only"] and config["init_from"] == "scratch") else
+    "eval_only=True evaluates a checkpoint: set init_from=resume or init_from=path/to/ckpt.pt",
+)
 METRICS_FILE = "metrics.jsonl"
 
 
-class TrainError(UserError):
+class TrainError(flags.UserError):
     """A problem the user can fix (config, data, checkpoint): printed without a traceback."""
 
 
-# ----------------------------------------------------------------------------- config
-def parse_config(args):
-    """The defaults, then each config file in order, then each --key=value: a config namespace."""
-    config = dict(DEFAULTS)
-    for arg in args:
-        if arg.startswith("--"):
-            key, has_value, text = arg[2:].partition("=")
-            if not has_value:
-                raise TrainError(f"{arg}: flags are written --key=value")
-            config[key] = checked_value(key, flag_value(key, text), arg)
-        else:
-            config.update(read_config_file(arg, config))
-    cfg = SimpleNamespace(**config)
-    check_config(cfg)
-    return cfg
-
-
-def read_config_file(path, config):
-    """Run a config file with the current config in scope; return the keys it assigned."""
-    if not os.path.isfile(path):
-        raise TrainError(f"config file {path!r} not found (flags are written --key=value)")
-    namespace = dict(config)
-    # builtins.compile: the config key `compile` shadows the built-in in this module
-    exec(builtins.compile(Path(path).read_text(), path, "exec"), namespace)
-    assigned = {}
-    for key, value in namespace.items():
-        if key.startswith("_") or isinstance(value, ModuleType) or callable(value):
-            continue  # __builtins__, imported modules, helper functions
-        if key not in config or value is not config[key]:
-            assigned[key] = checked_value(key, value, path)
-    return assigned
-
-
-def flag_value(key, text):
-    """A flag's text as a Python literal (3, 1e-4, True); string keys take the text as is."""
-    if isinstance(DEFAULTS.get(key), str):
-        return text
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
-def checked_value(key, value, source):
-    if key not in DEFAULTS:
-        closest = difflib.get_close_matches(key, DEFAULTS, n=1, cutoff=0.0)[0]
-        raise TrainError(f"{source}: unknown config key {key!r}; did you mean {closest!r}?")
-    expected = type(DEFAULTS[key])
-    if expected is float and type(value) is int:
-        return float(value)
-    if type(value) is not expected:
-        raise TrainError(f"{source}: {key} expects {expected.__name__}, got {type(value).__name__} {value!r}")
-    return value
-
-
-def check_config(cfg):
-    for key in ("batch_size", "block_size", "gradient_accumulation_steps", "n_layer", "n_head", "n_embd",
-                "eval_interval", "eval_iters", "log_interval", "keep_last", "max_bad_steps"):
-        if getattr(cfg, key) < 1:
-            raise TrainError(f"{key} must be at least 1, got {getattr(cfg, key)}")
-    if cfg.n_embd % cfg.n_head:
-        raise TrainError(f"n_embd={cfg.n_embd} must be a multiple of n_head={cfg.n_head}")
-    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise TrainError(f"dtype must be auto, float32, bfloat16 or float16, got {cfg.dtype!r}")
-    if cfg.init_from not in ("scratch", "resume") and not os.path.isfile(cfg.init_from):
-        raise TrainError(f"init_from must be scratch, resume or the path of a checkpoint file; {cfg.init_from!r} is not a file")
-    if cfg.eval_only and cfg.init_from == "scratch":
-        raise TrainError("eval_only=True evaluates a checkpoint: set init_from=resume or init_from=path/to/ckpt.pt")
-
-
-def help_text():
-    """Every key with its default and its comment, in the sections of the defaults above."""
-    source = Path(__file__).read_text()
-    block = source[source.index("# ---- defaults"):source.index("# ---- end of defaults")].splitlines()[1:]
-    width = max(len(f"--{key}={value}") for key, value in DEFAULTS.items())
-    lines = ["usage: python train.py [config/file.py ...] [--key=value ...]",
-             "Config files run first, in order, then the flags. Keys and defaults:"]
-    for line in block:
-        assignment = re.match(r"(\w+) = .*?  # (.*)", line)
-        if assignment:
-            key, comment = assignment.groups()
-            lines.append(f"  {f'--{key}={DEFAULTS[key]}':<{width}}  {comment}")
-        else:
-            lines.append(line.removeprefix("# ").join(["", ":"]))  # a section heading
-    return "\n".join(lines)
+def read_config(argv):
+    """The defaults, then each config file in order, then each --key=value, checked: a namespace."""
+    return SimpleNamespace(**flags.parse(argv, DEFAULTS, HELP, CHECKS, program="train.py", config_files=True,
+                                         relations=RELATIONS))
 
 
 # ----------------------------------------------------------------------------- processes and devices
@@ -240,14 +195,6 @@ def join_process_group(backend, rank, world_size):
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     dist.init_process_group(backend=backend, store=dist.PrefixStore(f"attempt_{attempt}", agent_store),
                             rank=rank, world_size=world_size)
-
-
-def pick_device(requested):
-    if requested != "auto":
-        return requested
-    if torch.cuda.is_available():
-        return "cuda"
-    return "mps" if torch.backends.mps.is_available() else "cpu"
 
 
 def pick_dtype(requested, device):
@@ -792,8 +739,6 @@ def train(run):
         started = time.perf_counter()
         loss = forward_backward(run.train_model, next_batch, run.micro_steps, run.rt.autocast, run.scaler,
                                 run.rt.world_size > 1)
-        if run.iter_num + 1 == cfg.inject_nan_at:
-            loss = loss * math.nan
         loss, grad_norm, skipped, stop = optimizer_step(run, loss, run.stop.is_set())
         run.iter_num += 1
         run.timer.add(time.perf_counter() - started)
@@ -825,14 +770,11 @@ def evaluate_only(run):
 
 
 def main(argv):
-    if "--help" in argv or "-h" in argv:
-        print(help_text())
-        return
     try:
-        cfg = parse_config(argv)
+        cfg = read_config(argv)
         run = build_run(cfg)
         evaluate_only(run) if cfg.eval_only else train(run)
-    except UserError as error:
+    except flags.UserError as error:
         sys.exit(f"error: {error}")
     finally:
         if dist.is_initialized():
