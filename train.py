@@ -309,14 +309,14 @@ def save_checkpoint(run, is_best):
     fixed batches in eval mode and draws no random numbers: so the resumed run starts
     where this one would have gone on.
     """
-    states = gather_from_ranks(rng_states(run.generator, run.rt.device), run.rt)
-    if not run.rt.is_main:
+    states = gather_from_ranks(rng_states(run.generator, run.runtime.device), run.runtime)
+    if not run.runtime.is_main:
         return
     checkpoint = {
         "model": run.raw_model.state_dict(), "model_config": dataclasses.asdict(run.raw_model.config),
         "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict() if run.scaler else None,
         "iter_num": run.iter_num, "best_val_loss": run.best_val_loss, "config": vars(run.cfg),
-        "tokenizer": run.tokenizer_info, "rng": states, "data": {"world_size": run.rt.world_size},
+        "tokenizer": run.tokenizer_info, "rng": states, "data": {"world_size": run.runtime.world_size},
         "elapsed_s": run.elapsed_s(),
     }
     try:
@@ -384,8 +384,8 @@ def evaluate(model, windows, batch_ids, byte_lengths, runtime):
 def run_evaluation(run):
     """Evaluate val and train on their fixed batches; log; return True if val loss is a new best."""
     started = time.perf_counter()
-    val = evaluate(run.model, run.splits["val"], run.eval_batches["val"], run.byte_lengths, run.rt)
-    on_train = evaluate(run.model, run.splits["train"], run.eval_batches["train"], run.byte_lengths, run.rt)
+    val = evaluate(run.model, run.splits["val"], run.eval_batches["val"], run.byte_lengths, run.runtime)
+    on_train = evaluate(run.model, run.splits["train"], run.eval_batches["train"], run.byte_lengths, run.runtime)
     run.eval_seconds = time.perf_counter() - started
     perplexity = math.exp(min(val["loss"], 700))
     run.log.print(f"eval at iter {run.iter_num}: val loss {val['loss']:.4f} (perplexity {perplexity:.2f}, "
@@ -443,7 +443,7 @@ def optimizer_step(run, loss, stop_requested):
     # with a loss scaler, inf gradients are its normal overflow signal: scaler.step skips those itself
     not_finite = ~torch.isfinite(loss) if run.scaler else ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
     flags = torch.stack([loss.float(), not_finite.float(), torch.tensor(float(stop_requested), device=loss.device)])
-    if run.rt.world_size > 1:
+    if run.runtime.world_size > 1:
         dist.all_reduce(flags)
     loss_sum, not_finite_count, stop_count = flags.tolist()
     skipped = not_finite_count > 0
@@ -455,7 +455,7 @@ def optimizer_step(run, loss, stop_requested):
     if run.scaler:
         run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
-    return loss_sum / run.rt.world_size, grad_norm.item(), skipped, stop_count > 0
+    return loss_sum / run.runtime.world_size, grad_norm.item(), skipped, stop_count > 0
 
 
 # ----------------------------------------------------------------------------- logging
@@ -523,11 +523,11 @@ def print_plan(run):
     total_tokens = run.tokens_per_iter * cfg.max_iters
     run.log.print(
         f"plan: {params / 1e6:.2f}M parameters | {run.tokens_per_iter:,} tokens/iter ({cfg.batch_size} x "
-        f"{cfg.block_size} tokens x {cfg.gradient_accumulation_steps} micro-steps, over {run.rt.world_size} "
-        f"process{'es' if run.rt.world_size > 1 else ''})\n"
+        f"{cfg.block_size} tokens x {cfg.gradient_accumulation_steps} micro-steps, over {run.runtime.world_size} "
+        f"process{'es' if run.runtime.world_size > 1 else ''})\n"
         f"      {cfg.max_iters:,} iterations = {total_tokens / 1e6:,.1f}M tokens = {total_tokens / params:.1f} tokens "
         f"per parameter (Chinchilla-optimal: ~20) | {run.raw_model.flops_per_token() * total_tokens:.2e} FLOPs\n"
-        f"      device {run.rt.device}, {str(run.rt.dtype).removeprefix('torch.')}, compile={cfg.compile}")
+        f"      device {run.runtime.device}, {str(run.runtime.dtype).removeprefix('torch.')}, compile={cfg.compile}")
 
 
 class StepTimer:
@@ -558,7 +558,7 @@ def log_step(run, loss, grad_norm, skipped, lr):
     text = (f"iter {run.iter_num}/{run.cfg.max_iters}: loss {loss:.4f} | lr {lr:.2e} | {ms_per_iter:.0f} ms/iter | "
             f"{tokens_per_s:,.0f} tokens/s")
     if run.peak_flops:
-        record["mfu"] = run.raw_model.flops_per_token() * tokens_per_s / (run.peak_flops * run.rt.world_size)
+        record["mfu"] = run.raw_model.flops_per_token() * tokens_per_s / (run.peak_flops * run.runtime.world_size)
         text += f" | MFU {record['mfu']:.1%}"
     remaining_iters = run.cfg.max_iters - run.iter_num
     remaining_evals = remaining_iters // run.cfg.eval_interval + 1
@@ -567,8 +567,9 @@ def log_step(run, loss, grad_norm, skipped, lr):
     run.log.write(record)
     if not run.estimate_printed and run.timer.timed_steps >= 5:
         run.estimate_printed = True
-        run.log.print(f"estimated wall time of the whole run on {run.rt.device}: {duration(run.elapsed_s() + eta)} "
-                      f"({ms_per_iter:.0f} ms/iter, {run.eval_seconds:.1f}s per evaluation)")
+        run.log.print(f"estimated wall time of the whole run on {run.runtime.device}: "
+                      f"{duration(run.elapsed_s() + eta)} ({ms_per_iter:.0f} ms/iter, "
+                      f"{run.eval_seconds:.1f}s per evaluation)")
 
 
 def peak_memory():
@@ -596,6 +597,42 @@ def install_stop_handlers(runtime):
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     return stop
+
+
+@dataclasses.dataclass
+class Run:
+    """What the training loop carries: made once by build_run, read by train() and the
+    functions it calls. Only the fields under "progress" change as the loop goes."""
+    cfg: SimpleNamespace  # the checked config (read_config)
+    runtime: SimpleNamespace  # rank, world_size, is_main, device, dtype, autocast (setup_runtime)
+    log: RunLog  # prints on rank 0; metrics.jsonl and wandb
+    stop: threading.Event  # set by SIGTERM or SIGINT: finish the step, save, exit
+    # data
+    splits: dict  # "train" and "val": TokenWindows
+    eval_batches: dict  # split -> the fixed batches of window ids every evaluation uses
+    byte_lengths: torch.Tensor  # bytes of text per token id, for bits per byte
+    tokenizer_info: dict  # meta.json's tokenizer entry, saved in each checkpoint for sample.py
+    generator: torch.Generator  # draws the training batches (process k seeds it with seed + k)
+    # model and optimizer
+    raw_model: GPT  # the parameters, for state_dict and clipping
+    model: torch.nn.Module  # raw_model, compiled when asked: what evaluation runs
+    train_model: torch.nn.Module  # model, wrapped in DDP under torchrun: what training runs
+    optimizer: torch.optim.Optimizer  # AdamW
+    scaler: torch.amp.GradScaler | None  # float16 only: scales the loss so small gradients survive
+    micro_steps: int  # micro-steps per iteration in this process
+    tokens_per_iter: int  # over all micro-steps and processes
+    peak_flops: float | None  # the GPU's datasheet FLOP/s, for MFU; None where unknown
+    started: float  # time.time() when this process began building the run
+    # progress
+    iter_num: int = 0  # iterations done (optimizer steps, skipped ones included)
+    best_val_loss: float = math.inf  # the lowest val loss so far: best.pt's
+    elapsed_before: float = 0.0  # seconds spent by the runs this one resumes
+    eval_seconds: float = 0.0  # the last evaluation's duration, for the ETA
+    timer: StepTimer = dataclasses.field(default_factory=StepTimer)  # step times between log lines
+    estimate_printed: bool = False  # the whole run's wall time is estimated once, after 5 timed steps
+
+    def elapsed_s(self):
+        return self.elapsed_before + time.time() - self.started
 
 
 def build_run(cfg):
@@ -631,26 +668,21 @@ def build_run(cfg):
         check_free_space(Path(cfg.out_dir), raw_model, cfg.keep_last)
     raw_model.to(runtime.device)
     model = torch.compile(raw_model) if cfg.compile else raw_model
-    run = SimpleNamespace(
-        cfg=cfg, rt=runtime, stop=stop, splits=splits, tokenizer_info=meta["tokenizer"],
-        byte_lengths=read_dataset(lambda: token_byte_lengths(folder, meta["tokenizer"], runtime.device)),
+    byte_lengths = read_dataset(lambda: token_byte_lengths(folder, meta["tokenizer"], runtime.device))
+    train_model = DistributedDataParallel(model) if runtime.world_size > 1 else model
+    optimizer = raw_model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                              runtime.device.type)
+    scaler = torch.amp.GradScaler(runtime.device.type) if runtime.dtype == torch.float16 else None
+    generator = torch.Generator().manual_seed(cfg.seed + runtime.rank)
+    progress = restore_training_state(checkpoint, path, optimizer, scaler, generator, runtime) if resuming else {}
+    return Run(
+        cfg=cfg, runtime=runtime, log=RunLog(cfg, runtime, progress.get("iter_num")), stop=stop,
+        splits=splits, byte_lengths=byte_lengths, tokenizer_info=meta["tokenizer"], generator=generator,
         eval_batches={split: windows.fixed_batch_ids(cfg.eval_iters, cfg.batch_size) for split, windows in splits.items()},
-        raw_model=raw_model, model=model,  # raw_model for state_dict, model (maybe compiled) to run
-        train_model=DistributedDataParallel(model) if runtime.world_size > 1 else model,
-        optimizer=raw_model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                                runtime.device.type),
-        scaler=torch.amp.GradScaler(runtime.device.type) if runtime.dtype == torch.float16 else None,
-        generator=torch.Generator().manual_seed(cfg.seed + runtime.rank),  # draws the training batches
+        raw_model=raw_model, model=model, train_model=train_model, optimizer=optimizer, scaler=scaler,
         micro_steps=cfg.gradient_accumulation_steps // runtime.world_size,
         tokens_per_iter=cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps,
-        iter_num=0, best_val_loss=math.inf, elapsed_before=0.0, started=started, eval_seconds=0.0,
-        peak_flops=peak_flops(runtime.device), timer=StepTimer(), estimate_printed=False,
-    )
-    run.elapsed_s = lambda: run.elapsed_before + time.time() - run.started
-    if resuming:
-        restore_training_state(run, checkpoint, path)
-    run.log = RunLog(cfg, runtime, run.iter_num if resuming else None)
-    return run
+        peak_flops=peak_flops(runtime.device), started=started, **progress)
 
 
 def read_dataset(read):
@@ -708,20 +740,22 @@ def prepare_out_dir(cfg, folder, tokenizer_info, resuming):
         atomic_write(out / tokenizer_info["file"], lambda file: file.write(source.read_bytes()))
 
 
-def restore_training_state(run, checkpoint, path):
-    run.optimizer.load_state_dict(checkpoint["optimizer"])
-    if run.scaler and checkpoint["scaler"]:
-        run.scaler.load_state_dict(checkpoint["scaler"])
-    run.iter_num, run.best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
-    run.elapsed_before = checkpoint["elapsed_s"]
-    if checkpoint["data"]["world_size"] == run.rt.world_size:
-        restore_rng_states(checkpoint["rng"][run.rt.rank], run.generator, run.rt.device)
+def restore_training_state(checkpoint, path, optimizer, scaler, generator, runtime):
+    """Load the optimizer, the loss scaler and this process's random states from checkpoint;
+    return the progress it holds, as Run's fields."""
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    if scaler and checkpoint["scaler"]:
+        scaler.load_state_dict(checkpoint["scaler"])
+    if checkpoint["data"]["world_size"] == runtime.world_size:
+        restore_rng_states(checkpoint["rng"][runtime.rank], generator, runtime.device)
         exactness = "exactly"
     else:
         exactness = (f"with fresh random streams (saved by {checkpoint['data']['world_size']} processes, "
-                     f"resumed by {run.rt.world_size})")
-    if run.rt.is_main:
-        print(f"resuming from {path} at iteration {run.iter_num}, {exactness}", flush=True)
+                     f"resumed by {runtime.world_size})")
+    if runtime.is_main:
+        print(f"resuming from {path} at iteration {checkpoint['iter_num']}, {exactness}", flush=True)
+    return {"iter_num": checkpoint["iter_num"], "best_val_loss": checkpoint["best_val_loss"],
+            "elapsed_before": checkpoint["elapsed_s"]}
 
 
 def train(run):
@@ -730,15 +764,15 @@ def train(run):
     print_plan(run)
     if run.iter_num == 0:
         run_evaluation(run)  # the starting point of the curves
-    next_batch = lambda: run.splits["train"].random_batch(cfg.batch_size, run.generator, run.rt.device)
+    next_batch = lambda: run.splits["train"].random_batch(cfg.batch_size, run.generator, run.runtime.device)
     bad_in_a_row = skipped_total = 0
     while run.iter_num < cfg.max_iters:
         lr = learning_rate_at(run.iter_num, cfg)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
         started = time.perf_counter()
-        loss = forward_backward(run.train_model, next_batch, run.micro_steps, run.rt.autocast, run.scaler,
-                                run.rt.world_size > 1)
+        loss = forward_backward(run.train_model, next_batch, run.micro_steps, run.runtime.autocast, run.scaler,
+                                run.runtime.world_size > 1)
         loss, grad_norm, skipped, stop = optimizer_step(run, loss, run.stop.is_set())
         run.iter_num += 1
         run.timer.add(time.perf_counter() - started)
@@ -763,8 +797,8 @@ def train(run):
 
 
 def evaluate_only(run):
-    val = evaluate(run.model, run.splits["val"], run.eval_batches["val"], run.byte_lengths, run.rt)
-    if run.rt.is_main:
+    val = evaluate(run.model, run.splits["val"], run.eval_batches["val"], run.byte_lengths, run.runtime)
+    if run.runtime.is_main:
         print(f"{run.cfg.init_from} on {run.cfg.dataset}: val loss {val['loss']:.4f} | perplexity "
               f"{math.exp(min(val['loss'], 700)):.2f} | accuracy {val['acc']:.1%} | {val['bpb']:.3f} bits/byte")
 
