@@ -10,16 +10,19 @@
     state = checkpoint.load_checkpoint_file("out/demo/best.pt")        # what sample.py reads
 
 A checkpoint is a dict of tensors and plain values, so it loads with
-torch.load(weights_only=True), which cannot run code; train.py's save_checkpoint lists its keys.
-A crash at any moment leaves the previous checkpoint recorded and intact.
+torch.load(weights_only=True), which cannot run code; train.py's save_checkpoint lists its keys,
+among them every random state (rng_states) so that a resumed run draws the same numbers. A
+crash at any moment leaves the previous checkpoint recorded and intact.
 """
 import hashlib
 import json
 import os
+import random
 import re
 import shutil
 import sys
 
+import numpy as np
 import torch
 
 from dataset import atomic_write
@@ -108,6 +111,28 @@ def check_free_space(out_dir, model, keep_last):
                               f"{needed / 1e6:,.1f} MB more ({keep_last + 2} of ~{checkpoint_bytes / 1e6:,.1f} MB: "
                               f"keep_last={keep_last}, best.pt and the one being written): make room, lower "
                               "keep_last, or choose another out_dir")
+
+
+# ----------------------------------------------------------------------------- random states
+def rng_states(generator, device):
+    """Every random state a step draws from, so a resumed run draws the same numbers.
+    Plain types and tensors only (numpy's key array becomes a list): weights_only loads them."""
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    states = {"python": random.getstate(), "numpy": [name, keys.tolist(), position, has_gauss, cached_gaussian],
+              "torch": torch.get_rng_state(), "loader": generator.get_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def restore_rng_states(states, generator, device):
+    random.setstate(states["python"])
+    name, keys, position, has_gauss, cached_gaussian = states["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), position, has_gauss, cached_gaussian))
+    torch.set_rng_state(states["torch"])
+    generator.set_state(states["loader"])
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
 
 
 # ----------------------------------------------------------------------------- verify and load

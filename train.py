@@ -5,17 +5,18 @@
     python sample.py --out_dir=out/demo
 
 Configuration: the module globals below are the defaults. Config files (Python, run in
-order) and then --key=value flags override them. A key that is not a default stops the run
-with the closest known key; a value of the wrong type stops it naming the type expected.
-`python train.py --help` lists every key. One process, several on one machine, or several
-machines (run the same command on each, host0 being one of them):
+order) and then --key=value flags override them (flags.py). A key that is not a default stops
+the run with the closest known key; a value of the wrong type, or out of range (CHECKS,
+RELATIONS), stops it before any work, naming the key. `python train.py --help` lists every
+key. One process, several on one machine, or several machines (run the same command on each,
+host0 being one of them):
 
     python train.py config/train_demo.py --batch_size=16 --max_iters=500
     torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2_124m.py
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=host0:29500 \
         train.py config/train_gpt2_124m.py
 
-What a run writes into out_dir:
+What a run writes into out_dir (checkpoint.py keeps the checkpoints):
     ckpt_<iter>.pt    the last keep_last checkpoints (see save_checkpoint for the contents)
     checkpoints.json  their iteration, size and sha256, recorded when each was written
     ckpt.pt, best.pt  the newest checkpoint and the one with the lowest val loss
@@ -52,7 +53,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import flags
 from checkpoint import (MANIFEST_FILE, check_free_space, load_checkpoint_file, newest_valid_checkpoint, read_manifest,
-                        write_checkpoint)
+                        restore_rng_states, rng_states, write_checkpoint)
 from dataset import atomic_write, open_folder, read_meta, read_split
 from model import GPT, GPTConfig, available_devices, peak_flops, pick_device
 from tokenizer import load_tokenizer
@@ -267,27 +268,6 @@ def token_byte_lengths(folder, tokenizer_info, device):
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def rng_states(generator, device):
-    """Every random state a step draws from, so a resumed run draws the same numbers.
-    Plain types and tensors only (numpy's key array becomes a list): weights_only loads them."""
-    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
-    states = {"python": random.getstate(), "numpy": [name, keys.tolist(), position, has_gauss, cached_gaussian],
-              "torch": torch.get_rng_state(), "loader": generator.get_state()}
-    if device.type == "cuda":
-        states["cuda"] = torch.cuda.get_rng_state(device)
-    return states
-
-
-def restore_rng_states(states, generator, device):
-    random.setstate(states["python"])
-    name, keys, position, has_gauss, cached_gaussian = states["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), position, has_gauss, cached_gaussian))
-    torch.set_rng_state(states["torch"])
-    generator.set_state(states["loader"])
-    if device.type == "cuda" and "cuda" in states:
-        torch.cuda.set_rng_state(states["cuda"], device)
-
-
 def gather_from_ranks(value, runtime):
     """A list with every rank's value (a collective: every rank calls it)."""
     if runtime.world_size == 1:
