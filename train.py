@@ -579,6 +579,79 @@ def install_stop_handlers(runtime):
     return stop
 
 
+def read_dataset(read):
+    """read(), with OS and value errors about the dataset files (they name the file) made TrainErrors."""
+    try:
+        return read()
+    except (ValueError, OSError) as error:
+        raise TrainError(str(error)) from error
+
+
+def continue_after_restart(cfg, runtime):
+    """torchrun --max-restarts=N starts the whole group again, with the same command, when a
+    process fails; TORCHELASTIC_RESTART_COUNT counts the restarts. A restarted group goes on
+    from the newest valid checkpoint in out_dir, which the failed attempt wrote, instead of
+    starting over: init_from becomes resume. Returns whether it did (with no checkpoint yet,
+    the group starts as configured)."""
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if not restarts or cfg.eval_only or cfg.init_from == "resume" or not read_manifest(Path(cfg.out_dir)):
+        return False
+    if runtime.is_main:
+        print(f"torchrun restart {restarts}: continuing from the newest valid checkpoint in {cfg.out_dir}", flush=True)
+    cfg.init_from = "resume"
+    return True
+
+
+def check_same_run(checkpoint, path, cfg):
+    """A restart resumes only a checkpoint of this very command (the first attempt refuses to
+    start over another run's checkpoints, so these may not be its own). out_dir may differ:
+    the run may have been moved."""
+    for key, value in vars(cfg).items():
+        if key not in ("init_from", "out_dir") and checkpoint["config"].get(key) != value:
+            raise TrainError(f"torchrun restart: {path} belongs to another run ({key} is "
+                             f"{checkpoint['config'].get(key)!r} there, {value!r} here): choose another out_dir")
+
+
+def prepare_out_dir(cfg, folder, tokenizer_info, resuming):
+    """Create out_dir; refuse to start a new run over a recorded one; remove what a killed
+    save left (atomic_write's temporary .<name>.<random>.tmp files); copy a trained
+    tokenizer."""
+    out = Path(cfg.out_dir)
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"out_dir {out} is a file, not a folder: choose another out_dir")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()  # an unwritable out_dir shows now, not at the first save
+    except OSError as error:
+        raise TrainError(f"out_dir {out} is not writable: {error.strerror or error}") from None
+    if not resuming and read_manifest(out):
+        raise TrainError(f"{out} already holds checkpoints of a run: continue it with init_from=resume, "
+                         "or choose another out_dir")
+    for leftover in out.glob(".*.tmp"):
+        leftover.unlink()
+    if tokenizer_info.get("file"):
+        source = folder / tokenizer_info["file"]
+        atomic_write(out / tokenizer_info["file"], lambda file: file.write(source.read_bytes()))
+
+
+def restore_training_state(checkpoint, path, optimizer, scaler, generator, runtime):
+    """Load the optimizer, the loss scaler and this process's random states from checkpoint;
+    return the progress it holds, as Run's fields."""
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    if scaler and checkpoint["scaler"]:
+        scaler.load_state_dict(checkpoint["scaler"])
+    if checkpoint["data"]["world_size"] == runtime.world_size:
+        restore_rng_states(checkpoint["rng"][runtime.rank], generator, runtime.device)
+        exactness = "exactly"
+    else:
+        exactness = (f"with fresh random streams (saved by {checkpoint['data']['world_size']} processes, "
+                     f"resumed by {runtime.world_size})")
+    if runtime.is_main:
+        print(f"resuming from {path} at iteration {checkpoint['iter_num']}, {exactness}", flush=True)
+    return {"iter_num": checkpoint["iter_num"], "best_val_loss": checkpoint["best_val_loss"],
+            "elapsed_before": checkpoint["elapsed_s"]}
+
+
 @dataclasses.dataclass
 class Run:
     """What the training loop carries: made once by build_run, read by train() and the
@@ -663,79 +736,6 @@ def build_run(cfg):
         micro_steps=cfg.gradient_accumulation_steps // runtime.world_size,
         tokens_per_iter=cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps,
         peak_flops=peak_flops(runtime.device), started=started, **progress)
-
-
-def read_dataset(read):
-    """read(), with OS and value errors about the dataset files (they name the file) made TrainErrors."""
-    try:
-        return read()
-    except (ValueError, OSError) as error:
-        raise TrainError(str(error)) from error
-
-
-def continue_after_restart(cfg, runtime):
-    """torchrun --max-restarts=N starts the whole group again, with the same command, when a
-    process fails; TORCHELASTIC_RESTART_COUNT counts the restarts. A restarted group goes on
-    from the newest valid checkpoint in out_dir, which the failed attempt wrote, instead of
-    starting over: init_from becomes resume. Returns whether it did (with no checkpoint yet,
-    the group starts as configured)."""
-    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    if not restarts or cfg.eval_only or cfg.init_from == "resume" or not read_manifest(Path(cfg.out_dir)):
-        return False
-    if runtime.is_main:
-        print(f"torchrun restart {restarts}: continuing from the newest valid checkpoint in {cfg.out_dir}", flush=True)
-    cfg.init_from = "resume"
-    return True
-
-
-def check_same_run(checkpoint, path, cfg):
-    """A restart resumes only a checkpoint of this very command (the first attempt refuses to
-    start over another run's checkpoints, so these may not be its own). out_dir may differ:
-    the run may have been moved."""
-    for key, value in vars(cfg).items():
-        if key not in ("init_from", "out_dir") and checkpoint["config"].get(key) != value:
-            raise TrainError(f"torchrun restart: {path} belongs to another run ({key} is "
-                             f"{checkpoint['config'].get(key)!r} there, {value!r} here): choose another out_dir")
-
-
-def prepare_out_dir(cfg, folder, tokenizer_info, resuming):
-    """Create out_dir; refuse to start a new run over a recorded one; remove what a killed
-    save left (atomic_write's temporary .<name>.<random>.tmp files); copy a trained
-    tokenizer."""
-    out = Path(cfg.out_dir)
-    if out.exists() and not out.is_dir():
-        raise TrainError(f"out_dir {out} is a file, not a folder: choose another out_dir")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out).close()  # an unwritable out_dir shows now, not at the first save
-    except OSError as error:
-        raise TrainError(f"out_dir {out} is not writable: {error.strerror or error}") from None
-    if not resuming and read_manifest(out):
-        raise TrainError(f"{out} already holds checkpoints of a run: continue it with init_from=resume, "
-                         "or choose another out_dir")
-    for leftover in out.glob(".*.tmp"):
-        leftover.unlink()
-    if tokenizer_info.get("file"):
-        source = folder / tokenizer_info["file"]
-        atomic_write(out / tokenizer_info["file"], lambda file: file.write(source.read_bytes()))
-
-
-def restore_training_state(checkpoint, path, optimizer, scaler, generator, runtime):
-    """Load the optimizer, the loss scaler and this process's random states from checkpoint;
-    return the progress it holds, as Run's fields."""
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    if scaler and checkpoint["scaler"]:
-        scaler.load_state_dict(checkpoint["scaler"])
-    if checkpoint["data"]["world_size"] == runtime.world_size:
-        restore_rng_states(checkpoint["rng"][runtime.rank], generator, runtime.device)
-        exactness = "exactly"
-    else:
-        exactness = (f"with fresh random streams (saved by {checkpoint['data']['world_size']} processes, "
-                     f"resumed by {runtime.world_size})")
-    if runtime.is_main:
-        print(f"resuming from {path} at iteration {checkpoint['iter_num']}, {exactness}", flush=True)
-    return {"iter_num": checkpoint["iter_num"], "best_val_loss": checkpoint["best_val_loss"],
-            "elapsed_before": checkpoint["elapsed_s"]}
 
 
 def train(run):
