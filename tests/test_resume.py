@@ -11,7 +11,10 @@ import time
 import torch
 
 import checkpoint
-from test_train import ONE_THREAD, ROOT, TINY_MODEL, read_metrics, run_train, train_here, train_lines  # noqa: F401 (a fixture)
+import test_train
+from test_train import ONE_THREAD, ROOT, TINY_MODEL, read_metrics, run_train, train_lines
+
+train_here = test_train.train_here  # a fixture: pytest finds it by its name in this module
 
 TIMING_KEYS = {"elapsed_s", "ms_per_iter", "tokens_per_s"}
 
