@@ -150,7 +150,7 @@ METRICS_FILE = "metrics.jsonl"
 
 
 class TrainError(flags.UserError):
-    """A problem the user can fix (config, data, checkpoint): printed without a traceback."""
+    """A problem with the data, out_dir or the processes that the user can fix: one line, no traceback."""
 
 
 def read_config(argv):
