@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
 import dataset
 import prepare
 import sample
@@ -356,8 +357,8 @@ def test_a_disk_that_fills_while_saving_stops_the_run_and_the_previous_checkpoin
     failed_at = int(re.search(r"error: saving iteration (\d+) into \S+ failed: No space left on device\. The "
                               r"checkpoints recorded in checkpoints.json are intact", text)[1])
     assert "Traceback" not in text
-    path, checkpoint = train.newest_valid_checkpoint(out_dir)  # size and sha256 as recorded
-    assert checkpoint["iter_num"] == failed_at - 3 and path.name == f"ckpt_{failed_at - 3:07d}.pt"
+    path, saved = checkpoint.newest_valid_checkpoint(out_dir)  # size and sha256 as recorded
+    assert saved["iter_num"] == failed_at - 3 and path.name == f"ckpt_{failed_at - 3:07d}.pt"
     assert not list(out_dir.glob(".*.tmp"))  # the half-written checkpoint is gone
     assert [line["iter"] for line in train_lines(out_dir)] == list(range(1, failed_at + 1))
 
