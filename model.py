@@ -205,15 +205,14 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.modern = config.block == "modern"
-        modules = dict(
+        # the modern block has rotary positions (no wpe) and gain-free norms (no ln_f)
+        self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(padded_vocab_size(config.vocab_size), config.n_embd),
+            **({} if self.modern else dict(wpe=nn.Embedding(config.block_size, config.n_embd))),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
-        )
-        if not self.modern:  # the modern block has rotary positions and gain-free norms
-            modules.update(wpe=nn.Embedding(config.block_size, config.n_embd),
-                           ln_f=nn.LayerNorm(config.n_embd, bias=config.bias))
-        self.transformer = nn.ModuleDict(modules)
+            **({} if self.modern else dict(ln_f=nn.LayerNorm(config.n_embd, bias=config.bias))),
+        ))
         self.lm_head = nn.Linear(config.n_embd, padded_vocab_size(config.vocab_size), bias=False)
         if not self.modern:
             # Weight tying (Press & Wolf 2017): reading a token and predicting it use one

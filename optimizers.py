@@ -11,8 +11,9 @@ network; embeddings, the output head, gains and biases keep AdamW (the post abov
                                 weight_decay=0.1, betas=(0.9, 0.95), device_type="cpu")
     loss.backward(); optimizer.step(); optimizer.zero_grad(set_to_none=True)
 
-Each parameter group keeps its peak rate in group["initial_lr"]; a schedule sets
-group["lr"] = group["initial_lr"] * factor.
+Each parameter group names the config key of its peak rate in group["lr_key"]
+(learning_rate or muon_lr), so that a schedule, and a resumed run given another rate, can
+set every group's rate from the config.
 """
 import torch
 
@@ -70,7 +71,10 @@ class MuonAndAdamW:
 
     def __init__(self, muon, adamw):
         self.parts = {"muon": muon, "adamw": adamw}
-        self.param_groups = muon.param_groups + adamw.param_groups
+
+    @property
+    def param_groups(self):  # read anew: load_state_dict replaces the parts' group dicts
+        return [group for part in self.parts.values() for group in part.param_groups]
 
     def step(self):
         for part in self.parts.values():
@@ -94,11 +98,11 @@ def build_optimizer(model, kind, learning_rate, muon_lr, weight_decay, betas, de
     hidden, matrices, vectors = model.parameter_groups(hidden_matrices_apart=kind == "muon")
     groups = [{"params": matrices, "weight_decay": weight_decay}, {"params": vectors, "weight_decay": 0.0}]
     for group in groups:
-        group["initial_lr"] = learning_rate
+        group["lr_key"] = "learning_rate"
     # The fused kernel updates all tensors in one pass instead of one small op at a time:
     # on CUDA that is one launch; on CPU it took a quarter of the default's time (2 cores).
     adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
     if kind == "adamw":
         return adamw
-    muon = Muon([{"params": hidden, "initial_lr": muon_lr}], lr=muon_lr, weight_decay=0.0)
+    muon = Muon([{"params": hidden, "lr_key": "muon_lr"}], lr=muon_lr, weight_decay=0.0)
     return MuonAndAdamW(muon, adamw)

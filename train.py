@@ -33,7 +33,6 @@ when a process crashes torchrun restarts the group, and the restarted group goes
 the newest checkpoint by itself (see continue_after_restart).
 """
 import dataclasses
-import json
 import math
 import os
 import random
@@ -55,7 +54,9 @@ import flags
 from checkpoint import (MANIFEST_FILE, check_free_space, load_checkpoint_file, newest_valid_checkpoint, read_manifest,
                         restore_rng_states, rng_states, write_checkpoint)
 from dataset import atomic_write, open_folder, read_meta, read_split
-from model import GPT, GPTConfig, available_devices, peak_flops, pick_device
+from model import BLOCKS, GPT, GPTConfig, available_devices, peak_flops, pick_device
+from optimizers import OPTIMIZERS, build_optimizer
+from runlog import RunLog, StepTimer, duration, peak_memory
 from tokenizer import load_tokenizer
 
 _NAMES_BEFORE_DEFAULTS = set(globals())
@@ -83,14 +84,20 @@ n_embd = 384  # width of the residual stream
 dropout = 0.0  # 0 for pretraining; 0.1-0.2 helps when the data is small and repeats
 bias = False  # biases in Linear and LayerNorm layers, as GPT-2 had
 gradient_checkpointing = False  # recompute block activations in backward: less memory, ~1/3 more compute
-# optimizer (AdamW)
-learning_rate = 1e-3  # peak learning rate, reached after warmup
+block = "gpt2"  # gpt2 (learned positions, LayerNorm, GELU, tied head) | modern (RoPE, RMSNorm, QK-norm, ReLU^2, untied head)
+# optimizer
+optimizer = "adamw"  # adamw | muon (Muon for the blocks' weight matrices, AdamW at learning_rate for the rest)
+muon_lr = 0.02  # Muon's peak learning rate (optimizer=muon)
+learning_rate = 1e-3  # AdamW's peak learning rate, reached after warmup
 max_iters = 5000  # total iterations (optimizer steps)
+max_time = 0.0  # seconds: train for this wall-clock budget, max_iters fitted to it after the first iterations; 0 = off
 weight_decay = 0.1  # decoupled weight decay, on matrices only
 beta1 = 0.9  # AdamW beta1
 beta2 = 0.95  # AdamW beta2
 grad_clip = 1.0  # clip the global gradient norm to this; 0 = no clipping
-# learning rate schedule (linear warmup, then cosine decay to min_lr)
+# learning rate schedule: linear warmup, then cosine or warmup-stable-decay
+lr_schedule = "cosine"  # cosine (decay to min_lr at lr_decay_iters) | wsd (hold the peak, then decay linearly to min_lr)
+cooldown_fraction = 0.4  # wsd: the last share of max_iters that decays to min_lr
 warmup_iters = 100  # iterations of linear warmup
 lr_decay_iters = 0  # the cosine reaches min_lr here; 0 = at max_iters
 min_lr = 1e-4  # floor of the schedule (set it to learning_rate for a constant rate)
@@ -131,6 +138,12 @@ CHECKS = {
                     positive),
     **dict.fromkeys(("dropout", "beta1", "beta2"), zero_to_below_one),
     "learning_rate": flags.all_of(flags.finite, above_zero),
+    "muon_lr": flags.all_of(flags.finite, above_zero),
+    "max_time": non_negative,
+    "cooldown_fraction": flags.between(0, 1),
+    "block": flags.one_of(*BLOCKS),
+    "optimizer": flags.one_of(*OPTIMIZERS),
+    "lr_schedule": flags.one_of("cosine", "wsd"),
     **dict.fromkeys(("weight_decay", "grad_clip", "min_lr"), non_negative),
     **dict.fromkeys(("warmup_iters", "lr_decay_iters"), flags.at_least(0)),
     "device": lambda device: flags.one_of("auto", *available_devices())(device),  # what this machine has
@@ -140,13 +153,14 @@ CHECKS = {
 RELATIONS = (  # rules between keys: each returns what is wrong, or None
     lambda config: None if config["n_embd"] % config["n_head"] == 0 else
     f"n_embd={config['n_embd']} must be a multiple of n_head={config['n_head']} (each head gets n_embd / n_head)",
+    lambda config: None if config["block"] != "modern" or config["n_embd"] // config["n_head"] % 2 == 0 else
+    f"block=modern rotates pairs of channels: n_embd / n_head = {config['n_embd'] // config['n_head']} must be even",
     lambda config: None if config["min_lr"] <= config["learning_rate"] else
     f"min_lr={config['min_lr']} must be at most learning_rate={config['learning_rate']}: the schedule decays "
     "from learning_rate down to min_lr",
     lambda config: None if not (config["eval_only"] and config["init_from"] == "scratch") else
     "eval_only=True evaluates a checkpoint: set init_from=resume or init_from=path/to/ckpt.pt",
 )
-METRICS_FILE = "metrics.jsonl"
 
 
 class TrainError(flags.UserError):
@@ -332,9 +346,10 @@ def check_checkpoint_fits(checkpoint, path, model_config, tokenizer_info, folder
         if trained_with.get(field) != tokenizer_info.get(field):
             raise TrainError(f"{path} was trained with a different tokenizer than {folder} uses: "
                              f"{field} is {trained_with.get(field)!r} there and {tokenizer_info.get(field)!r} here")
-    for field in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias"):
-        if checkpoint["model_config"][field] != getattr(model_config, field):
-            raise TrainError(f"{path} has {field}={checkpoint['model_config'][field]!r} but the config says "
+    for field in ("block", "block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias"):
+        trained = checkpoint["model_config"].get(field, getattr(GPTConfig, field))  # older checkpoints lack block
+        if trained != getattr(model_config, field):
+            raise TrainError(f"{path} has {field}={trained!r} but the config says "
                              f"{field}={getattr(model_config, field)!r}: pass the config it was trained with")
 
 
@@ -362,7 +377,7 @@ def evaluate(model, windows, batch_ids, byte_lengths, runtime):
 
 
 def run_evaluation(run):
-    """Evaluate val and train on their fixed batches; log; return True if val loss is a new best."""
+    """Evaluate val and train on their fixed batches; log, redraw curves.svg; return True if val loss is a new best."""
     started = time.perf_counter()
     val = evaluate(run.model, run.splits["val"], run.eval_batches["val"], run.byte_lengths, run.runtime)
     on_train = evaluate(run.model, run.splits["train"], run.eval_batches["train"], run.byte_lengths, run.runtime)
@@ -371,8 +386,10 @@ def run_evaluation(run):
     run.log.print(f"eval at iter {run.iter_num}: val loss {val['loss']:.4f} (perplexity {perplexity:.2f}, "
                   f"accuracy {val['acc']:.1%}, {val['bpb']:.3f} bits/byte) | train loss {on_train['loss']:.4f} | "
                   f"gap {val['loss'] - on_train['loss']:+.4f} | {run.eval_seconds:.1f}s")
-    run.log.write({"iter": run.iter_num, "elapsed_s": run.elapsed_s(), "val_loss": val["loss"], "val_ppl": perplexity,
-                   "val_acc": val["acc"], "val_bpb": val["bpb"], "train_loss": on_train["loss"]})
+    run.log.write({"iter": run.iter_num, "tokens": run.iter_num * run.tokens_per_iter, "elapsed_s": run.elapsed_s(),
+                   "val_loss": val["loss"], "val_ppl": perplexity, "val_acc": val["acc"], "val_bpb": val["bpb"],
+                   "train_loss": on_train["loss"]})
+    run.log.draw_curves()
     improved = run.iter_num > 0 and val["loss"] < run.best_val_loss
     if improved:
         run.best_val_loss = val["loss"]
@@ -381,11 +398,18 @@ def run_evaluation(run):
 
 # ----------------------------------------------------------------------------- one iteration
 def learning_rate_at(iteration, cfg):
-    """Linear warmup to learning_rate, then cosine decay to min_lr at lr_decay_iters
-    (the schedule of GPT-3 and Chinchilla; iteration counts from 0)."""
-    decay_end = cfg.lr_decay_iters or cfg.max_iters
+    """AdamW's learning rate at this iteration (from 0); every parameter group's rate is its
+    own peak scaled alike. Linear warmup, then either a cosine decay to min_lr at
+    lr_decay_iters (GPT-3 and Chinchilla's schedule) or, with wsd, the peak held until the
+    last cooldown_fraction of max_iters and a linear decay to min_lr there (warmup-stable-
+    decay: Hu et al. 2024, MiniCPM; as modded-nanogpt and nanochat train)."""
     if iteration < cfg.warmup_iters:
         return cfg.learning_rate * (iteration + 1) / (cfg.warmup_iters + 1)
+    if cfg.lr_schedule == "wsd":
+        cooldown_start = cfg.max_iters * (1 - cfg.cooldown_fraction)
+        progress = min(1.0, max(0.0, (iteration - cooldown_start) / max(1, cfg.max_iters - cooldown_start)))
+        return cfg.learning_rate - progress * (cfg.learning_rate - cfg.min_lr)
+    decay_end = cfg.lr_decay_iters or cfg.max_iters
     if iteration >= decay_end:
         return cfg.min_lr
     progress = (iteration - cfg.warmup_iters) / max(1, decay_end - cfg.warmup_iters)
@@ -439,64 +463,6 @@ def optimizer_step(run, loss, stop_requested):
 
 
 # ----------------------------------------------------------------------------- logging
-class RunLog:
-    """Prints (rank 0 only) and appends to metrics.jsonl (and wandb when asked)."""
-
-    def __init__(self, cfg, runtime, resumed_at):
-        self.is_main = runtime.is_main
-        self.enabled = runtime.is_main and not cfg.eval_only
-        self.path = Path(cfg.out_dir) / METRICS_FILE
-        self.wandb = None
-        if not self.enabled:
-            return
-        if resumed_at is None:
-            self.path.unlink(missing_ok=True)
-        else:
-            self.trim_after(resumed_at)
-        if cfg.wandb_log:
-            try:
-                import wandb
-            except ImportError:
-                raise TrainError("wandb_log=True needs the wandb package: pip install wandb") from None
-            self.wandb = wandb
-            wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=vars(cfg))
-
-    def trim_after(self, iteration):
-        """Drop the lines past the resumed checkpoint (a run killed between checkpoints wrote
-        them), so each iteration appears once, and a line cut short by a power loss."""
-        if not self.path.exists():
-            return
-        kept = []
-        for line in self.path.read_text().splitlines(keepends=True):
-            try:
-                if json.loads(line)["iter"] <= iteration:
-                    kept.append(line)
-            except (ValueError, KeyError):
-                pass
-        atomic_write(self.path, lambda file: file.write("".join(kept).encode()))
-
-    def print(self, text):
-        if self.is_main:
-            print(text, flush=True)
-
-    def write(self, record):
-        if not self.enabled:
-            return
-        record = {key: (value if not isinstance(value, float) or math.isfinite(value) else None)
-                  for key, value in record.items()}
-        with open(self.path, "a") as file:
-            file.write(json.dumps(record) + "\n")
-        if self.wandb:
-            self.wandb.log(record, step=record["iter"])
-
-
-def duration(seconds):
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, seconds = divmod(round(seconds), 60)
-    return f"{minutes}m{seconds:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
-
-
 def print_plan(run):
     """The cost of the run before it starts: parameters, tokens, FLOPs."""
     cfg, params = run.cfg, run.raw_model.num_params()
@@ -510,30 +476,10 @@ def print_plan(run):
         f"      device {run.runtime.device}, {str(run.runtime.dtype).removeprefix('torch.')}, compile={cfg.compile}")
 
 
-class StepTimer:
-    """Mean wall time of the training steps between log lines (evaluations and saves
-    excluded). A process's first step (allocation, compilation) counts only when it is alone."""
-
-    def __init__(self):
-        self.seconds, self.steps, self.timed_steps, self.first_step = 0.0, 0, 0, None
-
-    def add(self, seconds):
-        if self.first_step is None:
-            self.first_step = seconds
-        else:
-            self.seconds, self.steps, self.timed_steps = self.seconds + seconds, self.steps + 1, self.timed_steps + 1
-
-    def take_ms(self):
-        """Mean ms/iter since the last call."""
-        mean = self.seconds / self.steps if self.steps else self.first_step
-        self.seconds, self.steps = 0.0, 0
-        return 1000 * mean
-
-
 def log_step(run, loss, grad_norm, skipped, lr):
     ms_per_iter = run.timer.take_ms()
     tokens_per_s = run.tokens_per_iter / (ms_per_iter / 1000)
-    record = {"iter": run.iter_num, "elapsed_s": run.elapsed_s(), "loss": loss, "lr": lr, "grad_norm": grad_norm,
+    record = {"iter": run.iter_num, "tokens": run.iter_num * run.tokens_per_iter, "elapsed_s": run.elapsed_s(), "loss": loss, "lr": lr, "grad_norm": grad_norm,
               "ms_per_iter": ms_per_iter, "tokens_per_s": tokens_per_s, "skipped": skipped}
     text = (f"iter {run.iter_num}/{run.cfg.max_iters}: loss {loss:.4f} | lr {lr:.2e} | {ms_per_iter:.0f} ms/iter | "
             f"{tokens_per_s:,.0f} tokens/s")
@@ -550,17 +496,6 @@ def log_step(run, loss, grad_norm, skipped, lr):
         run.log.print(f"estimated wall time of the whole run on {run.runtime.device}: "
                       f"{duration(run.elapsed_s() + eta)} ({ms_per_iter:.0f} ms/iter, "
                       f"{run.eval_seconds:.1f}s per evaluation)")
-
-
-def peak_memory():
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (CUDA, max allocated)"
-    try:
-        import resource  # Unix only
-    except ImportError:
-        return "unknown on this OS"
-    max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return f"{max_rss / (2**30 if sys.platform == 'darwin' else 2**20):.2f} GiB (max RSS of this process)"
 
 
 # ----------------------------------------------------------------------------- the run
@@ -605,9 +540,11 @@ def continue_after_restart(cfg, runtime):
 def check_same_run(checkpoint, path, cfg):
     """A restart resumes only a checkpoint of this very command (the first attempt refuses to
     start over another run's checkpoints, so these may not be its own). out_dir may differ:
-    the run may have been moved."""
+    the run may have been moved, and a max_time run's max_iters was fitted by the run."""
     for key, value in vars(cfg).items():
-        if key not in ("init_from", "out_dir") and checkpoint["config"].get(key) != value:
+        if key in ("init_from", "out_dir") or (key == "max_iters" and cfg.max_time):
+            continue
+        if checkpoint["config"].get(key, DEFAULTS[key]) != value:
             raise TrainError(f"torchrun restart: {path} belongs to another run ({key} is "
                              f"{checkpoint['config'].get(key)!r} there, {value!r} here): choose another out_dir")
 
@@ -634,9 +571,13 @@ def prepare_out_dir(cfg, folder, tokenizer_info, resuming):
         atomic_write(out / tokenizer_info["file"], lambda file: file.write(source.read_bytes()))
 
 
-def restore_training_state(checkpoint, path, optimizer, scaler, generator, runtime):
+def restore_training_state(checkpoint, path, optimizer, optimizer_kind, scaler, generator, runtime):
     """Load the optimizer, the loss scaler and this process's random states from checkpoint;
     return the progress it holds, as Run's fields."""
+    trained_with = checkpoint["config"].get("optimizer", "adamw")  # checkpoints from before Muon: AdamW
+    if trained_with != optimizer_kind:
+        raise TrainError(f"{path} was trained with optimizer={trained_with}, this run asks for "
+                         f"optimizer={optimizer_kind}: resume with the optimizer it was trained with")
     optimizer.load_state_dict(checkpoint["optimizer"])
     if scaler and checkpoint["scaler"]:
         scaler.load_state_dict(checkpoint["scaler"])
@@ -670,7 +611,7 @@ class Run:
     raw_model: GPT  # the parameters, for state_dict and clipping
     model: torch.nn.Module  # raw_model, compiled when asked: what evaluation runs
     train_model: torch.nn.Module  # model, wrapped in DDP under torchrun: what training runs
-    optimizer: torch.optim.Optimizer  # AdamW
+    optimizer: torch.optim.Optimizer  # AdamW, or optimizers.MuonAndAdamW
     scaler: torch.amp.GradScaler | None  # float16 only: scales the loss so small gradients survive
     micro_steps: int  # micro-steps per iteration in this process
     tokens_per_iter: int  # over all micro-steps and processes
@@ -702,7 +643,7 @@ def build_run(cfg):
     model_config = (GPTConfig(**checkpoint["model_config"]) if cfg.eval_only else
                     GPTConfig(block_size=cfg.block_size, vocab_size=meta["tokenizer"]["vocab_size"], n_layer=cfg.n_layer,
                               n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias,
-                              gradient_checkpointing=cfg.gradient_checkpointing))
+                              gradient_checkpointing=cfg.gradient_checkpointing, block=cfg.block))
     if checkpoint is not None:
         check_checkpoint_fits(checkpoint, path, model_config, meta["tokenizer"], folder)
     splits = {split: read_dataset(lambda: load_split(folder, meta, split, model_config.block_size))
@@ -723,11 +664,13 @@ def build_run(cfg):
     model = torch.compile(raw_model) if cfg.compile else raw_model
     byte_lengths = read_dataset(lambda: token_byte_lengths(folder, meta["tokenizer"], runtime.device))
     train_model = DistributedDataParallel(model) if runtime.world_size > 1 else model
-    optimizer = raw_model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                              runtime.device.type)
+    optimizer = build_optimizer(raw_model, cfg.optimizer, cfg.learning_rate, cfg.muon_lr, cfg.weight_decay,
+                                (cfg.beta1, cfg.beta2), runtime.device.type)
     scaler = torch.amp.GradScaler(runtime.device.type) if runtime.dtype == torch.float16 else None
     generator = torch.Generator().manual_seed(cfg.seed + runtime.rank)
-    progress = restore_training_state(checkpoint, path, optimizer, scaler, generator, runtime) if resuming else {}
+    progress = restore_training_state(checkpoint, path, optimizer, cfg.optimizer, scaler, generator, runtime) if resuming else {}
+    if resuming and cfg.max_time and progress["iter_num"] >= TIMED_ITERATIONS[1]:
+        cfg.max_iters = checkpoint["config"]["max_iters"]  # fitted to max_time already: end where it would have
     return Run(
         cfg=cfg, runtime=runtime, log=RunLog(cfg, runtime, progress.get("iter_num")), stop=stop,
         splits=splits, byte_lengths=byte_lengths, tokenizer_info=meta["tokenizer"], generator=generator,
@@ -736,6 +679,23 @@ def build_run(cfg):
         micro_steps=cfg.gradient_accumulation_steps // runtime.world_size,
         tokens_per_iter=cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps,
         peak_flops=peak_flops(runtime.device), started=started, **progress)
+
+
+TIMED_ITERATIONS = (2, 12)  # max_time: iterations 3..12 are timed (the first ones warm caches up)
+
+
+def fit_max_iters_to_time(run, seconds_per_iter):
+    """max_time: the iterations that fit in the time left, counting the evaluations they
+    bring; rank 0's figure for all processes; kept in cfg, so checkpoints carry it and a
+    resumed run ends where this one would have."""
+    cfg = run.cfg
+    per_iter = seconds_per_iter + run.eval_seconds / cfg.eval_interval
+    fitted = torch.tensor(run.iter_num + max(1, int((cfg.max_time - run.elapsed_s()) / per_iter)))
+    if run.runtime.world_size > 1:
+        dist.broadcast(fitted, src=0)
+    cfg.max_iters = int(fitted)
+    run.log.print(f"max_time={cfg.max_time:g}s: {seconds_per_iter * 1000:.0f} ms/iter and {run.eval_seconds:.1f}s "
+                  f"per evaluation fit max_iters={cfg.max_iters}")
 
 
 def train(run):
@@ -748,14 +708,18 @@ def train(run):
     bad_in_a_row = skipped_total = 0
     while run.iter_num < cfg.max_iters:
         lr = learning_rate_at(run.iter_num, cfg)
-        for group in run.optimizer.param_groups:
-            group["lr"] = lr
+        for group in run.optimizer.param_groups:  # each group's peak (optimizers.py), scaled alike
+            group["lr"] = getattr(cfg, group.get("lr_key", "learning_rate")) * lr / cfg.learning_rate
         started = time.perf_counter()
         loss = forward_backward(run.train_model, next_batch, run.micro_steps, run.runtime.autocast, run.scaler,
                                 run.runtime.world_size > 1)
         loss, grad_norm, skipped, stop = optimizer_step(run, loss, run.stop.is_set())
         run.iter_num += 1
         run.timer.add(time.perf_counter() - started)
+        if cfg.max_time and run.iter_num == TIMED_ITERATIONS[0]:
+            timing_started = time.perf_counter()
+        if cfg.max_time and run.iter_num == TIMED_ITERATIONS[1]:
+            fit_max_iters_to_time(run, (time.perf_counter() - timing_started) / (TIMED_ITERATIONS[1] - TIMED_ITERATIONS[0]))
         bad_in_a_row = bad_in_a_row + 1 if skipped else 0
         skipped_total += skipped
         if skipped or stop or run.iter_num % cfg.log_interval == 0:
@@ -788,11 +752,14 @@ def main(argv):
         cfg = read_config(argv)
         run = build_run(cfg)
         evaluate_only(run) if cfg.eval_only else train(run)
+        if dist.is_initialized():
+            dist.barrier()  # no process leaves while another may still be saving or using the group
     except flags.UserError as error:
         sys.exit(f"error: {error}")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
 
 
 if __name__ == "__main__":

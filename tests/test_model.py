@@ -6,6 +6,7 @@ import torch
 
 from model import (GPT, GPTConfig, available_devices, padded_vocab_size, peak_flops, peak_flops_of_card, pick_device,
                    sample_next_token)
+from optimizers import build_optimizer
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -157,7 +158,7 @@ def test_generation_stops_once_every_row_has_produced_the_stop_token():
 
 def test_padded_vocabulary_rows_start_at_zero_and_stay_there_through_training():
     model = tiny_model(vocab_size=257)
-    optimizer = model.configure_optimizer(0.1, 1e-2, (0.9, 0.95), "cpu")
+    optimizer = build_optimizer(model, "adamw", 1e-2, None, 0.1, (0.9, 0.95), "cpu")
     for _ in range(3):
         idx, targets = torch.randint(0, 257, (2, 4, 16))
         _, loss = model(idx, targets)
@@ -237,7 +238,7 @@ def test_gpt2_small_has_its_published_124_million_parameters():
 
 def test_optimizer_decays_matrices_but_not_gains_and_biases():
     model = tiny_model(bias=True)
-    optimizer = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "cpu")
+    optimizer = build_optimizer(model, "adamw", 1e-3, None, 0.1, (0.9, 0.95), "cpu")
     decay = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
     assert len(decay) == len(list(model.parameters()))
     for name, p in model.named_parameters():

@@ -12,6 +12,7 @@ import flags
 import sample
 from conftest import ROOT
 from model import GPT, GPTConfig
+from optimizers import build_optimizer
 
 SENTENCE = "¡hola señor! 3€ ünd 🙂 ok"  # 1- to 4-byte characters, each byte a token
 BYTE_TOKENIZER = {"kind": "byte", "vocab_size": 257, "eot_id": 256, "file": None, "sha256": None}
@@ -31,7 +32,7 @@ def trained_on_sentence():
     """A GPT that has memorised <end-of-text> SENTENCE, over and over."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=257, block_size=32, n_layer=1, n_head=2, n_embd=32))
-    optimizer = model.configure_optimizer(0.0, 1e-2, (0.9, 0.99), "cpu")
+    optimizer = build_optimizer(model, "adamw", 1e-2, None, 0.0, (0.9, 0.99), "cpu")
     stream = torch.tensor(([256] + list(SENTENCE.encode())) * 20)
     windows = stream.unfold(0, 33, 1)
     for _ in range(100):

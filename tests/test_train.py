@@ -126,7 +126,7 @@ def test_wandb_log_without_wandb_installed_is_a_clear_error(tmp_path):
         pytest.skip("wandb is installed here")
     cfg = train.read_config(["--wandb_log=True", f"--out_dir={tmp_path}"])
     runtime = SimpleNamespace(is_main=True)
-    with pytest.raises(train.TrainError, match=r"wandb_log=True needs the wandb package: pip install wandb"):
+    with pytest.raises(flags.UserError, match=r"wandb_log=True needs the wandb package: pip install wandb"):
         train.RunLog(cfg, runtime, resumed_at=None)
 
 

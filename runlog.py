@@ -1,0 +1,118 @@
+"""What a run records: log lines (printed by rank 0), metrics.jsonl, wandb, and curves.svg.
+
+    log = RunLog(cfg, runtime, resumed_at=None)   # a new run starts a new metrics.jsonl
+    log.print("eval at iter 100: ...")            # rank 0 prints
+    log.write({"iter": 100, "val_loss": 3.9})     # one JSON object a line (and wandb)
+    log.draw_curves()                             # rewrites out_dir/curves.svg (curves.py)
+
+A resumed run first drops the lines past the checkpoint it resumes, so every iteration is
+recorded once, however often the run was stopped.
+"""
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+import curves
+from dataset import atomic_write
+from flags import UserError
+
+METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "curves.svg"
+
+
+class RunLog:
+    """Prints (rank 0 only) and appends to metrics.jsonl (and wandb when asked)."""
+
+    def __init__(self, cfg, runtime, resumed_at):
+        self.is_main = runtime.is_main
+        self.enabled = runtime.is_main and not cfg.eval_only
+        self.path = Path(cfg.out_dir) / METRICS_FILE
+        self.run_name = Path(cfg.out_dir).name
+        self.wandb = None
+        if not self.enabled:
+            return
+        if resumed_at is None:
+            self.path.unlink(missing_ok=True)
+        else:
+            self.trim_after(resumed_at)
+        if cfg.wandb_log:
+            try:
+                import wandb
+            except ImportError:
+                raise UserError("wandb_log=True needs the wandb package: pip install wandb") from None
+            self.wandb = wandb
+            wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=vars(cfg))
+
+    def trim_after(self, iteration):
+        """Drop the lines past the resumed checkpoint (a run killed between checkpoints wrote
+        them), so each iteration appears once, and a line cut short by a power loss."""
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines(keepends=True):
+            try:
+                if json.loads(line)["iter"] <= iteration:
+                    kept.append(line)
+            except (ValueError, KeyError):
+                pass
+        atomic_write(self.path, lambda file: file.write("".join(kept).encode()))
+
+    def print(self, text):
+        if self.is_main:
+            print(text, flush=True)
+
+    def write(self, record):
+        if not self.enabled:
+            return
+        record = {key: (value if not isinstance(value, float) or math.isfinite(value) else None)
+                  for key, value in record.items()}
+        with open(self.path, "a") as file:
+            file.write(json.dumps(record) + "\n")
+        if self.wandb:
+            self.wandb.log(record, step=record["iter"])
+
+    def draw_curves(self):
+        """out_dir/curves.svg from every line so far: rank 0 draws it at each evaluation."""
+        if self.enabled:
+            curves.write(self.path.with_name(CURVES_FILE), [(self.run_name, curves.read_metrics(self.path.parent))])
+
+
+def duration(seconds):
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes}m{seconds:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+class StepTimer:
+    """Mean wall time of the training steps between log lines (evaluations and saves
+    excluded). A process's first step (allocation, compilation) counts only when it is alone."""
+
+    def __init__(self):
+        self.seconds, self.steps, self.timed_steps, self.first_step = 0.0, 0, 0, None
+
+    def add(self, seconds):
+        if self.first_step is None:
+            self.first_step = seconds
+        else:
+            self.seconds, self.steps, self.timed_steps = self.seconds + seconds, self.steps + 1, self.timed_steps + 1
+
+    def take_ms(self):
+        """Mean ms/iter since the last call."""
+        mean = self.seconds / self.steps if self.steps else self.first_step
+        self.seconds, self.steps = 0.0, 0
+        return 1000 * mean
+
+
+def peak_memory():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (CUDA, max allocated)"
+    try:
+        import resource  # Unix only
+    except ImportError:
+        return "unknown on this OS"
+    max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return f"{max_rss / (2**30 if sys.platform == 'darwin' else 2**20):.2f} GiB (max RSS of this process)"
