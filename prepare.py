@@ -63,7 +63,8 @@ import requests
 import webfilters
 from dataset import META_FORMAT_VERSION, SPLITS, AtomicFile, ShardWriter, atomic_write, fsync_folder
 from flags import UserError
-from tokenizer import TOKENIZERS, count_chunks, gpt2_encoding, load_tokenizer, train_bpe, write_tiktoken_file
+from tokenizer import (TOKENIZERS, count_chunks, gpt2_encoding, load_tokenizer, reused_tokenizer, train_bpe,
+                       write_tiktoken_file)
 
 
 def _cpu_count():
@@ -94,15 +95,19 @@ FLAGS = {
                         "otherwise"),
     "keep_metadata": (False, "also write docs.jsonl: id, url, date, language, tokens and split "
                              "of every kept document"),
-    "tokenizer": ("bpe", "bpe (trained here on the corpus), byte (256 bytes + end-of-text) "
-                         "or gpt2 (tiktoken's; needs the network once)"),
+    "tokenizer": ("bpe", "bpe (trained here on the corpus), byte (256 bytes + end-of-text), "
+                         "gpt2 (tiktoken's; needs the network once), or the path of a dataset "
+                         "folder, out folder or tokenizer.tiktoken whose tokenizer to reuse (to "
+                         "fine-tune a model on new text)"),
     "vocab_size": (8192, "bpe only: tokens in the vocabulary, counting the 256 bytes and "
-                         "the end-of-text token"),
+                         "the end-of-text token; without this flag a text too small for "
+                         "8192 gets the largest vocabulary it supports"),
     "tokenizer_train_chars": (20_000_000, "bpe only: train on at most this many characters "
                                           "of the train documents"),
     "shard_tokens": (100_000_000, "tokens per shard file (the last shard holds the rest)"),
-    "val_fraction": (0.05, "fraction of documents held out for val, picked by a hash of "
-                           "each document's id"),
+    "val_fraction": (0.05, "share held out for val: whole documents picked by a hash of "
+                           "their ids, or, with too few documents for that, the last "
+                           "val_fraction of each document's text"),
     "num_workers": (_cpu_count(), "processes that filter and tokenize (the shards are the same "
                                   "for any number)"),
     "name": ("", "dataset name: writes data/<name>/ (default: the source's name)"),
@@ -730,6 +735,8 @@ class Tally:
     invalid_utf8: int = 0
     kept: int = 0
     kept_bytes: int = 0
+    kept_val: int = 0  # of the kept documents, those the hash put in val
+    kept_val_bytes: int = 0
     dropped: Counter = field(default_factory=Counter)
     examples: dict = field(default_factory=dict)
 
@@ -746,7 +753,7 @@ class Tally:
             examples.append(snippet(document.text))
 
     def add(self, other):
-        for name in ("documents_read", "bytes_read", "invalid_utf8", "kept", "kept_bytes"):
+        for name in ("documents_read", "bytes_read", "invalid_utf8", "kept", "kept_bytes", "kept_val", "kept_val_bytes"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.dropped.update(other.dropped)
         for name, examples in other.examples.items():
@@ -957,8 +964,12 @@ def filter_part(settings, part, workers, deduplicator, part_file, tally, total, 
                 continue
             kept = kept_document(split, document, text, key)
             part_file.file.write(json.dumps(kept, ensure_ascii=False).encode("utf-8", "surrogatepass") + b"\n")
+            text_bytes = len(text.encode("utf-8", "surrogatepass"))
             tally.kept += 1
-            tally.kept_bytes += len(text.encode("utf-8", "surrogatepass"))
+            tally.kept_bytes += text_bytes
+            if split == "val":
+                tally.kept_val += 1
+                tally.kept_val_bytes += text_bytes
             if settings["max_docs"] and total.kept + tally.kept >= settings["max_docs"]:
                 return
         progress.update((total.bytes_read + tally.bytes_read) / 1e6,
@@ -1016,8 +1027,15 @@ def training_texts(filtered, budget, progress):
 
 
 def build_tokenizer(settings, filtered, folder, timings):
-    """Trains or fetches the tokenizer; returns meta.json's tokenizer entry."""
+    """Trains, fetches or reuses the tokenizer; returns meta.json's tokenizer entry."""
     kind = settings["tokenizer"]
+    if kind not in TOKENIZERS:  # a path: another dataset's or model's tokenizer, for fine-tuning
+        info, file = reused_tokenizer(kind)
+        if file:
+            atomic_write(folder / "tokenizer.tiktoken", lambda f: f.write(file.read_bytes()))
+        print(f"tokenizer: reusing the {info['kind']} tokenizer of {kind} ({info['vocab_size']:,} tokens)",
+              file=sys.stderr)
+        return info
     if kind == "byte":
         return {"kind": "byte", "vocab_size": 257, "eot_id": 256, "file": None, "sha256": None}
     if kind == "gpt2":
@@ -1033,12 +1051,19 @@ def build_tokenizer(settings, filtered, folder, timings):
     timings["tokenizer_count"] = time.perf_counter() - start
     start = time.perf_counter()
     progress = Progress("bpe", "merges", settings["vocab_size"] - 257)
-    vocabulary = train_bpe(chunk_counts, settings["vocab_size"], progress)
+    # without --vocab_size, a text too small for the default gets the largest vocabulary it supports
+    vocabulary = train_bpe(chunk_counts, settings["vocab_size"], progress, shrink=not settings["vocab_size_given"])
     progress.finish(len(vocabulary) - 256)
     timings["tokenizer_merges"] = time.perf_counter() - start
     sha256 = write_tiktoken_file(folder / "tokenizer.tiktoken", vocabulary)
-    return {"kind": "bpe", "vocab_size": settings["vocab_size"], "eot_id": len(vocabulary),
+    info = {"kind": "bpe", "vocab_size": len(vocabulary) + 1, "eot_id": len(vocabulary),
             "file": "tokenizer.tiktoken", "sha256": sha256}
+    if info["vocab_size"] < settings["vocab_size"]:
+        info["note"] = (f"this text supports {info['vocab_size']:,} tokens (beyond that no pair of tokens "
+                        f"occurs twice), fewer than the default --vocab_size={settings['vocab_size']}: "
+                        f"using {info['vocab_size']:,}")
+        print(f"bpe: {info['note']}", file=sys.stderr)
+    return info
 
 
 # ----------------------------------------------------------------------------------------
@@ -1080,9 +1105,48 @@ class KeptSummary:
             self.domains[host.removeprefix("www.")] += 1
 
 
-def write_shards(settings, filtered, folder, tokenizer_info):
-    """Tokenizes the kept documents into the train and val shards, and docs.jsonl with
-    --keep_metadata; returns the splits' summaries and a KeptSummary."""
+# The val split is whole documents, picked by a hash of their ids, when the hash gives val
+# at least MIN_VAL_DOCUMENTS documents and at least half the asked share of the text, and
+# leaves train some. With fewer documents one odd document decides the val loss, and whether
+# val gets any document at all is luck: a corpus of n documents gets none with probability
+# (1 - val_fraction)^n, 36% for 20 documents at the default 5%. Otherwise each document gives
+# the last val_fraction of its text to val (nanoGPT's 90/10 cut of one file, for every
+# document), so both splits exist and never share text.
+MIN_VAL_DOCUMENTS = 4
+
+
+def split_rule(settings, tally):
+    """("documents" | "tails" | "val_input", why): how the kept documents become the splits."""
+    if settings["val_input"]:
+        return "val_input", f"val is the documents of --val_input={settings['val_input']}"
+    asked = settings["val_fraction"]
+    hashed = (f"the hash of the document ids put {tally.kept_val:,} of {tally.kept:,} kept documents "
+              f"({tally.kept_val_bytes / max(tally.kept_bytes, 1):.1%} of the text) in val")
+    if (tally.kept_val >= MIN_VAL_DOCUMENTS and tally.kept_val < tally.kept
+            and tally.kept_val_bytes >= asked / 2 * tally.kept_bytes):
+        return "documents", f"whole documents: {hashed}"
+    return "tails", (f"the last {asked:.0%} of each document's text: {hashed}, too few for a useful "
+                     f"val split (at least {MIN_VAL_DOCUMENTS} documents and {asked / 2:.1%} of the text)")
+
+
+def document_tails(documents, val_fraction):
+    """Each document cut in two: its head for train, its last val_fraction for val. The cut
+    moves back to the start of its line when that at most doubles the tail."""
+    for document in documents:
+        text = document["text"]
+        cut = min(round(len(text) * (1 - val_fraction)), len(text) - 1)  # a tail of one character at least
+        line_start = text.rfind("\n", 0, cut) + 1
+        if line_start > 0 and cut - line_start < len(text) - cut:
+            cut = line_start
+        for split, part in (("train", text[:cut]), ("val", text[cut:])):
+            if part:
+                yield {**document, "split": split, "text": part}
+
+
+def write_shards(settings, filtered, folder, tokenizer_info, rule):
+    """Tokenizes the kept documents into the train and val shards (whole documents, or
+    each one's head and tail: see split_rule), and docs.jsonl with --keep_metadata;
+    returns the splits' summaries and a KeptSummary."""
     writers = {split: ShardWriter(folder, split, tokenizer_info["vocab_size"], settings["shard_tokens"])
                for split in SPLITS}
     listing = AtomicFile(folder / "docs.jsonl") if settings["keep_metadata"] else None
@@ -1096,27 +1160,21 @@ def write_shards(settings, filtered, folder, tokenizer_info):
             entry.update(tokens=len(tokens), split=split)  # tokens: with the leading end-of-text
             listing.file.write(json.dumps(entry, ensure_ascii=False).encode("utf-8", "surrogatepass") + b"\n")
 
-    # Each split's latest document waits until the next one arrives, so that at the end
-    # a split left empty by the hash (a tiny corpus) can take the other split's last one.
-    held = {}
     progress = Progress("shards", "MB", filtered.tally().kept_bytes / 1e6)
     done_bytes = 0
-    batches = batches_of(filtered.documents(), text_of=lambda document: document["text"])
+    documents = filtered.documents()
+    if rule == "tails":
+        documents = document_tails(documents, settings["val_fraction"])
+    batches = batches_of(documents, text_of=lambda document: document["text"])
     try:
         with Workers(settings["num_workers"], _start_tokenize_worker,
                      (folder, tokenizer_info, writers["train"].dtype)) as workers:
             texts = lambda batch: [document["text"] for document in batch]
             for batch, results in workers.map(_tokenize_batch, batches, task_of=texts):
                 for document, (tokens, text_bytes) in zip(batch, results):
-                    if document["split"] in held:
-                        write(document["split"], *held[document["split"]])
-                    held[document["split"]] = tokens, text_bytes, document
+                    write(document["split"], tokens, text_bytes, document)
                     done_bytes += text_bytes
                 progress.update(done_bytes / 1e6, tokens_summary(writers))
-        if not settings["val_input"]:
-            move_last_document_to_empty_split(held, writers)
-        for split, document in held.items():
-            write(split, *document)
         progress.finish(done_bytes / 1e6, tokens_summary(writers))
         splits = {split: writer.close() for split, writer in writers.items()}
         if listing:
@@ -1131,12 +1189,6 @@ def write_shards(settings, filtered, folder, tokenizer_info):
     return splits, summary
 
 
-def move_last_document_to_empty_split(held, writers):
-    for empty, full in (("val", "train"), ("train", "val")):
-        if empty not in held and full in held and writers[full].documents > 0:
-            held[empty] = held.pop(full)
-
-
 def check_splits(splits, val_input):
     documents = splits["train"]["documents"] + splits["val"]["documents"]
     if splits["val"]["documents"] == 0 and val_input:
@@ -1144,7 +1196,7 @@ def check_splits(splits, val_input):
     for split, summary in splits.items():
         if summary["documents"] == 0:
             raise PrepareError(f"the {split} split is empty: {documents} document(s) kept, but train "
-                               f"and val need at least one each; add text or use --val_input")
+                               f"and val need some text each; add text or use --val_input")
 
 
 def tokens_summary(writers):
@@ -1216,7 +1268,9 @@ def report_markdown(meta, name):
     lines += ["", "## Tokenizer", "",
               f"{tokenizer['kind']}, {tokenizer['vocab_size']:,} tokens, end-of-text id "
               f"{tokenizer['eot_id']}, {meta['dtype']} shards, {meta['bytes_per_token']} bytes per token.",
-              "", "## Splits", "", "| split | documents | tokens | MB | shards |", "|---|---:|---:|---:|---:|"]
+              *([tokenizer["note"][0].upper() + tokenizer["note"][1:] + "."] if tokenizer.get("note") else []),
+              "", "## Splits", "", f"Val is {meta['split_rule']['why']}.", "",
+              "| split | documents | tokens | MB | shards |", "|---|---:|---:|---:|---:|"]
     lines += [f"| {split} | {summary['documents']:,} | {summary['tokens']:,} | "
               f"{summary['bytes'] / 1e6:,.2f} | {len(summary['shards'])} |"
               for split, summary in meta["splits"].items()]
@@ -1368,8 +1422,9 @@ def check_settings(settings):
     require(settings["source"] in SOURCES, f"--source={settings['source']}: expected one of {', '.join(SOURCES)}")
     require(settings["filters"] in FILTER_MODES,
             f"--filters={settings['filters']}: expected one of {', '.join(FILTER_MODES)}")
-    require(settings["tokenizer"] in TOKENIZERS,
-            f"--tokenizer={settings['tokenizer']}: expected one of {', '.join(TOKENIZERS)}")
+    require(settings["tokenizer"] in TOKENIZERS or Path(settings["tokenizer"]).exists(),
+            f"--tokenizer={settings['tokenizer']}: expected one of {', '.join(TOKENIZERS)}, or the path of a "
+            f"dataset folder, out folder or tokenizer.tiktoken whose tokenizer to reuse")
     require(settings["vocab_size"] >= 257 or settings["tokenizer"] != "bpe",
             f"--vocab_size={settings['vocab_size']}: a BPE vocabulary needs at least 257 tokens "
             f"(256 bytes and end-of-text)")
@@ -1485,10 +1540,13 @@ def build_dataset(settings, build, final):
     tokenizer_info = build_tokenizer(settings, filtered, build, timings)
     timings["tokenizer"] = time.perf_counter() - stage_start
     stage_start = time.perf_counter()
-    splits, summary = write_shards(settings, filtered, build, tokenizer_info)
+    rule, why = split_rule(settings, tally)
+    print(f"split: {why}", file=sys.stderr)
+    splits, summary = write_shards(settings, filtered, build, tokenizer_info, rule)
     timings["shards"] = time.perf_counter() - stage_start
     timings["total"] = time.perf_counter() - start
     meta = manifest(settings, web_settings, tokenizer_info, splits, summary, tally, this_run, sources, timings)
+    meta["split_rule"] = {"rule": rule, "why": why}
     atomic_write(build / "meta.json", lambda f: f.write(json.dumps(meta, indent=2).encode() + b"\n"))
     atomic_write(build / "report.md", lambda f: f.write(report_markdown(meta, final.name).encode()))
     shutil.rmtree(build / FILTERED)  # the shards hold it now
@@ -1497,6 +1555,7 @@ def build_dataset(settings, build, final):
 
 def main(argv):
     settings = parse_flags(argv)
+    settings["vocab_size_given"] = any(argument.startswith("--vocab_size=") for argument in argv)
     final = dataset_folder(settings)
     build = start_build(final)
     try:

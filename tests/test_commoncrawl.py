@@ -19,7 +19,7 @@ import tokenizer
 import prepare
 import webfilters
 from conftest import send_body
-from test_prepare import bin_files, documents_in, run_prepare
+from test_prepare import bin_files, kept_documents, run_prepare
 
 GOOD = [
     """The town library reopened this spring after two years of careful repairs to its roof and walls.
@@ -145,10 +145,6 @@ def wet_file(pages, first_number=1, filler_bytes=0):
     return b"".join(members)
 
 
-def all_documents(folder):
-    return documents_in(folder, "train") + documents_in(folder, "val")
-
-
 # ---------------------------------------------------------------------------------------
 # The WET reader
 
@@ -192,7 +188,7 @@ def wet_dataset(tmp_path_factory):
 
 def test_web_filters_keep_the_good_pages_and_count_each_drop_under_its_reason(wet_dataset):
     meta = dataset.read_meta(wet_dataset)
-    assert sorted(all_documents(wet_dataset)) == sorted(KEPT_TEXTS)
+    assert sorted(kept_documents(wet_dataset)) == sorted(KEPT_TEXTS)
     assert meta["dropped"] == {**DROPPED, **UNREADABLE}
     assert meta["documents"]["read"] == len(PAGES) + 2
     assert meta["documents"]["kept"] == len(KEPT_TEXTS)
@@ -201,7 +197,7 @@ def test_web_filters_keep_the_good_pages_and_count_each_drop_under_its_reason(we
 
 
 def test_javascript_and_cookie_lines_go_and_pii_is_masked_in_the_shards(wet_dataset):
-    shards_text = "\n".join(all_documents(wet_dataset))
+    shards_text = "\n".join(kept_documents(wet_dataset))
     assert "The annual chess tournament" in shards_text
     assert JAVASCRIPT_LINE not in shards_text and COOKIE_LINE not in shards_text
     assert "margaret.hill@gmail.com" not in shards_text and "93.184.216.34" not in shards_text
@@ -250,7 +246,7 @@ def test_max_docs_stops_once_that_many_are_kept(tmp_path):
     (tmp_path / "pages.warc.wet.gz").write_bytes(wet_file(PAGES))
     run_prepare("--source=files", "--input=pages.warc.wet.gz", "--out_dir=out", "--tokenizer=byte",
                 "--max_docs=3", cwd=tmp_path)
-    assert sorted(all_documents(tmp_path / "out")) == sorted(GOOD[:3])
+    assert sorted(kept_documents(tmp_path / "out")) == sorted(GOOD[:3])
 
 
 def test_zero_documents_left_names_the_filter_that_took_them(tmp_path):
@@ -273,7 +269,7 @@ def test_filters_web_applies_the_web_filters_to_plain_text_files(tmp_path):
     for name, text in [("a.txt", GOOD[0]), ("b.txt", GOOD[1]), ("c.txt", german), ("d.txt", WITH_PII)]:
         (tmp_path / "in" / name).write_text(text, encoding="utf-8")
     run_prepare("--source=files", "--input=in", "--filters=web", "--tokenizer=byte", "--out_dir=out", cwd=tmp_path)
-    assert sorted(all_documents(tmp_path / "out")) == sorted([GOOD[0], GOOD[1], MASKED_PII])
+    assert sorted(kept_documents(tmp_path / "out")) == sorted([GOOD[0], GOOD[1], MASKED_PII])
     assert dataset.read_meta(tmp_path / "out")["dropped"] == {"language:stop_words": 1}  # no header: stop words
 
 
@@ -362,7 +358,7 @@ def test_commoncrawl_streams_the_latest_crawls_wet_files_through_the_filters(cra
     assert [path for path, _, _ in requests] == ["collinfo.json", f"crawl-data/{CRAWL}/wet.paths.gz", *WET_PATHS]
     assert all(agent.startswith("owngpt") for _, _, agent in requests)
     meta = dataset.read_meta(folder)
-    assert sorted(all_documents(folder)) == sorted(KEPT_TEXTS)
+    assert sorted(kept_documents(folder)) == sorted(KEPT_TEXTS)
     assert meta["dropped"] == {**DROPPED, "bad_record:gzip": 2, "bad_record:warc_header": 2}
     assert meta["sources"][0]["crawl"] == CRAWL and meta["sources"][0]["wet_files"] == WET_PATHS
     assert sorted(path.name for path in folder.parent.iterdir()) == ["web"]  # no build state left
@@ -412,7 +408,7 @@ def test_the_url_source_reads_a_wet_file_with_the_web_filters(crawl_server, tmp_
                 cwd=tmp_path)
     second_half = PAGES[len(PAGES) // 2:]  # alone, its copy of a page in the first half is new
     dropped = {reason: 1 for *_, reason in second_half if reason not in ("kept", "dedup:near")}
-    assert len(all_documents(tmp_path / "out")) == len(second_half) - len(dropped)
+    assert len(kept_documents(tmp_path / "out")) == len(second_half) - len(dropped)
     assert dataset.read_meta(tmp_path / "out")["dropped"] == {**dropped, **UNREADABLE}
 
 

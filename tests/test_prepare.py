@@ -65,6 +65,16 @@ def documents_in(folder, split):
             for start, end in zip(starts, list(starts[1:]) + [len(tokens)])]
 
 
+def kept_documents(folder):
+    """The kept documents, whole: train's and val's, or, where val holds each document's
+    tail (too few documents for whole ones), each train head joined to its val tail."""
+    train, val = documents_in(folder, "train"), documents_in(folder, "val")
+    if dataset.read_meta(folder)["split_rule"]["rule"] != "tails":
+        return train + val
+    assert len(train) == len(val)
+    return [head + tail for head, tail in zip(train, val)]
+
+
 def bin_files(folder):
     return {path.name: path.read_bytes() for path in sorted(folder.iterdir()) if path.suffix in (".bin", ".tiktoken")}
 
@@ -428,14 +438,16 @@ def test_several_workers_give_the_same_shards_as_one(built, corpus, tmp_path):
     assert bin_files(tmp_path / "parallel") == bin_files(folder)
 
 
-def test_a_tiny_corpus_still_gets_a_train_and_a_val_document(tmp_path):
+def test_a_tiny_corpus_gives_val_the_tail_of_each_document(tmp_path):
     write_files(tmp_path / "in", ["first document", "second document"])
     run_prepare("--source=files", "--input=in", "--tokenizer=byte", "--val_fraction=0.01", "--name=tiny",
                 cwd=tmp_path)
-    meta = dataset.read_meta(tmp_path / "data" / "tiny")
-    assert [meta["splits"][split]["documents"] for split in ("train", "val")] == [1, 1]
-    assert sorted(documents_in(tmp_path / "data" / "tiny", "train") + documents_in(tmp_path / "data" / "tiny", "val")) \
-        == ["first document", "second document"]
+    folder = tmp_path / "data" / "tiny"
+    meta = dataset.read_meta(folder)
+    assert meta["split_rule"]["rule"] == "tails"
+    train, val = documents_in(folder, "train"), documents_in(folder, "val")
+    assert [head + tail for head, tail in zip(train, val)] == ["first document", "second document"]
+    assert all(tail for tail in val)
 
 
 def test_val_input_files_become_the_val_split(tmp_path):
@@ -453,7 +465,7 @@ def test_a_file_that_is_not_utf8_is_decoded_with_replacement_and_counted(tmp_pat
     run_prepare("--source=files", "--input=in", "--tokenizer=byte", "--out_dir=out", cwd=tmp_path)
     meta = dataset.read_meta(tmp_path / "out")
     assert meta["documents"]["invalid_utf8"] == 1
-    assert "caf\ufffd au lait" in documents_in(tmp_path / "out", "train") + documents_in(tmp_path / "out", "val")
+    assert "caf\ufffd au lait" in kept_documents(tmp_path / "out")
     assert "decoded with U+FFFD): 1" in (tmp_path / "out" / "report.md").read_text()
 
 
@@ -491,11 +503,48 @@ def test_no_documents_found_leaves_no_dataset_folder(tmp_path):
     assert list((tmp_path / "data").iterdir()) == []
 
 
-def test_a_single_document_fails_clearly(tmp_path):
-    write_files(tmp_path / "in", ["the only document"])
-    result = run_prepare("--source=files", "--input=in", "--tokenizer=byte", cwd=tmp_path, check=False)
-    assert result.returncode == 1
-    assert "train and val need at least one each" in result.stderr
+def test_one_text_file_is_cut_into_a_train_head_and_a_val_tail(tmp_path):
+    text = "".join(make_text(seed) for seed in range(20))
+    (tmp_path / "book.txt").write_text(text, encoding="utf-8")
+    run_prepare("--source=files", "--input=book.txt", "--name=book", cwd=tmp_path)  # defaults otherwise
+    folder = tmp_path / "data" / "book"
+    meta = dataset.read_meta(folder)
+    (head,), (tail,) = documents_in(folder, "train"), documents_in(folder, "val")
+    assert head + tail == text and tail.startswith(text[len(head):])  # no text in both
+    assert 0.04 < len(tail) / len(text) < 0.1  # about --val_fraction=0.05, cut at a line start
+    assert head.endswith("\n")
+    assert meta["split_rule"]["rule"] == "tails"
+    report = (folder / "report.md").read_text()
+    assert "Val is the last 5% of each document's text: the hash of the document ids put 0 of 1" in report
+    # the default --vocab_size=8192 is more than this text supports: the largest it supports instead
+    vocab_size = meta["tokenizer"]["vocab_size"]
+    assert 300 < vocab_size < 8192 and f"This text supports {vocab_size:,} tokens" in report
+
+
+def test_an_explicit_vocab_size_the_text_cannot_support_stays_an_error(tmp_path):
+    (tmp_path / "book.txt").write_text(make_text(0), encoding="utf-8")
+    result = run_prepare("--source=files", "--input=book.txt", "--vocab_size=8192", cwd=tmp_path, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "--vocab_size=8192 is more than this text supports" in result.stderr.splitlines()[-1]
+
+
+def test_whole_documents_go_to_val_when_the_hash_picks_enough_of_them(tmp_path):
+    write_files(tmp_path / "in", [make_text(seed) for seed in range(40)])
+    run_prepare("--source=files", "--input=in", "--val_fraction=0.2", "--tokenizer=byte", "--out_dir=out", cwd=tmp_path)
+    meta = dataset.read_meta(tmp_path / "out")
+    assert meta["split_rule"]["rule"] == "documents"
+    train, val = documents_in(tmp_path / "out", "train"), documents_in(tmp_path / "out", "val")
+    assert len(val) >= prepare.MIN_VAL_DOCUMENTS and not set(train) & set(val)
+    assert sorted(train + val) == sorted(make_text(seed) for seed in range(40))
+
+
+def test_few_documents_give_the_same_shards_with_one_and_two_workers(tmp_path):
+    write_files(tmp_path / "in", [make_text(seed, sentences=200) for seed in range(3)])
+    for workers in (1, 2):
+        run_prepare("--source=files", "--input=in", f"--num_workers={workers}", "--vocab_size=300",
+                    f"--out_dir=out{workers}", cwd=tmp_path)
+    assert dataset.read_meta(tmp_path / "out1")["split_rule"]["rule"] == "tails"
+    assert bin_files(tmp_path / "out1") == bin_files(tmp_path / "out2")
 
 
 def test_a_failed_rerun_keeps_the_previous_dataset(tmp_path):
@@ -577,7 +626,7 @@ def test_url_source_downloads_once_and_a_rerun_downloads_nothing(server, tmp_pat
     folder = tmp_path / "data" / "books"
     downloaded = sorted((folder / "downloads").iterdir())
     assert sorted(path.read_text() for path in downloaded) == sorted(make_text(index) for index in range(3))
-    assert sorted(documents_in(folder, "train") + documents_in(folder, "val")) == sorted(make_text(index) for index in range(3))
+    assert sorted(kept_documents(folder)) == sorted(make_text(index) for index in range(3))
     run_prepare(*flags, cwd=tmp_path)
     assert [len(requests_for(path)) for path in paths] == [1, 1, 1]
     assert dataset.read_meta(folder)["sources"][0]["url"] == server + paths[0]
@@ -593,7 +642,7 @@ def test_a_transfer_broken_midway_resumes_with_a_range_request(server, tmp_path)
     assert first_range is None
     resumed_at = int(second_range.removeprefix("bytes=").rstrip("-"))
     assert 0 < resumed_at <= len(text.encode()) // 2
-    assert text in documents_in(tmp_path / "out", "train") + documents_in(tmp_path / "out", "val")
+    assert text in kept_documents(tmp_path / "out")
 
 
 def test_a_503_then_200_succeeds_after_a_retry(server, tmp_path):
