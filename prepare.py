@@ -36,33 +36,31 @@ The dataset folder's contract (shards, meta.json, atomic writes) is dataset.py; 
 trainer and the tokenizer loader are tokenizer.py.
 """
 import dataclasses
-import difflib
 import glob
-import gzip
 import hashlib
-import itertools
 import json
 import os
 import platform
-import posixpath
 import re
 import shutil
 import sys
 import sysconfig
 import time
 import urllib.parse
-import zlib
 from collections import Counter, defaultdict, deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import requests
 
+import flags
 import webfilters
-from dataset import META_FORMAT_VERSION, SPLITS, AtomicFile, ShardWriter, atomic_write, fsync_folder
-from flags import UserError
+import webtext
+from webtext import Dropped
+from dataset import (META_FORMAT_VERSION, SPLITS, AtomicFile, ShardWriter, atomic_write, folder_path,
+                     fsync_folder, token_dtype)
+from flags import UserError, at_least, between, matches, one_of
 from tokenizer import TOKENIZERS, count_chunks, gpt2_encoding, load_tokenizer, train_bpe, write_tiktoken_file
 
 
@@ -70,8 +68,8 @@ def _cpu_count():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-# Every flag, its default and what it does (`--help` prints this table, then the web
-# filter flags, which are webfilters.WebFilterSettings' fields).
+# Every flag, its default and what it does; the web filter flags follow, one per field of
+# webfilters.WebFilterSettings. `--help` lists them all.
 FLAGS = {
     "source": ("python", "where the text comes from: python (this Python's standard library, "
                          "offline), files (--input), url (--url) or commoncrawl (--crawl)"),
@@ -108,9 +106,72 @@ FLAGS = {
     "name": ("", "dataset name: writes data/<name>/ (default: the source's name)"),
     "out_dir": ("", "write the dataset to this folder instead of data/<name>/"),
 }
-WEB_FLAGS = {name: (default, help_text) for name, default, help_text in webfilters.settings_help()}
+WEB_DEFAULTS, WEB_HELP, WEB_CHECKS = webfilters.settings_flags()
+DEFAULTS = {name: default for name, (default, _) in FLAGS.items()} | WEB_DEFAULTS
+HELP = {name: help_text for name, (_, help_text) in FLAGS.items()} | WEB_HELP
+
 SOURCES = ("python", "files", "url", "commoncrawl")
 FILTER_MODES = ("auto", "web", "none")
+URL = r"https?://[^/\s]\S*"
+
+
+def split_list(spec):
+    return [item.strip() for item in spec.split(",") if item.strip()]
+
+
+def path_list(spec):
+    return None if not spec or split_list(spec) else "comma-separated files, folders or globs"
+
+
+def url_list(spec):
+    urls = split_list(spec)
+    valid = all(re.fullmatch(URL, url) for url in urls) and (urls or not spec)
+    return None if valid else "comma-separated http(s) URLs"
+
+
+# What each flag's value may be (a true/false switch is checked by the parser itself).
+CHECKS = {
+    "source": one_of(*SOURCES),
+    "input": path_list,
+    "val_input": path_list,
+    "url": url_list,
+    "crawl": matches(r"[A-Za-z0-9._-]+", "a crawl id such as CC-MAIN-2025-26, or latest"),
+    "wet_files": at_least(1),
+    "max_docs": at_least(0),
+    "cc_base_url": matches(URL, "an http(s) URL"),
+    "cc_index_url": matches(URL, "an http(s) URL"),
+    "text_field": matches(r".+", "the name of a JSON field"),
+    "filters": one_of(*FILTER_MODES),
+    "tokenizer": one_of(*TOKENIZERS),
+    "vocab_size": between(1, 2 ** 32),
+    "tokenizer_train_chars": at_least(1),
+    "shard_tokens": between(1, 2 ** 31 - 1),  # the shard header's int32
+    "val_fraction": lambda fraction: None if 0 <= fraction <= 1 else "a fraction between 0 and 1",
+    "num_workers": at_least(1),
+    "name": matches(r"([A-Za-z0-9_-][A-Za-z0-9._-]*)?", "letters, digits, '.', '_' and '-' (or --out_dir)"),
+    "out_dir": lambda path: "a folder, and this is a file" if os.path.isfile(path) else None,
+} | WEB_CHECKS
+
+# Rules between flags: each returns what is wrong, or None.
+RELATIONS = (
+    lambda s: None if bool(s["input"]) == (s["source"] == "files") else
+    "--input is used with --source=files, and --source=files needs it",
+    lambda s: None if bool(s["url"]) == (s["source"] == "url") else
+    "--url is used with --source=url, and --source=url needs it",
+    lambda s: "--val_input does not go with --source=commoncrawl: its val split is --val_fraction of "
+    "the pages" if s["val_input"] and s["source"] == "commoncrawl" else None,
+    lambda s: f"--vocab_size={s['vocab_size']}: a BPE vocabulary needs at least 257 tokens (256 bytes "
+    f"and end-of-text)" if s["tokenizer"] == "bpe" and s["vocab_size"] < 257 else None,
+    lambda s: f"--val_fraction={s['val_fraction']}: expected a fraction strictly between 0 and 1 (0 and "
+    f"1 only go with --val_input)" if s["val_fraction"] in (0, 1) and not s["val_input"] else None,
+)
+
+FILTERED = "filtered"  # the build folder's kept documents (see FilteredParts)
+# The web filters' switches, in the order they run (webfilters.filter_document).
+WEB_SWITCHES = ("language", "gopher_repetition", "gopher_quality", "c4", "fineweb", "dedup_exact",
+                "dedup_near", "pii")
+EXAMPLES = 2  # dropped documents shown per filter in report.md
+TOP_DOMAINS = 20  # domains listed in meta.json and report.md
 
 
 class PrepareError(UserError):
@@ -209,10 +270,6 @@ def file_inputs(spec, flag="input"):
     return inputs, {"kind": "files", "input": spec, "files": len(inputs), "skipped_files": skipped}
 
 
-def split_list(spec):
-    return [item.strip() for item in spec.split(",") if item.strip()]
-
-
 def read_documents(input_file, text_field):
     """The documents of one input file, in file order."""
     readers = {"text": read_text, "jsonl": read_jsonl, "wet": read_wet, "pydoc_topics": read_pydoc_topics}
@@ -256,12 +313,15 @@ def read_jsonl(input_file, text_field):
 def read_wet(input_file, text_field):
     """One document per `conversion` record (the extracted text of one web page); its WARC
     headers (WARC-Target-URI, WARC-Date, WARC-Identified-Content-Language, ...) become the
-    document's metadata. A record that cannot be read gives its drop reason instead (a
-    string, "bad_record:..."), and reading goes on with the next record."""
-    blocks = remote_blocks(input_file.url) if input_file.url else file_blocks(input_file.path)
-    records = warc_records(blocks, gzipped=input_file.name.endswith(".gz"))
+    document's metadata. A record that cannot be read gives a webtext.Dropped in its place,
+    and reading goes on with the next record."""
+    if input_file.url:
+        blocks = webtext.remote_blocks(input_file.url)
+    else:
+        blocks = webtext.file_blocks(input_file.path)
+    records = webtext.warc_records(blocks, gzipped=input_file.name.endswith(".gz"))
     for number, record in enumerate(records, start=1):
-        if isinstance(record, str):
+        if isinstance(record, Dropped):
             yield record
         elif record[0].get("WARC-Type") == "conversion":
             headers, body = record
@@ -270,378 +330,33 @@ def read_wet(input_file, text_field):
             yield Document(f"{input_file.name}:{number}", text, metadata, invalid)
 
 
-def file_blocks(path, block_size=1 << 20):
-    with open(path, "rb") as stream:
-        while block := stream.read(block_size):
-            yield block
-
-
-GZIP_MAGIC = b"\x1f\x8b\x08"  # a gzip member's first bytes: ID1, ID2, deflate
-MEMBER_END, MEMBER_BAD = "member end", "member bad"  # markers among gunzip_members' bytes
-RESCAN_LIMIT = 1 << 20  # compressed bytes of a member kept to look for the next one in
-UNCHECKED_LIMIT = 1 << 25  # decompressed bytes parsed before their member's CRC is checked
-
-
-def gunzip_members(blocks):
-    """Decompresses concatenated gzip members as they arrive. Yields decompressed bytes,
-    MEMBER_END after each member whose CRC checked, and MEMBER_BAD for a member that is
-    damaged or cut short; decoding then starts again at the next gzip header. Common
-    Crawl gzips every record as its own member, so a damaged member costs one record."""
-    decoder, member = zlib.decompressobj(wbits=31), bytearray()  # member: its compressed bytes
-    searching, carry = False, b""  # after a damaged member: skip to the next gzip header
-    for block in itertools.chain(blocks, [None]):  # None: the end of the stream
-        todo = carry + block if block is not None else b""
-        carry = b""
-        if searching:
-            todo, carry, searching = _from_next_member(todo)
-        while todo:
-            if len(member) < RESCAN_LIMIT:
-                member += todo
-            try:
-                output = decoder.decompress(todo)
-            except zlib.error:
-                yield MEMBER_BAD
-                todo, carry, searching = _from_next_member(member[1:] if len(member) < RESCAN_LIMIT else todo)
-                decoder, member = zlib.decompressobj(wbits=31), bytearray()
-                continue
-            if output:
-                yield output
-            todo = b""
-            if decoder.eof:
-                yield MEMBER_END
-                todo = decoder.unused_data
-                decoder, member = zlib.decompressobj(wbits=31), bytearray()
-        if block is None and member:  # the stream ended inside a member
-            yield MEMBER_BAD
-            todo, _, _ = _from_next_member(member[1:])
-            if todo:  # a later member hides in what the cut one swallowed
-                yield from gunzip_members([todo])
-
-
-def _from_next_member(data):
-    """(data from the next gzip header on, bytes to carry to the next block, still searching)."""
-    start = data.find(GZIP_MAGIC)
-    if start == -1:  # a header may begin in the last two bytes
-        return b"", bytes(data[-(len(GZIP_MAGIC) - 1):]), True
-    return bytes(data[start:]), b"", False
-
-
-def warc_records(blocks, gzipped):
-    """(headers, body bytes) for each record of a WARC file read in blocks of bytes, or a
-    drop reason (a string) for a record that is skipped: "bad_record:gzip" (a damaged
-    gzip member), "bad_record:warc_header" (no 'WARC/' line or no valid Content-Length),
-    "bad_record:truncated" (the file ends inside it). Records of a gzip member are given
-    out once the member's CRC has checked, so a damaged member gives no garbled record."""
-    buffer = WarcBuffer()
-    if not gzipped:
-        for block in blocks:
-            buffer.feed(block)
-            yield from buffer.records()
-    else:
-        for piece in gunzip_members(blocks):
-            if piece is MEMBER_BAD:
-                buffer.clear()
-                yield "bad_record:gzip"
-                continue
-            if piece is not MEMBER_END:
-                buffer.feed(piece)
-            if piece is MEMBER_END or len(buffer) > UNCHECKED_LIMIT:  # one huge member: no waiting
-                yield from buffer.records()
-    yield from buffer.records(at_end=True)
-
-
-class WarcBuffer:
-    """Bytes of a WARC file not yet cut into records. A record is a 'WARC/1.0' line,
-    'Name: value' header lines, a blank line, Content-Length bytes of body; blank lines
-    separate records. A malformed record is skipped up to the next line that starts
-    with 'WARC/'."""
-    HEADER_END = re.compile(rb"\r?\n\r?\n")
-    MAX_HEADER = 1 << 16
-
-    def __init__(self):
-        self.clear()
-
-    def __len__(self):
-        return len(self.data) - self.start
-
-    def clear(self):
-        self.data, self.start, self.skipping = bytearray(), 0, False
-
-    def feed(self, data):
-        if self.start > len(self.data) // 2:  # drop what has been read, now and then
-            del self.data[:self.start]
-            self.start = 0
-        self.data += data
-
-    def records(self, at_end=False):
-        """The complete records buffered; at_end: the rest is a cut-off record."""
-        data = self.data
-        while True:
-            if self.skipping and not self._skip_to_next_record(at_end):
-                return
-            while self.start < len(data) and data[self.start] in b"\r\n":
-                self.start += 1
-            if self.start == len(data):
-                return
-            if not data.startswith(b"WARC/", self.start):
-                if not at_end and len(self) < 5 and b"WARC/".startswith(data[self.start:]):
-                    return  # the start of a record, the rest on its way
-                self.skipping = True
-                yield "bad_record:warc_header"
-                continue
-            header_end = self.HEADER_END.search(data, self.start, self.start + self.MAX_HEADER)
-            if header_end is None:
-                if len(self) > self.MAX_HEADER:
-                    self.skipping = True
-                    yield "bad_record:warc_header"
-                    continue
-                if at_end:
-                    self.clear()
-                    yield "bad_record:truncated"
-                return
-            headers = {}
-            for line in bytes(data[self.start:header_end.start()]).split(b"\n")[1:]:
-                name, _, value = line.decode("utf-8", errors="replace").partition(":")
-                headers[name.strip()] = value.strip()
-            length = headers.get("Content-Length", "")
-            if not length.isdigit():
-                self.skipping = True
-                yield "bad_record:warc_header"
-                continue
-            body_end = header_end.end() + int(length)
-            if body_end > len(data):
-                if at_end:
-                    self.clear()
-                    yield "bad_record:truncated"
-                return
-            body = bytes(data[header_end.end():body_end])
-            self.start = body_end
-            yield headers, body
-
-    def _skip_to_next_record(self, at_end):
-        """Drops bytes up to the next line that starts with 'WARC/'; False when there is
-        none yet (the last bytes stay: they may be the start of one)."""
-        found = self.data.find(b"\nWARC/", self.start)
-        if found == -1:
-            self.start = len(self.data) if at_end else max(self.start, len(self.data) - 5)
-            return False
-        self.start, self.skipping = found + 1, False
-        return True
-
-
 def read_pydoc_topics(input_file, text_field):
     from pydoc_data.topics import topics
     for topic in sorted(topics):
         yield Document(f"{input_file.name}:{topic}", topics[topic], {"file": input_file.name})
 
 
-# ----------------------------------------------------------------------------------------
-# Downloads (the url and commoncrawl sources)
-
-DOWNLOAD_ATTEMPTS = 5  # tries in a row that make no progress before giving up
-RETRY_STATUSES = {429, 500, 502, 503, 504}  # 503 is also S3's "SlowDown"
-TIMEOUT_S = (10, 60)  # (connect, between bytes)
-# Reads of 64 KiB: when a transfer breaks, requests drops the block being read, so small
-# blocks keep most of what arrived for the Range request that resumes it.
-DOWNLOAD_BLOCK = 1 << 16
-# Common Crawl asks crawlers of its data to say who they are.
-USER_AGENT = f"owngpt-prepare/1.0 (an educational GPT trainer; python-requests/{requests.__version__})"
-
-
-class RetryableError(Exception):
-    """A failure worth another try: the network, a server error, a cut-off transfer."""
-
-    def __init__(self, message, wait_s=None):
-        super().__init__(message)
-        self.wait_s = wait_s  # what the server asked for in Retry-After, if it did
-
-
-class RemoteError(PrepareError):
-    """A server's answer that trying again will not change (404, 403, ...)."""
-
-    def __init__(self, url, status, reason):
-        super().__init__(f"download failed: {url} answered {status} {reason}")
-        self.status = status
-
-
-def remote_blocks(url, offset=0):
-    """The bytes of url from offset on, in blocks as they arrive. A broken transfer goes
-    on with a Range request from the first byte not yet given (a server that ignores
-    Range sends the file again and the bytes already given are skipped), so the blocks
-    join up exactly. Tries that bring no new byte are retried after the server's
-    Retry-After or else 1, 2, 4, ... s, and after DOWNLOAD_ATTEMPTS in a row it gives up."""
-    failures = 0
-    while True:
-        progressed = False
-        try:
-            for block in response_blocks(url, offset):
-                offset += len(block)
-                progressed = True
-                yield block
-            return
-        except RetryableError as error:
-            failures = 0 if progressed else failures + 1
-            if failures >= DOWNLOAD_ATTEMPTS:
-                raise PrepareError(f"download failed after {DOWNLOAD_ATTEMPTS} tries: {error}") from None
-            wait_s = 0 if progressed else error.wait_s if error.wait_s is not None else 2 ** (failures - 1)
-            resume = f" from byte {offset:,}" if offset else ""
-            print(f"download: {error}; retrying in {wait_s} s{resume}", file=sys.stderr)
-            time.sleep(wait_s)
-
-
-def response_blocks(url, offset):
-    """The blocks of one GET of url, from byte offset on."""
-    # identity: a compressed transfer would not match Content-Length or byte ranges
-    headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
-    if offset:
-        headers["Range"] = f"bytes={offset}-"
-    received = 0
-    try:
-        with requests.get(url, headers=headers, stream=True, timeout=TIMEOUT_S) as response:
-            skip = bytes_to_skip(url, response, offset)
-            if skip is None:
-                return
-            length = response.headers.get("Content-Length", "")
-            expected = int(length) - skip if length.isdigit() else None
-            for block in response.iter_content(DOWNLOAD_BLOCK):
-                dropped = min(skip, len(block))
-                skip -= dropped
-                if len(block) > dropped:
-                    received += len(block) - dropped
-                    yield block[dropped:]
-    except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as error:
-        raise RetryableError(f"{url}: {error}") from None
-    except requests.exceptions.InvalidSchema as error:  # a redirect to file://, ftp://, ...
-        raise PrepareError(f"download failed: {url} redirected to a URL that is not http(s): {error}") from None
-    if expected is not None and received != expected:
-        raise RetryableError(f"{url}: transfer stopped at {offset + received:,} of "
-                             f"{offset + expected:,} bytes")
-
-
-def bytes_to_skip(url, response, offset):
-    """How many bytes of the response the caller already has (None: all of them), or the
-    error that the status means."""
-    status = response.status_code
-    if status in RETRY_STATUSES:
-        retry_after = response.headers.get("Retry-After", "")
-        wait_s = min(int(retry_after), 60) if retry_after.isdigit() else None
-        raise RetryableError(f"{url} answered {status} {response.reason}", wait_s)
-    if status == 416 and offset:  # nothing past offset: complete, unless the file shrank
-        total = response.headers.get("Content-Range", "").rpartition("/")[2]
-        if total == str(offset):
-            return None
-        raise PrepareError(f"download failed: {url} now has {total or 'fewer'} bytes, but "
-                           f"{offset:,} were fetched before: the file changed on the server")
-    if status >= 400:
-        raise RemoteError(url, status, response.reason)
-    if status == 206:
-        if not response.headers.get("Content-Range", "").startswith(f"bytes {offset}-"):
-            raise RetryableError(f"{url} sent the wrong range {response.headers.get('Content-Range')}")
-        return 0
-    return offset  # a whole file again: the server ignored Range
-
-
-def download_name(url):
-    """A file name for url that cannot leave the downloads folder: a hash of the URL and
-    the last path segment reduced to safe characters."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise PrepareError(f"--url: {url!r} is not an http(s) URL")
-    last = re.sub(r"[^A-Za-z0-9._-]", "_", posixpath.basename(parts.path))[-80:]
-    return f"{hashlib.sha256(url.encode()).hexdigest()[:12]}-{last or 'index'}"
-
-
 def url_inputs(spec, downloads, previous_downloads):
+    """The files at the URLs, downloaded into the build's downloads/ (webtext.py): one
+    that an earlier run of the same dataset downloaded is not fetched again."""
     urls = split_list(spec)
-    names = [download_name(url) for url in urls]  # checks every URL before downloading any
+    names = [webtext.download_name(url) for url in urls]  # checks every URL before downloading any
     downloads.mkdir(exist_ok=True)
     inputs, sources = [], []
     for url, name in zip(urls, names):
-        path = downloads / name
-        if not path.exists() and (previous_downloads / name).exists():
-            link_or_copy(previous_downloads / name, path)
-        if not path.exists():
-            download(url, path)
+        path = webtext.fetch(url, downloads / name, previous_downloads / name, Progress("download", "MB"))
         inputs.append(InputFile(path, url, input_kind(name) or "text"))
-        sources.append({"kind": "url", "url": url, "file": f"downloads/{name}",
-                        "bytes": path.stat().st_size})
+        sources.append({"kind": "url", "url": url, "file": f"downloads/{name}", "bytes": path.stat().st_size})
     return inputs, sources
 
 
-def link_or_copy(source, target):
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
-
-
-def download(url, path):
-    """Fetches url into path through path.part; a .part left by an earlier run is resumed."""
-    partial = path.with_name(path.name + ".part")
-    blocks = remote_blocks(url, offset=partial.stat().st_size if partial.exists() else 0)
-    first = next(blocks, b"")  # no file is made before the server answers
-    progress = Progress("download", "MB")
-    with open(partial, "ab") as out:
-        for block in itertools.chain([first], blocks):
-            out.write(block)
-            progress.update(out.tell() / 1e6)
-        size = out.tell()
-    progress.finish(size / 1e6)
-    os.replace(partial, path)
-
-
-# ----------------------------------------------------------------------------------------
-# Common Crawl: a crawl's WET files (the text of its pages), streamed from its server
-
 def commoncrawl_inputs(settings):
     """The first --wet_files WET files of the crawl, as inputs read while they download."""
-    base = settings["cc_base_url"].rstrip("/") + "/"
-    crawl = settings["crawl"]
-    if crawl == "latest":
-        crawl = crawl_ids(settings["cc_index_url"])[0]
-    paths_url = f"{base}crawl-data/{crawl}/wet.paths.gz"
-    try:
-        listing = b"".join(remote_blocks(paths_url))
-    except RemoteError as error:
-        if error.status not in (403, 404):  # S3 answers 403 for a key that is not there
-            raise
-        raise PrepareError(unknown_crawl_message(crawl, settings, error.status)) from None
-    try:
-        paths = gzip.decompress(listing).decode().split()
-    except (OSError, EOFError, UnicodeDecodeError) as error:
-        raise PrepareError(f"{paths_url}: expected a gzipped list of WET file paths ({error})") from None
-    if len(paths) < settings["wet_files"]:
-        raise PrepareError(f"--wet_files={settings['wet_files']}: crawl {crawl} has only "
-                           f"{len(paths)} WET files")
-    paths = paths[:settings["wet_files"]]
-    inputs = [InputFile(None, path, "wet", base + path) for path in paths]
+    base_url = settings["cc_base_url"].rstrip("/") + "/"
+    crawl, paths_url, paths = webtext.wet_file_urls(settings["crawl"], settings["wet_files"], base_url,
+                                                    settings["cc_index_url"])
+    inputs = [InputFile(None, path, "wet", base_url + path) for path in paths]
     return inputs, {"kind": "commoncrawl", "crawl": crawl, "wet_paths": paths_url, "wet_files": paths}
-
-
-def crawl_ids(index_url):
-    """The crawl ids in Common Crawl's collinfo.json, newest first."""
-    data = b"".join(remote_blocks(index_url))
-    try:
-        ids = [crawl["id"] for crawl in json.loads(data)]
-    except (ValueError, TypeError, KeyError):
-        raise PrepareError(f"{index_url}: expected Common Crawl's collinfo.json, a JSON list of "
-                           f"crawls with an 'id' each") from None
-    if not ids:
-        raise PrepareError(f"{index_url} lists no crawls")
-    return ids
-
-
-def unknown_crawl_message(crawl, settings, status):
-    message = f"--crawl={crawl}: Common Crawl has no crawl with that id (its wet.paths.gz: {status})."
-    try:
-        ids = crawl_ids(settings["cc_index_url"])
-        closest = difflib.get_close_matches(crawl, ids, n=1)
-        message += f" The newest crawls are {', '.join(ids[:5])}"
-        message += f"; the closest to yours is {closest[0]}." if closest else "."
-    except PrepareError:
-        pass  # the hint below still says where to look
-    return (message + f" Every crawl is listed in {settings['cc_index_url']} and on "
-            f"https://commoncrawl.org/get-started; --crawl=latest takes the newest.")
 
 
 # ----------------------------------------------------------------------------------------
@@ -651,12 +366,10 @@ def unknown_crawl_message(crawl, settings, status):
 # for any number of workers. Kept documents go to the build folder's filtered/ parts,
 # which the tokenizer and the shards are made from.
 
-FILTERED = "filtered"
 # Flags that only later stages read: changing them keeps the filtered parts of a failed
 # run (the base URLs only say where the same files are).
 LATER_STAGE_FLAGS = ("tokenizer", "vocab_size", "tokenizer_train_chars", "shard_tokens", "num_workers",
                      "name", "out_dir", "keep_metadata", "wet_files", "cc_base_url", "cc_index_url")
-EXAMPLES = 2  # dropped documents shown per filter in report.md
 BATCH_CHARS = 1 << 20  # a task for a worker process: about 1M characters
 BATCH_DOCUMENTS = 128  # or this many documents, so that many small ones still spread out
 
@@ -668,30 +381,18 @@ def uses_web_filters(settings, inputs):
     return settings["filters"] == "web"
 
 
-class ExactDeduplicator:
-    """Drops a text seen before in this run; remembers a 128-bit hash per kept document."""
-
-    def __init__(self):
-        self.seen = set()
-
-    @staticmethod
-    def key(text):
-        digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
-        return int.from_bytes(digest, "little")
-
-    def check(self, key):
-        if key in self.seen:
-            return "duplicate"
-        self.seen.add(key)
-        return None
+def new_deduplicator(web_settings):
+    """Web text: exact copies after normalising and MinHash near copies; other text: copies
+    of the exact text (both webfilters.Deduplicator)."""
+    return webfilters.Deduplicator(web_settings) if web_settings else webfilters.Deduplicator.exact_only()
 
 
 def key_to_json(key):
-    return [key.exact_key, *key.band_keys] if isinstance(key, webfilters.DedupSignature) else key
+    return [key.exact_key, *key.band_keys]
 
 
 def key_from_json(value):
-    return webfilters.DedupSignature(value[0], tuple(value[1:])) if isinstance(value, list) else value
+    return webfilters.DedupSignature(value[0], tuple(value[1:]))
 
 
 _web_settings = None  # the web filters' settings in each worker process (None: not web text)
@@ -704,14 +405,14 @@ def _start_filter_worker(web_settings):
 
 def _filter_batch(batch):
     """For each (split, document): (drop reason, None, None) or (None, kept text, dedup
-    key). A reader's drop reason in place of a document (a bad record) passes through."""
+    signature). A record the reader could not read (a Dropped) keeps its reason."""
     results = []
     for _, document in batch:
-        if isinstance(document, str):
-            results.append((document, None, None))
+        if isinstance(document, Dropped):
+            results.append((document.reason, None, None))
         elif _web_settings is None:
             if document.text.strip():
-                results.append((None, document.text, ExactDeduplicator.key(document.text)))
+                results.append((None, document.text, webfilters.exact_signature(document.text)))
             else:
                 results.append(("empty", None, None))
         else:
@@ -735,14 +436,14 @@ class Tally:
 
     def read(self, document):
         self.documents_read += 1
-        if not isinstance(document, str):
+        if not isinstance(document, Dropped):
             self.bytes_read += len(document.text.encode("utf-8", "surrogatepass"))
             self.invalid_utf8 += document.invalid_utf8
 
     def drop(self, reason, document):
         self.dropped[reason] += 1
         examples = self.examples.setdefault(reason.partition(":")[0], [])
-        if len(examples) < EXAMPLES and not isinstance(document, str):
+        if len(examples) < EXAMPLES and not isinstance(document, Dropped):
             examples.append(snippet(document.text))
 
     def add(self, other):
@@ -774,13 +475,13 @@ def split_of(document_id, val_fraction):
 
 
 def labelled_documents(settings, inputs, val_inputs):
-    """(split, document) for every document read, in a fixed order; a reader's drop
-    reason takes the place of a document it could not read."""
+    """(split, document) for every document read, in a fixed order; a Dropped takes the
+    place of a record the reader could not read."""
     parts = [("train", inputs), ("val", val_inputs)] if val_inputs else [(None, inputs)]
     for split, files in parts:
         for input_file in files:
             for document in read_documents(input_file, settings["text_field"]):
-                if isinstance(document, str):
+                if isinstance(document, Dropped):
                     yield split or "train", document
                 else:
                     yield split or split_of(document.id, settings["val_fraction"]), document
@@ -920,7 +621,7 @@ def filter_stage(settings, parts, web_settings, build):
     resumable = settings["source"] == "commoncrawl"  # local text is cheap to read again
     filtered = FilteredParts(build / FILTERED, filter_fingerprint(settings, web_settings),
                              [part.name for part in parts], resumable)
-    deduplicator = webfilters.Deduplicator(web_settings) if web_settings else ExactDeduplicator()
+    deduplicator = new_deduplicator(web_settings)
     for document in filtered.documents():  # what the earlier run kept, so its copies still go
         deduplicator.check(key_from_json(document["key"]))
     total, this_run = filtered.tally(), Tally()
@@ -934,7 +635,7 @@ def filter_stage(settings, parts, web_settings, build):
                 filter_part(settings, part, workers, deduplicator, part_file, tally, total, progress)
             except BaseException as error:
                 part_file.discard()
-                if resumable and isinstance(error, PrepareError):
+                if resumable and isinstance(error, UserError):
                     raise PrepareError(f"{error}\n{resume_hint(filtered, parts, build)}") from None
                 raise
             filtered.record(part.name, part_file, tally)
@@ -947,7 +648,7 @@ def filter_stage(settings, parts, web_settings, build):
 def filter_part(settings, part, workers, deduplicator, part_file, tally, total, progress):
     """Filters one part's documents into part_file, counting them in tally."""
     batches = batches_of(labelled_documents(settings, part.inputs, part.val_inputs),
-                         text_of=lambda item: "" if isinstance(item[1], str) else item[1].text)
+                         text_of=lambda item: "" if isinstance(item[1], Dropped) else item[1].text)
     for batch, results in workers.map(_filter_batch, batches):
         for (split, document), (reason, text, key) in zip(batch, results):
             tally.read(document)
@@ -992,10 +693,9 @@ def check_kept(tally):
         by_filter[reason.partition(":")[0]] += count
     if by_filter:
         name, count = by_filter.most_common(1)[0]
-        if name in WEB_FLAGS:  # a web filter, which has a switch and thresholds
-            message += (f". The {name} filter dropped {count} of them: see its flags under "
-                        f"'web filters' in python prepare.py --help, or turn it off with "
-                        f"--{name}=false")
+        if name in WEB_DEFAULTS:  # a web filter, which has a switch and thresholds
+            message += (f". The {name} filter dropped {count} of them: see its flags in "
+                        f"python prepare.py --help, or turn it off with --{name}=false")
     raise PrepareError(message)
 
 
@@ -1163,7 +863,7 @@ def manifest(settings, web_settings, tokenizer_info, splits, summary, tally, thi
     return {
         "format_version": META_FORMAT_VERSION,
         "tokenizer": tokenizer_info,
-        "dtype": "uint16" if tokenizer_info["vocab_size"] <= 2 ** 16 else "uint32",
+        "dtype": token_dtype(tokenizer_info["vocab_size"]).name,
         "splits": splits,
         "bytes_per_token": round(text_bytes / max(tokens, 1), 4),  # text bytes per text token
         "sources": sources,
@@ -1180,12 +880,6 @@ def manifest(settings, web_settings, tokenizer_info, splits, summary, tally, thi
         "timings_s": {stage: round(seconds, 3) for stage, seconds in timings.items()},
         "throughput": throughput(this_run, text_bytes, splits, timings),
     }
-
-
-# The web filters' switches, in the order they run (webfilters.filter_document).
-WEB_SWITCHES = ("language", "gopher_repetition", "gopher_quality", "c4", "fineweb", "dedup_exact",
-                "dedup_near", "pii")
-TOP_DOMAINS = 20
 
 
 def throughput(this_run, kept_bytes, splits, timings):
@@ -1302,102 +996,18 @@ def amount(number):
 # ----------------------------------------------------------------------------------------
 # Command line and the whole run
 
-def usage():
-    lines = ["usage: python prepare.py [--key=value ...]", "", __doc__.strip().splitlines()[0], ""]
-    for name, (default, help_text) in FLAGS.items():
-        lines += [f"  --{name}={default}", f"      {help_text}"]
-    lines += ["", "web filters (with --filters=web; the defaults are the published values, see "
-                  "webfilters.py):", ""]
-    for name, (default, help_text) in WEB_FLAGS.items():
-        shown = ",".join(default) if isinstance(default, tuple) else default
-        lines += [f"  --{name}={shown}", f"      {help_text}"]
-    return "\n".join(lines)
-
-
-def parse_flags(argv):
-    """Settings from --key=value flags, each checked against its default's type; the web
-    filter flags become settings["web_filters"], a webfilters.WebFilterSettings."""
-    settings = {name: default for name, (default, _) in FLAGS.items()}
-    web_overrides = {}
-    for argument in argv:
-        if argument in ("-h", "--help"):
-            print(usage())
-            sys.exit(0)
-        key, equals, value = argument.removeprefix("--").partition("=")
-        if not argument.startswith("--") or not equals:
-            raise PrepareError(f"expected --key=value, got {argument!r} (see --help)")
-        if key in WEB_FLAGS:
-            web_overrides[key] = value
-        elif key in FLAGS:
-            settings[key] = parse_value(key, value, type(FLAGS[key][0]))
-        else:
-            closest = difflib.get_close_matches(key, [*FLAGS, *WEB_FLAGS], n=1)
-            hint = f"; did you mean --{closest[0]}?" if closest else ""
-            raise PrepareError(f"unknown flag --{key}{hint} (see --help for all flags)")
-    try:
-        settings["web_filters"] = webfilters.parse_settings(web_overrides)
-    except ValueError as error:
-        raise PrepareError(f"{error} (see --help)") from None
-    check_settings(settings)
+def read_settings(argv):
+    """The run's settings from its --key=value flags (flags.py), every value checked; the
+    web filter flags become settings["web_filters"], a webfilters.WebFilterSettings."""
+    values = flags.parse(argv, DEFAULTS, HELP, CHECKS, program="prepare.py", relations=RELATIONS)
+    settings = {name: values[name] for name in FLAGS}
+    settings["web_filters"] = webfilters.WebFilterSettings(**{name: values[name] for name in WEB_DEFAULTS})
     return settings
 
 
-BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
-
-
-def parse_value(key, value, kind):
-    if kind is bool:
-        if value.lower() not in BOOLEANS:
-            raise PrepareError(f"--{key}={value}: expected true or false")
-        return BOOLEANS[value.lower()]
-    try:
-        if kind is int:
-            number = float(value)  # accepts 1e6 and 1_000_000
-            if not number.is_integer():
-                raise ValueError
-            return int(number)
-        return kind(value)
-    except ValueError:
-        raise PrepareError(f"--{key}={value}: expected {'an integer' if kind is int else 'a number'}") from None
-
-
-def check_settings(settings):
-    def require(condition, message):
-        if not condition:
-            raise PrepareError(message)
-    require(settings["source"] in SOURCES, f"--source={settings['source']}: expected one of {', '.join(SOURCES)}")
-    require(settings["filters"] in FILTER_MODES,
-            f"--filters={settings['filters']}: expected one of {', '.join(FILTER_MODES)}")
-    require(settings["tokenizer"] in TOKENIZERS,
-            f"--tokenizer={settings['tokenizer']}: expected one of {', '.join(TOKENIZERS)}")
-    require(settings["vocab_size"] >= 257 or settings["tokenizer"] != "bpe",
-            f"--vocab_size={settings['vocab_size']}: a BPE vocabulary needs at least 257 tokens "
-            f"(256 bytes and end-of-text)")
-    require(settings["vocab_size"] <= 2 ** 32, f"--vocab_size={settings['vocab_size']}: at most 2**32")
-    require(0 < settings["val_fraction"] < 1 or settings["val_input"],
-            f"--val_fraction={settings['val_fraction']}: expected a fraction between 0 and 1")
-    require(1 <= settings["shard_tokens"] < 2 ** 31,
-            f"--shard_tokens={settings['shard_tokens']}: expected 1 to 2**31-1 (the header's int32)")
-    require(settings["tokenizer_train_chars"] >= 1, "--tokenizer_train_chars: expected at least 1")
-    require(settings["num_workers"] >= 1, f"--num_workers={settings['num_workers']}: expected at least 1")
-    require(settings["wet_files"] >= 1, f"--wet_files={settings['wet_files']}: expected at least 1")
-    require(settings["max_docs"] >= 0, f"--max_docs={settings['max_docs']}: expected 0 (no limit) or more")
-    for flag, source in (("input", "files"), ("url", "url")):
-        require(bool(settings[flag]) == (settings["source"] == source),
-                f"--{flag} is used with --source={source}, and --source={source} needs it")
-    require(not (settings["val_input"] and settings["source"] == "commoncrawl"),
-            "--val_input does not go with --source=commoncrawl: its val split is --val_fraction "
-            "of the pages")
-    require(re.fullmatch(r"[A-Za-z0-9._-]+", settings["crawl"]),
-            f"--crawl={settings['crawl']}: expected a crawl id such as CC-MAIN-2025-26, or latest")
-    for flag in ("cc_base_url", "cc_index_url"):
-        require(re.match(r"https?://[^/]", settings[flag]), f"--{flag}={settings[flag]}: expected an http(s) URL")
-    require(re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", settings["name"] or settings["source"]),
-            f"--name={settings['name']}: use letters, digits, '.', '_' and '-' (or --out_dir)")
-
-
 def dataset_folder(settings):
-    return Path(settings["out_dir"] or Path("data") / (settings["name"] or settings["source"])).resolve()
+    folder = Path(settings["out_dir"]) if settings["out_dir"] else folder_path(settings["name"] or settings["source"])
+    return folder.resolve()
 
 
 def start_build(final):
@@ -1496,7 +1106,7 @@ def build_dataset(settings, build, final):
 
 
 def main(argv):
-    settings = parse_flags(argv)
+    settings = read_settings(argv)
     final = dataset_folder(settings)
     build = start_build(final)
     try:

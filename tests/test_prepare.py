@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +22,7 @@ import tiktoken.load
 import dataset
 import tokenizer
 import prepare
+import webtext
 from conftest import ROOT, make_text, send_body
 
 # Text that a tokenizer must round-trip exactly: emoji (with skin tones and zero-width
@@ -294,10 +294,10 @@ def test_wet_gz_with_one_gzip_member_per_record_parses_into_documents(tmp_path):
 def test_warc_parser_reads_records_split_across_blocks_and_counts_a_cut_record():
     data = warc_record({"WARC-Type": "conversion"}, "héllo".encode())
     blocks = [data[index:index + 3] for index in range(0, len(data), 3)]  # any split of the bytes
-    assert list(prepare.warc_records(blocks, gzipped=False)) == [
+    assert list(webtext.warc_records(blocks, gzipped=False)) == [
         ({"WARC-Type": "conversion", "Content-Length": "6"}, "héllo".encode())]
-    assert list(prepare.warc_records([data + data[:-7]], gzipped=False)) == [
-        ({"WARC-Type": "conversion", "Content-Length": "6"}, "héllo".encode()), "bad_record:truncated"]
+    assert list(webtext.warc_records([data + data[:-7]], gzipped=False)) == [
+        ({"WARC-Type": "conversion", "Content-Length": "6"}, "héllo".encode()), webtext.Dropped("bad_record:truncated")]
 
 
 def test_jsonl_gives_one_document_per_line_from_text_field(tmp_path):
@@ -326,12 +326,12 @@ def test_python_source_is_the_stdlib_without_test_suites():
 def test_download_names_stay_inside_the_downloads_folder():
     for url in ["http://h/../../etc/passwd", "https://h/a/..%2F..%2Fx", "http://h/", "http://h/.hidden",
                 "http://h/" + "x" * 500]:
-        name = prepare.download_name(url)
+        name = webtext.download_name(url)
         assert "/" not in name and "\\" not in name and not name.startswith(".") and len(name) < 100
-    assert prepare.download_name("http://h/a.txt") != prepare.download_name("http://g/a.txt")
+    assert webtext.download_name("http://h/a.txt") != webtext.download_name("http://g/a.txt")
     for bad in ["ftp://h/x.txt", "file:///etc/passwd", "/etc/passwd", "http:///x"]:
-        with pytest.raises(prepare.PrepareError, match="is not an http"):
-            prepare.download_name(bad)
+        with pytest.raises(webtext.WebTextError, match="is not an http"):
+            webtext.download_name(bad)
 
 
 # ---------------------------------------------------------------------------------------
@@ -458,7 +458,7 @@ def test_a_file_that_is_not_utf8_is_decoded_with_replacement_and_counted(tmp_pat
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--vocab=300"], "unknown flag --vocab; did you mean --vocab_size?"),
+    (["--vocab=300"], "unknown flag --vocab; did you mean 'vocab_size'?"),
     (["--vocab_size=256"], "--vocab_size=256: a BPE vocabulary needs at least 257 tokens"),
     (["--vocab_size=lots"], "--vocab_size=lots: expected an integer"),
     (["--val_fraction=1.5"], "--val_fraction=1.5: expected a fraction between 0 and 1"),
@@ -615,9 +615,9 @@ def test_a_404_fails_clearly_and_leaves_no_dataset(server, tmp_path):
 
 def test_a_server_that_never_answers_fails_after_the_retries(tmp_path, monkeypatch):
     listener = socket.create_server(("127.0.0.1", 0))  # accepts, never replies
-    monkeypatch.setattr(prepare, "TIMEOUT_S", (0.3, 0.3))
-    monkeypatch.setattr(prepare, "DOWNLOAD_ATTEMPTS", 2)
+    monkeypatch.setattr(webtext, "TIMEOUT_S", (0.3, 0.3))
+    monkeypatch.setattr(webtext, "DOWNLOAD_ATTEMPTS", 2)
     url = f"http://127.0.0.1:{listener.getsockname()[1]}/silent.txt"
-    with listener, pytest.raises(prepare.PrepareError, match=r"download failed after 2 tries: .*silent.txt.*timed out"):
-        prepare.download(url, tmp_path / "silent.txt")
+    with listener, pytest.raises(webtext.WebTextError, match=r"download failed after 2 tries: .*silent.txt.*timed out"):
+        webtext.download(url, tmp_path / "silent.txt")
     assert not (tmp_path / "silent.txt").exists()
