@@ -20,20 +20,17 @@ language, Gopher quality and repetition, C4 line cleanup, FineWeb's rules, exact
 MinHash near-duplicate removal, email/IP masking; each rule's switch and threshold is a
 flag. Other text gets only what suits any text: empty documents and exact copies go.
 
-The dataset is built in a hidden sibling folder, data/.<name>.partial/, and renamed into
-place only when complete, so data/<name>/ is always either the previous dataset or the
-new one. The filter stage writes the kept documents there (filtered/part_*.jsonl, one
-part per Common Crawl WET file) and records each finished part in filtered/state.json.
-When a Common Crawl run fails (a server that keeps failing, Ctrl-C, a crash), the
-finished parts stay, and the same command continues with the next WET file: it first
-replays the kept documents into the deduplicator, so the shards come out byte for byte
-as an uninterrupted run would write them. A part is finished or absent, never half
-there, and a record written with other filter settings is discarded. Local sources are
-cheap to read again, so their runs always start over. The filtered text is deleted once
-the dataset is complete.
+The dataset is built in data/.<name>.partial/ and renamed into place when complete, so
+data/<name>/ is always the previous dataset or the new one. The filter stage keeps its
+documents there part by part (filtered.py: one part per Common Crawl WET file). When a
+Common Crawl run fails (a server that keeps failing, Ctrl-C, a crash), the same command
+goes on with the next WET file, after replaying the kept documents into the
+deduplicator, so the shards come out byte for byte as an uninterrupted run writes them.
+Local sources are cheap to read again: their runs always start over.
 
-The dataset folder's contract (shards, meta.json, atomic writes) is dataset.py; the BPE
-trainer and the tokenizer loader are tokenizer.py.
+Library modules do the rest: dataset.py (shards, meta.json, report.md, atomic writes),
+tokenizer.py (the BPE), webtext.py (downloads, Common Crawl, WET records), webfilters.py,
+filtered.py, workers.py (all cores, a status line) and flags.py (--key=value).
 """
 import dataclasses
 import glob
@@ -47,8 +44,7 @@ import sys
 import sysconfig
 import time
 import urllib.parse
-from collections import Counter, defaultdict, deque
-from concurrent.futures import ProcessPoolExecutor
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,11 +53,13 @@ import numpy as np
 import flags
 import webfilters
 import webtext
-from webtext import Dropped
-from dataset import (META_FORMAT_VERSION, SPLITS, AtomicFile, ShardWriter, atomic_write, folder_path,
-                     fsync_folder, token_dtype)
+from dataset import (META_FORMAT_VERSION, SPLITS, AtomicFile, ShardWriter, atomic_write, discard_build,
+                     folder_path, publish, report_markdown, start_build, token_dtype)
+from filtered import FilteredParts, Tally, key_from_json, key_to_json
 from flags import UserError, at_least, between, matches, one_of
 from tokenizer import TOKENIZERS, count_chunks, gpt2_encoding, load_tokenizer, train_bpe, write_tiktoken_file
+from webtext import Dropped
+from workers import Progress, Workers, batches_of
 
 
 def _cpu_count():
@@ -166,11 +164,10 @@ RELATIONS = (
     f"1 only go with --val_input)" if s["val_fraction"] in (0, 1) and not s["val_input"] else None,
 )
 
-FILTERED = "filtered"  # the build folder's kept documents (see FilteredParts)
+FILTERED = "filtered"  # the build folder's kept documents (filtered.py)
 # The web filters' switches, in the order they run (webfilters.filter_document).
 WEB_SWITCHES = ("language", "gopher_repetition", "gopher_quality", "c4", "fineweb", "dedup_exact",
                 "dedup_near", "pii")
-EXAMPLES = 2  # dropped documents shown per filter in report.md
 TOP_DOMAINS = 20  # domains listed in meta.json and report.md
 
 
@@ -370,8 +367,6 @@ def commoncrawl_inputs(settings):
 # run (the base URLs only say where the same files are).
 LATER_STAGE_FLAGS = ("tokenizer", "vocab_size", "tokenizer_train_chars", "shard_tokens", "num_workers",
                      "name", "out_dir", "keep_metadata", "wet_files", "cc_base_url", "cc_index_url")
-BATCH_CHARS = 1 << 20  # a task for a worker process: about 1M characters
-BATCH_DOCUMENTS = 128  # or this many documents, so that many small ones still spread out
 
 
 def uses_web_filters(settings, inputs):
@@ -385,14 +380,6 @@ def new_deduplicator(web_settings):
     """Web text: exact copies after normalising and MinHash near copies; other text: copies
     of the exact text (both webfilters.Deduplicator)."""
     return webfilters.Deduplicator(web_settings) if web_settings else webfilters.Deduplicator.exact_only()
-
-
-def key_to_json(key):
-    return [key.exact_key, *key.band_keys]
-
-
-def key_from_json(value):
-    return webfilters.DedupSignature(value[0], tuple(value[1:]))
 
 
 _web_settings = None  # the web filters' settings in each worker process (None: not web text)
@@ -422,52 +409,6 @@ def _filter_batch(batch):
     return results
 
 
-@dataclass
-class Tally:
-    """What was read, kept and dropped, with the start of the first documents each filter
-    dropped (the part of the reason before ':' names the filter)."""
-    documents_read: int = 0
-    bytes_read: int = 0
-    invalid_utf8: int = 0
-    kept: int = 0
-    kept_bytes: int = 0
-    dropped: Counter = field(default_factory=Counter)
-    examples: dict = field(default_factory=dict)
-
-    def read(self, document):
-        self.documents_read += 1
-        if not isinstance(document, Dropped):
-            self.bytes_read += len(document.text.encode("utf-8", "surrogatepass"))
-            self.invalid_utf8 += document.invalid_utf8
-
-    def drop(self, reason, document):
-        self.dropped[reason] += 1
-        examples = self.examples.setdefault(reason.partition(":")[0], [])
-        if len(examples) < EXAMPLES and not isinstance(document, Dropped):
-            examples.append(snippet(document.text))
-
-    def add(self, other):
-        for name in ("documents_read", "bytes_read", "invalid_utf8", "kept", "kept_bytes"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        self.dropped.update(other.dropped)
-        for name, examples in other.examples.items():
-            mine = self.examples.setdefault(name, [])
-            mine += examples[:EXAMPLES - len(mine)]
-
-    def as_json(self):
-        return {**vars(self), "dropped": dict(self.dropped)}
-
-    @classmethod
-    def from_json(cls, value):
-        return cls(**{**value, "dropped": Counter(value["dropped"])})
-
-
-def snippet(text, length=160):
-    """The start of a text on one line, emails and IPs masked: an example for report.md."""
-    line = webfilters.mask_pii(" ".join(text[:length * 2].split()))
-    return line[:length] + ("..." if len(line) > length else "")
-
-
 def split_of(document_id, val_fraction):
     """'val' for a fixed, pseudo-random val_fraction of document ids, else 'train'."""
     digest = hashlib.sha256(document_id.encode("utf-8", "surrogatepass")).digest()
@@ -487,60 +428,6 @@ def labelled_documents(settings, inputs, val_inputs):
                     yield split or split_of(document.id, settings["val_fraction"]), document
 
 
-def batches_of(items, text_of):
-    """Lists of items of about BATCH_CHARS characters of text or BATCH_DOCUMENTS items."""
-    batch, chars = [], 0
-    for item in items:
-        batch.append(item)
-        chars += len(text_of(item))
-        if chars >= BATCH_CHARS or len(batch) == BATCH_DOCUMENTS:
-            yield batch
-            batch, chars = [], 0
-    if batch:
-        yield batch
-
-
-class Workers:
-    """num_workers processes, each set up by initializer(*initargs), that run a function
-    on batches; with one worker it runs in this process."""
-
-    def __init__(self, num_workers, initializer, initargs):
-        self.num_workers = num_workers
-        if num_workers == 1:
-            initializer(*initargs)
-            self.pool = None
-        else:
-            self.pool = ProcessPoolExecutor(num_workers, initializer=initializer, initargs=initargs)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exception):
-        if self.pool is not None:
-            self.pool.shutdown(cancel_futures=True)
-
-    def map(self, function, batches, task_of=lambda batch: batch):
-        """(batch, function(task_of(batch))) for each batch, in input order. At most two
-        batches per worker are in flight, so memory stays bounded."""
-        if self.pool is None:
-            for batch in batches:
-                yield batch, function(task_of(batch))
-            return
-        in_flight = deque()
-        try:
-            for batch in batches:
-                in_flight.append((batch, self.pool.submit(function, task_of(batch))))
-                if len(in_flight) > 2 * self.num_workers:
-                    batch, future = in_flight.popleft()
-                    yield batch, future.result()
-            while in_flight:
-                batch, future = in_flight.popleft()
-                yield batch, future.result()
-        finally:  # a consumer that stops early (--max_docs) leaves no work running
-            for _, future in in_flight:
-                future.cancel()
-
-
 @dataclass(frozen=True)
 class Part:
     """Documents filtered as a unit, finished or not at all: one Common Crawl WET file,
@@ -548,63 +435,6 @@ class Part:
     name: str
     inputs: list
     val_inputs: list = ()
-
-
-class FilteredParts:
-    """build/filtered/: the kept documents, part_000000.jsonl, ... (a JSON object per
-    document: id, split, url, date, language, dedup key, text), and state.json, which
-    lists the finished parts, their tallies and the settings that made them. A part file
-    is renamed into place when complete, and only then recorded in state.json."""
-
-    def __init__(self, folder, fingerprint, part_names, resumable):
-        self.folder, self.fingerprint = folder, fingerprint
-        folder.mkdir(exist_ok=True)
-        self.parts = self._recorded(part_names) if resumable else []
-        files = {part["file"] for part in self.parts} | {"state.json"}
-        for entry in folder.iterdir():  # a part cut short by a crash, or another run's
-            if entry.name not in files:
-                entry.unlink()
-        self._write_state()
-
-    def _recorded(self, part_names):
-        try:
-            state = json.loads((self.folder / "state.json").read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return []
-        names = [part["name"] for part in state["parts"]]
-        if state["fingerprint"] != self.fingerprint or names != part_names[:len(names)]:
-            print(f"filter: {self.folder} holds parts made with other settings or files; "
-                  f"starting over", file=sys.stderr)
-            return []
-        if names:
-            print(f"filter: {len(names)} of {len(part_names)} parts were finished by an earlier "
-                  f"run; going on with part {len(names) + 1}", file=sys.stderr)
-        return state["parts"]
-
-    def _write_state(self):
-        state = {"fingerprint": self.fingerprint, "parts": self.parts}
-        atomic_write(self.folder / "state.json", lambda f: f.write(json.dumps(state, indent=1).encode()))
-
-    def new_part_file(self):
-        return AtomicFile(self.folder / f"part_{len(self.parts):06d}.jsonl")
-
-    def record(self, name, part_file, tally):
-        part_file.commit()
-        self.parts.append({"name": name, "file": part_file.path.name, "tally": tally.as_json()})
-        self._write_state()
-
-    def tally(self):
-        total = Tally()
-        for part in self.parts:
-            total.add(Tally.from_json(part["tally"]))
-        return total
-
-    def documents(self):
-        """The kept documents (dicts), in order."""
-        for part in self.parts:
-            with open(self.folder / part["file"], "rb") as lines:
-                for line in lines:
-                    yield json.loads(line.decode("utf-8", "surrogatepass"))
 
 
 def filter_fingerprint(settings, web_settings):
@@ -896,103 +726,6 @@ def throughput(this_run, kept_bytes, splits, timings):
             "total": rate(this_run.documents_read, this_run.bytes_read, timings["total"])}
 
 
-def report_markdown(meta, name):
-    documents, tokenizer = meta["documents"], meta["tokenizer"]
-    lines = [f"# Dataset {name}", "", "## Sources", ""]
-    lines += [f"- {json.dumps(source)}" for source in meta["sources"]]
-    lines += ["", "## Documents", "", "| | documents |", "|---|---:|",
-              f"| read | {documents['read']:,} ({documents['bytes_read'] / 1e6:,.2f} MB) |",
-              f"| kept | {documents['kept']:,} |"]
-    lines += [f"| dropped: {reason} | {count:,} |" for reason, count in meta["dropped"].items()]
-    lines += ["", f"Filters, in order: {', '.join(meta['filters'])}.",
-              f"Documents with bytes that were not UTF-8 (decoded with U+FFFD): {documents['invalid_utf8']:,}."]
-    lines += filter_section(meta) + kept_section(meta)
-    lines += ["", "## Tokenizer", "",
-              f"{tokenizer['kind']}, {tokenizer['vocab_size']:,} tokens, end-of-text id "
-              f"{tokenizer['eot_id']}, {meta['dtype']} shards, {meta['bytes_per_token']} bytes per token.",
-              "", "## Splits", "", "| split | documents | tokens | MB | shards |", "|---|---:|---:|---:|---:|"]
-    lines += [f"| {split} | {summary['documents']:,} | {summary['tokens']:,} | "
-              f"{summary['bytes'] / 1e6:,.2f} | {len(summary['shards'])} |"
-              for split, summary in meta["splits"].items()]
-    lines += ["", "## Timings", "", "| stage | seconds |", "|---|---:|"]
-    lines += [f"| {stage} | {seconds:,.2f} |" for stage, seconds in meta["timings_s"].items()]
-    rates = meta["throughput"]
-    lines += ["", f"With {meta['settings']['num_workers']} worker(s): filtering ran at "
-                  f"{rates['filter']['documents_per_s']:,.0f} documents/s, {rates['filter']['mb_per_s']:,.2f} "
-                  f"MB/s; tokenizing at {rates['shards']['mb_per_s']:,.2f} MB/s; the whole run at "
-                  f"{rates['total']['mb_per_s']:,.2f} MB/s of text read."]
-    return "\n".join(lines) + "\n"
-
-
-def filter_section(meta):
-    """Per filter: how many documents it dropped, by which rules, and the start of the
-    first ones it dropped (emails and IPs masked), so that a reader can judge and tune it."""
-    read = max(meta["documents"]["read"], 1)
-    by_filter = defaultdict(dict)
-    for reason, count in meta["dropped"].items():
-        by_filter[reason.partition(":")[0]][reason] = count
-    lines = ["", "## What each filter dropped", ""]
-    if not by_filter:
-        return lines + ["Nothing was dropped."]
-    lines += ["Shares are of the documents read. A web filter's switch and thresholds are "
-              "flags (python prepare.py --help)."]
-    for name, reasons in by_filter.items():
-        count = sum(reasons.values())
-        rules = ", ".join(f"{reason} {number:,}" for reason, number in reasons.items())
-        lines += ["", f"### {name}: {count:,} ({count / read:.1%})", "", f"{rules}."]
-        examples = meta["dropped_examples"].get(name, [])
-        if examples:
-            fence = "```"
-            lines += ["", fence, *(example.replace(fence, "'''") for example in examples), fence]
-    return lines
-
-
-def kept_section(meta):
-    """The kept documents' languages and top domains, for web text (WET headers)."""
-    if not meta["top_domains"] and list(meta["kept_languages"]) == ["unknown"]:
-        return []
-    languages = ", ".join(f"{language} {count:,}" for language, count in meta["kept_languages"].items())
-    lines = ["", "## Kept documents", "", f"Languages (the first of the WET header's): {languages}."]
-    if meta["top_domains"]:
-        lines += ["", "| top domains | documents |", "|---|---:|"]
-        lines += [f"| {domain} | {count:,} |" for domain, count in meta["top_domains"].items()]
-    return lines
-
-
-# ----------------------------------------------------------------------------------------
-# Progress on stderr
-
-class Progress:
-    """A status line on stderr for a long stage: redrawn in place on a terminal, a new line
-    every 10 s otherwise (logs), and a last line when the stage ends."""
-
-    def __init__(self, stage, unit, total=None):
-        self.stage, self.unit, self.total = stage, unit, total
-        self.start = self.shown = time.monotonic()
-        self.terminal = sys.stderr.isatty()
-
-    def update(self, done, details="", final=False):
-        now = time.monotonic()
-        if not final and now - self.shown < (0.5 if self.terminal else 10):
-            return
-        self.shown = now
-        rate = done / max(now - self.start, 1e-6)
-        line = f"{self.stage}: {amount(done)}" + (f"/{amount(self.total)}" if self.total else "")
-        line += f" {self.unit} in {now - self.start:,.1f} s ({amount(rate)} {self.unit}/s"
-        if self.total and not final and rate > 0:
-            line += f", ETA {max(self.total - done, 0) / rate:,.0f} s"
-        line += ")" + (f" {details}" if details else "")
-        print(("\r\033[K" if self.terminal else "") + line, end="\n" if final or not self.terminal else "",
-              file=sys.stderr, flush=True)
-
-    def finish(self, done, details=""):
-        self.update(done, details, final=True)
-
-
-def amount(number):
-    return f"{number:,.0f}" if number >= 100 or float(number).is_integer() else f"{number:,.2f}"
-
-
 # ----------------------------------------------------------------------------------------
 # Command line and the whole run
 
@@ -1008,51 +741,6 @@ def read_settings(argv):
 def dataset_folder(settings):
     folder = Path(settings["out_dir"]) if settings["out_dir"] else folder_path(settings["name"] or settings["source"])
     return folder.resolve()
-
-
-def start_build(final):
-    """A hidden sibling of the final folder to build in. Downloads and filtered parts
-    left by an earlier failed run stay (they are checked and reused); anything else
-    there is cleared."""
-    if final.exists() and (not final.is_dir() or (any(final.iterdir()) and not (final / "meta.json").exists())):
-        raise PrepareError(f"{final} exists and is not a dataset folder (no meta.json): "
-                           f"refusing to replace it; choose another --name or --out_dir")
-    build = final.parent / f".{final.name}.partial"
-    build.mkdir(parents=True, exist_ok=True)
-    clear_build(build, keep=("downloads", FILTERED))
-    return build
-
-
-def clear_build(build, keep):
-    for entry in build.iterdir():
-        if entry.name not in keep:
-            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-
-
-def discard_build(build, keep_filtered):
-    """Removes a failed build, but keeps downloads for the next run to reuse or resume,
-    and with keep_filtered the finished filtered parts, for the next run to go on from."""
-    filtered = build / FILTERED
-    keep_filtered = keep_filtered and filtered.exists() and any(filtered.glob("part_*.jsonl"))
-    clear_build(build, keep=("downloads", FILTERED) if keep_filtered else ("downloads",))
-    downloads = build / "downloads"
-    if downloads.exists() and not any(downloads.iterdir()):
-        downloads.rmdir()
-    if not any(build.iterdir()):
-        build.rmdir()
-
-
-def publish(build, final):
-    """Renames the finished build onto the final name (replacing an older dataset)."""
-    if final.exists():
-        old = final.parent / f".{final.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(final, old)
-        os.rename(build, final)
-        shutil.rmtree(old)
-    else:
-        os.rename(build, final)
-    fsync_folder(final.parent)
 
 
 def resolve_inputs(settings, build, final):
@@ -1108,11 +796,12 @@ def build_dataset(settings, build, final):
 def main(argv):
     settings = read_settings(argv)
     final = dataset_folder(settings)
-    build = start_build(final)
+    build = start_build(final, keep=("downloads", FILTERED))  # what a failed run left for this one
     try:
         meta = build_dataset(settings, build, final)
     except BaseException:
-        discard_build(build, keep_filtered=settings["source"] == "commoncrawl")
+        resumable = settings["source"] == "commoncrawl" and any((build / FILTERED).glob("part_*.jsonl"))
+        discard_build(build, keep=("downloads", FILTERED) if resumable else ("downloads",))
         raise
     publish(build, final)
     train, val = meta["splits"]["train"], meta["splits"]["val"]
