@@ -22,7 +22,9 @@ import tiktoken.load
 import dataset
 import tokenizer
 import prepare
+import webfilters
 import webtext
+from flags import UserError
 from conftest import ROOT, make_text, send_body
 
 # Text that a tokenizer must round-trip exactly: emoji (with skin tones and zero-width
@@ -475,6 +477,43 @@ def test_bad_flags_and_inputs_fail_clearly(tmp_path, flags, message):
     assert result.returncode == 1
     assert message in result.stderr
     assert not (tmp_path / "data").exists() or not list((tmp_path / "data").iterdir())
+
+
+# A value out of range or not among the choices, for every flag of prepare.py.
+BAD_VALUES = {
+    "source": "web", "input": ",", "val_input": " , ", "url": "ftp://example.org/a.txt",
+    "crawl": "CC MAIN 2025", "wet_files": "0", "max_docs": "-1", "cc_base_url": "data.commoncrawl.org",
+    "cc_index_url": "file:///collinfo.json", "text_field": "", "filters": "some", "keep_metadata": "maybe",
+    "tokenizer": "sentencepiece", "vocab_size": "0", "tokenizer_train_chars": "0",
+    "shard_tokens": str(2 ** 31), "val_fraction": "1.5", "num_workers": "0", "name": "../elsewhere",
+    "out_dir": "a_file.txt", "languages": "English",
+}
+WEB_BAD_VALUES = {webfilters.FRACTION: "1.5", webfilters.COUNT: "-1", webfilters.POSITIVE: "0"}
+WEB_DEFAULTS, _, WEB_CHECKS = webfilters.settings_flags()
+BAD_VALUES |= {name: WEB_BAD_VALUES[WEB_CHECKS[name]] if name in WEB_CHECKS else "maybe"  # a switch
+               for name in WEB_DEFAULTS if name not in BAD_VALUES}
+RUN_AS_A_SCRIPT = ("source", "shard_tokens", "gopher_max_dup_5gram", "pii")  # the rest in this process
+
+
+def test_every_flag_has_a_bad_value_to_try():
+    assert set(BAD_VALUES) == set(prepare.DEFAULTS)
+
+
+@pytest.mark.parametrize("flag", list(BAD_VALUES))
+def test_every_flag_refuses_a_bad_value_in_one_line_naming_the_flag(flag, tmp_path, monkeypatch):
+    (tmp_path / "a_file.txt").write_text("not a folder")
+    monkeypatch.chdir(tmp_path)
+    argument = f"--{flag}={BAD_VALUES[flag]}"
+    if flag in RUN_AS_A_SCRIPT:
+        result = run_prepare(argument, cwd=tmp_path, check=False)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        message = result.stderr.removeprefix("prepare.py: error: ").rstrip("\n")
+    else:
+        with pytest.raises(UserError) as error:
+            prepare.read_settings([argument])
+        message = str(error.value)
+    assert f"--{flag}=" in message and "\n" not in message
+    assert not (tmp_path / "data").exists()
 
 
 def test_help_lists_every_flag_with_its_default(tmp_path):
