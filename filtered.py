@@ -32,6 +32,16 @@ def key_from_json(value):
     return webfilters.DedupSignature(value[0], tuple(value[1:]))
 
 
+def kept_document(split, document, text, key):
+    """The JSON object a part file holds for one kept document."""
+    headers = document.metadata
+    languages = headers.get(webfilters.LANGUAGE_HEADER)
+    return {"id": document.id, "split": split, "url": headers.get("WARC-Target-URI"),
+            "date": headers.get("WARC-Date"),
+            "language": languages.split(",")[0].strip() if languages else None,
+            "key": key_to_json(key), "text": text}
+
+
 @dataclass
 class Tally:
     """What was read, kept and dropped, with the start of the first documents each filter

@@ -55,7 +55,7 @@ import webfilters
 import webtext
 from dataset import (META_FORMAT_VERSION, SPLITS, AtomicFile, ShardWriter, atomic_write, discard_build,
                      folder_path, publish, report_markdown, start_build, token_dtype)
-from filtered import FilteredParts, Tally, key_from_json, key_to_json
+from filtered import FilteredParts, Tally, key_from_json, kept_document
 from flags import UserError, at_least, between, matches, one_of
 from tokenizer import TOKENIZERS, count_chunks, gpt2_encoding, load_tokenizer, train_bpe, write_tiktoken_file
 from webtext import Dropped
@@ -165,9 +165,6 @@ RELATIONS = (
 )
 
 FILTERED = "filtered"  # the build folder's kept documents (filtered.py)
-# The web filters' switches, in the order they run (webfilters.filter_document).
-WEB_SWITCHES = ("language", "gopher_repetition", "gopher_quality", "c4", "fineweb", "dedup_exact",
-                "dedup_near", "pii")
 TOP_DOMAINS = 20  # domains listed in meta.json and report.md
 
 
@@ -376,12 +373,6 @@ def uses_web_filters(settings, inputs):
     return settings["filters"] == "web"
 
 
-def new_deduplicator(web_settings):
-    """Web text: exact copies after normalising and MinHash near copies; other text: copies
-    of the exact text (both webfilters.Deduplicator)."""
-    return webfilters.Deduplicator(web_settings) if web_settings else webfilters.Deduplicator.exact_only()
-
-
 _web_settings = None  # the web filters' settings in each worker process (None: not web text)
 
 
@@ -451,7 +442,8 @@ def filter_stage(settings, parts, web_settings, build):
     resumable = settings["source"] == "commoncrawl"  # local text is cheap to read again
     filtered = FilteredParts(build / FILTERED, filter_fingerprint(settings, web_settings),
                              [part.name for part in parts], resumable)
-    deduplicator = new_deduplicator(web_settings)
+    # web text: normalised and near copies go; other text: only copies of the exact text
+    deduplicator = webfilters.Deduplicator(web_settings) if web_settings else webfilters.Deduplicator.exact_only()
     for document in filtered.documents():  # what the earlier run kept, so its copies still go
         deduplicator.check(key_from_json(document["key"]))
     total, this_run = filtered.tally(), Tally()
@@ -466,7 +458,10 @@ def filter_stage(settings, parts, web_settings, build):
             except BaseException as error:
                 part_file.discard()
                 if resumable and isinstance(error, UserError):
-                    raise PrepareError(f"{error}\n{resume_hint(filtered, parts, build)}") from None
+                    done = len(filtered.parts)
+                    raise PrepareError(f"{error}\n{done} of {len(parts)} WET files were filtered before this and "
+                                       f"are kept in {build}: run the same command again to go on from WET "
+                                       f"file {done + 1}.") from None
                 raise
             filtered.record(part.name, part_file, tally)
             total.add(tally)
@@ -494,21 +489,6 @@ def filter_part(settings, part, workers, deduplicator, part_file, tally, total, 
                 return
         progress.update((total.bytes_read + tally.bytes_read) / 1e6,
                         f"{total.kept + tally.kept:,} documents kept ({part.name})")
-
-
-def kept_document(split, document, text, key):
-    headers = document.metadata
-    languages = headers.get(webfilters.LANGUAGE_HEADER)
-    return {"id": document.id, "split": split, "url": headers.get("WARC-Target-URI"),
-            "date": headers.get("WARC-Date"),
-            "language": languages.split(",")[0].strip() if languages else None,
-            "key": key_to_json(key), "text": text}
-
-
-def resume_hint(filtered, parts, build):
-    return (f"{len(filtered.parts)} of {len(parts)} WET files were filtered before this and are "
-            f"kept in {build}: run the same command again to go on from WET file "
-            f"{len(filtered.parts) + 1}.")
 
 
 def check_kept(tally):
@@ -688,7 +668,7 @@ def tokens_summary(writers):
 def manifest(settings, web_settings, tokenizer_info, splits, summary, tally, this_run, sources, timings):
     tokens = sum(split["tokens"] - split["documents"] for split in splits.values())  # no eot
     text_bytes = sum(split["bytes"] for split in splits.values())
-    filters = (["empty", *(name for name in WEB_SWITCHES if getattr(web_settings, name))]
+    filters = (["empty", *(name for name in webfilters.SWITCHES if getattr(web_settings, name))]
                if web_settings else ["empty", "exact_duplicates"])
     return {
         "format_version": META_FORMAT_VERSION,

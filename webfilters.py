@@ -188,6 +188,9 @@ BULLETS = ("•", "●", "○", "◦", "▪", "▫", "■", "□", "‣", "⁃",
 ELLIPSES = ("...", "…")
 LANGUAGE_HEADER = "WARC-Identified-Content-Language"
 
+# The filters' switches, as meta.json lists them.
+SWITCHES = ("language", "gopher_repetition", "gopher_quality", "c4", "fineweb", "dedup_exact",
+            "dedup_near", "pii")
 DROP_REASONS = (
     "empty",
     "language:header", "language:stop_words", "language:unknown",

@@ -16,7 +16,6 @@ import pytest
 
 import dataset
 import tokenizer
-import prepare
 import webfilters
 import webtext
 from conftest import send_body
@@ -197,7 +196,7 @@ def test_web_filters_keep_the_good_pages_and_count_each_drop_under_its_reason(we
     assert meta["dropped"] == {**DROPPED, **UNREADABLE}
     assert meta["documents"]["read"] == len(PAGES) + 2
     assert meta["documents"]["kept"] == len(KEPT_TEXTS)
-    assert meta["filters"] == ["empty", *prepare.WEB_SWITCHES]
+    assert meta["filters"] == ["empty", *webfilters.SWITCHES]
     assert meta["web_filters"]["gopher_min_words"] == 50
 
 
