@@ -321,6 +321,29 @@ def sample_next_token(logits, temperature, top_k=None, top_p=None, generator=Non
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
 
+# Devices live here, beside peak_flops, because model.py is the one module both train.py and
+# sample.py import that already knows torch and nothing of files or flags.
+def available_devices() -> list[str]:
+    """The torch devices this machine has: cpu, cuda and cuda:0, cuda:1... per GPU, mps."""
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += ["cuda", *(f"cuda:{index}" for index in range(torch.cuda.device_count()))]
+    if torch.backends.mps.is_available():
+        devices.append("mps")
+    return devices
+
+
+def pick_device(requested: str) -> str:
+    """The device to run on: auto takes cuda, then mps, then cpu; any other must be one of
+    available_devices(), else ValueError naming those."""
+    devices = available_devices()
+    if requested == "auto":
+        return next(device for device in ("cuda", "mps", "cpu") if device in devices)
+    if requested not in devices:
+        raise ValueError(f"device {requested!r} is not on this machine, which has: auto, {', '.join(devices)}")
+    return requested
+
+
 def peak_flops(device) -> float | None:
     """Peak dense bf16 tensor FLOP/s of the GPU behind `device` (for MFU), from the vendors'
     datasheets; None for CPU, MPS and any card not in the table: no MFU beats a guessed one."""

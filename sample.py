@@ -10,20 +10,18 @@ training document does, then the prompt; it ends at the next end-of-text or afte
 max_new_tokens. Samples go to stdout, separated by a line of dashes; the speed goes to
 stderr. Flags are --key=value, checked like train.py's; `python sample.py --help` lists them.
 """
-import ast
 import codecs
-import difflib
-import re
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from model import GPT, GPTConfig, check_sampling_options
+import flags
+from checkpoint import load_checkpoint_file
 from dataset import EOT
+from model import GPT, GPTConfig, available_devices, pick_device
 from tokenizer import load_tokenizer
-from train import TrainError, load_checkpoint_file, pick_device
 
 _NAMES_BEFORE_DEFAULTS = set(globals())
 # ----------------------------------------------------------------------------- defaults
@@ -41,61 +39,25 @@ kv_cache = True  # False recomputes the whole context for every token (slower; f
 # -----------------------------------------------------------------------------
 DEFAULTS = {name: value for name, value in globals().items()
             if name not in _NAMES_BEFORE_DEFAULTS and not name.startswith("_")}
+HELP = flags.comments_of(__file__)
 CHECKPOINT_FILES = {"best": "best.pt", "latest": "ckpt.pt"}
+# Every key but out_dir and start (free-form: a missing checkpoint or prompt file is named
+# when it is read) and kv_cache (a boolean) is checked before the model is loaded.
+CHECKS = {
+    "ckpt": flags.one_of(*CHECKPOINT_FILES),
+    "num_samples": flags.at_least(1),
+    "max_new_tokens": flags.at_least(1),
+    "temperature": flags.all_of(flags.finite, flags.at_least(0)),
+    "top_k": flags.at_least(0),
+    "top_p": lambda value: None if 0 < value <= 1 else "greater than 0 and at most 1",
+    "seed": flags.at_least(0),
+    "device": lambda device: flags.one_of("auto", *available_devices())(device),  # what this machine has
+}
 SEPARATOR = "-" * 40
 
 
-class SampleError(Exception):
+class SampleError(flags.UserError):
     """A problem the user can fix (a flag, a file): printed without a traceback."""
-
-
-def parse_flags(argv):
-    """The defaults updated by each --key=value, checked against the default's type."""
-    flags = dict(DEFAULTS)
-    for arg in argv:
-        key, has_value, text = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not has_value:
-            raise SampleError(f"{arg!r}: flags are written --key=value (see --help)")
-        if key not in DEFAULTS:
-            closest = difflib.get_close_matches(key, DEFAULTS, n=1, cutoff=0.0)[0]
-            raise SampleError(f"unknown flag --{key}; did you mean --{closest}?")
-        flags[key] = flag_value(key, text)
-    if flags["ckpt"] not in CHECKPOINT_FILES:
-        raise SampleError(f"--ckpt={flags['ckpt']}: expected best or latest")
-    for key in ("num_samples", "max_new_tokens"):
-        if flags[key] < 1:
-            raise SampleError(f"--{key}={flags[key]}: expected at least 1")
-    try:
-        check_sampling_options(flags["temperature"], flags["top_k"] or None, flags["top_p"])
-    except ValueError as error:
-        raise SampleError(f"{error} (--top_k=0 means no top-k limit)") from None
-    return flags
-
-
-def flag_value(key, text):
-    """The flag's text as the type of its default: strings as written, the rest as Python
-    literals (3, 0.9, 1e-3, False); an int is fine where a float is expected."""
-    expected = type(DEFAULTS[key])
-    if expected is str:
-        return text
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        value = text
-    if expected is float and type(value) is int:
-        value = float(value)
-    if type(value) is not expected:
-        raise SampleError(f"--{key}={text}: expected {expected.__name__}, like the default {DEFAULTS[key]!r}")
-    return value
-
-
-def help_text():
-    """Every flag with its default and the comment beside it in this file."""
-    comments = dict(re.findall(r"^(\w+) = .*?  # (.*)$", Path(__file__).read_text(), re.MULTILINE))
-    width = max(len(f"--{key}={value!r}") for key, value in DEFAULTS.items())
-    lines = ["usage: python sample.py [--key=value ...]", "", "Flags and defaults:"]
-    lines += [f"  {f'--{key}={value!r}':<{width}}  {comments[key]}" for key, value in DEFAULTS.items()]
-    return "\n".join(lines)
 
 
 def read_prompt(start):
@@ -117,10 +79,7 @@ def load_model(path, device):
     if not path.is_file():
         raise SampleError(f"{path} not found: train.py writes ckpt.pt (--ckpt=latest) and "
                           f"best.pt (--ckpt=best) into its out_dir")
-    try:
-        checkpoint = load_checkpoint_file(path)
-    except TrainError as error:
-        raise SampleError(str(error)) from None
+    checkpoint = load_checkpoint_file(path)
     missing = [key for key in ("model", "model_config", "tokenizer") if key not in checkpoint]
     if missing:
         raise SampleError(f"{path} lacks {', '.join(missing)}: not a checkpoint written by train.py")
@@ -132,18 +91,18 @@ def load_model(path, device):
     return model.to(device).eval(), checkpoint
 
 
-def print_sample(model, tokenizer, prompt, flags, generator):
+def print_sample(model, tokenizer, prompt, settings, generator):
     """Stream one sample to stdout; return the number of tokens generated.
 
     Tokens are byte strings, and one character of UTF-8 may be split across several of
     them: an incremental decoder prints each character once all its bytes have come."""
     ids = [tokenizer.eot_token] + tokenizer.encode(prompt, allowed_special={EOT})
-    idx = torch.tensor([ids], dtype=torch.long, device=flags["device"])
+    idx = torch.tensor([ids], dtype=torch.long, device=settings["device"])
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     sys.stdout.write(prompt)
-    steps = model.generate(idx, flags["max_new_tokens"], temperature=flags["temperature"],
-                           top_k=flags["top_k"] or None, top_p=flags["top_p"], generator=generator,
-                           stop_token=tokenizer.eot_token, use_cache=flags["kv_cache"])
+    steps = model.generate(idx, settings["max_new_tokens"], temperature=settings["temperature"],
+                           top_k=settings["top_k"] or None, top_p=settings["top_p"], generator=generator,
+                           stop_token=tokenizer.eot_token, use_cache=settings["kv_cache"])
     generated = 0
     for token in steps:
         generated += 1
@@ -156,32 +115,29 @@ def print_sample(model, tokenizer, prompt, flags, generator):
     return generated
 
 
-def sample(flags):
-    flags["device"] = pick_device(flags["device"])
-    prompt = read_prompt(flags["start"])
-    path = Path(flags["out_dir"]) / CHECKPOINT_FILES[flags["ckpt"]]
-    model, checkpoint = load_model(path, flags["device"])
+def sample(settings):
+    settings["device"] = pick_device(settings["device"])
+    prompt = read_prompt(settings["start"])
+    path = Path(settings["out_dir"]) / CHECKPOINT_FILES[settings["ckpt"]]
+    model, checkpoint = load_model(path, settings["device"])
     try:
-        tokenizer = load_tokenizer(flags["out_dir"], checkpoint["tokenizer"])
+        tokenizer = load_tokenizer(settings["out_dir"], checkpoint["tokenizer"])
     except (OSError, ValueError, KeyError) as error:
         raise SampleError(f"{path}: cannot load its tokenizer: {error}") from None
-    generator = torch.Generator(device=flags["device"]).manual_seed(flags["seed"])
+    generator = torch.Generator(device=settings["device"]).manual_seed(settings["seed"])
     generated, started = 0, time.perf_counter()
-    for _ in range(flags["num_samples"]):
-        generated += print_sample(model, tokenizer, prompt, flags, generator)
+    for _ in range(settings["num_samples"]):
+        generated += print_sample(model, tokenizer, prompt, settings, generator)
     seconds = time.perf_counter() - started
     print(f"{generated} tokens in {seconds:.2f} s: {generated / seconds:,.1f} tokens/s "
-          f"(KV cache {'on' if flags['kv_cache'] else 'off'}, {flags['device']})", file=sys.stderr)
+          f"(KV cache {'on' if settings['kv_cache'] else 'off'}, {settings['device']})", file=sys.stderr)
 
 
 def main(argv):
-    if "--help" in argv or "-h" in argv:
-        print(help_text())
-        return 0
     try:
-        flags = parse_flags(argv)
-        sample(flags)
-    except SampleError as error:
+        settings = flags.parse(argv, DEFAULTS, HELP, CHECKS, program="sample.py")
+        sample(settings)
+    except flags.UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

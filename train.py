@@ -5,17 +5,18 @@
     python sample.py --out_dir=out/demo
 
 Configuration: the module globals below are the defaults. Config files (Python, run in
-order) and then --key=value flags override them. A key that is not a default stops the run
-with the closest known key; a value of the wrong type stops it naming the type expected.
-`python train.py --help` lists every key. One process, several on one machine, or several
-machines (run the same command on each, host0 being one of them):
+order) and then --key=value flags override them (flags.py). A key that is not a default stops
+the run with the closest known key; a value of the wrong type, or out of range (CHECKS,
+RELATIONS), stops it before any work, naming the key. `python train.py --help` lists every
+key. One process, several on one machine, or several machines (run the same command on each,
+host0 being one of them):
 
     python train.py config/train_demo.py --batch_size=16 --max_iters=500
     torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2_124m.py
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=host0:29500 \
         train.py config/train_gpt2_124m.py
 
-What a run writes into out_dir:
+What a run writes into out_dir (checkpoint.py keeps the checkpoints):
     ckpt_<iter>.pt    the last keep_last checkpoints (see save_checkpoint for the contents)
     checkpoints.json  their iteration, size and sha256, recorded when each was written
     ckpt.pt, best.pt  the newest checkpoint and the one with the lowest val loss
@@ -31,17 +32,11 @@ skipped; max_bad_steps of them in a row stop the run. Under `torchrun --max-rest
 when a process crashes torchrun restarts the group, and the restarted group goes on from
 the newest checkpoint by itself (see continue_after_restart).
 """
-import ast
-import builtins
 import dataclasses
-import difflib
-import hashlib
 import json
 import math
 import os
 import random
-import re
-import shutil
 import signal
 import sys
 import tempfile
@@ -49,17 +44,19 @@ import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+import flags
+from checkpoint import (MANIFEST_FILE, check_free_space, load_checkpoint_file, newest_valid_checkpoint, read_manifest,
+                        restore_rng_states, rng_states, write_checkpoint)
 from dataset import atomic_write, open_folder, read_meta, read_split
-from flags import UserError
+from model import GPT, GPTConfig, available_devices, peak_flops, pick_device
 from tokenizer import load_tokenizer
-from model import GPT, GPTConfig, peak_flops
 
 _NAMES_BEFORE_DEFAULTS = set(globals())
 # ---- defaults ---------------------------------------------------------------
@@ -104,104 +101,62 @@ compile = False  # torch.compile the model: faster on GPUs after a minute of com
 seed = 1337  # seeds model init, batches and dropout (process k uses seed + k)
 # reliability
 max_bad_steps = 5  # stop after this many non-finite steps in a row
-inject_nan_at = 0  # testing aid: make the loss of this iteration NaN, to exercise the skip; 0 = off
 # ---- end of defaults ----------------------------------------------------------
 DEFAULTS = {name: value for name, value in globals().items()
             if name not in _NAMES_BEFORE_DEFAULTS and not name.startswith("_")}
+HELP = flags.comments_of(__file__)  # --help shows the comment beside each default
 
+
+def above_zero(value):
+    return None if value > 0 else "greater than 0"
+
+
+def zero_to_below_one(value):
+    return None if 0 <= value < 1 else "at least 0 and below 1"
+
+
+def checkpoint_to_start_from(value):
+    return None if value in ("scratch", "resume") or os.path.isfile(value) else \
+        "scratch, resume or the path of a checkpoint file"
+
+
+# What each value may be, checked before any work starts (flags.py). Every key is here but the
+# booleans (true or false is all they can be) and the free-form names out_dir, dataset,
+# wandb_project and wandb_run_name (a missing dataset or an unwritable out_dir is found when opened).
+positive, non_negative = flags.at_least(1), flags.all_of(flags.finite, flags.at_least(0))
+CHECKS = {
+    "init_from": checkpoint_to_start_from,
+    **dict.fromkeys(("eval_interval", "eval_iters", "log_interval", "keep_last", "batch_size", "block_size",
+                     "gradient_accumulation_steps", "n_layer", "n_head", "n_embd", "max_iters", "max_bad_steps"),
+                    positive),
+    **dict.fromkeys(("dropout", "beta1", "beta2"), zero_to_below_one),
+    "learning_rate": flags.all_of(flags.finite, above_zero),
+    **dict.fromkeys(("weight_decay", "grad_clip", "min_lr"), non_negative),
+    **dict.fromkeys(("warmup_iters", "lr_decay_iters"), flags.at_least(0)),
+    "device": lambda device: flags.one_of("auto", *available_devices())(device),  # what this machine has
+    "dtype": flags.one_of("auto", "float32", "bfloat16", "float16"),
+    "seed": flags.between(0, 2**31 - 1),  # numpy takes 32-bit seeds, and process k adds k
+}
+RELATIONS = (  # rules between keys: each returns what is wrong, or None
+    lambda config: None if config["n_embd"] % config["n_head"] == 0 else
+    f"n_embd={config['n_embd']} must be a multiple of n_head={config['n_head']} (each head gets n_embd / n_head)",
+    lambda config: None if config["min_lr"] <= config["learning_rate"] else
+    f"min_lr={config['min_lr']} must be at most learning_rate={config['learning_rate']}: the schedule decays "
+    "from learning_rate down to min_lr",
+    lambda config: None if not (config["eval_only"] and config["init_from"] == "scratch") else
+    "eval_only=True evaluates a checkpoint: set init_from=resume or init_from=path/to/ckpt.pt",
+)
 METRICS_FILE = "metrics.jsonl"
-MANIFEST_FILE = "checkpoints.json"
 
 
-class TrainError(UserError):
-    """A problem the user can fix (config, data, checkpoint): printed without a traceback."""
+class TrainError(flags.UserError):
+    """A problem with the data, out_dir or the processes that the user can fix: one line, no traceback."""
 
 
-# ----------------------------------------------------------------------------- config
-def parse_config(args):
-    """The defaults, then each config file in order, then each --key=value: a config namespace."""
-    config = dict(DEFAULTS)
-    for arg in args:
-        if arg.startswith("--"):
-            key, has_value, text = arg[2:].partition("=")
-            if not has_value:
-                raise TrainError(f"{arg}: flags are written --key=value")
-            config[key] = checked_value(key, flag_value(key, text), arg)
-        else:
-            config.update(read_config_file(arg, config))
-    cfg = SimpleNamespace(**config)
-    check_config(cfg)
-    return cfg
-
-
-def read_config_file(path, config):
-    """Run a config file with the current config in scope; return the keys it assigned."""
-    if not os.path.isfile(path):
-        raise TrainError(f"config file {path!r} not found (flags are written --key=value)")
-    namespace = dict(config)
-    # builtins.compile: the config key `compile` shadows the built-in in this module
-    exec(builtins.compile(Path(path).read_text(), path, "exec"), namespace)
-    assigned = {}
-    for key, value in namespace.items():
-        if key.startswith("_") or isinstance(value, ModuleType) or callable(value):
-            continue  # __builtins__, imported modules, helper functions
-        if key not in config or value is not config[key]:
-            assigned[key] = checked_value(key, value, path)
-    return assigned
-
-
-def flag_value(key, text):
-    """A flag's text as a Python literal (3, 1e-4, True); string keys take the text as is."""
-    if isinstance(DEFAULTS.get(key), str):
-        return text
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
-def checked_value(key, value, source):
-    if key not in DEFAULTS:
-        closest = difflib.get_close_matches(key, DEFAULTS, n=1, cutoff=0.0)[0]
-        raise TrainError(f"{source}: unknown config key {key!r}; did you mean {closest!r}?")
-    expected = type(DEFAULTS[key])
-    if expected is float and type(value) is int:
-        return float(value)
-    if type(value) is not expected:
-        raise TrainError(f"{source}: {key} expects {expected.__name__}, got {type(value).__name__} {value!r}")
-    return value
-
-
-def check_config(cfg):
-    for key in ("batch_size", "block_size", "gradient_accumulation_steps", "n_layer", "n_head", "n_embd",
-                "eval_interval", "eval_iters", "log_interval", "keep_last", "max_bad_steps"):
-        if getattr(cfg, key) < 1:
-            raise TrainError(f"{key} must be at least 1, got {getattr(cfg, key)}")
-    if cfg.n_embd % cfg.n_head:
-        raise TrainError(f"n_embd={cfg.n_embd} must be a multiple of n_head={cfg.n_head}")
-    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise TrainError(f"dtype must be auto, float32, bfloat16 or float16, got {cfg.dtype!r}")
-    if cfg.init_from not in ("scratch", "resume") and not os.path.isfile(cfg.init_from):
-        raise TrainError(f"init_from must be scratch, resume or the path of a checkpoint file; {cfg.init_from!r} is not a file")
-    if cfg.eval_only and cfg.init_from == "scratch":
-        raise TrainError("eval_only=True evaluates a checkpoint: set init_from=resume or init_from=path/to/ckpt.pt")
-
-
-def help_text():
-    """Every key with its default and its comment, in the sections of the defaults above."""
-    source = Path(__file__).read_text()
-    block = source[source.index("# ---- defaults"):source.index("# ---- end of defaults")].splitlines()[1:]
-    width = max(len(f"--{key}={value}") for key, value in DEFAULTS.items())
-    lines = ["usage: python train.py [config/file.py ...] [--key=value ...]",
-             "Config files run first, in order, then the flags. Keys and defaults:"]
-    for line in block:
-        assignment = re.match(r"(\w+) = .*?  # (.*)", line)
-        if assignment:
-            key, comment = assignment.groups()
-            lines.append(f"  {f'--{key}={DEFAULTS[key]}':<{width}}  {comment}")
-        else:
-            lines.append(line.removeprefix("# ").join(["", ":"]))  # a section heading
-    return "\n".join(lines)
+def read_config(argv):
+    """The defaults, then each config file in order, then each --key=value, checked: a namespace."""
+    return SimpleNamespace(**flags.parse(argv, DEFAULTS, HELP, CHECKS, program="train.py", config_files=True,
+                                         relations=RELATIONS))
 
 
 # ----------------------------------------------------------------------------- processes and devices
@@ -241,14 +196,6 @@ def join_process_group(backend, rank, world_size):
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     dist.init_process_group(backend=backend, store=dist.PrefixStore(f"attempt_{attempt}", agent_store),
                             rank=rank, world_size=world_size)
-
-
-def pick_device(requested):
-    if requested != "auto":
-        return requested
-    if torch.cuda.is_available():
-        return "cuda"
-    return "mps" if torch.backends.mps.is_available() else "cpu"
 
 
 def pick_dtype(requested, device):
@@ -321,42 +268,6 @@ def token_byte_lengths(folder, tokenizer_info, device):
 
 
 # ----------------------------------------------------------------------------- checkpoints
-class HashingWriter:
-    """A file wrapper that counts and hashes the bytes written through it."""
-
-    def __init__(self, file):
-        self.file, self.sha256, self.size = file, hashlib.sha256(), 0
-
-    def write(self, data):
-        self.sha256.update(data)
-        self.size += len(data)
-        return self.file.write(data)
-
-    def flush(self):
-        self.file.flush()
-
-
-def rng_states(generator, device):
-    """Every random state a step draws from, so a resumed run draws the same numbers.
-    Plain types and tensors only (numpy's key array becomes a list): weights_only loads them."""
-    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
-    states = {"python": random.getstate(), "numpy": [name, keys.tolist(), position, has_gauss, cached_gaussian],
-              "torch": torch.get_rng_state(), "loader": generator.get_state()}
-    if device.type == "cuda":
-        states["cuda"] = torch.cuda.get_rng_state(device)
-    return states
-
-
-def restore_rng_states(states, generator, device):
-    random.setstate(states["python"])
-    name, keys, position, has_gauss, cached_gaussian = states["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), position, has_gauss, cached_gaussian))
-    torch.set_rng_state(states["torch"])
-    generator.set_state(states["loader"])
-    if device.type == "cuda" and "cuda" in states:
-        torch.cuda.set_rng_state(states["cuda"], device)
-
-
 def gather_from_ranks(value, runtime):
     """A list with every rank's value (a collective: every rank calls it)."""
     if runtime.world_size == 1:
@@ -378,14 +289,14 @@ def save_checkpoint(run, is_best):
     fixed batches in eval mode and draws no random numbers: so the resumed run starts
     where this one would have gone on.
     """
-    states = gather_from_ranks(rng_states(run.generator, run.rt.device), run.rt)
-    if not run.rt.is_main:
+    states = gather_from_ranks(rng_states(run.generator, run.runtime.device), run.runtime)
+    if not run.runtime.is_main:
         return
     checkpoint = {
         "model": run.raw_model.state_dict(), "model_config": dataclasses.asdict(run.raw_model.config),
         "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict() if run.scaler else None,
         "iter_num": run.iter_num, "best_val_loss": run.best_val_loss, "config": vars(run.cfg),
-        "tokenizer": run.tokenizer_info, "rng": states, "data": {"world_size": run.rt.world_size},
+        "tokenizer": run.tokenizer_info, "rng": states, "data": {"world_size": run.runtime.world_size},
         "elapsed_s": run.elapsed_s(),
     }
     try:
@@ -394,108 +305,6 @@ def save_checkpoint(run, is_best):
         raise TrainError(f"saving iteration {run.iter_num} into {run.cfg.out_dir} failed: {error.strerror or error}. "
                          f"The checkpoints recorded in {MANIFEST_FILE} are intact: make room, then continue "
                          "with --init_from=resume") from None
-
-
-def write_checkpoint(out_dir, checkpoint, keep_last, is_best):
-    """Write ckpt_<iter>.pt crash-safely and record it; point ckpt.pt (and best.pt) at it;
-    delete all but the keep_last newest.
-
-    Order matters: the file is complete on disk (atomic rename) before checkpoints.json
-    records its size and sha256, and older ones are deleted only after that. A crash at any
-    moment leaves the previous checkpoint recorded and intact.
-    """
-    record = {"file": f"ckpt_{checkpoint['iter_num']:07d}.pt", "iter": checkpoint["iter_num"]}
-    path = out_dir / record["file"]
-
-    def write(file):
-        writer = HashingWriter(file)
-        try:
-            torch.save(checkpoint, writer)
-        except RuntimeError as error:  # torch reports a failed write this way; the OSError behind it says why
-            raise error.__context__ if isinstance(error.__context__, OSError) else error
-        record.update(bytes=writer.size, sha256=writer.sha256.hexdigest())
-
-    atomic_write(path, write)
-    # records past this iteration belong to a run we went back from (resumed from an older one)
-    entries = [entry for entry in read_manifest(out_dir) if entry["iter"] < record["iter"]]
-    kept = (entries + [record])[-keep_last:]
-    atomic_write(out_dir / MANIFEST_FILE, lambda file: file.write(json.dumps({"checkpoints": kept}, indent=1).encode()))
-    link_as(path, out_dir / "ckpt.pt")
-    if is_best:
-        link_as(path, out_dir / "best.pt")
-    kept_names = {entry["file"] for entry in kept}
-    for stale in out_dir.glob("ckpt_*.pt"):
-        if stale.name not in kept_names:
-            stale.unlink()
-
-
-def link_as(source, alias):
-    """Make alias name the same file as source, atomically: a hard link (no extra disk),
-    or a copy on file systems without hard links."""
-    temporary = alias.with_name(alias.name + ".link")
-    temporary.unlink(missing_ok=True)
-    try:
-        os.link(source, temporary)
-        os.replace(temporary, alias)
-    except OSError:
-        atomic_write(alias, lambda file: file.write(source.read_bytes()))
-
-
-def read_manifest(out_dir):
-    path = out_dir / MANIFEST_FILE
-    if not path.exists():
-        return []
-    try:
-        return json.loads(path.read_text())["checkpoints"]
-    except (ValueError, KeyError) as error:
-        raise TrainError(f"{path} is not a checkpoint record written by train.py ({error})")
-
-
-def load_checkpoint_file(path):
-    """torch.load with weights_only=True: tensors and plain values, never code."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # any failure to unpickle means the same thing: not a usable checkpoint
-        refused = re.search(r"GLOBAL ([\w.]+)", str(error))  # how weights_only names a Python object it met
-        if refused:
-            raise TrainError(f"{path} does not load as a checkpoint: it holds a Python object ({refused[1]}), and "
-                             "loading one can run any code, so it is refused (train.py's checkpoints hold only "
-                             "tensors and plain values)") from error
-        raise TrainError(f"{path} does not load as a checkpoint: {type(error).__name__}: {error}") from error
-
-
-def newest_valid_checkpoint(out_dir):
-    """The newest recorded checkpoint whose size and sha256 match the record and which loads.
-    Damaged ones are reported on stderr and passed over. Returns (path, checkpoint)."""
-    entries = read_manifest(out_dir)
-    if not entries:
-        raise TrainError(f"init_from=resume: {out_dir} holds no recorded checkpoint ({MANIFEST_FILE}); "
-                         "use init_from=scratch, or init_from=path/to/ckpt.pt to start from a checkpoint's weights")
-    for entry in reversed(entries):
-        path = out_dir / entry["file"]
-        problem = checkpoint_problem(path, entry)
-        if problem is None:
-            try:
-                return path, load_checkpoint_file(path)
-            except TrainError as error:
-                problem = str(error)
-        print(f"warning: skipping damaged checkpoint {path}: {problem}", file=sys.stderr)
-    raise TrainError(f"no valid checkpoint in {out_dir}: all {len(entries)} recorded ones are damaged (above)")
-
-
-def checkpoint_problem(path, entry):
-    """What is wrong with a checkpoint file against its record, or None."""
-    if not path.is_file():
-        return "the file is missing"
-    if path.stat().st_size != entry["bytes"]:
-        return f"it has {path.stat().st_size:,} bytes, {entry['bytes']:,} were written"
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    if digest.hexdigest() != entry["sha256"]:
-        return "its sha256 differs from the one recorded when it was written"
-    return None
 
 
 def load_start_checkpoint(cfg, runtime):
@@ -555,8 +364,8 @@ def evaluate(model, windows, batch_ids, byte_lengths, runtime):
 def run_evaluation(run):
     """Evaluate val and train on their fixed batches; log; return True if val loss is a new best."""
     started = time.perf_counter()
-    val = evaluate(run.model, run.splits["val"], run.eval_batches["val"], run.byte_lengths, run.rt)
-    on_train = evaluate(run.model, run.splits["train"], run.eval_batches["train"], run.byte_lengths, run.rt)
+    val = evaluate(run.model, run.splits["val"], run.eval_batches["val"], run.byte_lengths, run.runtime)
+    on_train = evaluate(run.model, run.splits["train"], run.eval_batches["train"], run.byte_lengths, run.runtime)
     run.eval_seconds = time.perf_counter() - started
     perplexity = math.exp(min(val["loss"], 700))
     run.log.print(f"eval at iter {run.iter_num}: val loss {val['loss']:.4f} (perplexity {perplexity:.2f}, "
@@ -614,7 +423,7 @@ def optimizer_step(run, loss, stop_requested):
     # with a loss scaler, inf gradients are its normal overflow signal: scaler.step skips those itself
     not_finite = ~torch.isfinite(loss) if run.scaler else ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
     flags = torch.stack([loss.float(), not_finite.float(), torch.tensor(float(stop_requested), device=loss.device)])
-    if run.rt.world_size > 1:
+    if run.runtime.world_size > 1:
         dist.all_reduce(flags)
     loss_sum, not_finite_count, stop_count = flags.tolist()
     skipped = not_finite_count > 0
@@ -626,7 +435,7 @@ def optimizer_step(run, loss, stop_requested):
     if run.scaler:
         run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
-    return loss_sum / run.rt.world_size, grad_norm.item(), skipped, stop_count > 0
+    return loss_sum / run.runtime.world_size, grad_norm.item(), skipped, stop_count > 0
 
 
 # ----------------------------------------------------------------------------- logging
@@ -694,11 +503,11 @@ def print_plan(run):
     total_tokens = run.tokens_per_iter * cfg.max_iters
     run.log.print(
         f"plan: {params / 1e6:.2f}M parameters | {run.tokens_per_iter:,} tokens/iter ({cfg.batch_size} x "
-        f"{cfg.block_size} tokens x {cfg.gradient_accumulation_steps} micro-steps, over {run.rt.world_size} "
-        f"process{'es' if run.rt.world_size > 1 else ''})\n"
+        f"{cfg.block_size} tokens x {cfg.gradient_accumulation_steps} micro-steps, over {run.runtime.world_size} "
+        f"process{'es' if run.runtime.world_size > 1 else ''})\n"
         f"      {cfg.max_iters:,} iterations = {total_tokens / 1e6:,.1f}M tokens = {total_tokens / params:.1f} tokens "
         f"per parameter (Chinchilla-optimal: ~20) | {run.raw_model.flops_per_token() * total_tokens:.2e} FLOPs\n"
-        f"      device {run.rt.device}, {str(run.rt.dtype).removeprefix('torch.')}, compile={cfg.compile}")
+        f"      device {run.runtime.device}, {str(run.runtime.dtype).removeprefix('torch.')}, compile={cfg.compile}")
 
 
 class StepTimer:
@@ -729,7 +538,7 @@ def log_step(run, loss, grad_norm, skipped, lr):
     text = (f"iter {run.iter_num}/{run.cfg.max_iters}: loss {loss:.4f} | lr {lr:.2e} | {ms_per_iter:.0f} ms/iter | "
             f"{tokens_per_s:,.0f} tokens/s")
     if run.peak_flops:
-        record["mfu"] = run.raw_model.flops_per_token() * tokens_per_s / (run.peak_flops * run.rt.world_size)
+        record["mfu"] = run.raw_model.flops_per_token() * tokens_per_s / (run.peak_flops * run.runtime.world_size)
         text += f" | MFU {record['mfu']:.1%}"
     remaining_iters = run.cfg.max_iters - run.iter_num
     remaining_evals = remaining_iters // run.cfg.eval_interval + 1
@@ -738,8 +547,9 @@ def log_step(run, loss, grad_norm, skipped, lr):
     run.log.write(record)
     if not run.estimate_printed and run.timer.timed_steps >= 5:
         run.estimate_printed = True
-        run.log.print(f"estimated wall time of the whole run on {run.rt.device}: {duration(run.elapsed_s() + eta)} "
-                      f"({ms_per_iter:.0f} ms/iter, {run.eval_seconds:.1f}s per evaluation)")
+        run.log.print(f"estimated wall time of the whole run on {run.runtime.device}: "
+                      f"{duration(run.elapsed_s() + eta)} ({ms_per_iter:.0f} ms/iter, "
+                      f"{run.eval_seconds:.1f}s per evaluation)")
 
 
 def peak_memory():
@@ -767,61 +577,6 @@ def install_stop_handlers(runtime):
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     return stop
-
-
-def build_run(cfg):
-    """Everything the loop needs: data, model, optimizer, and the restored state on resume."""
-    started = time.time()
-    runtime = setup_runtime(cfg)
-    stop = install_stop_handlers(runtime)
-    folder = open_folder(cfg.dataset)
-    meta = read_dataset(lambda: read_meta(folder))
-    restarted = continue_after_restart(cfg, runtime)
-    path, checkpoint = load_start_checkpoint(cfg, runtime)
-    if restarted:
-        check_same_run(checkpoint, path, cfg)
-    model_config = (GPTConfig(**checkpoint["model_config"]) if cfg.eval_only else
-                    GPTConfig(block_size=cfg.block_size, vocab_size=meta["tokenizer"]["vocab_size"], n_layer=cfg.n_layer,
-                              n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias,
-                              gradient_checkpointing=cfg.gradient_checkpointing))
-    if checkpoint is not None:
-        check_checkpoint_fits(checkpoint, path, model_config, meta["tokenizer"], folder)
-    splits = {split: read_dataset(lambda: load_split(folder, meta, split, model_config.block_size))
-              for split in ("train", "val")}
-    resuming = cfg.init_from == "resume" and not cfg.eval_only
-    if runtime.is_main and not cfg.eval_only:
-        prepare_out_dir(cfg, folder, meta["tokenizer"], resuming)
-
-    random.seed(cfg.seed + runtime.rank)
-    np.random.seed(cfg.seed + runtime.rank)
-    torch.manual_seed(cfg.seed + runtime.rank)  # different dropout masks per rank; DDP copies rank 0's init
-    raw_model = GPT(model_config)
-    if checkpoint is not None:
-        raw_model.load_state_dict(checkpoint["model"])
-    if runtime.is_main and not cfg.eval_only:
-        check_free_space(Path(cfg.out_dir), raw_model, cfg.keep_last)
-    raw_model.to(runtime.device)
-    model = torch.compile(raw_model) if cfg.compile else raw_model
-    run = SimpleNamespace(
-        cfg=cfg, rt=runtime, stop=stop, splits=splits, tokenizer_info=meta["tokenizer"],
-        byte_lengths=read_dataset(lambda: token_byte_lengths(folder, meta["tokenizer"], runtime.device)),
-        eval_batches={split: windows.fixed_batch_ids(cfg.eval_iters, cfg.batch_size) for split, windows in splits.items()},
-        raw_model=raw_model, model=model,  # raw_model for state_dict, model (maybe compiled) to run
-        train_model=DistributedDataParallel(model) if runtime.world_size > 1 else model,
-        optimizer=raw_model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                                runtime.device.type),
-        scaler=torch.amp.GradScaler(runtime.device.type) if runtime.dtype == torch.float16 else None,
-        generator=torch.Generator().manual_seed(cfg.seed + runtime.rank),  # draws the training batches
-        micro_steps=cfg.gradient_accumulation_steps // runtime.world_size,
-        tokens_per_iter=cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps,
-        iter_num=0, best_val_loss=math.inf, elapsed_before=0.0, started=started, eval_seconds=0.0,
-        peak_flops=peak_flops(runtime.device), timer=StepTimer(), estimate_printed=False,
-    )
-    run.elapsed_s = lambda: run.elapsed_before + time.time() - run.started
-    if resuming:
-        restore_training_state(run, checkpoint, path)
-    run.log = RunLog(cfg, runtime, run.iter_num if resuming else None)
-    return run
 
 
 def read_dataset(read):
@@ -879,36 +634,108 @@ def prepare_out_dir(cfg, folder, tokenizer_info, resuming):
         atomic_write(out / tokenizer_info["file"], lambda file: file.write(source.read_bytes()))
 
 
-def check_free_space(out_dir, model, keep_last):
-    """Refuse to start when out_dir's disk cannot hold the checkpoints to come. At a save it
-    holds the keep_last kept ones, best.pt (which may be an older one) and the one being
-    written, each about three times the weights (AdamW keeps two moments per weight); the
-    checkpoints already there count as room."""
-    checkpoint_bytes = 3 * sum(param.numel() * param.element_size() for param in model.parameters())
-    on_disk = {path.stat().st_ino: path.stat().st_size  # by inode: ckpt.pt and best.pt are hard links
-               for path in [*out_dir.glob("ckpt_*.pt"), out_dir / "best.pt"] if path.exists()}
-    needed = (keep_last + 2) * checkpoint_bytes - sum(on_disk.values())
-    free = shutil.disk_usage(out_dir).free
-    if free < needed:
-        raise TrainError(f"{out_dir} has {free / 1e6:,.1f} MB free, but its checkpoints will need {needed / 1e6:,.1f} MB "
-                         f"more ({keep_last + 2} of ~{checkpoint_bytes / 1e6:,.1f} MB: keep_last={keep_last}, best.pt "
-                         "and the one being written): make room, lower keep_last, or choose another out_dir")
-
-
-def restore_training_state(run, checkpoint, path):
-    run.optimizer.load_state_dict(checkpoint["optimizer"])
-    if run.scaler and checkpoint["scaler"]:
-        run.scaler.load_state_dict(checkpoint["scaler"])
-    run.iter_num, run.best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
-    run.elapsed_before = checkpoint["elapsed_s"]
-    if checkpoint["data"]["world_size"] == run.rt.world_size:
-        restore_rng_states(checkpoint["rng"][run.rt.rank], run.generator, run.rt.device)
+def restore_training_state(checkpoint, path, optimizer, scaler, generator, runtime):
+    """Load the optimizer, the loss scaler and this process's random states from checkpoint;
+    return the progress it holds, as Run's fields."""
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    if scaler and checkpoint["scaler"]:
+        scaler.load_state_dict(checkpoint["scaler"])
+    if checkpoint["data"]["world_size"] == runtime.world_size:
+        restore_rng_states(checkpoint["rng"][runtime.rank], generator, runtime.device)
         exactness = "exactly"
     else:
         exactness = (f"with fresh random streams (saved by {checkpoint['data']['world_size']} processes, "
-                     f"resumed by {run.rt.world_size})")
-    if run.rt.is_main:
-        print(f"resuming from {path} at iteration {run.iter_num}, {exactness}", flush=True)
+                     f"resumed by {runtime.world_size})")
+    if runtime.is_main:
+        print(f"resuming from {path} at iteration {checkpoint['iter_num']}, {exactness}", flush=True)
+    return {"iter_num": checkpoint["iter_num"], "best_val_loss": checkpoint["best_val_loss"],
+            "elapsed_before": checkpoint["elapsed_s"]}
+
+
+@dataclasses.dataclass
+class Run:
+    """What the training loop carries: made once by build_run, read by train() and the
+    functions it calls. Only the fields under "progress" change as the loop goes."""
+    cfg: SimpleNamespace  # the checked config (read_config)
+    runtime: SimpleNamespace  # rank, world_size, is_main, device, dtype, autocast (setup_runtime)
+    log: RunLog  # prints on rank 0; metrics.jsonl and wandb
+    stop: threading.Event  # set by SIGTERM or SIGINT: finish the step, save, exit
+    # data
+    splits: dict  # "train" and "val": TokenWindows
+    eval_batches: dict  # split -> the fixed batches of window ids every evaluation uses
+    byte_lengths: torch.Tensor  # bytes of text per token id, for bits per byte
+    tokenizer_info: dict  # meta.json's tokenizer entry, saved in each checkpoint for sample.py
+    generator: torch.Generator  # draws the training batches (process k seeds it with seed + k)
+    # model and optimizer
+    raw_model: GPT  # the parameters, for state_dict and clipping
+    model: torch.nn.Module  # raw_model, compiled when asked: what evaluation runs
+    train_model: torch.nn.Module  # model, wrapped in DDP under torchrun: what training runs
+    optimizer: torch.optim.Optimizer  # AdamW
+    scaler: torch.amp.GradScaler | None  # float16 only: scales the loss so small gradients survive
+    micro_steps: int  # micro-steps per iteration in this process
+    tokens_per_iter: int  # over all micro-steps and processes
+    peak_flops: float | None  # the GPU's datasheet FLOP/s, for MFU; None where unknown
+    started: float  # time.time() when this process began building the run
+    # progress
+    iter_num: int = 0  # iterations done (optimizer steps, skipped ones included)
+    best_val_loss: float = math.inf  # the lowest val loss so far: best.pt's
+    elapsed_before: float = 0.0  # seconds spent by the runs this one resumes
+    eval_seconds: float = 0.0  # the last evaluation's duration, for the ETA
+    timer: StepTimer = dataclasses.field(default_factory=StepTimer)  # step times between log lines
+    estimate_printed: bool = False  # the whole run's wall time is estimated once, after 5 timed steps
+
+    def elapsed_s(self):
+        return self.elapsed_before + time.time() - self.started
+
+
+def build_run(cfg):
+    """Everything the loop needs: data, model, optimizer, and the restored state on resume."""
+    started = time.time()
+    runtime = setup_runtime(cfg)
+    stop = install_stop_handlers(runtime)
+    folder = open_folder(cfg.dataset)
+    meta = read_dataset(lambda: read_meta(folder))
+    restarted = continue_after_restart(cfg, runtime)
+    path, checkpoint = load_start_checkpoint(cfg, runtime)
+    if restarted:
+        check_same_run(checkpoint, path, cfg)
+    model_config = (GPTConfig(**checkpoint["model_config"]) if cfg.eval_only else
+                    GPTConfig(block_size=cfg.block_size, vocab_size=meta["tokenizer"]["vocab_size"], n_layer=cfg.n_layer,
+                              n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias,
+                              gradient_checkpointing=cfg.gradient_checkpointing))
+    if checkpoint is not None:
+        check_checkpoint_fits(checkpoint, path, model_config, meta["tokenizer"], folder)
+    splits = {split: read_dataset(lambda: load_split(folder, meta, split, model_config.block_size))
+              for split in ("train", "val")}
+    resuming = cfg.init_from == "resume" and not cfg.eval_only
+    if runtime.is_main and not cfg.eval_only:
+        prepare_out_dir(cfg, folder, meta["tokenizer"], resuming)
+
+    random.seed(cfg.seed + runtime.rank)
+    np.random.seed(cfg.seed + runtime.rank)
+    torch.manual_seed(cfg.seed + runtime.rank)  # different dropout masks per rank; DDP copies rank 0's init
+    raw_model = GPT(model_config)
+    if checkpoint is not None:
+        raw_model.load_state_dict(checkpoint["model"])
+    if runtime.is_main and not cfg.eval_only:
+        check_free_space(Path(cfg.out_dir), raw_model, cfg.keep_last)
+    raw_model.to(runtime.device)
+    model = torch.compile(raw_model) if cfg.compile else raw_model
+    byte_lengths = read_dataset(lambda: token_byte_lengths(folder, meta["tokenizer"], runtime.device))
+    train_model = DistributedDataParallel(model) if runtime.world_size > 1 else model
+    optimizer = raw_model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                              runtime.device.type)
+    scaler = torch.amp.GradScaler(runtime.device.type) if runtime.dtype == torch.float16 else None
+    generator = torch.Generator().manual_seed(cfg.seed + runtime.rank)
+    progress = restore_training_state(checkpoint, path, optimizer, scaler, generator, runtime) if resuming else {}
+    return Run(
+        cfg=cfg, runtime=runtime, log=RunLog(cfg, runtime, progress.get("iter_num")), stop=stop,
+        splits=splits, byte_lengths=byte_lengths, tokenizer_info=meta["tokenizer"], generator=generator,
+        eval_batches={split: windows.fixed_batch_ids(cfg.eval_iters, cfg.batch_size) for split, windows in splits.items()},
+        raw_model=raw_model, model=model, train_model=train_model, optimizer=optimizer, scaler=scaler,
+        micro_steps=cfg.gradient_accumulation_steps // runtime.world_size,
+        tokens_per_iter=cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps,
+        peak_flops=peak_flops(runtime.device), started=started, **progress)
 
 
 def train(run):
@@ -917,17 +744,15 @@ def train(run):
     print_plan(run)
     if run.iter_num == 0:
         run_evaluation(run)  # the starting point of the curves
-    next_batch = lambda: run.splits["train"].random_batch(cfg.batch_size, run.generator, run.rt.device)
+    next_batch = lambda: run.splits["train"].random_batch(cfg.batch_size, run.generator, run.runtime.device)
     bad_in_a_row = skipped_total = 0
     while run.iter_num < cfg.max_iters:
         lr = learning_rate_at(run.iter_num, cfg)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
         started = time.perf_counter()
-        loss = forward_backward(run.train_model, next_batch, run.micro_steps, run.rt.autocast, run.scaler,
-                                run.rt.world_size > 1)
-        if run.iter_num + 1 == cfg.inject_nan_at:
-            loss = loss * math.nan
+        loss = forward_backward(run.train_model, next_batch, run.micro_steps, run.runtime.autocast, run.scaler,
+                                run.runtime.world_size > 1)
         loss, grad_norm, skipped, stop = optimizer_step(run, loss, run.stop.is_set())
         run.iter_num += 1
         run.timer.add(time.perf_counter() - started)
@@ -952,21 +777,18 @@ def train(run):
 
 
 def evaluate_only(run):
-    val = evaluate(run.model, run.splits["val"], run.eval_batches["val"], run.byte_lengths, run.rt)
-    if run.rt.is_main:
+    val = evaluate(run.model, run.splits["val"], run.eval_batches["val"], run.byte_lengths, run.runtime)
+    if run.runtime.is_main:
         print(f"{run.cfg.init_from} on {run.cfg.dataset}: val loss {val['loss']:.4f} | perplexity "
               f"{math.exp(min(val['loss'], 700)):.2f} | accuracy {val['acc']:.1%} | {val['bpb']:.3f} bits/byte")
 
 
 def main(argv):
-    if "--help" in argv or "-h" in argv:
-        print(help_text())
-        return
     try:
-        cfg = parse_config(argv)
+        cfg = read_config(argv)
         run = build_run(cfg)
         evaluate_only(run) if cfg.eval_only else train(run)
-    except UserError as error:
+    except flags.UserError as error:
         sys.exit(f"error: {error}")
     finally:
         if dist.is_initialized():

@@ -27,7 +27,7 @@ import train
 from model import GPT, GPTConfig
 from torch.nn.parallel import DistributedDataParallel
 
-cfg = train.parse_config(["--device=cpu", "--gradient_accumulation_steps=4"])
+cfg = train.read_config(["--device=cpu", "--gradient_accumulation_steps=4"])
 runtime = train.setup_runtime(cfg)
 torch.manual_seed(0)
 model = GPT(GPTConfig(vocab_size=100, block_size=16, n_layer=2, n_head=2, n_embd=32))
@@ -62,7 +62,7 @@ def test_two_processes_compute_the_gradients_of_one_process_on_the_same_global_b
 
 def test_gradient_accumulation_that_does_not_divide_by_the_processes_is_refused(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it for two processes
-    cfg = train.parse_config(["--device=cpu", "--gradient_accumulation_steps=3"])
+    cfg = train.read_config(["--device=cpu", "--gradient_accumulation_steps=3"])
     with pytest.raises(train.TrainError, match=r"gradient_accumulation_steps=3 does not divide by the 2 processes"):
         train.setup_runtime(cfg)
 

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from model import GPT, GPTConfig, padded_vocab_size, peak_flops, peak_flops_of_card, sample_next_token
+from model import (GPT, GPTConfig, available_devices, padded_vocab_size, peak_flops, peak_flops_of_card, pick_device,
+                   sample_next_token)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -255,3 +256,12 @@ def test_peak_flops_is_known_only_for_listed_cards():
     # similar names of other cards must not borrow a figure
     for other in ["NVIDIA H100 NVL", "NVIDIA A10G", "NVIDIA L40S", "NVIDIA GeForce RTX 4090 D", "Tesla T4"]:
         assert peak_flops_of_card(other) is None, other
+
+
+def test_auto_picks_the_best_device_here_and_a_missing_one_is_refused_naming_those_there_are():
+    devices = available_devices()
+    assert devices[0] == "cpu"
+    assert pick_device("auto") == next(device for device in ("cuda", "mps", "cpu") if device in devices)
+    assert pick_device("cpu") == "cpu"
+    with pytest.raises(ValueError, match=rf"device 'cuda:99' is not on this machine, which has: auto, {devices[0]}"):
+        pick_device("cuda:99")

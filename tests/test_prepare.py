@@ -14,15 +14,18 @@ import subprocess
 import sys
 import threading
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
 import tiktoken.load
 
 import dataset
+import filtered
 import tokenizer
 import prepare
+import webfilters
+import webtext
+from flags import UserError
 from conftest import ROOT, make_text, send_body
 
 # Text that a tokenizer must round-trip exactly: emoji (with skin tones and zero-width
@@ -304,10 +307,10 @@ def test_wet_gz_with_one_gzip_member_per_record_parses_into_documents(tmp_path):
 def test_warc_parser_reads_records_split_across_blocks_and_counts_a_cut_record():
     data = warc_record({"WARC-Type": "conversion"}, "héllo".encode())
     blocks = [data[index:index + 3] for index in range(0, len(data), 3)]  # any split of the bytes
-    assert list(prepare.warc_records(blocks, gzipped=False)) == [
+    assert list(webtext.warc_records(blocks, gzipped=False)) == [
         ({"WARC-Type": "conversion", "Content-Length": "6"}, "héllo".encode())]
-    assert list(prepare.warc_records([data + data[:-7]], gzipped=False)) == [
-        ({"WARC-Type": "conversion", "Content-Length": "6"}, "héllo".encode()), "bad_record:truncated"]
+    assert list(webtext.warc_records([data + data[:-7]], gzipped=False)) == [
+        ({"WARC-Type": "conversion", "Content-Length": "6"}, "héllo".encode()), webtext.Dropped("bad_record:truncated")]
 
 
 def test_jsonl_gives_one_document_per_line_from_text_field(tmp_path):
@@ -336,12 +339,12 @@ def test_python_source_is_the_stdlib_without_test_suites():
 def test_download_names_stay_inside_the_downloads_folder():
     for url in ["http://h/../../etc/passwd", "https://h/a/..%2F..%2Fx", "http://h/", "http://h/.hidden",
                 "http://h/" + "x" * 500]:
-        name = prepare.download_name(url)
+        name = webtext.download_name(url)
         assert "/" not in name and "\\" not in name and not name.startswith(".") and len(name) < 100
-    assert prepare.download_name("http://h/a.txt") != prepare.download_name("http://g/a.txt")
+    assert webtext.download_name("http://h/a.txt") != webtext.download_name("http://g/a.txt")
     for bad in ["ftp://h/x.txt", "file:///etc/passwd", "/etc/passwd", "http:///x"]:
-        with pytest.raises(prepare.PrepareError, match="is not an http"):
-            prepare.download_name(bad)
+        with pytest.raises(webtext.WebTextError, match="is not an http"):
+            webtext.download_name(bad)
 
 
 # ---------------------------------------------------------------------------------------
@@ -470,7 +473,7 @@ def test_a_file_that_is_not_utf8_is_decoded_with_replacement_and_counted(tmp_pat
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--vocab=300"], "unknown flag --vocab; did you mean --vocab_size?"),
+    (["--vocab=300"], "unknown flag --vocab; did you mean 'vocab_size'?"),
     (["--vocab_size=256"], "--vocab_size=256: a BPE vocabulary needs at least 257 tokens"),
     (["--vocab_size=lots"], "--vocab_size=lots: expected an integer"),
     (["--val_fraction=1.5"], "--val_fraction=1.5: expected a fraction between 0 and 1"),
@@ -487,6 +490,43 @@ def test_bad_flags_and_inputs_fail_clearly(tmp_path, flags, message):
     assert result.returncode == 1
     assert message in result.stderr
     assert not (tmp_path / "data").exists() or not list((tmp_path / "data").iterdir())
+
+
+# A value out of range or not among the choices, for every flag of prepare.py.
+BAD_VALUES = {
+    "source": "web", "input": ",", "val_input": " , ", "url": "ftp://example.org/a.txt",
+    "crawl": "CC MAIN 2025", "wet_files": "0", "max_docs": "-1", "cc_base_url": "data.commoncrawl.org",
+    "cc_index_url": "file:///collinfo.json", "text_field": "", "filters": "some", "keep_metadata": "maybe",
+    "tokenizer": "sentencepiece", "vocab_size": "0", "tokenizer_train_chars": "0",
+    "shard_tokens": str(2 ** 31), "val_fraction": "1.5", "num_workers": "0", "name": "../elsewhere",
+    "out_dir": "a_file.txt", "languages": "English",
+}
+WEB_BAD_VALUES = {webfilters.FRACTION: "1.5", webfilters.COUNT: "-1", webfilters.POSITIVE: "0"}
+WEB_DEFAULTS, _, WEB_CHECKS = webfilters.settings_flags()
+BAD_VALUES |= {name: WEB_BAD_VALUES[WEB_CHECKS[name]] if name in WEB_CHECKS else "maybe"  # a switch
+               for name in WEB_DEFAULTS if name not in BAD_VALUES}
+RUN_AS_A_SCRIPT = ("source", "shard_tokens", "gopher_max_dup_5gram", "pii")  # the rest in this process
+
+
+def test_every_flag_has_a_bad_value_to_try():
+    assert set(BAD_VALUES) == set(prepare.DEFAULTS)
+
+
+@pytest.mark.parametrize("flag", list(BAD_VALUES))
+def test_every_flag_refuses_a_bad_value_in_one_line_naming_the_flag(flag, tmp_path, monkeypatch):
+    (tmp_path / "a_file.txt").write_text("not a folder")
+    monkeypatch.chdir(tmp_path)
+    argument = f"--{flag}={BAD_VALUES[flag]}"
+    if flag in RUN_AS_A_SCRIPT:
+        result = run_prepare(argument, cwd=tmp_path, check=False)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        message = result.stderr.removeprefix("prepare.py: error: ").rstrip("\n")
+    else:
+        with pytest.raises(UserError) as error:
+            prepare.read_settings([argument])
+        message = str(error.value)
+    assert f"--{flag}=" in message and "\n" not in message
+    assert not (tmp_path / "data").exists()
 
 
 def test_help_lists_every_flag_with_its_default(tmp_path):
@@ -534,7 +574,7 @@ def test_whole_documents_go_to_val_when_the_hash_picks_enough_of_them(tmp_path):
     meta = dataset.read_meta(tmp_path / "out")
     assert meta["split_rule"]["rule"] == "documents"
     train, val = documents_in(tmp_path / "out", "train"), documents_in(tmp_path / "out", "val")
-    assert len(val) >= prepare.MIN_VAL_DOCUMENTS and not set(train) & set(val)
+    assert len(val) >= filtered.MIN_VAL_DOCUMENTS and not set(train) & set(val)
     assert sorted(train + val) == sorted(make_text(seed) for seed in range(40))
 
 
@@ -664,9 +704,9 @@ def test_a_404_fails_clearly_and_leaves_no_dataset(server, tmp_path):
 
 def test_a_server_that_never_answers_fails_after_the_retries(tmp_path, monkeypatch):
     listener = socket.create_server(("127.0.0.1", 0))  # accepts, never replies
-    monkeypatch.setattr(prepare, "TIMEOUT_S", (0.3, 0.3))
-    monkeypatch.setattr(prepare, "DOWNLOAD_ATTEMPTS", 2)
+    monkeypatch.setattr(webtext, "TIMEOUT_S", (0.3, 0.3))
+    monkeypatch.setattr(webtext, "DOWNLOAD_ATTEMPTS", 2)
     url = f"http://127.0.0.1:{listener.getsockname()[1]}/silent.txt"
-    with listener, pytest.raises(prepare.PrepareError, match=r"download failed after 2 tries: .*silent.txt.*timed out"):
-        prepare.download(url, tmp_path / "silent.txt")
+    with listener, pytest.raises(webtext.WebTextError, match=r"download failed after 2 tries: .*silent.txt.*timed out"):
+        webtext.download(url, tmp_path / "silent.txt")
     assert not (tmp_path / "silent.txt").exists()

@@ -20,10 +20,12 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
 import dataset
 import prepare
 import sample
 import train
+import webtext
 from conftest import make_text
 from test_resume import trained_iterations, wait_until
 from test_train import ONE_THREAD, ROOT, TINY_MODEL, read_metrics, train_lines
@@ -356,8 +358,8 @@ def test_a_disk_that_fills_while_saving_stops_the_run_and_the_previous_checkpoin
     failed_at = int(re.search(r"error: saving iteration (\d+) into \S+ failed: No space left on device\. The "
                               r"checkpoints recorded in checkpoints.json are intact", text)[1])
     assert "Traceback" not in text
-    path, checkpoint = train.newest_valid_checkpoint(out_dir)  # size and sha256 as recorded
-    assert checkpoint["iter_num"] == failed_at - 3 and path.name == f"ckpt_{failed_at - 3:07d}.pt"
+    path, saved = checkpoint.newest_valid_checkpoint(out_dir)  # size and sha256 as recorded
+    assert saved["iter_num"] == failed_at - 3 and path.name == f"ckpt_{failed_at - 3:07d}.pt"
     assert not list(out_dir.glob(".*.tmp"))  # the half-written checkpoint is gone
     assert [line["iter"] for line in train_lines(out_dir)] == list(range(1, failed_at + 1))
 
@@ -452,13 +454,13 @@ def test_downloads_stay_in_the_dataset_folder_whatever_names_the_server_sends(ho
     prepare.main(["--source=url", f"--url={','.join(urls)}", "--tokenizer=byte", f"--out_dir={tmp_path / 'data'}"])
     assert "/..%2F..%2Fescape.txt" in HostileServer.requested  # the redirect was followed
     downloads = tmp_path / "data" / "downloads"
-    assert sorted(path.name for path in downloads.iterdir()) == sorted(prepare.download_name(url) for url in urls)
+    assert sorted(path.name for path in downloads.iterdir()) == sorted(webtext.download_name(url) for url in urls)
     assert [path.name for path in tmp_path.iterdir()] == ["data"]  # nothing beside it, no escaped.txt
 
 
 def test_a_download_redirected_to_a_local_file_is_refused(hostile_server, tmp_path):
     url = f"{hostile_server}/local"
-    with pytest.raises(prepare.PrepareError, match=f"download failed: {url} redirected to a URL that is not http"):
+    with pytest.raises(webtext.WebTextError, match=f"download failed: {url} redirected to a URL that is not http"):
         prepare.main(["--source=url", f"--url={url}", "--tokenizer=byte", f"--out_dir={tmp_path / 'data'}"])
     assert not (tmp_path / "data").exists()
 

@@ -10,8 +10,11 @@ import time
 
 import torch
 
-import train
-from test_train import ONE_THREAD, ROOT, TINY_MODEL, read_metrics, run_train, train_here, train_lines  # noqa: F401 (a fixture)
+import checkpoint
+import test_train
+from test_train import ONE_THREAD, ROOT, TINY_MODEL, read_metrics, run_train, train_lines
+
+train_here = test_train.train_here  # a fixture: pytest finds it by its name in this module
 
 TIMING_KEYS = {"elapsed_s", "ms_per_iter", "tokens_per_s"}
 
@@ -98,9 +101,9 @@ def test_kill_9_at_any_moment_even_inside_a_save_leaves_a_resumable_checkpoint(t
         process.kill()
         process.wait()
         kills_inside_a_save += any(out_dir.glob(".ckpt_*.tmp"))  # a killed save leaves its temporary file
-        path, checkpoint = train.newest_valid_checkpoint(out_dir)
-        assert checkpoint["iter_num"] >= resumed_at[-1]
-        resumed_at.append(checkpoint["iter_num"])
+        path, saved = checkpoint.newest_valid_checkpoint(out_dir)
+        assert saved["iter_num"] >= resumed_at[-1]
+        resumed_at.append(saved["iter_num"])
     assert kills_inside_a_save
     finished = run_train(*flags, f"--max_iters={resumed_at[-1] + 2}", "--init_from=resume", cwd=tmp_path)
     assert finished.returncode == 0, finished.stderr

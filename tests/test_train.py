@@ -15,7 +15,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import checkpoint
 import dataset
+import flags
 import tokenizer
 import train
 from model import GPT, GPTConfig
@@ -72,50 +74,57 @@ def eval_lines(out_dir):
 
 # ----------------------------------------------------------------------------- config
 def test_unknown_flag_suggests_the_closest_key():
-    with pytest.raises(train.TrainError, match=r"--bach_size=4: unknown config key 'bach_size'; did you mean 'batch_size'"):
-        train.parse_config(["--bach_size=4"])
+    with pytest.raises(flags.UserError, match=r"unknown flag --bach_size; did you mean 'batch_size'"):
+        train.read_config(["--bach_size=4"])
 
 
 def test_unknown_key_in_a_config_file_names_the_file_and_the_closest_key(tmp_path):
     config_file = tmp_path / "typo.py"
     config_file.write_text("import math\nlearning_rat = math.sqrt(1e-6)\n")
-    with pytest.raises(train.TrainError, match=r"typo.py: unknown config key 'learning_rat'; did you mean 'learning_rate'"):
-        train.parse_config([str(config_file)])
+    with pytest.raises(flags.UserError, match=r"typo.py: unknown key 'learning_rat'; did you mean 'learning_rate'"):
+        train.read_config([str(config_file)])
 
 
-def test_wrong_type_is_rejected_naming_the_expected_type():
-    with pytest.raises(train.TrainError, match=r"max_iters expects int, got str 'many'"):
-        train.parse_config(["--max_iters=many"])
-    with pytest.raises(train.TrainError, match=r"batch_size expects int, got float 1.5"):
-        train.parse_config(["--batch_size=1.5"])
-    with pytest.raises(train.TrainError, match=r"compile expects bool, got int 1"):
-        train.parse_config(["--compile=1"])
+def test_wrong_type_is_rejected_naming_the_expected_type(tmp_path):
+    with pytest.raises(flags.UserError, match=r"--max_iters=many: expected an integer, like the default 5000"):
+        train.read_config(["--max_iters=many"])
+    with pytest.raises(flags.UserError, match=r"--batch_size=1.5: expected an integer, like the default 32"):
+        train.read_config(["--batch_size=1.5"])
+    with pytest.raises(flags.UserError, match=r"--compile=maybe: expected true or false"):
+        train.read_config(["--compile=maybe"])
+    config_file = tmp_path / "typed.py"
+    config_file.write_text("compile = 1\n")
+    with pytest.raises(flags.UserError, match=r"typed.py: compile expects bool, got int 1"):
+        train.read_config([str(config_file)])
 
 
-def test_an_int_is_accepted_where_a_float_is_expected():
-    assert train.parse_config(["--learning_rate=1"]).learning_rate == 1.0
+def test_an_int_is_accepted_where_a_float_is_expected_and_1e4_where_an_int_is():
+    assert train.read_config(["--learning_rate=1"]).learning_rate == 1.0
+    assert train.read_config(["--max_iters=1e4"]).max_iters == 10_000
 
 
 def test_config_files_run_in_order_then_flags_override_them(tmp_path):
     first, second = tmp_path / "first.py", tmp_path / "second.py"
     first.write_text("max_iters = 100\nbatch_size = 4\n")
     second.write_text("max_iters = 2 * max_iters  # later files see earlier values\n")
-    cfg = train.parse_config([str(first), str(second), "--batch_size=7", "--out_dir=out/x"])
+    cfg = train.read_config([str(first), str(second), "--batch_size=7", "--out_dir=out/x"])
     assert (cfg.max_iters, cfg.batch_size, cfg.out_dir) == (200, 7, "out/x")
 
 
 def test_help_lists_every_key_with_its_default_and_comment(capsys):
-    train.main(["--help"])
+    with pytest.raises(SystemExit) as exit:
+        train.main(["--help"])
+    assert exit.value.code == 0
     text = capsys.readouterr().out
     for key, value in train.DEFAULTS.items():
-        assert f"--{key}={value}" in text
-    assert "--gradient_accumulation_steps=1  micro-steps per iteration" in text
+        assert f"--{key}={value}\n      {train.HELP[key]}\n" in text + "\n"
+    assert "--gradient_accumulation_steps=1\n      micro-steps per iteration" in text
 
 
 def test_wandb_log_without_wandb_installed_is_a_clear_error(tmp_path):
     if importlib.util.find_spec("wandb") is not None:
         pytest.skip("wandb is installed here")
-    cfg = train.parse_config(["--wandb_log=True", f"--out_dir={tmp_path}"])
+    cfg = train.read_config(["--wandb_log=True", f"--out_dir={tmp_path}"])
     runtime = SimpleNamespace(is_main=True)
     with pytest.raises(train.TrainError, match=r"wandb_log=True needs the wandb package: pip install wandb"):
         train.RunLog(cfg, runtime, resumed_at=None)
@@ -237,7 +246,7 @@ def test_keep_last_checkpoints_are_recorded_with_size_and_sha256(trained_run):
     assert [entry["iter"] for entry in entries] == [20, 30]
     assert sorted(path.name for path in out_dir.glob("ckpt_*.pt")) == ["ckpt_0000020.pt", "ckpt_0000030.pt"]
     for entry in entries:
-        assert train.checkpoint_problem(out_dir / entry["file"], entry) is None
+        assert checkpoint.checkpoint_problem(out_dir / entry["file"], entry) is None
     assert (out_dir / "ckpt.pt").samefile(out_dir / "ckpt_0000030.pt")
 
 
@@ -254,8 +263,8 @@ def test_a_damaged_newest_checkpoint_is_reported_and_the_previous_one_used(train
         newest.write_bytes(data[: len(data) // 2])
     else:
         newest.unlink()
-    path, checkpoint = train.newest_valid_checkpoint(out_dir)
-    assert path.name == "ckpt_0000020.pt" and checkpoint["iter_num"] == 20
+    path, saved = checkpoint.newest_valid_checkpoint(out_dir)
+    assert path.name == "ckpt_0000020.pt" and saved["iter_num"] == 20
     assert "skipping damaged checkpoint" in capsys.readouterr().err
 
 
@@ -286,7 +295,8 @@ def test_eval_only_evaluates_a_checkpoint_and_writes_nothing(trained_run, tiny_d
 
 def test_init_from_a_checkpoint_file_starts_a_new_run_from_its_weights(trained_run, tiny_dataset, tmp_path, train_here):
     finished = train_here(f"--dataset={tiny_dataset}", f"--init_from={trained_run[0] / 'best.pt'}",
-                          f"--out_dir={tmp_path / 'tuned'}", "--max_iters=2", "--eval_interval=2", "--learning_rate=1e-4")
+                          f"--out_dir={tmp_path / 'tuned'}", "--max_iters=2", "--eval_interval=2", "--learning_rate=1e-4",
+                          "--min_lr=1e-4")
     assert finished.returncode == 0, finished.stderr
     best_val_loss = min(line["val_loss"] for line in eval_lines(trained_run[0]))
     start = eval_lines(tmp_path / "tuned")[0]
@@ -297,7 +307,7 @@ def test_init_from_a_checkpoint_file_starts_a_new_run_from_its_weights(trained_r
 
 
 def test_a_new_run_refuses_an_out_dir_that_holds_a_run(trained_run, tiny_dataset):
-    cfg = train.parse_config([f"--out_dir={trained_run[0]}"])
+    cfg = train.read_config([f"--out_dir={trained_run[0]}"])
     with pytest.raises(train.TrainError, match=r"already holds checkpoints of a run: continue it with init_from=resume"):
         train.prepare_out_dir(cfg, tiny_dataset, {"file": None}, resuming=False)
 
@@ -313,16 +323,28 @@ def test_resuming_with_another_architecture_names_the_field_and_both_values(trai
 
 
 # ----------------------------------------------------------------------------- non-finite steps
-def train_with_a_nan_step(train_here, dataset, out_dir):
-    """Iteration 3's loss is made NaN (inject_nan_at) in a run that saves every iteration."""
-    finished = train_here(f"--dataset={dataset}", f"--out_dir={out_dir}", "--max_iters=5", "--eval_interval=1",
-                          "--keep_last=10", "--inject_nan_at=3")
+def train_with_a_nan_step(train_here, monkeypatch, dataset, out_dir):
+    """Iteration 3's loss is made NaN, in a run that saves every iteration: the loop's
+    forward_backward is wrapped for this run only (its gradients stay finite, as when the loss
+    alone overflows)."""
+    real_forward_backward, iterations = train.forward_backward, []
+
+    def nan_at_iteration_3(*args, **kwargs):
+        iterations.append(None)
+        loss = real_forward_backward(*args, **kwargs)
+        return loss * math.nan if len(iterations) == 3 else loss
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "forward_backward", nan_at_iteration_3)
+        finished = train_here(f"--dataset={dataset}", f"--out_dir={out_dir}", "--max_iters=5", "--eval_interval=1",
+                              "--keep_last=10")
     assert finished.returncode == 0, finished.stderr
 
 
-def test_a_non_finite_step_is_skipped_and_counted_leaving_the_optimizer_untouched(train_here, tiny_dataset, tmp_path):
+def test_a_non_finite_step_is_skipped_and_counted_leaving_the_optimizer_untouched(train_here, monkeypatch, tiny_dataset,
+                                                                                   tmp_path):
     out_dir = tmp_path / "out"
-    train_with_a_nan_step(train_here, tiny_dataset, out_dir)
+    train_with_a_nan_step(train_here, monkeypatch, tiny_dataset, out_dir)
     lines = {line["iter"]: line for line in train_lines(out_dir)}
     assert lines[3]["skipped"] is True and lines[3]["loss"] is None
     assert not any(lines[i]["skipped"] for i in (1, 2, 4, 5))
@@ -332,9 +354,10 @@ def test_a_non_finite_step_is_skipped_and_counted_leaving_the_optimizer_untouche
     assert not (out_dir / "ckpt_0000003.pt").exists()  # nothing saved while steps are failing
 
 
-def test_repeated_non_finite_steps_stop_the_run_naming_the_iteration_and_save_nothing_new(train_here, tiny_dataset, tmp_path):
+def test_repeated_non_finite_steps_stop_the_run_naming_the_iteration_and_save_nothing_new(train_here, monkeypatch,
+                                                                                         tiny_dataset, tmp_path):
     out_dir = tmp_path / "out"
-    train_with_a_nan_step(train_here, tiny_dataset, out_dir)
+    train_with_a_nan_step(train_here, monkeypatch, tiny_dataset, out_dir)
     # a learning rate of 1e30 is a real divergence: one step sends the weights to ~1e30, then every loss is NaN
     finished = train_here(f"--dataset={tiny_dataset}", f"--out_dir={out_dir}", "--max_iters=20", "--eval_interval=1",
                           "--keep_last=10", "--init_from=resume", "--learning_rate=1e30", "--warmup_iters=0",
