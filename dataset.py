@@ -14,11 +14,16 @@ A shard is a header of 256 little-endian int32 ([magic, version, token count, 0.
 exactly that many tokens: uint16 (magic 20240520, version 1) for vocabularies up to 65536,
 uint32 (magic 20240801, version 7) above, as llm.c and modded-nanogpt write them. Every
 document starts with the end-of-text token. Every file is written through atomic_write: a
-reader sees the old file or the whole new one, never a half-written one.
+reader sees the old file or the whole new one, never a half-written one. A whole dataset is
+built in a hidden sibling folder (start_build) and renamed into place when complete (publish),
+so data/<name>/ is always the previous dataset or the new one; report.md is meta.json told
+for people (report_markdown).
 """
 import json
 import os
 import secrets
+import shutil
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -224,3 +229,115 @@ def read_split(folder, meta, split):
         raise DatasetError(f"{folder}/meta.json says the {split} split has {info['tokens']:,} tokens, "
                            f"its shards hold {found:,}")
     return shards
+
+
+# ----------------------------------------------------------------------------- building one
+def start_build(final, keep):
+    """A hidden sibling of the final folder to build in: data/.<name>.partial. What an
+    earlier failed build left under the names in keep stays (downloads, say); anything
+    else there is cleared. A final folder that is not a dataset is never replaced."""
+    if final.exists() and (not final.is_dir() or (any(final.iterdir()) and not (final / "meta.json").exists())):
+        raise DatasetError(f"{final} exists and is not a dataset folder (no meta.json): "
+                           f"refusing to replace it; choose another --name or --out_dir")
+    build = final.parent / f".{final.name}.partial"
+    build.mkdir(parents=True, exist_ok=True)
+    clear_build(build, keep)
+    return build
+
+
+def clear_build(build, keep):
+    for entry in build.iterdir():
+        if entry.name not in keep:
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+
+def discard_build(build, keep):
+    """Removes a failed build but for the non-empty folders named in keep, for the next
+    run to reuse or go on from."""
+    clear_build(build, keep)
+    for name in keep:
+        if (build / name).is_dir() and not any((build / name).iterdir()):
+            (build / name).rmdir()
+    if not any(build.iterdir()):
+        build.rmdir()
+
+
+def publish(build, final):
+    """Renames the finished build onto the final name (replacing an older dataset)."""
+    if final.exists():
+        old = final.parent / f".{final.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(build, final)
+        shutil.rmtree(old)
+    else:
+        os.rename(build, final)
+    fsync_folder(final.parent)
+
+
+# ----------------------------------------------------------------------------- report.md
+def report_markdown(meta, name):
+    """report.md: meta.json told for people: what was read, what each filter dropped and
+    why (with examples), the tokenizer, the splits and the timings."""
+    documents, tokenizer = meta["documents"], meta["tokenizer"]
+    lines = [f"# Dataset {name}", "", "## Sources", ""]
+    lines += [f"- {json.dumps(source)}" for source in meta["sources"]]
+    lines += ["", "## Documents", "", "| | documents |", "|---|---:|",
+              f"| read | {documents['read']:,} ({documents['bytes_read'] / 1e6:,.2f} MB) |",
+              f"| kept | {documents['kept']:,} |"]
+    lines += [f"| dropped: {reason} | {count:,} |" for reason, count in meta["dropped"].items()]
+    lines += ["", f"Filters, in order: {', '.join(meta['filters'])}.",
+              f"Documents with bytes that were not UTF-8 (decoded with U+FFFD): {documents['invalid_utf8']:,}."]
+    lines += filter_section(meta) + kept_section(meta)
+    lines += ["", "## Tokenizer", "",
+              f"{tokenizer['kind']}, {tokenizer['vocab_size']:,} tokens, end-of-text id "
+              f"{tokenizer['eot_id']}, {meta['dtype']} shards, {meta['bytes_per_token']} bytes per token.",
+              *([tokenizer["note"][0].upper() + tokenizer["note"][1:] + "."] if tokenizer.get("note") else []),
+              "", "## Splits", "", f"Val is {meta['split_rule']['why']}.", "",
+              "| split | documents | tokens | MB | shards |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {split} | {summary['documents']:,} | {summary['tokens']:,} | "
+              f"{summary['bytes'] / 1e6:,.2f} | {len(summary['shards'])} |"
+              for split, summary in meta["splits"].items()]
+    lines += ["", "## Timings", "", "| stage | seconds |", "|---|---:|"]
+    lines += [f"| {stage} | {seconds:,.2f} |" for stage, seconds in meta["timings_s"].items()]
+    rates = meta["throughput"]
+    lines += ["", f"With {meta['settings']['num_workers']} worker(s): filtering ran at "
+                  f"{rates['filter']['documents_per_s']:,.0f} documents/s, {rates['filter']['mb_per_s']:,.2f} "
+                  f"MB/s; tokenizing at {rates['shards']['mb_per_s']:,.2f} MB/s; the whole run at "
+                  f"{rates['total']['mb_per_s']:,.2f} MB/s of text read."]
+    return "\n".join(lines) + "\n"
+
+
+def filter_section(meta):
+    """Per filter: how many documents it dropped, by which rules, and the start of the
+    first ones it dropped (emails and IPs masked), so that a reader can judge and tune it."""
+    read = max(meta["documents"]["read"], 1)
+    by_filter = defaultdict(dict)
+    for reason, count in meta["dropped"].items():
+        by_filter[reason.partition(":")[0]][reason] = count
+    lines = ["", "## What each filter dropped", ""]
+    if not by_filter:
+        return lines + ["Nothing was dropped."]
+    lines += ["Shares are of the documents read. A web filter's switch and thresholds are "
+              "flags (python prepare.py --help)."]
+    for name, reasons in by_filter.items():
+        count = sum(reasons.values())
+        rules = ", ".join(f"{reason} {number:,}" for reason, number in reasons.items())
+        lines += ["", f"### {name}: {count:,} ({count / read:.1%})", "", f"{rules}."]
+        examples = meta["dropped_examples"].get(name, [])
+        if examples:
+            fence = "```"
+            lines += ["", fence, *(example.replace(fence, "'''") for example in examples), fence]
+    return lines
+
+
+def kept_section(meta):
+    """The kept documents' languages and top domains, for web text (WET headers)."""
+    if not meta["top_domains"] and list(meta["kept_languages"]) == ["unknown"]:
+        return []
+    languages = ", ".join(f"{language} {count:,}" for language, count in meta["kept_languages"].items())
+    lines = ["", "## Kept documents", "", f"Languages (the first of the WET header's): {languages}."]
+    if meta["top_domains"]:
+        lines += ["", "| top domains | documents |", "|---|---:|"]
+        lines += [f"| {domain} | {count:,} |" for domain, count in meta["top_domains"].items()]
+    return lines

@@ -20,58 +20,55 @@ language, Gopher quality and repetition, C4 line cleanup, FineWeb's rules, exact
 MinHash near-duplicate removal, email/IP masking; each rule's switch and threshold is a
 flag. Other text gets only what suits any text: empty documents and exact copies go.
 
-The dataset is built in a hidden sibling folder, data/.<name>.partial/, and renamed into
-place only when complete, so data/<name>/ is always either the previous dataset or the
-new one. The filter stage writes the kept documents there (filtered/part_*.jsonl, one
-part per Common Crawl WET file) and records each finished part in filtered/state.json.
-When a Common Crawl run fails (a server that keeps failing, Ctrl-C, a crash), the
-finished parts stay, and the same command continues with the next WET file: it first
-replays the kept documents into the deduplicator, so the shards come out byte for byte
-as an uninterrupted run would write them. A part is finished or absent, never half
-there, and a record written with other filter settings is discarded. Local sources are
-cheap to read again, so their runs always start over. The filtered text is deleted once
-the dataset is complete.
+The dataset is built in data/.<name>.partial/ and renamed into place when complete, so
+data/<name>/ is always the previous dataset or the new one. The filter stage keeps its
+documents there part by part (filtered.py: one part per Common Crawl WET file). When a
+Common Crawl run fails (a server that keeps failing, Ctrl-C, a crash), the same command
+goes on with the next WET file, after replaying the kept documents into the
+deduplicator, so the shards come out byte for byte as an uninterrupted run writes them.
+Local sources are cheap to read again: their runs always start over.
 
-The dataset folder's contract (shards, meta.json, atomic writes) is dataset.py; the BPE
-trainer and the tokenizer loader are tokenizer.py.
+Library modules do the rest: dataset.py (shards, meta.json, report.md, atomic writes),
+tokenizer.py (the BPE), webtext.py (downloads, Common Crawl, WET records), webfilters.py,
+filtered.py, workers.py (all cores, a status line) and flags.py (--key=value).
 """
 import dataclasses
-import difflib
 import glob
-import gzip
-import hashlib
-import itertools
 import json
 import os
 import platform
-import posixpath
 import re
 import shutil
 import sys
 import sysconfig
 import time
 import urllib.parse
-import zlib
-from collections import Counter, defaultdict, deque
-from concurrent.futures import ProcessPoolExecutor
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import requests
 
+import flags
 import webfilters
-from dataset import META_FORMAT_VERSION, SPLITS, AtomicFile, ShardWriter, atomic_write, fsync_folder
-from flags import UserError
-from tokenizer import TOKENIZERS, count_chunks, gpt2_encoding, load_tokenizer, train_bpe, write_tiktoken_file
+import webtext
+from dataset import (META_FORMAT_VERSION, SPLITS, AtomicFile, ShardWriter, atomic_write, discard_build,
+                     folder_path, publish, report_markdown, start_build, token_dtype)
+from filtered import (FilteredParts, Tally, check_splits, document_tails, key_from_json, kept_document, split_of,
+                      split_rule)
+from flags import UserError, at_least, between, matches, one_of
+from tokenizer import (TOKENIZERS, count_chunks, gpt2_encoding, load_tokenizer, reused_tokenizer, train_bpe,
+                       write_tiktoken_file)
+from webtext import Dropped
+from workers import Progress, Workers, batches_of
 
 
 def _cpu_count():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-# Every flag, its default and what it does (`--help` prints this table, then the web
-# filter flags, which are webfilters.WebFilterSettings' fields).
+# Every flag, its default and what it does; the web filter flags follow, one per field of
+# webfilters.WebFilterSettings. `--help` lists them all.
 FLAGS = {
     "source": ("python", "where the text comes from: python (this Python's standard library, "
                          "offline), files (--input), url (--url) or commoncrawl (--crawl)"),
@@ -94,23 +91,87 @@ FLAGS = {
                         "otherwise"),
     "keep_metadata": (False, "also write docs.jsonl: id, url, date, language, tokens and split "
                              "of every kept document"),
-    "tokenizer": ("bpe", "bpe (trained here on the corpus), byte (256 bytes + end-of-text) "
-                         "or gpt2 (tiktoken's; needs the network once)"),
+    "tokenizer": ("bpe", "bpe (trained here on the corpus), byte (256 bytes + end-of-text), "
+                         "gpt2 (tiktoken's; needs the network once), or the path of a dataset "
+                         "folder, out folder or tokenizer.tiktoken whose tokenizer to reuse (to "
+                         "fine-tune a model on new text)"),
     "vocab_size": (8192, "bpe only: tokens in the vocabulary, counting the 256 bytes and "
-                         "the end-of-text token"),
+                         "the end-of-text token; without this flag a text too small for 8192 "
+                         "gets the largest vocabulary it supports"),
     "tokenizer_train_chars": (20_000_000, "bpe only: train on at most this many characters "
                                           "of the train documents"),
     "shard_tokens": (100_000_000, "tokens per shard file (the last shard holds the rest)"),
-    "val_fraction": (0.05, "fraction of documents held out for val, picked by a hash of "
-                           "each document's id"),
+    "val_fraction": (0.05, "share held out for val: whole documents picked by a hash of their "
+                           "ids, or, with too few documents for that, the last val_fraction of "
+                           "each document's text"),
     "num_workers": (_cpu_count(), "processes that filter and tokenize (the shards are the same "
                                   "for any number)"),
     "name": ("", "dataset name: writes data/<name>/ (default: the source's name)"),
     "out_dir": ("", "write the dataset to this folder instead of data/<name>/"),
 }
-WEB_FLAGS = {name: (default, help_text) for name, default, help_text in webfilters.settings_help()}
+WEB_DEFAULTS, WEB_HELP, WEB_CHECKS = webfilters.settings_flags()
+DEFAULTS = {name: default for name, (default, _) in FLAGS.items()} | WEB_DEFAULTS
+HELP = {name: help_text for name, (_, help_text) in FLAGS.items()} | WEB_HELP
+
 SOURCES = ("python", "files", "url", "commoncrawl")
 FILTER_MODES = ("auto", "web", "none")
+URL = r"https?://[^/\s]\S*"
+
+
+def split_list(spec):
+    return [item.strip() for item in spec.split(",") if item.strip()]
+
+
+def path_list(spec):
+    return None if not spec or split_list(spec) else "comma-separated files, folders or globs"
+
+
+def url_list(spec):
+    urls = split_list(spec)
+    valid = all(re.fullmatch(URL, url) for url in urls) and (urls or not spec)
+    return None if valid else "comma-separated http(s) URLs"
+
+
+# What each flag's value may be (a true/false switch is checked by the parser itself).
+CHECKS = {
+    "source": one_of(*SOURCES),
+    "input": path_list,
+    "val_input": path_list,
+    "url": url_list,
+    "crawl": matches(r"[A-Za-z0-9._-]+", "a crawl id such as CC-MAIN-2025-26, or latest"),
+    "wet_files": at_least(1),
+    "max_docs": at_least(0),
+    "cc_base_url": matches(URL, "an http(s) URL"),
+    "cc_index_url": matches(URL, "an http(s) URL"),
+    "text_field": matches(r".+", "the name of a JSON field"),
+    "filters": one_of(*FILTER_MODES),
+    "tokenizer": lambda value: None if value in TOKENIZERS or Path(value).exists() else
+    f"one of {', '.join(TOKENIZERS)}, or the path of a dataset folder, out folder or tokenizer.tiktoken to reuse",
+    "vocab_size": between(1, 2 ** 32),
+    "tokenizer_train_chars": at_least(1),
+    "shard_tokens": between(1, 2 ** 31 - 1),  # the shard header's int32
+    "val_fraction": lambda fraction: None if 0 <= fraction <= 1 else "a fraction between 0 and 1",
+    "num_workers": at_least(1),
+    "name": matches(r"([A-Za-z0-9_-][A-Za-z0-9._-]*)?", "letters, digits, '.', '_' and '-' (or --out_dir)"),
+    "out_dir": lambda path: "a folder, and this is a file" if os.path.isfile(path) else None,
+} | WEB_CHECKS
+
+# Rules between flags: each returns what is wrong, or None.
+RELATIONS = (
+    lambda s: None if bool(s["input"]) == (s["source"] == "files") else
+    "--input is used with --source=files, and --source=files needs it",
+    lambda s: None if bool(s["url"]) == (s["source"] == "url") else
+    "--url is used with --source=url, and --source=url needs it",
+    lambda s: "--val_input does not go with --source=commoncrawl: its val split is --val_fraction of "
+    "the pages" if s["val_input"] and s["source"] == "commoncrawl" else None,
+    lambda s: f"--vocab_size={s['vocab_size']}: a BPE vocabulary needs at least 257 tokens (256 bytes "
+    f"and end-of-text)" if s["tokenizer"] == "bpe" and s["vocab_size"] < 257 else None,
+    lambda s: f"--val_fraction={s['val_fraction']}: expected a fraction strictly between 0 and 1 (0 and "
+    f"1 only go with --val_input)" if s["val_fraction"] in (0, 1) and not s["val_input"] else None,
+)
+
+FILTERED = "filtered"  # the build folder's kept documents (filtered.py)
+TOP_DOMAINS = 20  # domains listed in meta.json and report.md
 
 
 class PrepareError(UserError):
@@ -209,10 +270,6 @@ def file_inputs(spec, flag="input"):
     return inputs, {"kind": "files", "input": spec, "files": len(inputs), "skipped_files": skipped}
 
 
-def split_list(spec):
-    return [item.strip() for item in spec.split(",") if item.strip()]
-
-
 def read_documents(input_file, text_field):
     """The documents of one input file, in file order."""
     readers = {"text": read_text, "jsonl": read_jsonl, "wet": read_wet, "pydoc_topics": read_pydoc_topics}
@@ -256,12 +313,15 @@ def read_jsonl(input_file, text_field):
 def read_wet(input_file, text_field):
     """One document per `conversion` record (the extracted text of one web page); its WARC
     headers (WARC-Target-URI, WARC-Date, WARC-Identified-Content-Language, ...) become the
-    document's metadata. A record that cannot be read gives its drop reason instead (a
-    string, "bad_record:..."), and reading goes on with the next record."""
-    blocks = remote_blocks(input_file.url) if input_file.url else file_blocks(input_file.path)
-    records = warc_records(blocks, gzipped=input_file.name.endswith(".gz"))
+    document's metadata. A record that cannot be read gives a webtext.Dropped in its place,
+    and reading goes on with the next record."""
+    if input_file.url:
+        blocks = webtext.remote_blocks(input_file.url)
+    else:
+        blocks = webtext.file_blocks(input_file.path)
+    records = webtext.warc_records(blocks, gzipped=input_file.name.endswith(".gz"))
     for number, record in enumerate(records, start=1):
-        if isinstance(record, str):
+        if isinstance(record, Dropped):
             yield record
         elif record[0].get("WARC-Type") == "conversion":
             headers, body = record
@@ -270,378 +330,33 @@ def read_wet(input_file, text_field):
             yield Document(f"{input_file.name}:{number}", text, metadata, invalid)
 
 
-def file_blocks(path, block_size=1 << 20):
-    with open(path, "rb") as stream:
-        while block := stream.read(block_size):
-            yield block
-
-
-GZIP_MAGIC = b"\x1f\x8b\x08"  # a gzip member's first bytes: ID1, ID2, deflate
-MEMBER_END, MEMBER_BAD = "member end", "member bad"  # markers among gunzip_members' bytes
-RESCAN_LIMIT = 1 << 20  # compressed bytes of a member kept to look for the next one in
-UNCHECKED_LIMIT = 1 << 25  # decompressed bytes parsed before their member's CRC is checked
-
-
-def gunzip_members(blocks):
-    """Decompresses concatenated gzip members as they arrive. Yields decompressed bytes,
-    MEMBER_END after each member whose CRC checked, and MEMBER_BAD for a member that is
-    damaged or cut short; decoding then starts again at the next gzip header. Common
-    Crawl gzips every record as its own member, so a damaged member costs one record."""
-    decoder, member = zlib.decompressobj(wbits=31), bytearray()  # member: its compressed bytes
-    searching, carry = False, b""  # after a damaged member: skip to the next gzip header
-    for block in itertools.chain(blocks, [None]):  # None: the end of the stream
-        todo = carry + block if block is not None else b""
-        carry = b""
-        if searching:
-            todo, carry, searching = _from_next_member(todo)
-        while todo:
-            if len(member) < RESCAN_LIMIT:
-                member += todo
-            try:
-                output = decoder.decompress(todo)
-            except zlib.error:
-                yield MEMBER_BAD
-                todo, carry, searching = _from_next_member(member[1:] if len(member) < RESCAN_LIMIT else todo)
-                decoder, member = zlib.decompressobj(wbits=31), bytearray()
-                continue
-            if output:
-                yield output
-            todo = b""
-            if decoder.eof:
-                yield MEMBER_END
-                todo = decoder.unused_data
-                decoder, member = zlib.decompressobj(wbits=31), bytearray()
-        if block is None and member:  # the stream ended inside a member
-            yield MEMBER_BAD
-            todo, _, _ = _from_next_member(member[1:])
-            if todo:  # a later member hides in what the cut one swallowed
-                yield from gunzip_members([todo])
-
-
-def _from_next_member(data):
-    """(data from the next gzip header on, bytes to carry to the next block, still searching)."""
-    start = data.find(GZIP_MAGIC)
-    if start == -1:  # a header may begin in the last two bytes
-        return b"", bytes(data[-(len(GZIP_MAGIC) - 1):]), True
-    return bytes(data[start:]), b"", False
-
-
-def warc_records(blocks, gzipped):
-    """(headers, body bytes) for each record of a WARC file read in blocks of bytes, or a
-    drop reason (a string) for a record that is skipped: "bad_record:gzip" (a damaged
-    gzip member), "bad_record:warc_header" (no 'WARC/' line or no valid Content-Length),
-    "bad_record:truncated" (the file ends inside it). Records of a gzip member are given
-    out once the member's CRC has checked, so a damaged member gives no garbled record."""
-    buffer = WarcBuffer()
-    if not gzipped:
-        for block in blocks:
-            buffer.feed(block)
-            yield from buffer.records()
-    else:
-        for piece in gunzip_members(blocks):
-            if piece is MEMBER_BAD:
-                buffer.clear()
-                yield "bad_record:gzip"
-                continue
-            if piece is not MEMBER_END:
-                buffer.feed(piece)
-            if piece is MEMBER_END or len(buffer) > UNCHECKED_LIMIT:  # one huge member: no waiting
-                yield from buffer.records()
-    yield from buffer.records(at_end=True)
-
-
-class WarcBuffer:
-    """Bytes of a WARC file not yet cut into records. A record is a 'WARC/1.0' line,
-    'Name: value' header lines, a blank line, Content-Length bytes of body; blank lines
-    separate records. A malformed record is skipped up to the next line that starts
-    with 'WARC/'."""
-    HEADER_END = re.compile(rb"\r?\n\r?\n")
-    MAX_HEADER = 1 << 16
-
-    def __init__(self):
-        self.clear()
-
-    def __len__(self):
-        return len(self.data) - self.start
-
-    def clear(self):
-        self.data, self.start, self.skipping = bytearray(), 0, False
-
-    def feed(self, data):
-        if self.start > len(self.data) // 2:  # drop what has been read, now and then
-            del self.data[:self.start]
-            self.start = 0
-        self.data += data
-
-    def records(self, at_end=False):
-        """The complete records buffered; at_end: the rest is a cut-off record."""
-        data = self.data
-        while True:
-            if self.skipping and not self._skip_to_next_record(at_end):
-                return
-            while self.start < len(data) and data[self.start] in b"\r\n":
-                self.start += 1
-            if self.start == len(data):
-                return
-            if not data.startswith(b"WARC/", self.start):
-                if not at_end and len(self) < 5 and b"WARC/".startswith(data[self.start:]):
-                    return  # the start of a record, the rest on its way
-                self.skipping = True
-                yield "bad_record:warc_header"
-                continue
-            header_end = self.HEADER_END.search(data, self.start, self.start + self.MAX_HEADER)
-            if header_end is None:
-                if len(self) > self.MAX_HEADER:
-                    self.skipping = True
-                    yield "bad_record:warc_header"
-                    continue
-                if at_end:
-                    self.clear()
-                    yield "bad_record:truncated"
-                return
-            headers = {}
-            for line in bytes(data[self.start:header_end.start()]).split(b"\n")[1:]:
-                name, _, value = line.decode("utf-8", errors="replace").partition(":")
-                headers[name.strip()] = value.strip()
-            length = headers.get("Content-Length", "")
-            if not length.isdigit():
-                self.skipping = True
-                yield "bad_record:warc_header"
-                continue
-            body_end = header_end.end() + int(length)
-            if body_end > len(data):
-                if at_end:
-                    self.clear()
-                    yield "bad_record:truncated"
-                return
-            body = bytes(data[header_end.end():body_end])
-            self.start = body_end
-            yield headers, body
-
-    def _skip_to_next_record(self, at_end):
-        """Drops bytes up to the next line that starts with 'WARC/'; False when there is
-        none yet (the last bytes stay: they may be the start of one)."""
-        found = self.data.find(b"\nWARC/", self.start)
-        if found == -1:
-            self.start = len(self.data) if at_end else max(self.start, len(self.data) - 5)
-            return False
-        self.start, self.skipping = found + 1, False
-        return True
-
-
 def read_pydoc_topics(input_file, text_field):
     from pydoc_data.topics import topics
     for topic in sorted(topics):
         yield Document(f"{input_file.name}:{topic}", topics[topic], {"file": input_file.name})
 
 
-# ----------------------------------------------------------------------------------------
-# Downloads (the url and commoncrawl sources)
-
-DOWNLOAD_ATTEMPTS = 5  # tries in a row that make no progress before giving up
-RETRY_STATUSES = {429, 500, 502, 503, 504}  # 503 is also S3's "SlowDown"
-TIMEOUT_S = (10, 60)  # (connect, between bytes)
-# Reads of 64 KiB: when a transfer breaks, requests drops the block being read, so small
-# blocks keep most of what arrived for the Range request that resumes it.
-DOWNLOAD_BLOCK = 1 << 16
-# Common Crawl asks crawlers of its data to say who they are.
-USER_AGENT = f"owngpt-prepare/1.0 (an educational GPT trainer; python-requests/{requests.__version__})"
-
-
-class RetryableError(Exception):
-    """A failure worth another try: the network, a server error, a cut-off transfer."""
-
-    def __init__(self, message, wait_s=None):
-        super().__init__(message)
-        self.wait_s = wait_s  # what the server asked for in Retry-After, if it did
-
-
-class RemoteError(PrepareError):
-    """A server's answer that trying again will not change (404, 403, ...)."""
-
-    def __init__(self, url, status, reason):
-        super().__init__(f"download failed: {url} answered {status} {reason}")
-        self.status = status
-
-
-def remote_blocks(url, offset=0):
-    """The bytes of url from offset on, in blocks as they arrive. A broken transfer goes
-    on with a Range request from the first byte not yet given (a server that ignores
-    Range sends the file again and the bytes already given are skipped), so the blocks
-    join up exactly. Tries that bring no new byte are retried after the server's
-    Retry-After or else 1, 2, 4, ... s, and after DOWNLOAD_ATTEMPTS in a row it gives up."""
-    failures = 0
-    while True:
-        progressed = False
-        try:
-            for block in response_blocks(url, offset):
-                offset += len(block)
-                progressed = True
-                yield block
-            return
-        except RetryableError as error:
-            failures = 0 if progressed else failures + 1
-            if failures >= DOWNLOAD_ATTEMPTS:
-                raise PrepareError(f"download failed after {DOWNLOAD_ATTEMPTS} tries: {error}") from None
-            wait_s = 0 if progressed else error.wait_s if error.wait_s is not None else 2 ** (failures - 1)
-            resume = f" from byte {offset:,}" if offset else ""
-            print(f"download: {error}; retrying in {wait_s} s{resume}", file=sys.stderr)
-            time.sleep(wait_s)
-
-
-def response_blocks(url, offset):
-    """The blocks of one GET of url, from byte offset on."""
-    # identity: a compressed transfer would not match Content-Length or byte ranges
-    headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
-    if offset:
-        headers["Range"] = f"bytes={offset}-"
-    received = 0
-    try:
-        with requests.get(url, headers=headers, stream=True, timeout=TIMEOUT_S) as response:
-            skip = bytes_to_skip(url, response, offset)
-            if skip is None:
-                return
-            length = response.headers.get("Content-Length", "")
-            expected = int(length) - skip if length.isdigit() else None
-            for block in response.iter_content(DOWNLOAD_BLOCK):
-                dropped = min(skip, len(block))
-                skip -= dropped
-                if len(block) > dropped:
-                    received += len(block) - dropped
-                    yield block[dropped:]
-    except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as error:
-        raise RetryableError(f"{url}: {error}") from None
-    except requests.exceptions.InvalidSchema as error:  # a redirect to file://, ftp://, ...
-        raise PrepareError(f"download failed: {url} redirected to a URL that is not http(s): {error}") from None
-    if expected is not None and received != expected:
-        raise RetryableError(f"{url}: transfer stopped at {offset + received:,} of "
-                             f"{offset + expected:,} bytes")
-
-
-def bytes_to_skip(url, response, offset):
-    """How many bytes of the response the caller already has (None: all of them), or the
-    error that the status means."""
-    status = response.status_code
-    if status in RETRY_STATUSES:
-        retry_after = response.headers.get("Retry-After", "")
-        wait_s = min(int(retry_after), 60) if retry_after.isdigit() else None
-        raise RetryableError(f"{url} answered {status} {response.reason}", wait_s)
-    if status == 416 and offset:  # nothing past offset: complete, unless the file shrank
-        total = response.headers.get("Content-Range", "").rpartition("/")[2]
-        if total == str(offset):
-            return None
-        raise PrepareError(f"download failed: {url} now has {total or 'fewer'} bytes, but "
-                           f"{offset:,} were fetched before: the file changed on the server")
-    if status >= 400:
-        raise RemoteError(url, status, response.reason)
-    if status == 206:
-        if not response.headers.get("Content-Range", "").startswith(f"bytes {offset}-"):
-            raise RetryableError(f"{url} sent the wrong range {response.headers.get('Content-Range')}")
-        return 0
-    return offset  # a whole file again: the server ignored Range
-
-
-def download_name(url):
-    """A file name for url that cannot leave the downloads folder: a hash of the URL and
-    the last path segment reduced to safe characters."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise PrepareError(f"--url: {url!r} is not an http(s) URL")
-    last = re.sub(r"[^A-Za-z0-9._-]", "_", posixpath.basename(parts.path))[-80:]
-    return f"{hashlib.sha256(url.encode()).hexdigest()[:12]}-{last or 'index'}"
-
-
 def url_inputs(spec, downloads, previous_downloads):
+    """The files at the URLs, downloaded into the build's downloads/ (webtext.py): one
+    that an earlier run of the same dataset downloaded is not fetched again."""
     urls = split_list(spec)
-    names = [download_name(url) for url in urls]  # checks every URL before downloading any
+    names = [webtext.download_name(url) for url in urls]  # checks every URL before downloading any
     downloads.mkdir(exist_ok=True)
     inputs, sources = [], []
     for url, name in zip(urls, names):
-        path = downloads / name
-        if not path.exists() and (previous_downloads / name).exists():
-            link_or_copy(previous_downloads / name, path)
-        if not path.exists():
-            download(url, path)
+        path = webtext.fetch(url, downloads / name, previous_downloads / name, Progress("download", "MB"))
         inputs.append(InputFile(path, url, input_kind(name) or "text"))
-        sources.append({"kind": "url", "url": url, "file": f"downloads/{name}",
-                        "bytes": path.stat().st_size})
+        sources.append({"kind": "url", "url": url, "file": f"downloads/{name}", "bytes": path.stat().st_size})
     return inputs, sources
 
 
-def link_or_copy(source, target):
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
-
-
-def download(url, path):
-    """Fetches url into path through path.part; a .part left by an earlier run is resumed."""
-    partial = path.with_name(path.name + ".part")
-    blocks = remote_blocks(url, offset=partial.stat().st_size if partial.exists() else 0)
-    first = next(blocks, b"")  # no file is made before the server answers
-    progress = Progress("download", "MB")
-    with open(partial, "ab") as out:
-        for block in itertools.chain([first], blocks):
-            out.write(block)
-            progress.update(out.tell() / 1e6)
-        size = out.tell()
-    progress.finish(size / 1e6)
-    os.replace(partial, path)
-
-
-# ----------------------------------------------------------------------------------------
-# Common Crawl: a crawl's WET files (the text of its pages), streamed from its server
-
 def commoncrawl_inputs(settings):
     """The first --wet_files WET files of the crawl, as inputs read while they download."""
-    base = settings["cc_base_url"].rstrip("/") + "/"
-    crawl = settings["crawl"]
-    if crawl == "latest":
-        crawl = crawl_ids(settings["cc_index_url"])[0]
-    paths_url = f"{base}crawl-data/{crawl}/wet.paths.gz"
-    try:
-        listing = b"".join(remote_blocks(paths_url))
-    except RemoteError as error:
-        if error.status not in (403, 404):  # S3 answers 403 for a key that is not there
-            raise
-        raise PrepareError(unknown_crawl_message(crawl, settings, error.status)) from None
-    try:
-        paths = gzip.decompress(listing).decode().split()
-    except (OSError, EOFError, UnicodeDecodeError) as error:
-        raise PrepareError(f"{paths_url}: expected a gzipped list of WET file paths ({error})") from None
-    if len(paths) < settings["wet_files"]:
-        raise PrepareError(f"--wet_files={settings['wet_files']}: crawl {crawl} has only "
-                           f"{len(paths)} WET files")
-    paths = paths[:settings["wet_files"]]
-    inputs = [InputFile(None, path, "wet", base + path) for path in paths]
+    base_url = settings["cc_base_url"].rstrip("/") + "/"
+    crawl, paths_url, paths = webtext.wet_file_urls(settings["crawl"], settings["wet_files"], base_url,
+                                                    settings["cc_index_url"])
+    inputs = [InputFile(None, path, "wet", base_url + path) for path in paths]
     return inputs, {"kind": "commoncrawl", "crawl": crawl, "wet_paths": paths_url, "wet_files": paths}
-
-
-def crawl_ids(index_url):
-    """The crawl ids in Common Crawl's collinfo.json, newest first."""
-    data = b"".join(remote_blocks(index_url))
-    try:
-        ids = [crawl["id"] for crawl in json.loads(data)]
-    except (ValueError, TypeError, KeyError):
-        raise PrepareError(f"{index_url}: expected Common Crawl's collinfo.json, a JSON list of "
-                           f"crawls with an 'id' each") from None
-    if not ids:
-        raise PrepareError(f"{index_url} lists no crawls")
-    return ids
-
-
-def unknown_crawl_message(crawl, settings, status):
-    message = f"--crawl={crawl}: Common Crawl has no crawl with that id (its wet.paths.gz: {status})."
-    try:
-        ids = crawl_ids(settings["cc_index_url"])
-        closest = difflib.get_close_matches(crawl, ids, n=1)
-        message += f" The newest crawls are {', '.join(ids[:5])}"
-        message += f"; the closest to yours is {closest[0]}." if closest else "."
-    except PrepareError:
-        pass  # the hint below still says where to look
-    return (message + f" Every crawl is listed in {settings['cc_index_url']} and on "
-            f"https://commoncrawl.org/get-started; --crawl=latest takes the newest.")
 
 
 # ----------------------------------------------------------------------------------------
@@ -651,14 +366,10 @@ def unknown_crawl_message(crawl, settings, status):
 # for any number of workers. Kept documents go to the build folder's filtered/ parts,
 # which the tokenizer and the shards are made from.
 
-FILTERED = "filtered"
 # Flags that only later stages read: changing them keeps the filtered parts of a failed
 # run (the base URLs only say where the same files are).
 LATER_STAGE_FLAGS = ("tokenizer", "vocab_size", "tokenizer_train_chars", "shard_tokens", "num_workers",
                      "name", "out_dir", "keep_metadata", "wet_files", "cc_base_url", "cc_index_url")
-EXAMPLES = 2  # dropped documents shown per filter in report.md
-BATCH_CHARS = 1 << 20  # a task for a worker process: about 1M characters
-BATCH_DOCUMENTS = 128  # or this many documents, so that many small ones still spread out
 
 
 def uses_web_filters(settings, inputs):
@@ -666,32 +377,6 @@ def uses_web_filters(settings, inputs):
     if settings["filters"] == "auto":
         return settings["source"] == "commoncrawl" or any(input_file.kind == "wet" for input_file in inputs)
     return settings["filters"] == "web"
-
-
-class ExactDeduplicator:
-    """Drops a text seen before in this run; remembers a 128-bit hash per kept document."""
-
-    def __init__(self):
-        self.seen = set()
-
-    @staticmethod
-    def key(text):
-        digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
-        return int.from_bytes(digest, "little")
-
-    def check(self, key):
-        if key in self.seen:
-            return "duplicate"
-        self.seen.add(key)
-        return None
-
-
-def key_to_json(key):
-    return [key.exact_key, *key.band_keys] if isinstance(key, webfilters.DedupSignature) else key
-
-
-def key_from_json(value):
-    return webfilters.DedupSignature(value[0], tuple(value[1:])) if isinstance(value, list) else value
 
 
 _web_settings = None  # the web filters' settings in each worker process (None: not web text)
@@ -704,14 +389,14 @@ def _start_filter_worker(web_settings):
 
 def _filter_batch(batch):
     """For each (split, document): (drop reason, None, None) or (None, kept text, dedup
-    key). A reader's drop reason in place of a document (a bad record) passes through."""
+    signature). A record the reader could not read (a Dropped) keeps its reason."""
     results = []
     for _, document in batch:
-        if isinstance(document, str):
-            results.append((document, None, None))
+        if isinstance(document, Dropped):
+            results.append((document.reason, None, None))
         elif _web_settings is None:
             if document.text.strip():
-                results.append((None, document.text, ExactDeduplicator.key(document.text)))
+                results.append((None, document.text, webfilters.exact_signature(document.text)))
             else:
                 results.append(("empty", None, None))
         else:
@@ -721,123 +406,17 @@ def _filter_batch(batch):
     return results
 
 
-@dataclass
-class Tally:
-    """What was read, kept and dropped, with the start of the first documents each filter
-    dropped (the part of the reason before ':' names the filter)."""
-    documents_read: int = 0
-    bytes_read: int = 0
-    invalid_utf8: int = 0
-    kept: int = 0
-    kept_bytes: int = 0
-    dropped: Counter = field(default_factory=Counter)
-    examples: dict = field(default_factory=dict)
-
-    def read(self, document):
-        self.documents_read += 1
-        if not isinstance(document, str):
-            self.bytes_read += len(document.text.encode("utf-8", "surrogatepass"))
-            self.invalid_utf8 += document.invalid_utf8
-
-    def drop(self, reason, document):
-        self.dropped[reason] += 1
-        examples = self.examples.setdefault(reason.partition(":")[0], [])
-        if len(examples) < EXAMPLES and not isinstance(document, str):
-            examples.append(snippet(document.text))
-
-    def add(self, other):
-        for name in ("documents_read", "bytes_read", "invalid_utf8", "kept", "kept_bytes"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        self.dropped.update(other.dropped)
-        for name, examples in other.examples.items():
-            mine = self.examples.setdefault(name, [])
-            mine += examples[:EXAMPLES - len(mine)]
-
-    def as_json(self):
-        return {**vars(self), "dropped": dict(self.dropped)}
-
-    @classmethod
-    def from_json(cls, value):
-        return cls(**{**value, "dropped": Counter(value["dropped"])})
-
-
-def snippet(text, length=160):
-    """The start of a text on one line, emails and IPs masked: an example for report.md."""
-    line = webfilters.mask_pii(" ".join(text[:length * 2].split()))
-    return line[:length] + ("..." if len(line) > length else "")
-
-
-def split_of(document_id, val_fraction):
-    """'val' for a fixed, pseudo-random val_fraction of document ids, else 'train'."""
-    digest = hashlib.sha256(document_id.encode("utf-8", "surrogatepass")).digest()
-    return "val" if int.from_bytes(digest[:8], "big") < val_fraction * 2 ** 64 else "train"
-
-
 def labelled_documents(settings, inputs, val_inputs):
-    """(split, document) for every document read, in a fixed order; a reader's drop
-    reason takes the place of a document it could not read."""
+    """(split, document) for every document read, in a fixed order; a Dropped takes the
+    place of a record the reader could not read."""
     parts = [("train", inputs), ("val", val_inputs)] if val_inputs else [(None, inputs)]
     for split, files in parts:
         for input_file in files:
             for document in read_documents(input_file, settings["text_field"]):
-                if isinstance(document, str):
+                if isinstance(document, Dropped):
                     yield split or "train", document
                 else:
                     yield split or split_of(document.id, settings["val_fraction"]), document
-
-
-def batches_of(items, text_of):
-    """Lists of items of about BATCH_CHARS characters of text or BATCH_DOCUMENTS items."""
-    batch, chars = [], 0
-    for item in items:
-        batch.append(item)
-        chars += len(text_of(item))
-        if chars >= BATCH_CHARS or len(batch) == BATCH_DOCUMENTS:
-            yield batch
-            batch, chars = [], 0
-    if batch:
-        yield batch
-
-
-class Workers:
-    """num_workers processes, each set up by initializer(*initargs), that run a function
-    on batches; with one worker it runs in this process."""
-
-    def __init__(self, num_workers, initializer, initargs):
-        self.num_workers = num_workers
-        if num_workers == 1:
-            initializer(*initargs)
-            self.pool = None
-        else:
-            self.pool = ProcessPoolExecutor(num_workers, initializer=initializer, initargs=initargs)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exception):
-        if self.pool is not None:
-            self.pool.shutdown(cancel_futures=True)
-
-    def map(self, function, batches, task_of=lambda batch: batch):
-        """(batch, function(task_of(batch))) for each batch, in input order. At most two
-        batches per worker are in flight, so memory stays bounded."""
-        if self.pool is None:
-            for batch in batches:
-                yield batch, function(task_of(batch))
-            return
-        in_flight = deque()
-        try:
-            for batch in batches:
-                in_flight.append((batch, self.pool.submit(function, task_of(batch))))
-                if len(in_flight) > 2 * self.num_workers:
-                    batch, future = in_flight.popleft()
-                    yield batch, future.result()
-            while in_flight:
-                batch, future = in_flight.popleft()
-                yield batch, future.result()
-        finally:  # a consumer that stops early (--max_docs) leaves no work running
-            for _, future in in_flight:
-                future.cancel()
 
 
 @dataclass(frozen=True)
@@ -847,63 +426,6 @@ class Part:
     name: str
     inputs: list
     val_inputs: list = ()
-
-
-class FilteredParts:
-    """build/filtered/: the kept documents, part_000000.jsonl, ... (a JSON object per
-    document: id, split, url, date, language, dedup key, text), and state.json, which
-    lists the finished parts, their tallies and the settings that made them. A part file
-    is renamed into place when complete, and only then recorded in state.json."""
-
-    def __init__(self, folder, fingerprint, part_names, resumable):
-        self.folder, self.fingerprint = folder, fingerprint
-        folder.mkdir(exist_ok=True)
-        self.parts = self._recorded(part_names) if resumable else []
-        files = {part["file"] for part in self.parts} | {"state.json"}
-        for entry in folder.iterdir():  # a part cut short by a crash, or another run's
-            if entry.name not in files:
-                entry.unlink()
-        self._write_state()
-
-    def _recorded(self, part_names):
-        try:
-            state = json.loads((self.folder / "state.json").read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return []
-        names = [part["name"] for part in state["parts"]]
-        if state["fingerprint"] != self.fingerprint or names != part_names[:len(names)]:
-            print(f"filter: {self.folder} holds parts made with other settings or files; "
-                  f"starting over", file=sys.stderr)
-            return []
-        if names:
-            print(f"filter: {len(names)} of {len(part_names)} parts were finished by an earlier "
-                  f"run; going on with part {len(names) + 1}", file=sys.stderr)
-        return state["parts"]
-
-    def _write_state(self):
-        state = {"fingerprint": self.fingerprint, "parts": self.parts}
-        atomic_write(self.folder / "state.json", lambda f: f.write(json.dumps(state, indent=1).encode()))
-
-    def new_part_file(self):
-        return AtomicFile(self.folder / f"part_{len(self.parts):06d}.jsonl")
-
-    def record(self, name, part_file, tally):
-        part_file.commit()
-        self.parts.append({"name": name, "file": part_file.path.name, "tally": tally.as_json()})
-        self._write_state()
-
-    def tally(self):
-        total = Tally()
-        for part in self.parts:
-            total.add(Tally.from_json(part["tally"]))
-        return total
-
-    def documents(self):
-        """The kept documents (dicts), in order."""
-        for part in self.parts:
-            with open(self.folder / part["file"], "rb") as lines:
-                for line in lines:
-                    yield json.loads(line.decode("utf-8", "surrogatepass"))
 
 
 def filter_fingerprint(settings, web_settings):
@@ -920,7 +442,8 @@ def filter_stage(settings, parts, web_settings, build):
     resumable = settings["source"] == "commoncrawl"  # local text is cheap to read again
     filtered = FilteredParts(build / FILTERED, filter_fingerprint(settings, web_settings),
                              [part.name for part in parts], resumable)
-    deduplicator = webfilters.Deduplicator(web_settings) if web_settings else ExactDeduplicator()
+    # web text: normalised and near copies go; other text: only copies of the exact text
+    deduplicator = webfilters.Deduplicator(web_settings) if web_settings else webfilters.Deduplicator.exact_only()
     for document in filtered.documents():  # what the earlier run kept, so its copies still go
         deduplicator.check(key_from_json(document["key"]))
     total, this_run = filtered.tally(), Tally()
@@ -934,8 +457,11 @@ def filter_stage(settings, parts, web_settings, build):
                 filter_part(settings, part, workers, deduplicator, part_file, tally, total, progress)
             except BaseException as error:
                 part_file.discard()
-                if resumable and isinstance(error, PrepareError):
-                    raise PrepareError(f"{error}\n{resume_hint(filtered, parts, build)}") from None
+                if resumable and isinstance(error, UserError):
+                    done = len(filtered.parts)
+                    raise PrepareError(f"{error}\n{done} of {len(parts)} WET files were filtered before this and "
+                                       f"are kept in {build}: run the same command again to go on from WET "
+                                       f"file {done + 1}.") from None
                 raise
             filtered.record(part.name, part_file, tally)
             total.add(tally)
@@ -947,7 +473,7 @@ def filter_stage(settings, parts, web_settings, build):
 def filter_part(settings, part, workers, deduplicator, part_file, tally, total, progress):
     """Filters one part's documents into part_file, counting them in tally."""
     batches = batches_of(labelled_documents(settings, part.inputs, part.val_inputs),
-                         text_of=lambda item: "" if isinstance(item[1], str) else item[1].text)
+                         text_of=lambda item: "" if isinstance(item[1], Dropped) else item[1].text)
     for batch, results in workers.map(_filter_batch, batches):
         for (split, document), (reason, text, key) in zip(batch, results):
             tally.read(document)
@@ -957,27 +483,11 @@ def filter_part(settings, part, workers, deduplicator, part_file, tally, total, 
                 continue
             kept = kept_document(split, document, text, key)
             part_file.file.write(json.dumps(kept, ensure_ascii=False).encode("utf-8", "surrogatepass") + b"\n")
-            tally.kept += 1
-            tally.kept_bytes += len(text.encode("utf-8", "surrogatepass"))
+            tally.keep(split, text)
             if settings["max_docs"] and total.kept + tally.kept >= settings["max_docs"]:
                 return
         progress.update((total.bytes_read + tally.bytes_read) / 1e6,
                         f"{total.kept + tally.kept:,} documents kept ({part.name})")
-
-
-def kept_document(split, document, text, key):
-    headers = document.metadata
-    languages = headers.get(webfilters.LANGUAGE_HEADER)
-    return {"id": document.id, "split": split, "url": headers.get("WARC-Target-URI"),
-            "date": headers.get("WARC-Date"),
-            "language": languages.split(",")[0].strip() if languages else None,
-            "key": key_to_json(key), "text": text}
-
-
-def resume_hint(filtered, parts, build):
-    return (f"{len(filtered.parts)} of {len(parts)} WET files were filtered before this and are "
-            f"kept in {build}: run the same command again to go on from WET file "
-            f"{len(filtered.parts) + 1}.")
 
 
 def check_kept(tally):
@@ -992,10 +502,9 @@ def check_kept(tally):
         by_filter[reason.partition(":")[0]] += count
     if by_filter:
         name, count = by_filter.most_common(1)[0]
-        if name in WEB_FLAGS:  # a web filter, which has a switch and thresholds
-            message += (f". The {name} filter dropped {count} of them: see its flags under "
-                        f"'web filters' in python prepare.py --help, or turn it off with "
-                        f"--{name}=false")
+        if name in WEB_DEFAULTS:  # a web filter, which has a switch and thresholds
+            message += (f". The {name} filter dropped {count} of them: see its flags in "
+                        f"python prepare.py --help, or turn it off with --{name}=false")
     raise PrepareError(message)
 
 
@@ -1016,8 +525,14 @@ def training_texts(filtered, budget, progress):
 
 
 def build_tokenizer(settings, filtered, folder, timings):
-    """Trains or fetches the tokenizer; returns meta.json's tokenizer entry."""
+    """Trains, fetches or reuses the tokenizer; returns meta.json's tokenizer entry."""
     kind = settings["tokenizer"]
+    if kind not in TOKENIZERS:  # a path: another dataset's or model's tokenizer, to fine-tune on this text
+        info, file = reused_tokenizer(kind)
+        if file:
+            atomic_write(folder / "tokenizer.tiktoken", lambda f: f.write(file.read_bytes()))
+        print(f"tokenizer: the {info['kind']} tokenizer of {kind}, {info['vocab_size']:,} tokens", file=sys.stderr)
+        return info
     if kind == "byte":
         return {"kind": "byte", "vocab_size": 257, "eot_id": 256, "file": None, "sha256": None}
     if kind == "gpt2":
@@ -1033,12 +548,18 @@ def build_tokenizer(settings, filtered, folder, timings):
     timings["tokenizer_count"] = time.perf_counter() - start
     start = time.perf_counter()
     progress = Progress("bpe", "merges", settings["vocab_size"] - 257)
-    vocabulary = train_bpe(chunk_counts, settings["vocab_size"], progress)
+    # without --vocab_size, a text too small for the default gets the largest vocabulary it supports
+    vocabulary = train_bpe(chunk_counts, settings["vocab_size"], progress, shrink=not settings["vocab_size_given"])
     progress.finish(len(vocabulary) - 256)
     timings["tokenizer_merges"] = time.perf_counter() - start
     sha256 = write_tiktoken_file(folder / "tokenizer.tiktoken", vocabulary)
-    return {"kind": "bpe", "vocab_size": settings["vocab_size"], "eot_id": len(vocabulary),
+    info = {"kind": "bpe", "vocab_size": len(vocabulary) + 1, "eot_id": len(vocabulary),
             "file": "tokenizer.tiktoken", "sha256": sha256}
+    if info["vocab_size"] < settings["vocab_size"]:
+        info["note"] = (f"this text supports {info['vocab_size']:,} tokens (past that no pair of tokens occurs "
+                        f"twice), fewer than the default --vocab_size={settings['vocab_size']}: using {info['vocab_size']:,}")
+        print(f"bpe: {info['note']}", file=sys.stderr)
+    return info
 
 
 # ----------------------------------------------------------------------------------------
@@ -1080,9 +601,10 @@ class KeptSummary:
             self.domains[host.removeprefix("www.")] += 1
 
 
-def write_shards(settings, filtered, folder, tokenizer_info):
-    """Tokenizes the kept documents into the train and val shards, and docs.jsonl with
-    --keep_metadata; returns the splits' summaries and a KeptSummary."""
+def write_shards(settings, filtered, folder, tokenizer_info, rule):
+    """Tokenizes the kept documents into the train and val shards (whole documents, or each
+    one's head and tail: filtered.split_rule), and docs.jsonl with --keep_metadata; returns
+    the splits' summaries and a KeptSummary."""
     writers = {split: ShardWriter(folder, split, tokenizer_info["vocab_size"], settings["shard_tokens"])
                for split in SPLITS}
     listing = AtomicFile(folder / "docs.jsonl") if settings["keep_metadata"] else None
@@ -1096,27 +618,20 @@ def write_shards(settings, filtered, folder, tokenizer_info):
             entry.update(tokens=len(tokens), split=split)  # tokens: with the leading end-of-text
             listing.file.write(json.dumps(entry, ensure_ascii=False).encode("utf-8", "surrogatepass") + b"\n")
 
-    # Each split's latest document waits until the next one arrives, so that at the end
-    # a split left empty by the hash (a tiny corpus) can take the other split's last one.
-    held = {}
     progress = Progress("shards", "MB", filtered.tally().kept_bytes / 1e6)
     done_bytes = 0
-    batches = batches_of(filtered.documents(), text_of=lambda document: document["text"])
+    documents = document_tails(filtered.documents(), settings["val_fraction"]) if rule == "tails" \
+        else filtered.documents()
+    batches = batches_of(documents, text_of=lambda document: document["text"])
     try:
         with Workers(settings["num_workers"], _start_tokenize_worker,
                      (folder, tokenizer_info, writers["train"].dtype)) as workers:
             texts = lambda batch: [document["text"] for document in batch]
             for batch, results in workers.map(_tokenize_batch, batches, task_of=texts):
                 for document, (tokens, text_bytes) in zip(batch, results):
-                    if document["split"] in held:
-                        write(document["split"], *held[document["split"]])
-                    held[document["split"]] = tokens, text_bytes, document
+                    write(document["split"], tokens, text_bytes, document)
                     done_bytes += text_bytes
                 progress.update(done_bytes / 1e6, tokens_summary(writers))
-        if not settings["val_input"]:
-            move_last_document_to_empty_split(held, writers)
-        for split, document in held.items():
-            write(split, *document)
         progress.finish(done_bytes / 1e6, tokens_summary(writers))
         splits = {split: writer.close() for split, writer in writers.items()}
         if listing:
@@ -1131,22 +646,6 @@ def write_shards(settings, filtered, folder, tokenizer_info):
     return splits, summary
 
 
-def move_last_document_to_empty_split(held, writers):
-    for empty, full in (("val", "train"), ("train", "val")):
-        if empty not in held and full in held and writers[full].documents > 0:
-            held[empty] = held.pop(full)
-
-
-def check_splits(splits, val_input):
-    documents = splits["train"]["documents"] + splits["val"]["documents"]
-    if splits["val"]["documents"] == 0 and val_input:
-        raise PrepareError(f"--val_input={val_input} gave no documents (after filtering)")
-    for split, summary in splits.items():
-        if summary["documents"] == 0:
-            raise PrepareError(f"the {split} split is empty: {documents} document(s) kept, but train "
-                               f"and val need at least one each; add text or use --val_input")
-
-
 def tokens_summary(writers):
     return ", ".join(f"{writer.documents:,} {split} docs {writer.tokens / 1e6:,.2f}M tokens"
                      for split, writer in writers.items())
@@ -1158,12 +657,12 @@ def tokens_summary(writers):
 def manifest(settings, web_settings, tokenizer_info, splits, summary, tally, this_run, sources, timings):
     tokens = sum(split["tokens"] - split["documents"] for split in splits.values())  # no eot
     text_bytes = sum(split["bytes"] for split in splits.values())
-    filters = (["empty", *(name for name in WEB_SWITCHES if getattr(web_settings, name))]
+    filters = (["empty", *(name for name in webfilters.SWITCHES if getattr(web_settings, name))]
                if web_settings else ["empty", "exact_duplicates"])
     return {
         "format_version": META_FORMAT_VERSION,
         "tokenizer": tokenizer_info,
-        "dtype": "uint16" if tokenizer_info["vocab_size"] <= 2 ** 16 else "uint32",
+        "dtype": token_dtype(tokenizer_info["vocab_size"]).name,
         "splits": splits,
         "bytes_per_token": round(text_bytes / max(tokens, 1), 4),  # text bytes per text token
         "sources": sources,
@@ -1182,12 +681,6 @@ def manifest(settings, web_settings, tokenizer_info, splits, summary, tally, thi
     }
 
 
-# The web filters' switches, in the order they run (webfilters.filter_document).
-WEB_SWITCHES = ("language", "gopher_repetition", "gopher_quality", "c4", "fineweb", "dedup_exact",
-                "dedup_near", "pii")
-TOP_DOMAINS = 20
-
-
 def throughput(this_run, kept_bytes, splits, timings):
     """Documents and megabytes of text per second: of the filter stage (what this run
     read: a resumed run leaves out what the earlier one did), of tokenizing the kept
@@ -1202,247 +695,21 @@ def throughput(this_run, kept_bytes, splits, timings):
             "total": rate(this_run.documents_read, this_run.bytes_read, timings["total"])}
 
 
-def report_markdown(meta, name):
-    documents, tokenizer = meta["documents"], meta["tokenizer"]
-    lines = [f"# Dataset {name}", "", "## Sources", ""]
-    lines += [f"- {json.dumps(source)}" for source in meta["sources"]]
-    lines += ["", "## Documents", "", "| | documents |", "|---|---:|",
-              f"| read | {documents['read']:,} ({documents['bytes_read'] / 1e6:,.2f} MB) |",
-              f"| kept | {documents['kept']:,} |"]
-    lines += [f"| dropped: {reason} | {count:,} |" for reason, count in meta["dropped"].items()]
-    lines += ["", f"Filters, in order: {', '.join(meta['filters'])}.",
-              f"Documents with bytes that were not UTF-8 (decoded with U+FFFD): {documents['invalid_utf8']:,}."]
-    lines += filter_section(meta) + kept_section(meta)
-    lines += ["", "## Tokenizer", "",
-              f"{tokenizer['kind']}, {tokenizer['vocab_size']:,} tokens, end-of-text id "
-              f"{tokenizer['eot_id']}, {meta['dtype']} shards, {meta['bytes_per_token']} bytes per token.",
-              "", "## Splits", "", "| split | documents | tokens | MB | shards |", "|---|---:|---:|---:|---:|"]
-    lines += [f"| {split} | {summary['documents']:,} | {summary['tokens']:,} | "
-              f"{summary['bytes'] / 1e6:,.2f} | {len(summary['shards'])} |"
-              for split, summary in meta["splits"].items()]
-    lines += ["", "## Timings", "", "| stage | seconds |", "|---|---:|"]
-    lines += [f"| {stage} | {seconds:,.2f} |" for stage, seconds in meta["timings_s"].items()]
-    rates = meta["throughput"]
-    lines += ["", f"With {meta['settings']['num_workers']} worker(s): filtering ran at "
-                  f"{rates['filter']['documents_per_s']:,.0f} documents/s, {rates['filter']['mb_per_s']:,.2f} "
-                  f"MB/s; tokenizing at {rates['shards']['mb_per_s']:,.2f} MB/s; the whole run at "
-                  f"{rates['total']['mb_per_s']:,.2f} MB/s of text read."]
-    return "\n".join(lines) + "\n"
-
-
-def filter_section(meta):
-    """Per filter: how many documents it dropped, by which rules, and the start of the
-    first ones it dropped (emails and IPs masked), so that a reader can judge and tune it."""
-    read = max(meta["documents"]["read"], 1)
-    by_filter = defaultdict(dict)
-    for reason, count in meta["dropped"].items():
-        by_filter[reason.partition(":")[0]][reason] = count
-    lines = ["", "## What each filter dropped", ""]
-    if not by_filter:
-        return lines + ["Nothing was dropped."]
-    lines += ["Shares are of the documents read. A web filter's switch and thresholds are "
-              "flags (python prepare.py --help)."]
-    for name, reasons in by_filter.items():
-        count = sum(reasons.values())
-        rules = ", ".join(f"{reason} {number:,}" for reason, number in reasons.items())
-        lines += ["", f"### {name}: {count:,} ({count / read:.1%})", "", f"{rules}."]
-        examples = meta["dropped_examples"].get(name, [])
-        if examples:
-            fence = "```"
-            lines += ["", fence, *(example.replace(fence, "'''") for example in examples), fence]
-    return lines
-
-
-def kept_section(meta):
-    """The kept documents' languages and top domains, for web text (WET headers)."""
-    if not meta["top_domains"] and list(meta["kept_languages"]) == ["unknown"]:
-        return []
-    languages = ", ".join(f"{language} {count:,}" for language, count in meta["kept_languages"].items())
-    lines = ["", "## Kept documents", "", f"Languages (the first of the WET header's): {languages}."]
-    if meta["top_domains"]:
-        lines += ["", "| top domains | documents |", "|---|---:|"]
-        lines += [f"| {domain} | {count:,} |" for domain, count in meta["top_domains"].items()]
-    return lines
-
-
-# ----------------------------------------------------------------------------------------
-# Progress on stderr
-
-class Progress:
-    """A status line on stderr for a long stage: redrawn in place on a terminal, a new line
-    every 10 s otherwise (logs), and a last line when the stage ends."""
-
-    def __init__(self, stage, unit, total=None):
-        self.stage, self.unit, self.total = stage, unit, total
-        self.start = self.shown = time.monotonic()
-        self.terminal = sys.stderr.isatty()
-
-    def update(self, done, details="", final=False):
-        now = time.monotonic()
-        if not final and now - self.shown < (0.5 if self.terminal else 10):
-            return
-        self.shown = now
-        rate = done / max(now - self.start, 1e-6)
-        line = f"{self.stage}: {amount(done)}" + (f"/{amount(self.total)}" if self.total else "")
-        line += f" {self.unit} in {now - self.start:,.1f} s ({amount(rate)} {self.unit}/s"
-        if self.total and not final and rate > 0:
-            line += f", ETA {max(self.total - done, 0) / rate:,.0f} s"
-        line += ")" + (f" {details}" if details else "")
-        print(("\r\033[K" if self.terminal else "") + line, end="\n" if final or not self.terminal else "",
-              file=sys.stderr, flush=True)
-
-    def finish(self, done, details=""):
-        self.update(done, details, final=True)
-
-
-def amount(number):
-    return f"{number:,.0f}" if number >= 100 or float(number).is_integer() else f"{number:,.2f}"
-
-
 # ----------------------------------------------------------------------------------------
 # Command line and the whole run
 
-def usage():
-    lines = ["usage: python prepare.py [--key=value ...]", "", __doc__.strip().splitlines()[0], ""]
-    for name, (default, help_text) in FLAGS.items():
-        lines += [f"  --{name}={default}", f"      {help_text}"]
-    lines += ["", "web filters (with --filters=web; the defaults are the published values, see "
-                  "webfilters.py):", ""]
-    for name, (default, help_text) in WEB_FLAGS.items():
-        shown = ",".join(default) if isinstance(default, tuple) else default
-        lines += [f"  --{name}={shown}", f"      {help_text}"]
-    return "\n".join(lines)
-
-
-def parse_flags(argv):
-    """Settings from --key=value flags, each checked against its default's type; the web
-    filter flags become settings["web_filters"], a webfilters.WebFilterSettings."""
-    settings = {name: default for name, (default, _) in FLAGS.items()}
-    web_overrides = {}
-    for argument in argv:
-        if argument in ("-h", "--help"):
-            print(usage())
-            sys.exit(0)
-        key, equals, value = argument.removeprefix("--").partition("=")
-        if not argument.startswith("--") or not equals:
-            raise PrepareError(f"expected --key=value, got {argument!r} (see --help)")
-        if key in WEB_FLAGS:
-            web_overrides[key] = value
-        elif key in FLAGS:
-            settings[key] = parse_value(key, value, type(FLAGS[key][0]))
-        else:
-            closest = difflib.get_close_matches(key, [*FLAGS, *WEB_FLAGS], n=1)
-            hint = f"; did you mean --{closest[0]}?" if closest else ""
-            raise PrepareError(f"unknown flag --{key}{hint} (see --help for all flags)")
-    try:
-        settings["web_filters"] = webfilters.parse_settings(web_overrides)
-    except ValueError as error:
-        raise PrepareError(f"{error} (see --help)") from None
-    check_settings(settings)
+def read_settings(argv):
+    """The run's settings from its --key=value flags (flags.py), every value checked; the
+    web filter flags become settings["web_filters"], a webfilters.WebFilterSettings."""
+    values = flags.parse(argv, DEFAULTS, HELP, CHECKS, program="prepare.py", relations=RELATIONS)
+    settings = {name: values[name] for name in FLAGS}
+    settings["web_filters"] = webfilters.WebFilterSettings(**{name: values[name] for name in WEB_DEFAULTS})
     return settings
 
 
-BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
-
-
-def parse_value(key, value, kind):
-    if kind is bool:
-        if value.lower() not in BOOLEANS:
-            raise PrepareError(f"--{key}={value}: expected true or false")
-        return BOOLEANS[value.lower()]
-    try:
-        if kind is int:
-            number = float(value)  # accepts 1e6 and 1_000_000
-            if not number.is_integer():
-                raise ValueError
-            return int(number)
-        return kind(value)
-    except ValueError:
-        raise PrepareError(f"--{key}={value}: expected {'an integer' if kind is int else 'a number'}") from None
-
-
-def check_settings(settings):
-    def require(condition, message):
-        if not condition:
-            raise PrepareError(message)
-    require(settings["source"] in SOURCES, f"--source={settings['source']}: expected one of {', '.join(SOURCES)}")
-    require(settings["filters"] in FILTER_MODES,
-            f"--filters={settings['filters']}: expected one of {', '.join(FILTER_MODES)}")
-    require(settings["tokenizer"] in TOKENIZERS,
-            f"--tokenizer={settings['tokenizer']}: expected one of {', '.join(TOKENIZERS)}")
-    require(settings["vocab_size"] >= 257 or settings["tokenizer"] != "bpe",
-            f"--vocab_size={settings['vocab_size']}: a BPE vocabulary needs at least 257 tokens "
-            f"(256 bytes and end-of-text)")
-    require(settings["vocab_size"] <= 2 ** 32, f"--vocab_size={settings['vocab_size']}: at most 2**32")
-    require(0 < settings["val_fraction"] < 1 or settings["val_input"],
-            f"--val_fraction={settings['val_fraction']}: expected a fraction between 0 and 1")
-    require(1 <= settings["shard_tokens"] < 2 ** 31,
-            f"--shard_tokens={settings['shard_tokens']}: expected 1 to 2**31-1 (the header's int32)")
-    require(settings["tokenizer_train_chars"] >= 1, "--tokenizer_train_chars: expected at least 1")
-    require(settings["num_workers"] >= 1, f"--num_workers={settings['num_workers']}: expected at least 1")
-    require(settings["wet_files"] >= 1, f"--wet_files={settings['wet_files']}: expected at least 1")
-    require(settings["max_docs"] >= 0, f"--max_docs={settings['max_docs']}: expected 0 (no limit) or more")
-    for flag, source in (("input", "files"), ("url", "url")):
-        require(bool(settings[flag]) == (settings["source"] == source),
-                f"--{flag} is used with --source={source}, and --source={source} needs it")
-    require(not (settings["val_input"] and settings["source"] == "commoncrawl"),
-            "--val_input does not go with --source=commoncrawl: its val split is --val_fraction "
-            "of the pages")
-    require(re.fullmatch(r"[A-Za-z0-9._-]+", settings["crawl"]),
-            f"--crawl={settings['crawl']}: expected a crawl id such as CC-MAIN-2025-26, or latest")
-    for flag in ("cc_base_url", "cc_index_url"):
-        require(re.match(r"https?://[^/]", settings[flag]), f"--{flag}={settings[flag]}: expected an http(s) URL")
-    require(re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", settings["name"] or settings["source"]),
-            f"--name={settings['name']}: use letters, digits, '.', '_' and '-' (or --out_dir)")
-
-
 def dataset_folder(settings):
-    return Path(settings["out_dir"] or Path("data") / (settings["name"] or settings["source"])).resolve()
-
-
-def start_build(final):
-    """A hidden sibling of the final folder to build in. Downloads and filtered parts
-    left by an earlier failed run stay (they are checked and reused); anything else
-    there is cleared."""
-    if final.exists() and (not final.is_dir() or (any(final.iterdir()) and not (final / "meta.json").exists())):
-        raise PrepareError(f"{final} exists and is not a dataset folder (no meta.json): "
-                           f"refusing to replace it; choose another --name or --out_dir")
-    build = final.parent / f".{final.name}.partial"
-    build.mkdir(parents=True, exist_ok=True)
-    clear_build(build, keep=("downloads", FILTERED))
-    return build
-
-
-def clear_build(build, keep):
-    for entry in build.iterdir():
-        if entry.name not in keep:
-            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-
-
-def discard_build(build, keep_filtered):
-    """Removes a failed build, but keeps downloads for the next run to reuse or resume,
-    and with keep_filtered the finished filtered parts, for the next run to go on from."""
-    filtered = build / FILTERED
-    keep_filtered = keep_filtered and filtered.exists() and any(filtered.glob("part_*.jsonl"))
-    clear_build(build, keep=("downloads", FILTERED) if keep_filtered else ("downloads",))
-    downloads = build / "downloads"
-    if downloads.exists() and not any(downloads.iterdir()):
-        downloads.rmdir()
-    if not any(build.iterdir()):
-        build.rmdir()
-
-
-def publish(build, final):
-    """Renames the finished build onto the final name (replacing an older dataset)."""
-    if final.exists():
-        old = final.parent / f".{final.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(final, old)
-        os.rename(build, final)
-        shutil.rmtree(old)
-    else:
-        os.rename(build, final)
-    fsync_folder(final.parent)
+    folder = Path(settings["out_dir"]) if settings["out_dir"] else folder_path(settings["name"] or settings["source"])
+    return folder.resolve()
 
 
 def resolve_inputs(settings, build, final):
@@ -1485,10 +752,13 @@ def build_dataset(settings, build, final):
     tokenizer_info = build_tokenizer(settings, filtered, build, timings)
     timings["tokenizer"] = time.perf_counter() - stage_start
     stage_start = time.perf_counter()
-    splits, summary = write_shards(settings, filtered, build, tokenizer_info)
+    rule, why = split_rule(settings, tally)
+    print(f"split: val is {why}", file=sys.stderr)
+    splits, summary = write_shards(settings, filtered, build, tokenizer_info, rule)
     timings["shards"] = time.perf_counter() - stage_start
     timings["total"] = time.perf_counter() - start
     meta = manifest(settings, web_settings, tokenizer_info, splits, summary, tally, this_run, sources, timings)
+    meta["split_rule"] = {"rule": rule, "why": why}
     atomic_write(build / "meta.json", lambda f: f.write(json.dumps(meta, indent=2).encode() + b"\n"))
     atomic_write(build / "report.md", lambda f: f.write(report_markdown(meta, final.name).encode()))
     shutil.rmtree(build / FILTERED)  # the shards hold it now
@@ -1496,13 +766,15 @@ def build_dataset(settings, build, final):
 
 
 def main(argv):
-    settings = parse_flags(argv)
+    settings = read_settings(argv)
+    settings["vocab_size_given"] = any(argument.startswith("--vocab_size=") for argument in argv)
     final = dataset_folder(settings)
-    build = start_build(final)
+    build = start_build(final, keep=("downloads", FILTERED))  # what a failed run left for this one
     try:
         meta = build_dataset(settings, build, final)
     except BaseException:
-        discard_build(build, keep_filtered=settings["source"] == "commoncrawl")
+        resumable = settings["source"] == "commoncrawl" and any((build / FILTERED).glob("part_*.jsonl"))
+        discard_build(build, keep=("downloads", FILTERED) if resumable else ("downloads",))
         raise
     publish(build, final)
     train, val = meta["splits"]["train"], meta["splits"]["val"]

@@ -90,11 +90,12 @@ def count_chunks(texts):
     return chunk_counts
 
 
-def train_bpe(chunk_counts, vocab_size, progress=None):
+def train_bpe(chunk_counts, vocab_size, progress=None, shrink=False):
     """Byte-level BPE: the vocabulary (token bytes in rank order) of vocab_size - 1 tokens;
     the end-of-text token comes last. Each step merges the most frequent adjacent pair of
     tokens (ties: the smallest pair of ids), counted inside chunks and weighted by how
-    often each chunk occurs; a pair must occur at least twice."""
+    often each chunk occurs; a pair must occur at least twice. A text with fewer such pairs
+    is an error, or with shrink=True gets the largest vocabulary it supports."""
     vocabulary = [bytes([value]) for value in range(256)]
     token_ids = {token: token_id for token_id, token in enumerate(vocabulary)}
     words = [list(chunk.encode("utf-8", "surrogatepass")) for chunk in chunk_counts]
@@ -128,7 +129,7 @@ def train_bpe(chunk_counts, vocab_size, progress=None):
             heapq.heappush(heap, (-pair_counts[new_pair], new_pair))
         if progress:
             progress.update(len(vocabulary) - 256)
-    if len(vocabulary) < target:
+    if len(vocabulary) < target and not shrink:
         raise TokenizerError(
             f"--vocab_size={vocab_size} is more than this text supports: after "
             f"{len(vocabulary) - 256} merges no pair of tokens occurs twice. Use at most "
@@ -191,6 +192,26 @@ def load_tokenizer(folder, tokenizer_info=None):
                          f"id {encoder.eot_token}, but its description says {info['vocab_size']} "
                          f"and {info['eot_id']}")
     return encoder
+
+
+def reused_tokenizer(path):
+    """meta.json's tokenizer entry for --tokenizer=PATH: a dataset folder (its meta.json
+    says which tokenizer), or an out folder or file holding a tokenizer.tiktoken."""
+    path = Path(path)
+    if (path / "meta.json").is_file():
+        info = read_meta(path)["tokenizer"]
+        file = path / info["file"] if info.get("file") else None
+    else:
+        file = path / "tokenizer.tiktoken" if path.is_dir() else path
+        if not file.is_file():
+            raise TokenizerError(f"--tokenizer={path}: expected bpe, byte, gpt2, a dataset folder (with "
+                                 f"meta.json), or an out folder or file with a tokenizer.tiktoken")
+        sha256 = hashlib.sha256(file.read_bytes()).hexdigest()
+        size = len(read_tiktoken_file(file, sha256))  # checks every line
+        info = {"kind": "bpe", "vocab_size": size + 1, "eot_id": size, "file": "tokenizer.tiktoken",
+                "sha256": sha256}
+    load_tokenizer(file.parent if file else path, {**info, "file": file.name if file else None})
+    return info, file
 
 
 def _encoding(name, vocabulary):

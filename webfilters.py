@@ -34,11 +34,11 @@ NLTK for words, which we do not have):
   a token that is only punctuation is not a word (as datatrove drops NLTK's punctuation
   tokens). Character fractions over words count the characters of the words.
 
-Run `python webfilters.py --mb=50` to measure the per-document pass plus the MinHash
-signature on one core, on generated English-like text.
+`python bench.py --what=webfilters --mb=50` measures the per-document pass plus the
+MinHash signature on one core, on generated English-like text.
 
 Example:
-    settings = parse_settings({"gopher_min_words": "20", "c4_terminal_punct": "true"})
+    settings = WebFilterSettings(gopher_min_words=20, c4_terminal_punct=True)
     deduplicator = Deduplicator(settings)
     for headers, page in wet_records:
         text, reason = filter_document(page, headers, settings)
@@ -46,26 +46,37 @@ Example:
             reason = deduplicator.check(dedup_signature(text, settings))
         dropped[reason] += 1 if reason else 0
 """
-import argparse
 import dataclasses
-import difflib
 import hashlib
 import itertools
 import ipaddress
-import random
 import re
 import string
-import time
 import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from flags import at_least, between
+
 
 # ----------------------------------------------------------------------------- settings
 
-def _option(default, help_text):
-    return field(default=default, metadata={"help": help_text})
+def _option(default, help_text, check=None):
+    """A setting: its default, its --help line, and the flags check of a valid value."""
+    return field(default=default, metadata={"help": help_text, **({"check": check} if check else {})})
+
+
+# What a valid threshold is: a share of lines, words or characters is a fraction; a count,
+# a length or a per-word ratio (a page may hold more '#' than words) is not negative.
+FRACTION = between(0, 1)
+COUNT = at_least(0)
+POSITIVE = at_least(1)
+
+
+def language_codes(codes):
+    """The check of --languages: every item an ISO 639-3 code, as Common Crawl writes them."""
+    return None if all(re.fullmatch(r"[a-z]{3}", code) for code in codes) else "ISO 639-3 codes such as eng,deu"
 
 
 @dataclass(frozen=True)
@@ -74,78 +85,78 @@ class WebFilterSettings:
     # language
     language: bool = _option(True, "drop documents not in `languages`")
     languages: tuple = _option(("eng",), "ISO 639-3 codes: the first language of the WET "
-                               "header must be one of them (Common Crawl's CLD2 labels)")
+                               "header must be one of them (Common Crawl's CLD2 labels)", language_codes)
     language_min_stop_word_ratio: float = _option(
         0.15, "without a language header: a smaller share of English stop words among the "
         "words means not English (ours: English prose measures 0.3-0.5, French, German, "
-        "Spanish, Dutch, Italian and Portuguese under 0.1)")
+        "Spanish, Dutch, Italian and Portuguese under 0.1)", FRACTION)
     # Gopher quality: Rae et al. 2021, appendix A; datatrove GopherQualityFilter defaults
     gopher_quality: bool = _option(True, "Gopher quality rules")
-    gopher_min_words: int = _option(50, "Gopher: fewer words drops the document")
-    gopher_max_words: int = _option(100_000, "Gopher: more words drops the document")
-    gopher_min_mean_word_length: float = _option(3.0, "Gopher: shorter mean word length drops")
-    gopher_max_mean_word_length: float = _option(10.0, "Gopher: longer mean word length drops")
-    gopher_max_hash_ratio: float = _option(0.1, "Gopher: more '#' per word drops")
-    gopher_max_ellipsis_ratio: float = _option(0.1, "Gopher: more '...' or '…' per word drops")
+    gopher_min_words: int = _option(50, "Gopher: fewer words drops the document", COUNT)
+    gopher_max_words: int = _option(100_000, "Gopher: more words drops the document", COUNT)
+    gopher_min_mean_word_length: float = _option(3.0, "Gopher: shorter mean word length drops", COUNT)
+    gopher_max_mean_word_length: float = _option(10.0, "Gopher: longer mean word length drops", COUNT)
+    gopher_max_hash_ratio: float = _option(0.1, "Gopher: more '#' per word drops", COUNT)
+    gopher_max_ellipsis_ratio: float = _option(0.1, "Gopher: more '...' or '…' per word drops", COUNT)
     gopher_max_bullet_lines: float = _option(0.9, "Gopher: a larger fraction of lines starting "
-                                             "with a bullet drops")
+                                             "with a bullet drops", FRACTION)
     gopher_max_ellipsis_lines: float = _option(0.3, "Gopher: a larger fraction of lines ending "
-                                               "with an ellipsis drops")
+                                               "with an ellipsis drops", FRACTION)
     gopher_min_alpha_words: float = _option(0.8, "Gopher: a smaller fraction of words with a "
-                                            "letter drops")
+                                            "letter drops", FRACTION)
     gopher_min_stop_words: int = _option(2, "Gopher: fewer occurrences of the, be, to, of, "
-                                         "and, that, have, with drops")
+                                         "and, that, have, with drops", COUNT)
     # Gopher repetition: Rae et al. 2021, table A1; datatrove GopherRepetitionFilter defaults
     gopher_repetition: bool = _option(True, "Gopher repetition rules")
     gopher_max_dup_line_fraction: float = _option(0.3, "Gopher: fraction of lines that repeat "
-                                                  "an earlier line")
+                                                  "an earlier line", FRACTION)
     gopher_max_dup_paragraph_fraction: float = _option(0.3, "Gopher: fraction of paragraphs "
-                                                       "that repeat an earlier one")
+                                                       "that repeat an earlier one", FRACTION)
     gopher_max_dup_line_chars: float = _option(0.2, "Gopher: fraction of characters in "
-                                               "repeated lines")
+                                               "repeated lines", FRACTION)
     gopher_max_dup_paragraph_chars: float = _option(0.2, "Gopher: fraction of characters in "
-                                                    "repeated paragraphs")
-    gopher_max_top_2gram: float = _option(0.20, "Gopher: characters in the most frequent 2-gram")
-    gopher_max_top_3gram: float = _option(0.18, "Gopher: characters in the most frequent 3-gram")
-    gopher_max_top_4gram: float = _option(0.16, "Gopher: characters in the most frequent 4-gram")
-    gopher_max_dup_5gram: float = _option(0.15, "Gopher: characters in repeated 5-grams")
-    gopher_max_dup_6gram: float = _option(0.14, "Gopher: characters in repeated 6-grams")
-    gopher_max_dup_7gram: float = _option(0.13, "Gopher: characters in repeated 7-grams")
-    gopher_max_dup_8gram: float = _option(0.12, "Gopher: characters in repeated 8-grams")
-    gopher_max_dup_9gram: float = _option(0.11, "Gopher: characters in repeated 9-grams")
-    gopher_max_dup_10gram: float = _option(0.10, "Gopher: characters in repeated 10-grams")
+                                                    "repeated paragraphs", FRACTION)
+    gopher_max_top_2gram: float = _option(0.20, "Gopher: characters in the most frequent 2-gram", FRACTION)
+    gopher_max_top_3gram: float = _option(0.18, "Gopher: characters in the most frequent 3-gram", FRACTION)
+    gopher_max_top_4gram: float = _option(0.16, "Gopher: characters in the most frequent 4-gram", FRACTION)
+    gopher_max_dup_5gram: float = _option(0.15, "Gopher: characters in repeated 5-grams", FRACTION)
+    gopher_max_dup_6gram: float = _option(0.14, "Gopher: characters in repeated 6-grams", FRACTION)
+    gopher_max_dup_7gram: float = _option(0.13, "Gopher: characters in repeated 7-grams", FRACTION)
+    gopher_max_dup_8gram: float = _option(0.12, "Gopher: characters in repeated 8-grams", FRACTION)
+    gopher_max_dup_9gram: float = _option(0.11, "Gopher: characters in repeated 9-grams", FRACTION)
+    gopher_max_dup_10gram: float = _option(0.10, "Gopher: characters in repeated 10-grams", FRACTION)
     # C4: Raffel et al. 2020 section 2.2, as TFDS c4_utils.clean_page and datatrove
     # C4QualityFilter implement it, configured as FineWeb ran it (terminal punctuation off)
     c4: bool = _option(True, "C4 line cleanup and page rules")
     c4_terminal_punct: bool = _option(False, "C4: drop lines not ending in . ? ! \" "
                                       "(C4 did; FineWeb turned it off)")
-    c4_min_words_per_line: int = _option(3, "C4: drop lines with fewer words")
-    c4_max_word_length: int = _option(1000, "C4: drop lines with a longer word")
+    c4_min_words_per_line: int = _option(3, "C4: drop lines with fewer words", COUNT)
+    c4_max_word_length: int = _option(1000, "C4: drop lines with a longer word", POSITIVE)
     c4_remove_citations: bool = _option(True, "C4: strip [1], [edit], [citation needed]")
     c4_drop_javascript_lines: bool = _option(True, "C4: drop lines mentioning javascript")
     c4_drop_policy_lines: bool = _option(True, "C4: drop cookie / privacy policy / terms of "
                                          "use lines")
     c4_drop_lorem_ipsum: bool = _option(True, "C4: drop pages containing 'lorem ipsum'")
     c4_drop_curly_bracket: bool = _option(True, "C4: drop pages containing '{'")
-    c4_min_sentences: int = _option(5, "C4: drop pages with fewer sentences left (0: off)")
+    c4_min_sentences: int = _option(5, "C4: drop pages with fewer sentences left (0: off)", COUNT)
     # FineWeb: Penedo et al. 2024, its custom filters (datatrove FineWebQualityFilter)
     fineweb: bool = _option(True, "FineWeb's three quality rules")
     fineweb_line_punct_ratio: float = _option(0.12, "FineWeb: drop if at most this fraction "
-                                              "of lines ends in . ' \" ! ?")
+                                              "of lines ends in . ' \" ! ?", FRACTION)
     fineweb_short_line_length: int = _option(30, "FineWeb: a line of at most this many "
-                                             "characters is short")
+                                             "characters is short", COUNT)
     fineweb_short_line_ratio: float = _option(0.67, "FineWeb: drop if at least this fraction "
-                                              "of lines is short")
+                                              "of lines is short", FRACTION)
     fineweb_dup_line_chars: float = _option(0.1, "FineWeb: drop if at least this fraction of "
                                             "characters is in repeated lines (paper: 0.1; "
-                                            "datatrove's default: 0.01)")
+                                            "datatrove's default: 0.01)", FRACTION)
     # deduplication across the run: FineWeb's MinHash configuration
     dedup_exact: bool = _option(True, "drop documents whose normalised text was kept before")
     dedup_near: bool = _option(True, "drop MinHash near duplicates of documents kept before")
-    minhash_ngram: int = _option(5, "MinHash: words per shingle (FineWeb: 5)")
-    minhash_bands: int = _option(14, "MinHash: LSH bands (FineWeb: 14)")
-    minhash_rows: int = _option(8, "MinHash: hashes per band (FineWeb: 8)")
-    minhash_seed: int = _option(1, "MinHash: seed of the hash functions")
+    minhash_ngram: int = _option(5, "MinHash: words per shingle (FineWeb: 5)", POSITIVE)
+    minhash_bands: int = _option(14, "MinHash: LSH bands (FineWeb: 14)", POSITIVE)
+    minhash_rows: int = _option(8, "MinHash: hashes per band (FineWeb: 8)", POSITIVE)
+    minhash_seed: int = _option(1, "MinHash: seed of the hash functions", COUNT)
     # personal information
     pii: bool = _option(True, "replace emails by email@example.com and public IPv4 "
                         "addresses by 0.0.0.0")
@@ -154,50 +165,12 @@ class WebFilterSettings:
 DEFAULT_SETTINGS = WebFilterSettings()
 
 
-def parse_settings(overrides, base=DEFAULT_SETTINGS):
-    """Settings from {name: value}; string values ("40", "false", "eng,deu") are parsed by
-    the field's type. An unknown name raises ValueError naming the closest known name."""
-    fields = {f.name: f for f in dataclasses.fields(WebFilterSettings)}
-    changes = {}
-    for name, value in overrides.items():
-        if name not in fields:
-            closest = difflib.get_close_matches(name, fields, n=1)
-            hint = f"; did you mean {closest[0]}?" if closest else ""
-            raise ValueError(f"unknown web filter setting {name!r}{hint}")
-        changes[name] = _parse_value(name, value, type(fields[name].default))
-    return dataclasses.replace(base, **changes)
-
-
-def _parse_value(name, value, expected):
-    if expected is tuple:
-        items = value.split(",") if isinstance(value, str) else list(value)
-        items = tuple(str(item).strip() for item in items if str(item).strip())
-        if not items:
-            raise ValueError(f"web filter setting {name}: expected a comma-separated list, "
-                             f"got {value!r}")
-        return items
-    if not isinstance(value, str):
-        if expected is float and type(value) is int:
-            return float(value)
-        if type(value) is not expected:
-            raise ValueError(f"web filter setting {name}: expected {expected.__name__}, "
-                             f"got {value!r}")
-        return value
-    if expected is bool:
-        words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
-        if value.lower() not in words:
-            raise ValueError(f"web filter setting {name}: expected true or false, got {value!r}")
-        return words[value.lower()]
-    try:
-        return expected(value)
-    except ValueError:
-        raise ValueError(f"web filter setting {name}: expected {expected.__name__}, "
-                         f"got {value!r}") from None
-
-
-def settings_help():
-    """(name, default, help) for every setting, for a --help listing."""
-    return [(f.name, f.default, f.metadata["help"]) for f in dataclasses.fields(WebFilterSettings)]
+def settings_flags():
+    """The settings as flags.parse takes them: defaults, help lines and value checks, each a
+    dict by field name (a switch needs no check: true or false is all the parser takes)."""
+    fields = dataclasses.fields(WebFilterSettings)
+    return ({f.name: f.default for f in fields}, {f.name: f.metadata["help"] for f in fields},
+            {f.name: f.metadata["check"] for f in fields if "check" in f.metadata})
 
 
 # ----------------------------------------------------------------------------- the pass
@@ -215,6 +188,9 @@ BULLETS = ("•", "●", "○", "◦", "▪", "▫", "■", "□", "‣", "⁃",
 ELLIPSES = ("...", "…")
 LANGUAGE_HEADER = "WARC-Identified-Content-Language"
 
+# The filters' switches, as meta.json lists them.
+SWITCHES = ("language", "gopher_repetition", "gopher_quality", "c4", "fineweb", "dedup_exact",
+            "dedup_near", "pii")
 DROP_REASONS = (
     "empty",
     "language:header", "language:stop_words", "language:unknown",
@@ -528,7 +504,7 @@ def _mask_public_ip(match):
 @dataclass(frozen=True)
 class DedupSignature:
     """What the main process needs to deduplicate one document: small and picklable."""
-    exact_key: int     # 64-bit hash of the normalised text
+    exact_key: int     # exact_key(text): of the normalised text for web text
     band_keys: tuple   # one 64-bit key per MinHash band; empty when dedup_near is off
 
 
@@ -540,14 +516,25 @@ def dedup_signature(text, settings=DEFAULT_SETTINGS):
     return DedupSignature(exact_key(text), band_keys)
 
 
+def exact_signature(text):
+    """The signature of text that is not web text (code, books, notes): only a copy of the
+    exact text is a duplicate, since there case and spacing carry meaning."""
+    return DedupSignature(exact_key(text, normalised=False), ())
+
+
 def normalise(text):
     """Case and whitespace differences do not make a different document."""
     return " ".join(text.lower().split())
 
 
-def exact_key(text):
-    digest = hashlib.blake2b(normalise(text).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
+def exact_key(text, normalised=True):
+    """The hash that equal texts share: 64 bits of the normalised text, or with
+    normalised=False 128 bits of the text as it is (lone surrogates from JSON included)."""
+    if normalised:
+        data, size = normalise(text).encode(), 8
+    else:
+        data, size = text.encode("utf-8", "surrogatepass"), 16
+    return int.from_bytes(hashlib.blake2b(data, digest_size=size).digest(), "little")
 
 
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # an odd constant (2**64 / golden ratio) to mix bits
@@ -619,16 +606,22 @@ class Deduplicator:
     Memory: a Python int in a set per band and document, about 14 * 60 bytes per document;
     like FineWeb's LSH, a shared band is taken as a duplicate without a second check."""
 
-    def __init__(self, settings=DEFAULT_SETTINGS):
-        self.settings = settings
+    def __init__(self, settings=DEFAULT_SETTINGS, exact_reason="dedup:exact"):
+        self.settings, self.exact_reason = settings, exact_reason
         self.exact_keys = set()
         self.band_keys = [set() for _ in range(settings.minhash_bands)]
+
+    @classmethod
+    def exact_only(cls):
+        """For text that is not web text (signatures from exact_signature): an exact copy
+        is dropped as "duplicate"."""
+        return cls(dataclasses.replace(DEFAULT_SETTINGS, dedup_near=False), exact_reason="duplicate")
 
     def check(self, signature):
         """The drop reason if the document repeats one kept before; otherwise remember it
         as kept and return None."""
         if self.settings.dedup_exact and signature.exact_key in self.exact_keys:
-            return "dedup:exact"
+            return self.exact_reason
         if self.settings.dedup_near and any(
                 key in seen for key, seen in zip(signature.band_keys, self.band_keys)):
             return "dedup:near"
@@ -636,74 +629,3 @@ class Deduplicator:
         for key, seen in zip(signature.band_keys, self.band_keys):
             seen.add(key)
         return None
-
-
-# ----------------------------------------------------------------------------- benchmark
-
-_FUNCTION_WORDS = ("the of and to in is that for it with as was on be by at this are from "
-                   "or have an they which one you were her all she there would their we "
-                   "him been has when who will more no if out so said what up its about "
-                   "into than them can only other new some could time these two may then").split()
-_CONTENT_WORDS = ("river city people water system history music family government school "
-                  "market winter garden language story village country morning teacher "
-                  "doctor science station island forest animal student company problem "
-                  "building summer picture report window mountain kitchen library journey "
-                  "season travel program research engine harbor farmer bridge "
-                  "painting century evening answer quickly carefully important different "
-                  "small large early ancient modern simple public local general possible "
-                  "written found known built opened moved changed started followed "
-                  "wanted reached carried believed remembered explained").split()
-
-
-def english_like_documents(megabytes, seed=0):
-    """Random pages of English-looking prose that pass every filter, so a benchmark runs
-    every rule in full: sentences of function and content words, several per line, lines
-    grouped in paragraphs."""
-    rng = random.Random(seed)
-    documents, size = [], 0
-    while size < megabytes * 1_000_000:
-        paragraphs = []
-        for _ in range(rng.randint(3, 8)):
-            lines = []
-            for _ in range(rng.randint(1, 4)):
-                sentences = []
-                for _ in range(rng.randint(2, 5)):
-                    words = [rng.choice(_FUNCTION_WORDS) if rng.random() < 0.45
-                             else rng.choice(_CONTENT_WORDS) for _ in range(rng.randint(8, 20))]
-                    sentences.append(" ".join(words).capitalize() + ".")
-                lines.append(" ".join(sentences))
-            paragraphs.append("\n".join(lines))
-        documents.append("\n\n".join(paragraphs))
-        size += len(documents[-1].encode())
-    return documents
-
-
-def benchmark(megabytes):
-    """Documents/s and MB/s of filter_document plus dedup_signature in CPU seconds of this
-    process (time.process_time), so other load on the machine does not count."""
-    documents = english_like_documents(megabytes)
-    headers = {LANGUAGE_HEADER: "eng"}
-    deduplicator = Deduplicator()
-    filter_seconds = signature_seconds = 0.0
-    kept = 0
-    for document in documents:
-        start = time.process_time()
-        text, reason = filter_document(document, headers)
-        filter_seconds += time.process_time() - start
-        if text is None:
-            continue
-        start = time.process_time()
-        signature = dedup_signature(text)
-        signature_seconds += time.process_time() - start
-        kept += deduplicator.check(signature) is None
-    total_mb = sum(len(d.encode()) for d in documents) / 1e6
-    seconds = filter_seconds + signature_seconds
-    print(f"{len(documents)} documents, {total_mb:.1f} MB, {kept} kept, one core: "
-          f"{len(documents) / seconds:.0f} documents/s, {total_mb / seconds:.2f} MB/s "
-          f"(filters {filter_seconds:.1f} s, MinHash signatures {signature_seconds:.1f} s)")
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Measure the web filters on one core.")
-    parser.add_argument("--mb", type=float, default=50, help="megabytes of generated text")
-    benchmark(parser.parse_args().mb)

@@ -16,10 +16,10 @@ import pytest
 
 import dataset
 import tokenizer
-import prepare
 import webfilters
+import webtext
 from conftest import send_body
-from test_prepare import bin_files, documents_in, run_prepare
+from test_prepare import bin_files, kept_documents, run_prepare
 
 GOOD = [
     """The town library reopened this spring after two years of careful repairs to its roof and walls.
@@ -145,10 +145,6 @@ def wet_file(pages, first_number=1, filler_bytes=0):
     return b"".join(members)
 
 
-def all_documents(folder):
-    return documents_in(folder, "train") + documents_in(folder, "val")
-
-
 # ---------------------------------------------------------------------------------------
 # The WET reader
 
@@ -157,23 +153,23 @@ def test_a_gzip_member_cut_short_costs_its_record_only():
     members = [gzip.compress(record) for record in records]
     data = members[0] + members[1][:30] + members[2] + members[3]
     blocks = [data[index:index + 50] for index in range(0, len(data), 50)]
-    read = list(prepare.warc_records(blocks, gzipped=True))
-    assert [item if isinstance(item, str) else item[1] for item in read] == [
+    read = list(webtext.warc_records(blocks, gzipped=True))
+    assert [item.reason if isinstance(item, webtext.Dropped) else item[1] for item in read] == [
         b"page 0", "bad_record:gzip", b"page 2", b"page 3"]
 
 
 def test_a_file_ending_inside_a_gzip_member_counts_it_and_keeps_the_rest():
     members = [gzip.compress(conversion(number, "https://example.org/", "eng", f"page {number}"))
                for number in range(2)]
-    read = list(prepare.warc_records([members[0] + members[1][:-5]], gzipped=True))
-    assert [item if isinstance(item, str) else item[1] for item in read] == [b"page 0", "bad_record:gzip"]
+    read = list(webtext.warc_records([members[0] + members[1][:-5]], gzipped=True))
+    assert [item.reason if isinstance(item, webtext.Dropped) else item[1] for item in read] == [b"page 0", "bad_record:gzip"]
 
 
 def test_a_malformed_warc_header_is_skipped_up_to_the_next_record():
     good = conversion(1, "https://example.org/", "eng", "kept page")
     data = b"WARX/1.0 garbage\r\n\r\nmore garbage\r\n" + good + warc_record({"WARC-Type": "conversion"}, b"x") + good
-    read = list(prepare.warc_records([data], gzipped=False))
-    assert [item if isinstance(item, str) else item[1] for item in read] == [
+    read = list(webtext.warc_records([data], gzipped=False))
+    assert [item.reason if isinstance(item, webtext.Dropped) else item[1] for item in read] == [
         "bad_record:warc_header", b"kept page", "bad_record:warc_header", b"kept page"]
 
 
@@ -192,16 +188,16 @@ def wet_dataset(tmp_path_factory):
 
 def test_web_filters_keep_the_good_pages_and_count_each_drop_under_its_reason(wet_dataset):
     meta = dataset.read_meta(wet_dataset)
-    assert sorted(all_documents(wet_dataset)) == sorted(KEPT_TEXTS)
+    assert sorted(kept_documents(wet_dataset)) == sorted(KEPT_TEXTS)
     assert meta["dropped"] == {**DROPPED, **UNREADABLE}
     assert meta["documents"]["read"] == len(PAGES) + 2
     assert meta["documents"]["kept"] == len(KEPT_TEXTS)
-    assert meta["filters"] == ["empty", *prepare.WEB_SWITCHES]
+    assert meta["filters"] == ["empty", *webfilters.SWITCHES]
     assert meta["web_filters"]["gopher_min_words"] == 50
 
 
 def test_javascript_and_cookie_lines_go_and_pii_is_masked_in_the_shards(wet_dataset):
-    shards_text = "\n".join(all_documents(wet_dataset))
+    shards_text = "\n".join(kept_documents(wet_dataset))
     assert "The annual chess tournament" in shards_text
     assert JAVASCRIPT_LINE not in shards_text and COOKIE_LINE not in shards_text
     assert "margaret.hill@gmail.com" not in shards_text and "93.184.216.34" not in shards_text
@@ -250,7 +246,7 @@ def test_max_docs_stops_once_that_many_are_kept(tmp_path):
     (tmp_path / "pages.warc.wet.gz").write_bytes(wet_file(PAGES))
     run_prepare("--source=files", "--input=pages.warc.wet.gz", "--out_dir=out", "--tokenizer=byte",
                 "--max_docs=3", cwd=tmp_path)
-    assert sorted(all_documents(tmp_path / "out")) == sorted(GOOD[:3])
+    assert sorted(kept_documents(tmp_path / "out")) == sorted(GOOD[:3])
 
 
 def test_zero_documents_left_names_the_filter_that_took_them(tmp_path):
@@ -273,19 +269,19 @@ def test_filters_web_applies_the_web_filters_to_plain_text_files(tmp_path):
     for name, text in [("a.txt", GOOD[0]), ("b.txt", GOOD[1]), ("c.txt", german), ("d.txt", WITH_PII)]:
         (tmp_path / "in" / name).write_text(text, encoding="utf-8")
     run_prepare("--source=files", "--input=in", "--filters=web", "--tokenizer=byte", "--out_dir=out", cwd=tmp_path)
-    assert sorted(all_documents(tmp_path / "out")) == sorted([GOOD[0], GOOD[1], MASKED_PII])
+    assert sorted(kept_documents(tmp_path / "out")) == sorted([GOOD[0], GOOD[1], MASKED_PII])
     assert dataset.read_meta(tmp_path / "out")["dropped"] == {"language:stop_words": 1}  # no header: stop words
 
 
 def test_web_filter_flags_are_listed_and_checked(tmp_path):
     help_text = run_prepare("--help", cwd=tmp_path).stdout
-    for name, default, _ in webfilters.settings_help():
+    for name in webfilters.settings_flags()[0]:
         assert f"--{name}=" in help_text
     assert "--languages=eng" in help_text and "--gopher_min_words=50" in help_text
     typo = run_prepare("--gopher_min_word=10", cwd=tmp_path, check=False)
-    assert "unknown flag --gopher_min_word; did you mean --gopher_min_words?" in typo.stderr
+    assert "unknown flag --gopher_min_word; did you mean 'gopher_min_words'?" in typo.stderr
     bad = run_prepare("--gopher_min_words=many", cwd=tmp_path, check=False)
-    assert "gopher_min_words: expected int, got 'many'" in bad.stderr and bad.returncode == 1
+    assert "--gopher_min_words=many: expected an integer" in bad.stderr and bad.returncode == 1
 
 
 # ---------------------------------------------------------------------------------------
@@ -362,7 +358,7 @@ def test_commoncrawl_streams_the_latest_crawls_wet_files_through_the_filters(cra
     assert [path for path, _, _ in requests] == ["collinfo.json", f"crawl-data/{CRAWL}/wet.paths.gz", *WET_PATHS]
     assert all(agent.startswith("owngpt") for _, _, agent in requests)
     meta = dataset.read_meta(folder)
-    assert sorted(all_documents(folder)) == sorted(KEPT_TEXTS)
+    assert sorted(kept_documents(folder)) == sorted(KEPT_TEXTS)
     assert meta["dropped"] == {**DROPPED, "bad_record:gzip": 2, "bad_record:warc_header": 2}
     assert meta["sources"][0]["crawl"] == CRAWL and meta["sources"][0]["wet_files"] == WET_PATHS
     assert sorted(path.name for path in folder.parent.iterdir()) == ["web"]  # no build state left
@@ -388,7 +384,7 @@ def test_a_rerun_after_a_failed_run_goes_on_with_the_next_wet_file(crawl_server,
     FakeCrawl.plans = {WET_PATHS[1]: ["failing"]}
     failed = run_prepare(*crawl_flags(crawl_server, "--name=web"), cwd=tmp_path, check=False)
     assert failed.returncode == 1
-    assert f"download failed after {prepare.DOWNLOAD_ATTEMPTS} tries" in failed.stderr
+    assert f"download failed after {webtext.DOWNLOAD_ATTEMPTS} tries" in failed.stderr
     assert "answered 503 Slow Down" in failed.stderr
     assert "1 of 2 WET files were filtered before this and are kept in" in failed.stderr
     assert "run the same command again to go on from WET file 2" in failed.stderr
@@ -412,7 +408,7 @@ def test_the_url_source_reads_a_wet_file_with_the_web_filters(crawl_server, tmp_
                 cwd=tmp_path)
     second_half = PAGES[len(PAGES) // 2:]  # alone, its copy of a page in the first half is new
     dropped = {reason: 1 for *_, reason in second_half if reason not in ("kept", "dedup:near")}
-    assert len(all_documents(tmp_path / "out")) == len(second_half) - len(dropped)
+    assert len(kept_documents(tmp_path / "out")) == len(second_half) - len(dropped)
     assert dataset.read_meta(tmp_path / "out")["dropped"] == {**dropped, **UNREADABLE}
 
 

@@ -14,15 +14,18 @@ import subprocess
 import sys
 import threading
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
 import tiktoken.load
 
 import dataset
+import filtered
 import tokenizer
 import prepare
+import webfilters
+import webtext
+from flags import UserError
 from conftest import ROOT, make_text, send_body
 
 # Text that a tokenizer must round-trip exactly: emoji (with skin tones and zero-width
@@ -63,6 +66,16 @@ def documents_in(folder, split):
     assert starts[0] == 0, "a split must start with the end-of-text token"
     return [encoder.decode(tokens[start + 1:end].tolist())
             for start, end in zip(starts, list(starts[1:]) + [len(tokens)])]
+
+
+def kept_documents(folder):
+    """The kept documents, whole: train's and val's, or, where val holds each document's
+    tail (too few documents for whole ones), each train head joined to its val tail."""
+    train, val = documents_in(folder, "train"), documents_in(folder, "val")
+    if dataset.read_meta(folder)["split_rule"]["rule"] != "tails":
+        return train + val
+    assert len(train) == len(val)
+    return [head + tail for head, tail in zip(train, val)]
 
 
 def bin_files(folder):
@@ -294,10 +307,10 @@ def test_wet_gz_with_one_gzip_member_per_record_parses_into_documents(tmp_path):
 def test_warc_parser_reads_records_split_across_blocks_and_counts_a_cut_record():
     data = warc_record({"WARC-Type": "conversion"}, "héllo".encode())
     blocks = [data[index:index + 3] for index in range(0, len(data), 3)]  # any split of the bytes
-    assert list(prepare.warc_records(blocks, gzipped=False)) == [
+    assert list(webtext.warc_records(blocks, gzipped=False)) == [
         ({"WARC-Type": "conversion", "Content-Length": "6"}, "héllo".encode())]
-    assert list(prepare.warc_records([data + data[:-7]], gzipped=False)) == [
-        ({"WARC-Type": "conversion", "Content-Length": "6"}, "héllo".encode()), "bad_record:truncated"]
+    assert list(webtext.warc_records([data + data[:-7]], gzipped=False)) == [
+        ({"WARC-Type": "conversion", "Content-Length": "6"}, "héllo".encode()), webtext.Dropped("bad_record:truncated")]
 
 
 def test_jsonl_gives_one_document_per_line_from_text_field(tmp_path):
@@ -326,12 +339,12 @@ def test_python_source_is_the_stdlib_without_test_suites():
 def test_download_names_stay_inside_the_downloads_folder():
     for url in ["http://h/../../etc/passwd", "https://h/a/..%2F..%2Fx", "http://h/", "http://h/.hidden",
                 "http://h/" + "x" * 500]:
-        name = prepare.download_name(url)
+        name = webtext.download_name(url)
         assert "/" not in name and "\\" not in name and not name.startswith(".") and len(name) < 100
-    assert prepare.download_name("http://h/a.txt") != prepare.download_name("http://g/a.txt")
+    assert webtext.download_name("http://h/a.txt") != webtext.download_name("http://g/a.txt")
     for bad in ["ftp://h/x.txt", "file:///etc/passwd", "/etc/passwd", "http:///x"]:
-        with pytest.raises(prepare.PrepareError, match="is not an http"):
-            prepare.download_name(bad)
+        with pytest.raises(webtext.WebTextError, match="is not an http"):
+            webtext.download_name(bad)
 
 
 # ---------------------------------------------------------------------------------------
@@ -428,14 +441,16 @@ def test_several_workers_give_the_same_shards_as_one(built, corpus, tmp_path):
     assert bin_files(tmp_path / "parallel") == bin_files(folder)
 
 
-def test_a_tiny_corpus_still_gets_a_train_and_a_val_document(tmp_path):
+def test_a_tiny_corpus_gives_val_the_tail_of_each_document(tmp_path):
     write_files(tmp_path / "in", ["first document", "second document"])
     run_prepare("--source=files", "--input=in", "--tokenizer=byte", "--val_fraction=0.01", "--name=tiny",
                 cwd=tmp_path)
-    meta = dataset.read_meta(tmp_path / "data" / "tiny")
-    assert [meta["splits"][split]["documents"] for split in ("train", "val")] == [1, 1]
-    assert sorted(documents_in(tmp_path / "data" / "tiny", "train") + documents_in(tmp_path / "data" / "tiny", "val")) \
-        == ["first document", "second document"]
+    folder = tmp_path / "data" / "tiny"
+    meta = dataset.read_meta(folder)
+    assert meta["split_rule"]["rule"] == "tails"
+    train, val = documents_in(folder, "train"), documents_in(folder, "val")
+    assert [head + tail for head, tail in zip(train, val)] == ["first document", "second document"]
+    assert all(tail for tail in val)
 
 
 def test_val_input_files_become_the_val_split(tmp_path):
@@ -453,12 +468,12 @@ def test_a_file_that_is_not_utf8_is_decoded_with_replacement_and_counted(tmp_pat
     run_prepare("--source=files", "--input=in", "--tokenizer=byte", "--out_dir=out", cwd=tmp_path)
     meta = dataset.read_meta(tmp_path / "out")
     assert meta["documents"]["invalid_utf8"] == 1
-    assert "caf\ufffd au lait" in documents_in(tmp_path / "out", "train") + documents_in(tmp_path / "out", "val")
+    assert "caf\ufffd au lait" in kept_documents(tmp_path / "out")
     assert "decoded with U+FFFD): 1" in (tmp_path / "out" / "report.md").read_text()
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--vocab=300"], "unknown flag --vocab; did you mean --vocab_size?"),
+    (["--vocab=300"], "unknown flag --vocab; did you mean 'vocab_size'?"),
     (["--vocab_size=256"], "--vocab_size=256: a BPE vocabulary needs at least 257 tokens"),
     (["--vocab_size=lots"], "--vocab_size=lots: expected an integer"),
     (["--val_fraction=1.5"], "--val_fraction=1.5: expected a fraction between 0 and 1"),
@@ -477,6 +492,43 @@ def test_bad_flags_and_inputs_fail_clearly(tmp_path, flags, message):
     assert not (tmp_path / "data").exists() or not list((tmp_path / "data").iterdir())
 
 
+# A value out of range or not among the choices, for every flag of prepare.py.
+BAD_VALUES = {
+    "source": "web", "input": ",", "val_input": " , ", "url": "ftp://example.org/a.txt",
+    "crawl": "CC MAIN 2025", "wet_files": "0", "max_docs": "-1", "cc_base_url": "data.commoncrawl.org",
+    "cc_index_url": "file:///collinfo.json", "text_field": "", "filters": "some", "keep_metadata": "maybe",
+    "tokenizer": "sentencepiece", "vocab_size": "0", "tokenizer_train_chars": "0",
+    "shard_tokens": str(2 ** 31), "val_fraction": "1.5", "num_workers": "0", "name": "../elsewhere",
+    "out_dir": "a_file.txt", "languages": "English",
+}
+WEB_BAD_VALUES = {webfilters.FRACTION: "1.5", webfilters.COUNT: "-1", webfilters.POSITIVE: "0"}
+WEB_DEFAULTS, _, WEB_CHECKS = webfilters.settings_flags()
+BAD_VALUES |= {name: WEB_BAD_VALUES[WEB_CHECKS[name]] if name in WEB_CHECKS else "maybe"  # a switch
+               for name in WEB_DEFAULTS if name not in BAD_VALUES}
+RUN_AS_A_SCRIPT = ("source", "shard_tokens", "gopher_max_dup_5gram", "pii")  # the rest in this process
+
+
+def test_every_flag_has_a_bad_value_to_try():
+    assert set(BAD_VALUES) == set(prepare.DEFAULTS)
+
+
+@pytest.mark.parametrize("flag", list(BAD_VALUES))
+def test_every_flag_refuses_a_bad_value_in_one_line_naming_the_flag(flag, tmp_path, monkeypatch):
+    (tmp_path / "a_file.txt").write_text("not a folder")
+    monkeypatch.chdir(tmp_path)
+    argument = f"--{flag}={BAD_VALUES[flag]}"
+    if flag in RUN_AS_A_SCRIPT:
+        result = run_prepare(argument, cwd=tmp_path, check=False)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        message = result.stderr.removeprefix("prepare.py: error: ").rstrip("\n")
+    else:
+        with pytest.raises(UserError) as error:
+            prepare.read_settings([argument])
+        message = str(error.value)
+    assert f"--{flag}=" in message and "\n" not in message
+    assert not (tmp_path / "data").exists()
+
+
 def test_help_lists_every_flag_with_its_default(tmp_path):
     result = run_prepare("--help", cwd=tmp_path)
     for name, (default, _) in prepare.FLAGS.items():
@@ -491,11 +543,48 @@ def test_no_documents_found_leaves_no_dataset_folder(tmp_path):
     assert list((tmp_path / "data").iterdir()) == []
 
 
-def test_a_single_document_fails_clearly(tmp_path):
-    write_files(tmp_path / "in", ["the only document"])
-    result = run_prepare("--source=files", "--input=in", "--tokenizer=byte", cwd=tmp_path, check=False)
-    assert result.returncode == 1
-    assert "train and val need at least one each" in result.stderr
+def test_one_text_file_is_cut_into_a_train_head_and_a_val_tail(tmp_path):
+    text = "".join(make_text(seed) for seed in range(20))
+    (tmp_path / "book.txt").write_text(text, encoding="utf-8")
+    run_prepare("--source=files", "--input=book.txt", "--name=book", cwd=tmp_path)  # defaults otherwise
+    folder = tmp_path / "data" / "book"
+    meta = dataset.read_meta(folder)
+    (head,), (tail,) = documents_in(folder, "train"), documents_in(folder, "val")
+    assert head + tail == text and tail.startswith(text[len(head):])  # no text in both
+    assert 0.04 < len(tail) / len(text) < 0.1  # about --val_fraction=0.05, cut at a line start
+    assert head.endswith("\n")
+    assert meta["split_rule"]["rule"] == "tails"
+    report = (folder / "report.md").read_text()
+    assert "Val is the last 5% of each document's text: the hash of the document ids put 0 of 1" in report
+    # the default --vocab_size=8192 is more than this text supports: the largest it supports instead
+    vocab_size = meta["tokenizer"]["vocab_size"]
+    assert 300 < vocab_size < 8192 and f"This text supports {vocab_size:,} tokens" in report
+
+
+def test_an_explicit_vocab_size_the_text_cannot_support_stays_an_error(tmp_path):
+    (tmp_path / "book.txt").write_text(make_text(0), encoding="utf-8")
+    result = run_prepare("--source=files", "--input=book.txt", "--vocab_size=8192", cwd=tmp_path, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "--vocab_size=8192 is more than this text supports" in result.stderr.splitlines()[-1]
+
+
+def test_whole_documents_go_to_val_when_the_hash_picks_enough_of_them(tmp_path):
+    write_files(tmp_path / "in", [make_text(seed) for seed in range(40)])
+    run_prepare("--source=files", "--input=in", "--val_fraction=0.2", "--tokenizer=byte", "--out_dir=out", cwd=tmp_path)
+    meta = dataset.read_meta(tmp_path / "out")
+    assert meta["split_rule"]["rule"] == "documents"
+    train, val = documents_in(tmp_path / "out", "train"), documents_in(tmp_path / "out", "val")
+    assert len(val) >= filtered.MIN_VAL_DOCUMENTS and not set(train) & set(val)
+    assert sorted(train + val) == sorted(make_text(seed) for seed in range(40))
+
+
+def test_few_documents_give_the_same_shards_with_one_and_two_workers(tmp_path):
+    write_files(tmp_path / "in", [make_text(seed, sentences=200) for seed in range(3)])
+    for workers in (1, 2):
+        run_prepare("--source=files", "--input=in", f"--num_workers={workers}", "--vocab_size=300",
+                    f"--out_dir=out{workers}", cwd=tmp_path)
+    assert dataset.read_meta(tmp_path / "out1")["split_rule"]["rule"] == "tails"
+    assert bin_files(tmp_path / "out1") == bin_files(tmp_path / "out2")
 
 
 def test_a_failed_rerun_keeps_the_previous_dataset(tmp_path):
@@ -577,7 +666,7 @@ def test_url_source_downloads_once_and_a_rerun_downloads_nothing(server, tmp_pat
     folder = tmp_path / "data" / "books"
     downloaded = sorted((folder / "downloads").iterdir())
     assert sorted(path.read_text() for path in downloaded) == sorted(make_text(index) for index in range(3))
-    assert sorted(documents_in(folder, "train") + documents_in(folder, "val")) == sorted(make_text(index) for index in range(3))
+    assert sorted(kept_documents(folder)) == sorted(make_text(index) for index in range(3))
     run_prepare(*flags, cwd=tmp_path)
     assert [len(requests_for(path)) for path in paths] == [1, 1, 1]
     assert dataset.read_meta(folder)["sources"][0]["url"] == server + paths[0]
@@ -593,7 +682,7 @@ def test_a_transfer_broken_midway_resumes_with_a_range_request(server, tmp_path)
     assert first_range is None
     resumed_at = int(second_range.removeprefix("bytes=").rstrip("-"))
     assert 0 < resumed_at <= len(text.encode()) // 2
-    assert text in documents_in(tmp_path / "out", "train") + documents_in(tmp_path / "out", "val")
+    assert text in kept_documents(tmp_path / "out")
 
 
 def test_a_503_then_200_succeeds_after_a_retry(server, tmp_path):
@@ -615,9 +704,9 @@ def test_a_404_fails_clearly_and_leaves_no_dataset(server, tmp_path):
 
 def test_a_server_that_never_answers_fails_after_the_retries(tmp_path, monkeypatch):
     listener = socket.create_server(("127.0.0.1", 0))  # accepts, never replies
-    monkeypatch.setattr(prepare, "TIMEOUT_S", (0.3, 0.3))
-    monkeypatch.setattr(prepare, "DOWNLOAD_ATTEMPTS", 2)
+    monkeypatch.setattr(webtext, "TIMEOUT_S", (0.3, 0.3))
+    monkeypatch.setattr(webtext, "DOWNLOAD_ATTEMPTS", 2)
     url = f"http://127.0.0.1:{listener.getsockname()[1]}/silent.txt"
-    with listener, pytest.raises(prepare.PrepareError, match=r"download failed after 2 tries: .*silent.txt.*timed out"):
-        prepare.download(url, tmp_path / "silent.txt")
+    with listener, pytest.raises(webtext.WebTextError, match=r"download failed after 2 tries: .*silent.txt.*timed out"):
+        webtext.download(url, tmp_path / "silent.txt")
     assert not (tmp_path / "silent.txt").exists()

@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pytest
 
+import prepare
 import webfilters
+from flags import UserError
 from webfilters import (DEFAULT_SETTINGS, DROP_REASONS, Deduplicator, dedup_signature,
-                        filter_document, mask_pii, minhash, parse_settings)
+                        filter_document, mask_pii, minhash)
 
 ROOT = Path(__file__).resolve().parent.parent
 ENGLISH = {"WARC-Identified-Content-Language": "eng"}
@@ -514,29 +516,30 @@ def test_defaults_are_the_published_values():
     assert s.languages == ("eng",)
 
 
-def test_parse_settings_reads_command_line_strings():
-    settings = parse_settings({"gopher_min_words": "40", "fineweb_line_punct_ratio": "0.2",
-                               "c4_terminal_punct": "true", "pii": "False",
-                               "languages": "eng, deu"})
+def test_web_filter_flags_read_command_line_strings():
+    settings = prepare.read_settings(["--gopher_min_words=40", "--fineweb_line_punct_ratio=0.2",
+                                      "--c4_terminal_punct=true", "--pii=False",
+                                      "--languages=eng, deu"])["web_filters"]
     assert settings.gopher_min_words == 40 and settings.fineweb_line_punct_ratio == 0.2
     assert settings.c4_terminal_punct is True and settings.pii is False
     assert settings.languages == ("eng", "deu")
-    assert parse_settings({"gopher_max_hash_ratio": 1}).gopher_max_hash_ratio == 1.0
+    assert prepare.read_settings(["--gopher_max_hash_ratio=1"])["web_filters"].gopher_max_hash_ratio == 1.0
 
 
-def test_unknown_setting_names_the_closest_one():
-    with pytest.raises(ValueError, match="gopher_min_wrods.*did you mean gopher_min_words"):
-        parse_settings({"gopher_min_wrods": "40"})
+def test_unknown_web_filter_flag_names_the_closest_one():
+    with pytest.raises(UserError, match="gopher_min_wrods.*did you mean 'gopher_min_words'"):
+        prepare.read_settings(["--gopher_min_wrods=40"])
 
 
 @pytest.mark.parametrize("name, value", [("gopher_min_words", "forty"), ("c4", "maybe"),
-                                         ("gopher_min_words", 4.5), ("languages", " , ")])
-def test_bad_setting_value_names_the_setting_and_the_value(name, value):
-    with pytest.raises(ValueError, match=f"{name}.*{value!r}"):
-        parse_settings({name: value})
+                                         ("gopher_min_words", "4.5"), ("languages", " , ")])
+def test_bad_web_filter_value_names_the_setting_and_the_value(name, value):
+    with pytest.raises(UserError, match=f"--{name}={value}: expected"):
+        prepare.read_settings([f"--{name}={value}"])
 
 
-def test_every_setting_has_help_text():
-    helps = webfilters.settings_help()
-    assert [name for name, _, _ in helps] == [f.name for f in dataclasses.fields(DEFAULT_SETTINGS)]
-    assert all(text for _, _, text in helps)
+def test_every_setting_has_help_text_and_every_threshold_a_check():
+    defaults, helps, checks = webfilters.settings_flags()
+    assert list(helps) == [f.name for f in dataclasses.fields(DEFAULT_SETTINGS)]
+    assert all(helps.values())
+    assert set(checks) == {name for name, default in defaults.items() if type(default) is not bool}
