@@ -1,15 +1,24 @@
 """bench.py: measure a part of owngpt on this machine, the same way every time.
 
-    python bench.py --what=webfilters --mb=50   # the web filters on one core, 50 MB of text
-    python bench.py --help                      # every flag with its default
+    python bench.py --what=recipes                # training recipes at equal wall time on data/python
+    python bench.py --what=recipes --budget=270 --recipes=gpt2,modern --seeds=2
+    python bench.py --what=throughput             # tokens/s at nanoGPT's CPU example shape, byte data
+    python bench.py --what=throughput --device=cuda --shape=config/train_gpt2_124m.py   # a GPU: tokens/s, MFU
+    python bench.py --what=webfilters --mb=50     # the web filters on one core, 50 MB of text
+    python bench.py --help                        # every flag with its default
 
 Each measurement is a mode: a function of the settings, listed in MODES by its --what name.
-Times are CPU seconds of this process (time.process_time), so other load on a shared
-machine does not count.
+Training runs are separate `python train.py` processes, run in turn (A B A B: seed 1 of every
+recipe, then seed 2, ...) so that a machine that slows down for a while hurts every recipe
+alike; the table gives each run, the medians, and each recipe's ratio to the first one.
 """
+import json
 import random
+import statistics
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import flags
 import webfilters
@@ -80,13 +89,114 @@ def bench_webfilters(settings):
           f"(filters {filter_seconds:.1f} s, MinHash signatures {signature_seconds:.1f} s)")
 
 
+# ----------------------------------------------------------------------------- training recipes
+
+# The recipes, as train.py flags over the shape's config file. Each learning rate was tuned on
+# this machine at the quick start's shape (README: Results): gpt2 is GPT-2's 2019 recipe,
+# modern the winning one, and the others take one piece away from it (the ablation).
+RECIPES = {
+    "gpt2": ["--block=gpt2", "--optimizer=adamw", "--lr_schedule=cosine", "--learning_rate=3e-3", "--min_lr=3e-4"],
+    "modern": ["--block=modern", "--optimizer=muon", "--lr_schedule=wsd", "--learning_rate=1.2e-2",
+               "--min_lr=1.2e-3", "--muon_lr=0.02"],
+    "modern_adamw": ["--block=modern", "--optimizer=adamw", "--lr_schedule=wsd", "--learning_rate=1.2e-2",
+                     "--min_lr=1.2e-3"],
+    "modern_cosine": ["--block=modern", "--optimizer=muon", "--lr_schedule=cosine", "--learning_rate=1.2e-2",
+                      "--min_lr=1.2e-3", "--muon_lr=0.02"],
+    "gpt2_muon": ["--block=gpt2", "--optimizer=muon", "--lr_schedule=wsd", "--learning_rate=3e-3", "--min_lr=3e-4",
+                  "--muon_lr=0.02"],
+}
+
+
+def recipe_list(names):
+    unknown = [name for name in names if name not in RECIPES and not name.startswith("--")]
+    return f"recipes among {', '.join(RECIPES)}" if unknown else None
+
+
+def train_run(settings, recipe, seed, extra):
+    """One `python train.py` run; returns its last evaluation and its logged steps."""
+    out_dir = Path(settings["out_dir"]) / f"{recipe}_seed{seed}"
+    command = [sys.executable, "train.py", settings["shape"], f"--dataset={settings['dataset']}",
+               f"--out_dir={out_dir}", f"--seed={seed}", f"--device={settings['device']}", "--log_interval=10",
+               *RECIPES[recipe], *extra]
+    finished = subprocess.run(command, capture_output=True, text=True)
+    if finished.returncode != 0:
+        raise flags.UserError(f"{' '.join(command)} failed: {finished.stderr.strip().splitlines()[-1]}")
+    lines = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [line for line in lines if "tokens_per_s" in line]
+    return [line for line in lines if "val_bpb" in line][-1], steps
+
+
+def compare(settings, extra, measure):
+    """Every recipe once per seed, in turn; measure(evaluation, steps) -> {column: value}."""
+    recipes, table = settings["recipes"], {}
+    for seed in range(1, settings["seeds"] + 1):
+        for recipe in recipes:
+            row = measure(*train_run(settings, recipe, seed, extra))
+            table.setdefault(recipe, []).append(row)
+            print(f"{recipe:>14} seed {seed}: " + " | ".join(f"{key} {value:,.4g}" for key, value in row.items()),
+                  flush=True)
+    print(f"\nmedians over {settings['seeds']} seed(s), and the ratio to {recipes[0]}:")
+    first = {key: statistics.median(row[key] for row in table[recipes[0]]) for key in table[recipes[0]][0]}
+    for recipe in recipes:
+        medians = {key: statistics.median(row[key] for row in table[recipe]) for key in first}
+        print(f"{recipe:>14}: " + " | ".join(f"{key} {value:,.4g} ({value / first[key]:.3f}x)"
+                                             for key, value in medians.items()))
+
+
+def bench_recipes(settings):
+    """Each recipe trains for --budget seconds of wall time (train.py's max_time); compares
+    the steps it took, its tokens/s and its final val loss in bits per byte."""
+    extra = [f"--max_time={settings['budget']}", "--eval_interval=100000", f"--eval_iters={settings['eval_iters']}"]
+    compare(settings, extra, lambda evaluation, steps: {
+        "steps": evaluation["iter"], "tokens/s": statistics.median(line["tokens_per_s"] for line in steps[1:] or steps),
+        "val bits/byte": evaluation["val_bpb"]})
+
+
+# nanoGPT's CPU example (its README: shakespeare_char on a MacBook): 4 layers of 128, 4 heads,
+# context 64, batch 12, no dropout; on data/python_byte (prepare.py --tokenizer=byte).
+NANOGPT_CPU_SHAPE = ["--n_layer=4", "--n_head=4", "--n_embd=128", "--block_size=64", "--batch_size=12",
+                     "--dropout=0.0", "--warmup_iters=10"]
+
+
+def bench_throughput(settings):
+    """Training tokens/s (and MFU on a GPU train.py knows) over --iters iterations: at
+    nanoGPT's CPU shape by default, or at --shape's config."""
+    shape = NANOGPT_CPU_SHAPE if settings["shape"] == DEFAULTS["shape"] else []
+    extra = [*shape, f"--max_iters={settings['iters']}", "--eval_interval=100000", "--eval_iters=1"]
+    if settings["device"] == "cuda":
+        extra += ["--compile=True", "--dtype=bfloat16"]
+
+    def measure(evaluation, steps):
+        timed = steps[1:] or steps  # the first log line holds the first steps (allocation, compilation)
+        row = {"tokens/s": statistics.median(line["tokens_per_s"] for line in timed)}
+        if "mfu" in timed[0]:
+            row["MFU %"] = 100 * statistics.median(line["mfu"] for line in timed)
+        return row
+    compare(settings, extra, measure)
+
+
 # ----------------------------------------------------------------------------- command line
 
-MODES = {"webfilters": bench_webfilters}
-DEFAULTS = {"what": "webfilters", "mb": 50.0}
+MODES = {"recipes": bench_recipes, "throughput": bench_throughput, "webfilters": bench_webfilters}
+DEFAULTS = {"what": "recipes", "recipes": ("gpt2", "modern"), "seeds": 2, "budget": 90.0,
+            "shape": "config/train_demo.py", "dataset": "python", "device": "cpu", "iters": 100, "eval_iters": 20,
+            "out_dir": "out/bench", "mb": 50.0}
 HELP = {"what": f"what to measure: {', '.join(MODES)}",
-        "mb": "megabytes of generated text to measure on"}
-CHECKS = {"what": flags.one_of(*MODES),
+        "recipes": f"recipes: training runs to compare, the first is the reference ({', '.join(RECIPES)})",
+        "seeds": "seeds per recipe (recipes and throughput)",
+        "budget": "recipes: seconds of wall time per training run (train.py's max_time)",
+        "shape": "the config file that sets the model and batch shape (throughput: nanoGPT's CPU shape unless set)",
+        "dataset": "the dataset folder (throughput at nanoGPT's shape wants python_byte: prepare.py --tokenizer=byte "
+                   "--name=python_byte)",
+        "device": "cpu | cuda | mps",
+        "iters": "throughput: iterations per run",
+        "eval_iters": "recipes: batches in the final evaluation",
+        "out_dir": "where the training runs write (one folder per run)",
+        "mb": "webfilters: megabytes of generated text to measure on"}
+CHECKS = {"what": flags.one_of(*MODES), "recipes": recipe_list, "seeds": flags.at_least(1),
+          "budget": lambda seconds: None if seconds > 0 else "a positive number of seconds",
+          "shape": lambda path: None if Path(path).is_file() else "a config file", "device": flags.one_of("cpu", "cuda", "mps"),
+          "iters": flags.at_least(2), "eval_iters": flags.at_least(1),
           "mb": lambda mb: None if mb > 0 else "a positive number of megabytes"}
 
 

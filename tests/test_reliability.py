@@ -77,6 +77,9 @@ def blocked(pid, seconds=0.5):
     return cpu_ticks(pid) == before
 
 
+ITERATIONS = 80  # long enough that the freeze below lands mid-run on a loaded machine (24 once ran out)
+
+
 def stop_past_a_checkpoint(rank_0, rank_1, out_dir):
     """Freeze rank 1 (SIGSTOP) at a point where the first attempt has trained past its newest
     checkpoint, so that the restart must redo iterations. Once rank 1 is frozen, rank 0 runs
@@ -90,6 +93,7 @@ def stop_past_a_checkpoint(rank_0, rank_1, out_dir):
         record = lines_so_far(out_dir)
         checkpoint_iter = json.loads((out_dir / "checkpoints.json").read_text())["checkpoints"][-1]["iter"]
         done = [line["iter"] for line in record if "loss" in line]
+        assert done[-1] < ITERATIONS - 4, "the run came near its end before rank 1 was frozen past a checkpoint"
         if done[-1] > checkpoint_iter:
             return record, checkpoint_iter
         os.kill(rank_1, signal.SIGCONT)
@@ -104,7 +108,7 @@ def test_a_rank_killed_mid_run_makes_torchrun_restart_the_group_which_resumes_fr
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--node-rank=0", "--nproc-per-node=2",
                 "--max-restarts=1", "--master-addr=127.0.0.1", f"--master-port={free_port()}"]
     flags = [*TINY_MODEL, f"--dataset={tiny_dataset}", "--out_dir=out", "--gradient_accumulation_steps=2",
-             "--eval_interval=4", "--max_iters=24"]
+             "--eval_interval=4", f"--max_iters={ITERATIONS}"]
     out_dir, log = tmp_path / "out", tmp_path / "torchrun.log"
     group = subprocess.Popen([*torchrun, str(ROOT / "train.py"), *flags], cwd=tmp_path, stdout=open(log, "w"),
                              stderr=subprocess.STDOUT, env=ONE_THREAD)
@@ -128,12 +132,12 @@ def test_a_rank_killed_mid_run_makes_torchrun_restart_the_group_which_resumes_fr
     # in the end each iteration is recorded once, and the redone ones are the same iterations,
     # with the same batches and dropout masks: losses equal bit for bit
     after = {line["iter"]: line for line in train_lines(out_dir)}
-    assert sorted(after) == list(range(1, 25)) and len(train_lines(out_dir)) == 24
-    assert [line["iter"] for line in read_metrics(out_dir) if "val_loss" in line] == list(range(0, 25, 4))
+    assert sorted(after) == list(range(1, ITERATIONS + 1)) and len(train_lines(out_dir)) == ITERATIONS
+    assert [line["iter"] for line in read_metrics(out_dir) if "val_loss" in line] == list(range(0, ITERATIONS + 1, 4))
     for line in before_crash:
         if "loss" in line:
             assert after[line["iter"]]["loss"] == line["loss"], line["iter"]
-    assert torch.load(out_dir / "ckpt.pt", weights_only=True)["iter_num"] == 24
+    assert torch.load(out_dir / "ckpt.pt", weights_only=True)["iter_num"] == ITERATIONS
 
 
 # ----------------------------------------------------------------------------- train.py in this process
