@@ -20,6 +20,7 @@ no dependency beyond torch and tiktoken: the few formats involved are written ou
   byte-to-character table.
 """
 import json
+import re
 import struct
 import sys
 from pathlib import Path
@@ -262,6 +263,14 @@ def bpe_merges(ranks):
     return [(left, right) for *_, left, right in sorted(merges)]
 
 
+def oniguruma_pattern(pattern):
+    r"""tiktoken's split pattern as the tokenizers library's regex engine (Oniguruma, Ruby
+    syntax) reads it the same. One spelling differs: Ruby has no possessive interval, so
+    `\p{N}{1,3}+` would mean (\p{N}{1,3})+, any run of digits; the atomic group (?>...)
+    means what tiktoken's engine reads, and tiktoken reads it too."""
+    return re.sub(r"(\\p\{\w+\}|\[[^\]]*\])(\{\d+(?:,\d*)?\})\+", r"(?>\1\2)", pattern)
+
+
 def tokenizer_json(encoder):
     """tokenizer.json (the tokenizers library's format) for a tiktoken.Encoding: the same
     split regex, then byte-level BPE with the same vocabulary and merge order, and
@@ -278,8 +287,7 @@ def tokenizer_json(encoder):
                           "normalized": False, "special": True} for text, token_id in special.items()],
         "normalizer": None,
         "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            # _pat_str: tiktoken has no public name for the pattern an Encoding was built with
-            {"type": "Split", "pattern": {"Regex": encoder._pat_str}, "behavior": "Isolated", "invert": False},
+            {"type": "Split", "pattern": {"Regex": oniguruma_pattern(encoder._pat_str)}, "behavior": "Isolated", "invert": False},
             {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
         "post_processor": None,
         "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},

@@ -20,7 +20,7 @@ import train
 from checkpoint import load_checkpoint_file
 from conftest import ROOT
 from model import GPT, GPTConfig
-from tokenizer import load_tokenizer
+from tokenizer import load_tokenizer, python_split_regex
 
 transformers = pytest.importorskip("transformers", reason="checking an export needs transformers "
                                    "(pip install transformers safetensors)")
@@ -28,7 +28,7 @@ transformers = pytest.importorskip("transformers", reason="checking an export ne
 pytestmark = pytest.mark.usefixtures("one_thread")
 TINY_MODEL = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8", "--eval_iters=2",
               "--log_interval=10", "--warmup_iters=2", "--learning_rate=3e-3", "--min_lr=3e-4", "--device=cpu"]
-TRICKY_TEXT = "Hello wörld 🙂👍🏽 日本語のテキスト 中文 ok\n\n  x=1234567 <|endoftext|>def f():\r\n\treturn"
+TRICKY_TEXT = "Hello wörld 🙂👍🏽 日本語のテキスト 中文 ok\n\n  x=1234567 <|endoftext|>def f(0x0010):\r\n\treturn"
 
 
 def run_train(*flags):
@@ -96,6 +96,17 @@ def test_exported_tokenizer_encodes_and_decodes_as_ours(exported):
     assert theirs.eos_token_id == theirs.bos_token_id == encoder.eot_token
     assert hf.read_tokenizer_json(dest).encode(TRICKY_TEXT, disallowed_special=()) == \
         encoder.encode(TRICKY_TEXT, disallowed_special=())
+
+
+def test_exported_tokenizer_cuts_text_into_our_chunks(exported):
+    """Whatever the vocabulary, the chunks BPE works within are ours: digits in threes, as
+    tiktoken reads the possessive \\p{N}{1,3}+ (which Oniguruma would read as any run)."""
+    theirs = transformers.AutoTokenizer.from_pretrained(exported[1]).backend_tokenizer.pre_tokenizer
+    unspell = {char: byte for byte, char in hf.byte_to_char().items()}
+    text = TRICKY_TEXT.replace("<|endoftext|>", "") + " 3.14159265 0x0010 \x1c\u00a0\u3000 x\u0301 e\u0301t\u00e9"
+    their_chunks = [bytes(unspell[char] for char in piece).decode() for piece, _ in theirs.pre_tokenize_str(text)]
+    assert their_chunks == python_split_regex().findall(text)
+    assert "141" in their_chunks and "001" in their_chunks
 
 
 def test_export_writes_the_folder_and_a_model_card(exported, tiny_dataset):
