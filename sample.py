@@ -3,6 +3,7 @@
     python sample.py --out_dir=out/demo
     python sample.py --out_dir=out/demo --start="def fibonacci(n):" --num_samples=3
     python sample.py --out_dir=out/demo --start=FILE:prompt.txt --temperature=0.6 --top_p=0.9
+    python sample.py --out_dir=hf:hf/demo   # a Hugging Face GPT-2 folder: export.py's, or GPT-2's own
 
 It needs only the out folder: the checkpoint describes its tokenizer, and train.py copies
 a trained BPE's file next to it. A sample starts after an end-of-text token, as every
@@ -20,12 +21,13 @@ import torch
 import flags
 from checkpoint import load_checkpoint_file
 from dataset import EOT
+from hf import HF_PREFIX, read_gpt2_folder, read_tokenizer_json
 from model import GPT, GPTConfig, available_devices, pick_device
 from tokenizer import load_tokenizer
 
 _NAMES_BEFORE_DEFAULTS = set(globals())
 # ----------------------------------------------------------------------------- defaults
-out_dir = "out"  # the folder train.py wrote
+out_dir = "out"  # the folder train.py wrote, or hf:FOLDER, a Hugging Face GPT-2 folder (ckpt is then unused)
 ckpt = "best"  # best (best.pt, the lowest val loss) or latest (ckpt.pt)
 start = ""  # the prompt: text, or FILE:path of a UTF-8 file; empty starts a fresh document
 num_samples = 1  # samples to draw, one after another
@@ -79,7 +81,11 @@ def load_model(path, device):
     if not path.is_file():
         raise SampleError(f"{path} not found: train.py writes ckpt.pt (--ckpt=latest) and "
                           f"best.pt (--ckpt=best) into its out_dir")
-    checkpoint = load_checkpoint_file(path)
+    return model_of(load_checkpoint_file(path), path, device)
+
+
+def model_of(checkpoint, path, device):
+    """The GPT a checkpoint holds, in eval mode, and the checkpoint."""
     missing = [key for key in ("model", "model_config", "tokenizer") if key not in checkpoint]
     if missing:
         raise SampleError(f"{path} lacks {', '.join(missing)}: not a checkpoint written by train.py")
@@ -118,12 +124,17 @@ def print_sample(model, tokenizer, prompt, settings, generator):
 def sample(settings):
     settings["device"] = pick_device(settings["device"])
     prompt = read_prompt(settings["start"])
-    path = Path(settings["out_dir"]) / CHECKPOINT_FILES[settings["ckpt"]]
-    model, checkpoint = load_model(path, settings["device"])
-    try:
-        tokenizer = load_tokenizer(settings["out_dir"], checkpoint["tokenizer"])
-    except (OSError, ValueError, KeyError) as error:
-        raise SampleError(f"{path}: cannot load its tokenizer: {error}") from None
+    if settings["out_dir"].startswith(HF_PREFIX):
+        path = Path(settings["out_dir"].removeprefix(HF_PREFIX))
+        model, checkpoint = model_of(read_gpt2_folder(path), path, settings["device"])
+        tokenizer = read_tokenizer_json(path)
+    else:
+        path = Path(settings["out_dir"]) / CHECKPOINT_FILES[settings["ckpt"]]
+        model, checkpoint = load_model(path, settings["device"])
+        try:
+            tokenizer = load_tokenizer(settings["out_dir"], checkpoint["tokenizer"])
+        except (OSError, ValueError, KeyError) as error:
+            raise SampleError(f"{path}: cannot load its tokenizer: {error}") from None
     generator = torch.Generator(device=settings["device"]).manual_seed(settings["seed"])
     generated, started = 0, time.perf_counter()
     for _ in range(settings["num_samples"]):

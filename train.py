@@ -54,6 +54,7 @@ import flags
 from checkpoint import (MANIFEST_FILE, check_free_space, load_checkpoint_file, newest_valid_checkpoint, read_manifest,
                         restore_rng_states, rng_states, write_checkpoint)
 from dataset import atomic_write, open_folder, read_meta, read_split
+from hf import HF_PREFIX, read_gpt2_folder
 from model import BLOCKS, GPT, GPTConfig, available_devices, peak_flops, pick_device
 from optimizers import OPTIMIZERS, build_optimizer
 from runlog import RunLog, StepTimer, duration, peak_memory
@@ -64,7 +65,7 @@ _NAMES_BEFORE_DEFAULTS = set(globals())
 # I/O
 out_dir = "out"  # where checkpoints, metrics.jsonl and the tokenizer copy go
 dataset = "python"  # a folder name under data/, or a path (anything with a slash)
-init_from = "scratch"  # scratch | resume (the newest valid checkpoint in out_dir) | path to a .pt (its weights only)
+init_from = "scratch"  # scratch | resume (the newest valid checkpoint in out_dir) | path to a .pt (its weights only) | hf:FOLDER (a Hugging Face GPT-2 folder's weights)
 eval_only = False  # evaluate the init_from checkpoint on `dataset`, print, exit
 eval_interval = 250  # evaluate and save a checkpoint every this many iterations (and at the end)
 eval_iters = 20  # batches per evaluation, the same fixed batches every time
@@ -123,8 +124,9 @@ def zero_to_below_one(value):
 
 
 def checkpoint_to_start_from(value):
-    return None if value in ("scratch", "resume") or os.path.isfile(value) else \
-        "scratch, resume or the path of a checkpoint file"
+    return None if value in ("scratch", "resume") or os.path.isfile(value) or \
+        (value.startswith(HF_PREFIX) and os.path.isdir(value.removeprefix(HF_PREFIX))) else \
+        "scratch, resume, the path of a checkpoint file or hf:FOLDER (a Hugging Face GPT-2 folder)"
 
 
 # What each value may be, checked before any work starts (flags.py). Every key is here but the
@@ -326,6 +328,9 @@ def load_start_checkpoint(cfg, runtime):
     rank 0 picks the checkpoint (verifying it) and the other ranks load the same file."""
     if cfg.init_from == "scratch":
         return None, None
+    if cfg.init_from.startswith(HF_PREFIX):
+        folder = cfg.init_from.removeprefix(HF_PREFIX)
+        return Path(folder), read_gpt2_folder(folder)
     if cfg.init_from != "resume":
         return Path(cfg.init_from), load_checkpoint_file(cfg.init_from)
     chosen = [None]
@@ -342,8 +347,8 @@ def load_start_checkpoint(cfg, runtime):
 def check_checkpoint_fits(checkpoint, path, model_config, tokenizer_info, folder):
     """The dataset must use the checkpoint's tokenizer and the config its architecture."""
     trained_with = checkpoint["tokenizer"]
-    for field in ("kind", "vocab_size", "eot_id", "sha256"):
-        if trained_with.get(field) != tokenizer_info.get(field):
+    for field in ("kind", "vocab_size", "eot_id", "sha256"):  # a Hugging Face folder tells only the middle two
+        if field in trained_with and trained_with[field] != tokenizer_info.get(field):
             raise TrainError(f"{path} was trained with a different tokenizer than {folder} uses: "
                              f"{field} is {trained_with.get(field)!r} there and {tokenizer_info.get(field)!r} here")
     for field in ("block", "block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias"):

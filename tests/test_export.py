@@ -1,0 +1,236 @@
+"""export.py and init_from=hf:: our gpt2-block models in the Hugging Face format and back.
+
+transformers is a test-only dependency (.ci/run installs it): it is the judge of whether an
+exported folder loads and computes what our model computes.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import export
+import hf
+import train
+from checkpoint import load_checkpoint_file
+from conftest import ROOT
+from model import GPT, GPTConfig
+from tokenizer import load_tokenizer, python_split_regex
+
+transformers = pytest.importorskip("transformers", reason="checking an export needs transformers "
+                                   "(pip install transformers safetensors)")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+TINY_MODEL = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8", "--eval_iters=2",
+              "--log_interval=10", "--warmup_iters=2", "--learning_rate=3e-3", "--min_lr=3e-4", "--device=cpu"]
+TRICKY_TEXT = "Hello wörld 🙂👍🏽 日本語のテキスト 中文 ok\n\n  x=1234567 <|endoftext|>def f(0x0010):\r\n\treturn"
+
+
+def run_train(*flags):
+    """train.main in this process; returns the error message, or None when it succeeded."""
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        train.main([*TINY_MODEL, *flags])
+        return None
+    except SystemExit as exit:
+        return exit.code
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_dataset, tmp_path_factory):
+    """A gpt2-block model (no biases, as train.py's default) trained 20 iterations on the
+    tiny dataset, and its export. Returns (out_dir, dest)."""
+    folder = tmp_path_factory.mktemp("export")
+    out_dir, dest = folder / "out", folder / "hf"
+    assert run_train(f"--dataset={tiny_dataset}", f"--out_dir={out_dir}", "--max_iters=20",
+                     "--eval_interval=10") is None
+    assert export.main([f"--out_dir={out_dir}", f"--dest={dest}"]) == 0
+    return out_dir, dest
+
+
+def our_model(out_dir):
+    checkpoint = load_checkpoint_file(out_dir / "best.pt")
+    model = GPT(GPTConfig(**checkpoint["model_config"]))
+    model.load_state_dict(checkpoint["model"])
+    return model.eval(), load_tokenizer(out_dir, checkpoint["tokenizer"])
+
+
+def test_exported_model_computes_our_logits_and_greedy_tokens(exported):
+    out_dir, dest = exported
+    ours, encoder = our_model(out_dir)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(dest).eval()
+    assert type(theirs).__name__ == "GPT2LMHeadModel"
+    ids = torch.tensor([[encoder.eot_token] + encoder.encode("Kalo mi ne ruka sa ti vo.")])
+    with torch.no_grad():
+        difference = (ours(ids)[0] - theirs(ids).logits).abs().max().item()
+    assert difference < 1e-4
+    prompt = ids[:, :8]
+    our_tokens = [int(token) for token in ours.generate(prompt, 20, temperature=0)]
+    no_stop = transformers.GenerationConfig(max_new_tokens=20, do_sample=False, eos_token_id=None)
+    their_tokens = theirs.generate(prompt, generation_config=no_stop)[0, 8:].tolist()
+    assert their_tokens == our_tokens
+
+
+def test_exported_tokenizer_encodes_and_decodes_as_ours(exported):
+    """The same ids on emoji, CJK, digits and white space. One difference, by design: the
+    literal text <|endoftext|> is one special token to Hugging Face's tokenizer, plain text
+    to ours (prepare.py encodes documents with disallowed_special=())."""
+    out_dir, dest = exported
+    _, encoder = our_model(out_dir)
+    theirs = transformers.AutoTokenizer.from_pretrained(dest)
+    plain = TRICKY_TEXT.replace("<|endoftext|>", "")
+    assert theirs(plain).input_ids == encoder.encode(plain, disallowed_special=())
+    assert theirs.decode(theirs(plain).input_ids) == plain
+    their_ids = theirs(TRICKY_TEXT).input_ids
+    assert their_ids == encoder.encode(TRICKY_TEXT, allowed_special="all")
+    assert their_ids.count(encoder.eot_token) == 1
+    assert encoder.eot_token not in encoder.encode(TRICKY_TEXT, disallowed_special=())
+    assert theirs.eos_token_id == theirs.bos_token_id == encoder.eot_token
+    assert hf.read_tokenizer_json(dest).encode(TRICKY_TEXT, disallowed_special=()) == \
+        encoder.encode(TRICKY_TEXT, disallowed_special=())
+
+
+def test_exported_tokenizer_cuts_text_into_our_chunks(exported):
+    """Whatever the vocabulary, the chunks BPE works within are ours: digits in threes, as
+    tiktoken reads the possessive \\p{N}{1,3}+ (which Oniguruma would read as any run)."""
+    theirs = transformers.AutoTokenizer.from_pretrained(exported[1]).backend_tokenizer.pre_tokenizer
+    unspell = {char: byte for byte, char in hf.byte_to_char().items()}
+    text = TRICKY_TEXT.replace("<|endoftext|>", "") + " 3.14159265 0x0010 \x1c\u00a0\u3000 x\u0301 e\u0301t\u00e9"
+    their_chunks = [bytes(unspell[char] for char in piece).decode() for piece, _ in theirs.pre_tokenize_str(text)]
+    assert their_chunks == python_split_regex().findall(text)
+    assert "141" in their_chunks and "001" in their_chunks
+
+
+def test_export_writes_the_folder_and_a_model_card(exported, tiny_dataset):
+    out_dir, dest = exported
+    assert sorted(path.name for path in dest.iterdir()) == [
+        "README.md", "config.json", "generation_config.json", "model.safetensors", "special_tokens_map.json",
+        "tokenizer.json", "tokenizer_config.json"]
+    config = json.loads((dest / "config.json").read_text())
+    assert (config["activation_function"], config["vocab_size"], config["n_positions"]) == ("gelu", 512, 32)
+    stored = hf.read_safetensors(dest / "model.safetensors")
+    assert "lm_head.weight" not in stored  # tied: stored once
+    assert stored["transformer.wte.weight"].shape == (512, 32)  # the padding rows are not exported
+    assert not stored["transformer.h.0.attn.c_attn.bias"].any()  # bias=False: zero biases
+    card = (dest / "README.md").read_text()
+    assert "tokens seen: 5,120" in card and "val loss" in card and "bits per byte" in card
+    assert f"dataset: {tiny_dataset}" in card and "documents kept: 24" in card
+
+
+def test_safetensors_written_here_read_by_the_safetensors_library(tmp_path):
+    from safetensors.torch import load_file
+
+    tensors = {"a": torch.randn(3, 4), "b": torch.arange(5, dtype=torch.int64), "c": torch.randn(2).bfloat16()}
+    hf.write_safetensors(tmp_path / "x.safetensors", tensors, metadata={"format": "pt"})
+    for read in (load_file(tmp_path / "x.safetensors"), hf.read_safetensors(tmp_path / "x.safetensors")):
+        assert all(torch.equal(read[name], tensor) for name, tensor in tensors.items())
+
+
+def test_modern_block_is_refused_naming_what_cannot_be_exported(tmp_path, capsys):
+    config = GPTConfig(vocab_size=257, block_size=16, n_layer=1, n_head=2, n_embd=16, block="modern")
+    checkpoint = {"model": GPT(config).state_dict(), "model_config": vars(config),
+                  "tokenizer": {"kind": "byte", "vocab_size": 257, "eot_id": 256, "file": None, "sha256": None}}
+    torch.save(checkpoint, tmp_path / "best.pt")
+    assert export.main([f"--out_dir={tmp_path}", f"--dest={tmp_path / 'hf'}"]) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "block=modern" in error and "rotary" in error
+    assert not (tmp_path / "hf").exists()
+
+
+# ----------------------------------------------------------------------------- init_from=hf:
+def hf_gpt2(folder, vocab_size=512, activation="gelu", as_bin=False):
+    """A random GPT2LMHeadModel saved by transformers in folder; returns the model."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=vocab_size, n_positions=32, n_embd=32, n_layer=2, n_head=2,
+                                     activation_function=activation, bos_token_id=vocab_size - 1,
+                                     eos_token_id=vocab_size - 1)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():  # biases and norms too, so each one is checked
+            parameter.normal_(0, 0.1)
+    if as_bin:
+        config.save_pretrained(folder)
+        torch.save(model.state_dict(), Path(folder) / "pytorch_model.bin")
+    else:
+        model.save_pretrained(folder)
+    return model
+
+
+@pytest.mark.parametrize("as_bin", [False, True], ids=["safetensors", "pytorch_model.bin"])
+def test_hugging_face_gpt2_imports_with_the_same_logits(tmp_path, as_bin):
+    theirs = hf_gpt2(tmp_path, as_bin=as_bin)
+    assert (tmp_path / ("pytorch_model.bin" if as_bin else "model.safetensors")).is_file()
+    checkpoint = hf.read_gpt2_folder(tmp_path)
+    ours = GPT(GPTConfig(**checkpoint["model_config"])).eval()
+    ours.load_state_dict(checkpoint["model"])
+    ids = torch.randint(0, 512, (2, 32))
+    with torch.no_grad():
+        assert (ours(ids)[0] - theirs(ids).logits).abs().max() < 1e-4
+    assert checkpoint["tokenizer"] == {"vocab_size": 512, "eot_id": 511}
+
+
+def test_gpt2s_tanh_gelu_imports_with_a_note(tmp_path, capsys):
+    theirs = hf_gpt2(tmp_path, activation="gelu_new")
+    checkpoint = hf.read_gpt2_folder(tmp_path)
+    assert "gelu_new" in capsys.readouterr().err
+    ours = GPT(GPTConfig(**checkpoint["model_config"])).eval()
+    ours.load_state_dict(checkpoint["model"])
+    ids = torch.randint(0, 512, (1, 32))
+    with torch.no_grad():
+        assert 0 < (ours(ids)[0] - theirs(ids).logits).abs().max() < 1e-2
+
+
+def test_init_from_hf_evaluates_and_fine_tunes(tiny_dataset, tmp_path):
+    hf_gpt2(tmp_path / "gpt2")
+    gpt2_shape = ["--bias=True", f"--dataset={tiny_dataset}", f"--init_from=hf:{tmp_path / 'gpt2'}"]
+    assert run_train(*gpt2_shape, "--eval_only=True") is None
+    assert run_train(*gpt2_shape, f"--out_dir={tmp_path / 'out'}", "--max_iters=2", "--eval_interval=2") is None
+    assert (tmp_path / "out" / "best.pt").is_file()
+    error = run_train(*gpt2_shape[1:], f"--out_dir={tmp_path / 'out2'}", "--max_iters=2")
+    assert "bias=True" in error  # the config must have GPT-2's shape, biases included
+
+
+def test_init_from_hf_refuses_a_dataset_with_another_tokenizer(tiny_dataset, tmp_path):
+    hf_gpt2(tmp_path, vocab_size=600)
+    error = run_train("--bias=True", f"--dataset={tiny_dataset}", f"--init_from=hf:{tmp_path}", "--eval_only=True")
+    assert "vocab_size is 600 there and 512 here" in error and str(tmp_path) in error
+
+
+def test_foreign_architecture_and_damaged_folders_are_clear_errors(tmp_path):
+    hf_gpt2(tmp_path / "good")
+    cases = {"llama": ("config.json", json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]})),
+             "truncated": ("model.safetensors", (tmp_path / "good" / "model.safetensors").read_bytes()[:1000]),
+             "garbage": ("model.safetensors", "not a safetensors file at all"),
+             "bad config": ("config.json", "{not json")}
+    messages = {}
+    for name, (file, content) in cases.items():
+        shutil.copytree(tmp_path / "good", tmp_path / name)
+        (tmp_path / name / file).write_bytes(content if isinstance(content, bytes) else content.encode())
+        with pytest.raises(hf.HFError) as error:
+            hf.read_gpt2_folder(tmp_path / name)
+        messages[name] = str(error.value)
+    assert "holds a llama model (LlamaForCausalLM)" in messages["llama"] and "GPT-2" in messages["llama"]
+    assert "not a readable safetensors file" in messages["truncated"]
+    assert "not a readable safetensors file" in messages["garbage"]
+    assert "config.json is not a GPT-2 config" in messages["bad config"]
+    with pytest.raises(hf.HFError, match="no config.json"):
+        hf.read_gpt2_folder(tmp_path)
+
+
+def test_sample_reads_an_exported_folder_as_it_reads_the_out_folder(exported):
+    out_dir, dest = exported
+    outputs = [subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--out_dir={source}", "--temperature=0",
+                               "--max_new_tokens=30", "--start=Kalo", "--device=cpu"], capture_output=True,
+                              text=True, encoding="utf-8", cwd=ROOT, timeout=120,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+               for source in (out_dir, f"hf:{dest}")]
+    assert [result.returncode for result in outputs] == [0, 0], outputs[1].stderr
+    assert outputs[0].stdout == outputs[1].stdout and len(outputs[0].stdout) > len("Kalo\n")
