@@ -21,7 +21,7 @@ What a run writes into out_dir (checkpoint.py keeps the checkpoints):
     checkpoints.json  their iteration, size and sha256, recorded when each was written
     ckpt.pt, best.pt  the newest checkpoint and the one with the lowest val loss
                       (hard links, so they take no extra disk)
-    metrics.jsonl     one JSON object per log line and per evaluation
+    metrics.jsonl     one JSON object per log line, per evaluation and per sample
     tokenizer.tiktoken a copy of a trained BPE, so sample.py needs only this folder
 
 A run survives being stopped: SIGTERM or SIGINT (Ctrl-C) finishes the current step, saves
@@ -46,6 +46,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import tiktoken
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
@@ -57,7 +58,7 @@ from dataset import atomic_write, open_folder, read_meta, read_split
 from hf import HF_PREFIX, read_gpt2_folder
 from model import BLOCKS, GPT, GPTConfig, available_devices, peak_flops, pick_device
 from optimizers import OPTIMIZERS, build_optimizer
-from runlog import RunLog, StepTimer, duration, peak_memory
+from runlog import RunLog, StepTimer, draw_sample, duration, one_line, peak_memory
 from tokenizer import load_tokenizer
 
 _NAMES_BEFORE_DEFAULTS = set(globals())
@@ -70,6 +71,7 @@ eval_only = False  # evaluate the init_from checkpoint on `dataset`, print, exit
 eval_interval = 250  # evaluate and save a checkpoint every this many iterations (and at the end)
 eval_iters = 20  # batches per evaluation, the same fixed batches every time
 log_interval = 10  # a log line and a metrics.jsonl line every this many iterations
+sample_every_eval = True  # at each evaluation print and record a short sample (32 tokens of a fresh document)
 keep_last = 2  # checkpoints kept in out_dir, the newest valid one always among them
 wandb_log = False  # also log to Weights & Biases (pip install wandb)
 wandb_project = "owngpt"  # wandb project name
@@ -274,10 +276,9 @@ def load_split(folder, meta, split, block_size):
     return windows
 
 
-def token_byte_lengths(folder, tokenizer_info, device):
+def token_byte_lengths(encoding, device):
     """Bytes of text each token id stands for (end-of-text counts 0: it is a boundary, not
     text), so losses can be turned into bits per byte, which compares across tokenizers."""
-    encoding = load_tokenizer(folder, tokenizer_info)
     lengths = [0 if token == encoding.eot_token else len(encoding.decode_single_token_bytes(token))
                for token in range(encoding.n_vocab)]
     return torch.tensor(lengths, dtype=torch.int64, device=device)
@@ -302,8 +303,8 @@ def save_checkpoint(run, is_best):
     rng (a list: each rank's Python, numpy, torch and CUDA generator states, its batch
     sampler's state included), data ({"world_size"}: the rng list is exact for this many
     processes), elapsed_s. It is taken between iterations, after the evaluation, which uses
-    fixed batches in eval mode and draws no random numbers: so the resumed run starts
-    where this one would have gone on.
+    fixed batches in eval mode and draws no random numbers (the sample draws from a
+    generator of its own): so the resumed run starts where this one would have gone on.
     """
     states = gather_from_ranks(rng_states(run.generator, run.runtime.device), run.runtime)
     if not run.runtime.is_main:
@@ -394,11 +395,26 @@ def run_evaluation(run):
     run.log.write({"iter": run.iter_num, "tokens": run.iter_num * run.tokens_per_iter, "elapsed_s": run.elapsed_s(),
                    "val_loss": val["loss"], "val_ppl": perplexity, "val_acc": val["acc"], "val_bpb": val["bpb"],
                    "train_loss": on_train["loss"]})
+    if run.cfg.sample_every_eval and run.runtime.is_main and math.isfinite(val["loss"]):  # NaN weights cannot sample
+        record_sample(run)
     run.log.draw_curves()
     improved = run.iter_num > 0 and val["loss"] < run.best_val_loss
     if improved:
         run.best_val_loss = val["loss"]
     return improved
+
+
+def record_sample(run):
+    """Rank 0 prints and records a sample, so the text can be seen going from noise to
+    structure. Generation is local (no collective): the other ranks go on and wait for
+    rank 0 at the next step's all-reduce. It draws from its own generator (draw_sample), so
+    a run with samples trains exactly as one without."""
+    started = time.perf_counter()
+    text = draw_sample(run.raw_model, run.encoding, run.cfg.seed, run.runtime.device)
+    seconds = time.perf_counter() - started
+    run.eval_seconds += seconds  # for the ETA and max_time
+    run.log.print(f'sample at iter {run.iter_num}: "{one_line(text)}" | {seconds:.2f}s')
+    run.log.write({"iter": run.iter_num, "elapsed_s": run.elapsed_s(), "sample": text, "sample_s": seconds})
 
 
 # ----------------------------------------------------------------------------- one iteration
@@ -610,6 +626,7 @@ class Run:
     splits: dict  # "train" and "val": TokenWindows
     eval_batches: dict  # split -> the fixed batches of window ids every evaluation uses
     byte_lengths: torch.Tensor  # bytes of text per token id, for bits per byte
+    encoding: tiktoken.Encoding  # the dataset's tokenizer: decodes the samples
     tokenizer_info: dict  # meta.json's tokenizer entry, saved in each checkpoint for sample.py
     generator: torch.Generator  # draws the training batches (process k seeds it with seed + k)
     # model and optimizer
@@ -667,7 +684,8 @@ def build_run(cfg):
         check_free_space(Path(cfg.out_dir), raw_model, cfg.keep_last)
     raw_model.to(runtime.device)
     model = torch.compile(raw_model) if cfg.compile else raw_model
-    byte_lengths = read_dataset(lambda: token_byte_lengths(folder, meta["tokenizer"], runtime.device))
+    encoding = read_dataset(lambda: load_tokenizer(folder, meta["tokenizer"]))
+    byte_lengths = token_byte_lengths(encoding, runtime.device)
     train_model = DistributedDataParallel(model) if runtime.world_size > 1 else model
     optimizer = build_optimizer(raw_model, cfg.optimizer, cfg.learning_rate, cfg.muon_lr, cfg.weight_decay,
                                 (cfg.beta1, cfg.beta2), runtime.device.type)
@@ -678,7 +696,7 @@ def build_run(cfg):
         cfg.max_iters = checkpoint["config"]["max_iters"]  # fitted to max_time already: end where it would have
     return Run(
         cfg=cfg, runtime=runtime, log=RunLog(cfg, runtime, progress.get("iter_num")), stop=stop,
-        splits=splits, byte_lengths=byte_lengths, tokenizer_info=meta["tokenizer"], generator=generator,
+        splits=splits, byte_lengths=byte_lengths, encoding=encoding, tokenizer_info=meta["tokenizer"], generator=generator,
         eval_batches={split: windows.fixed_batch_ids(cfg.eval_iters, cfg.batch_size) for split, windows in splits.items()},
         raw_model=raw_model, model=model, train_model=train_model, optimizer=optimizer, scaler=scaler,
         micro_steps=cfg.gradient_accumulation_steps // runtime.world_size,

@@ -90,3 +90,22 @@ def test_a_preempted_two_process_run_saves_and_resumes_without_losing_an_iterati
     assert [line["iter"] for line in train_lines(out_dir)] == list(range(1, stopped_at + 4))
     evals = [line for line in read_metrics(out_dir) if "val_loss" in line]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+
+
+def test_rank_0_samples_alone_and_both_ranks_train_exactly_as_without_samples(tiny_dataset, tmp_path):
+    # rank 0 generates while rank 1 goes on to the next step's all-reduce and waits for it there
+    flags = [*TINY_MODEL, f"--dataset={tiny_dataset}", "--gradient_accumulation_steps=2", "--dropout=0.1",
+             "--max_iters=4", "--eval_interval=2"]
+    for sample in (True, False):
+        finished = subprocess.run([*TORCHRUN, str(ROOT / "train.py"), *flags, f"--out_dir={tmp_path / str(sample)}",
+                                   f"--sample_every_eval={sample}"], capture_output=True, text=True, timeout=180,
+                                  env=ONE_THREAD)
+        assert finished.returncode == 0, finished.stderr
+        assert finished.stdout.count("sample at iter") == (3 if sample else 0)
+    with_samples, without = read_metrics(tmp_path / "True"), read_metrics(tmp_path / "False")
+    assert [line["iter"] for line in with_samples if "sample" in line] == [0, 2, 4]
+    losses = lambda lines: [(line.get("loss"), line.get("val_loss")) for line in lines if "sample" not in line]
+    assert losses(with_samples) == losses(without)
+    states = [torch.load(tmp_path / str(sample) / "ckpt.pt", weights_only=True)["rng"] for sample in (True, False)]
+    for rank in (0, 1):
+        assert all(torch.equal(states[0][rank][key], states[1][rank][key]) for key in ("torch", "loader"))

@@ -16,7 +16,7 @@ from test_train import ONE_THREAD, ROOT, TINY_MODEL, read_metrics, run_train, tr
 
 train_here = test_train.train_here  # a fixture: pytest finds it by its name in this module
 
-TIMING_KEYS = {"elapsed_s", "ms_per_iter", "tokens_per_s"}
+TIMING_KEYS = {"elapsed_s", "ms_per_iter", "tokens_per_s", "sample_s"}
 
 
 def without_timings(lines):
@@ -33,7 +33,8 @@ def test_resume_continues_exactly_as_if_never_stopped(tiny_dataset, tmp_path, tr
     assert f"resuming from {tmp_path / 'halves' / 'ckpt_0000004.pt'} at iteration 4, exactly" in resumed.stdout
 
     whole, halves = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "halves")
-    assert [line["iter"] for line in halves] == [0, 1, 2, 3, 4, 4, 5, 6, 7, 8, 8]  # train and eval lines
+    # train lines, and an eval and a sample line at 0, 4 and 8: the resumed run's sample at 8 is the same text
+    assert [line["iter"] for line in halves] == [0, 0, 1, 2, 3, 4, 4, 4, 5, 6, 7, 8, 8, 8]
     assert without_timings(halves) == without_timings(whole)
     one_go = torch.load(tmp_path / "whole" / "ckpt.pt", weights_only=True)
     two_goes = torch.load(tmp_path / "halves" / "ckpt.pt", weights_only=True)

@@ -18,6 +18,7 @@ import torch
 import checkpoint
 import dataset
 import flags
+import runlog
 import tokenizer
 import train
 from model import GPT, GPTConfig
@@ -367,3 +368,37 @@ def test_repeated_non_finite_steps_stop_the_run_naming_the_iteration_and_save_no
     saved = [entry["iter"] for entry in json.loads((out_dir / "checkpoints.json").read_text())["checkpoints"]]
     assert max(saved) == 6
     assert [line["skipped"] for line in train_lines(out_dir)][-3:] == [True] * 3
+
+
+# ----------------------------------------------------------------------------- samples
+def test_each_evaluation_prints_and_records_a_sample_of_the_text(trained_run):
+    out_dir, _, stdout = trained_run
+    samples = [line for line in read_metrics(out_dir) if "sample" in line]
+    assert [line["iter"] for line in samples] == [0, 10, 20, 30]
+    assert all(isinstance(line["sample"], str) and line["sample_s"] >= 0 for line in samples)
+    assert any(char.isalpha() for char in samples[-1]["sample"])
+    printed = stdout.splitlines()
+    for line in samples:  # one line each, right after its evaluation's line
+        shown = f'sample at iter {line["iter"]}: "{runlog.one_line(line["sample"])}"'
+        at = next(index for index, text in enumerate(printed) if text.startswith(shown))
+        assert printed[at - 1].startswith(f"eval at iter {line['iter']}:")
+
+
+def test_samples_leave_the_training_exactly_as_without_them(trained_run, tiny_dataset, tmp_path, train_here):
+    # trained_run samples (the default); this run, the same in every other key, does not.
+    # With dropout, a sample that drew from the global random state would change every mask after it
+    finished = train_here(f"--dataset={tiny_dataset}", f"--out_dir={tmp_path}", "--max_iters=30",
+                          "--eval_interval=10", "--dropout=0.1", "--sample_every_eval=False")
+    assert finished.returncode == 0, finished.stderr
+    assert "sample at iter" not in finished.stdout
+    losses = lambda out_dir: [(line["iter"], line.get("loss"), line.get("val_loss"), line.get("train_loss"))
+                              for line in read_metrics(out_dir) if "sample" not in line]
+    assert losses(tmp_path) == losses(trained_run[0])
+    with_samples = torch.load(trained_run[0] / "ckpt.pt", weights_only=True)
+    without = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    for name, tensor in with_samples["model"].items():
+        assert torch.equal(tensor, without["model"][name]), name
+    for key in ("torch", "loader"):
+        assert torch.equal(with_samples["rng"][0][key], without["rng"][0][key]), key
+    assert with_samples["rng"][0]["python"] == without["rng"][0]["python"]
+    assert with_samples["rng"][0]["numpy"] == without["rng"][0]["numpy"]
