@@ -77,6 +77,10 @@ class RunLog:
         if self.wandb:
             self.wandb.log(record, step=record["iter"])
 
+    def finish(self):
+        if self.wandb:
+            self.wandb.finish()  # its own exit hook may not run: train.leave ends a group with os._exit
+
     def draw_curves(self):
         """out_dir/curves.svg from every line so far: rank 0 draws it at each evaluation."""
         if self.enabled:

@@ -775,14 +775,27 @@ def main(argv):
         cfg = read_config(argv)
         run = build_run(cfg)
         evaluate_only(run) if cfg.eval_only else train(run)
+        run.log.finish()
         if dist.is_initialized():
             dist.barrier()  # no process leaves while another may still be saving or using the group
     except flags.UserError as error:
-        sys.exit(f"error: {error}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        leave(f"error: {error}")
+    leave(None)
 
+
+def leave(message):
+    """Exit with message (status 1) or without (0). In a group: destroy it, flush, os._exit. When
+    Python tore itself down as usual, gloo aborted now and then ('terminate called without an
+    active exception': 7 of 25 two-process runs on a loaded 2-core CPU; 0 of 25 with os._exit)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+        if message:
+            print(message, file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1 if message else 0)
+    if message:
+        sys.exit(message)
 
 
 if __name__ == "__main__":
