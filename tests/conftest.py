@@ -1,7 +1,9 @@
 """Shared test setup: make the project's top-level scripts importable, and shared fixtures."""
+import http.server
 import random
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -71,3 +73,22 @@ def send_body(handler, body, broken=False):
         handler.close_connection = True
     else:
         handler.wfile.write(body[start:])
+
+
+@pytest.fixture
+def book_server():
+    """(url, text): one plain-text book of about 130 KB served by a real http.server on
+    127.0.0.1, Range requests honoured."""
+    book = "".join(make_text(seed, sentences=120) for seed in range(30)).encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            send_body(self, book)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/book.txt", book
+    server.shutdown()

@@ -2,17 +2,13 @@
 (offline, on a CPU) runs in order in one folder, as a reader would type it, with small
 overrides that keep it short (a tiny model, a few iterations). A local http.server on
 127.0.0.1 stands in for the book the README downloads."""
-import http.server
 import json
 import re
 import shlex
 import subprocess
 import sys
-import threading
 
-import pytest
-
-from conftest import ROOT, make_text, send_body
+from conftest import ROOT, make_text
 from test_train import ONE_THREAD
 
 # What makes each script quick: a tiny model for a few iterations, a few documents.
@@ -59,23 +55,6 @@ def inputs_for_the_examples(folder):
     (folder / "data.jsonl").write_text("".join(json.dumps({"content": make_text(seed)}) + "\n" for seed in range(20)))
 
 
-@pytest.fixture
-def book_server():
-    book = "".join(make_text(seed, sentences=100) for seed in range(10)).encode()
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            send_body(self, book)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/pg100.txt"
-    server.shutdown()
-
-
 def run_commands(markdown, folder, url):
     """Runs the commands that can run here, in order, in folder; returns them."""
     ran = []
@@ -95,6 +74,6 @@ def run_commands(markdown, folder, url):
 
 def test_every_readme_command_that_can_run_here_runs(tmp_path, book_server):
     inputs_for_the_examples(tmp_path)
-    ran = run_commands((ROOT / "README.md").read_text(), tmp_path, book_server)
+    ran = run_commands((ROOT / "README.md").read_text(), tmp_path, book_server[0])
     for script in ("prepare.py", "train.py", "sample.py", "export.py", "plot.py"):
         assert any(f"python {script}" in line for line in ran), f"no README command of {script} ran"

@@ -1,15 +1,11 @@
 """A person's own text, end to end with default flags: one book served over HTTP (a real
 http.server on 127.0.0.1), prepared, trained for a few iterations and sampled; and a model
 trained on one corpus fine-tuned on another that reuses its tokenizer."""
-import http.server
 import subprocess
 import sys
-import threading
-
-import pytest
 
 import dataset
-from conftest import ROOT, make_text, send_body
+from conftest import ROOT, make_text
 from test_prepare import run_prepare
 from test_train import ONE_THREAD, run_train
 
@@ -19,24 +15,6 @@ def run_sample(*flags, cwd):
                             cwd=cwd, capture_output=True, text=True, timeout=120, env=ONE_THREAD)
     assert result.returncode == 0, result.stderr
     return result.stdout
-
-
-@pytest.fixture
-def book_server():
-    """http://127.0.0.1:PORT/book.txt: one plain-text book of about 130 KB."""
-    book = "".join(make_text(seed, sentences=120) for seed in range(30)).encode()
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            send_body(self, book)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/book.txt", book
-    server.shutdown()
 
 
 def test_a_book_from_a_url_prepares_trains_and_samples_with_default_flags(book_server, tmp_path):
