@@ -28,6 +28,11 @@ TINY_MODEL = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--
               "--log_interval=1", "--warmup_iters=2", "--learning_rate=3e-3", "--min_lr=3e-4", "--device=cpu"]
 
 
+# The recipe of modded-nanogpt and nanochat beside GPT-2's: every promise holds for both
+MODERN_RECIPE = ["--block=modern", "--optimizer=muon", "--lr_schedule=wsd"]
+RECIPES = {"gpt2_adamw_cosine": [], "modern_muon_wsd": MODERN_RECIPE}
+
+
 # One thread per process: a tiny model gains nothing from two, and on a busy 2-core machine
 # two OpenMP threads that wait on each other can make each step 50x slower.
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -59,6 +64,20 @@ def train_here(capsys, one_thread):
         return SimpleNamespace(returncode=status, stdout=output.out, stderr=output.err + message)
 
     return run
+
+
+def stop_during_iteration(patch, iteration):
+    """SIGTERM arrives during this iteration (the run's iteration-th, from 1), as a preemption
+    would: the run finishes the iteration, saves and stops. patch: a monkeypatch context."""
+    real_forward_backward, calls = train.forward_backward, []
+
+    def forward_backward(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == iteration:
+            signal.raise_signal(signal.SIGTERM)
+        return real_forward_backward(*args, **kwargs)
+
+    patch.setattr(train, "forward_backward", forward_backward)
 
 
 def read_metrics(out_dir):
