@@ -1,6 +1,6 @@
 """Two processes under torchrun on CPU (gloo): their gradients and optimizer step (AdamW, or
-Muon with AdamW) equal one process's on the same global batch, and a preempted two-process run saves and resumes without losing or
-repeating an iteration."""
+Muon with AdamW) equal one process's on the same global batch, and a preempted two-process
+run saves and resumes without losing or repeating an iteration."""
 import json
 import re
 import signal
