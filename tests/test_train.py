@@ -1,6 +1,7 @@
 """train.py: config checking, a real training run end to end, its checkpoints, metrics,
 the data checks, and the non-finite step guard. Training runs are real subprocesses on the
 tiny dataset with a tiny model."""
+import copy
 import importlib.util
 import json
 import math
@@ -9,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,6 +24,7 @@ import runlog
 import tokenizer
 import train
 from model import GPT, GPTConfig
+from optimizers import build_optimizer
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_MODEL = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8", "--eval_iters=2",
@@ -342,34 +345,78 @@ def test_resuming_with_another_architecture_names_the_field_and_both_values(trai
         train.check_checkpoint_fits(checkpoint, "ckpt.pt", GPTConfig(**checkpoint["model_config"]), tokenizer, tiny_dataset)
 
 
-# ----------------------------------------------------------------------------- non-finite steps
-def train_with_a_nan_step(train_here, monkeypatch, dataset, out_dir):
+# ----------------------------------------------------------------------------- accumulation and non-finite steps
+def test_accumulated_micro_batches_give_muon_the_step_of_the_whole_batch(one_thread):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=100, block_size=16, n_layer=2, n_head=2, n_embd=32, block="modern"))
+    whole = copy.deepcopy(model)
+    tokens = torch.randint(100, (6, 17), generator=torch.Generator().manual_seed(1))
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    halves = iter([(inputs[:3], targets[:3]), (inputs[3:], targets[3:])])
+    for net, micro_steps, next_batch in ((model, 2, lambda: next(halves)), (whole, 1, lambda: (inputs, targets))):
+        train.forward_backward(net, next_batch, micro_steps, autocast=nullcontext(), scaler=None, is_ddp=False)
+        build_optimizer(net, "muon", 1e-3, 0.02, 0.1, (0.9, 0.95), "cpu").step()
+    for (name, p), q in zip(model.named_parameters(), whole.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)
+
+
+def train_with_a_nan_step(train_here, monkeypatch, dataset, out_dir, *flags):
     """Iteration 3's loss is made NaN, in a run that saves every iteration: the loop's
     forward_backward is wrapped for this run only (its gradients stay finite, as when the loss
-    alone overflows)."""
+    alone overflows). Returns, per iteration, (skipped, weights changed, optimizer state changed)."""
     real_forward_backward, iterations = train.forward_backward, []
+    real_optimizer_step, changes = train.optimizer_step, []
 
     def nan_at_iteration_3(*args, **kwargs):
         iterations.append(None)
         loss = real_forward_backward(*args, **kwargs)
         return loss * math.nan if len(iterations) == 3 else loss
 
+    def watched_optimizer_step(run, *args):
+        before = weights_and_optimizer_state(run)
+        result = real_optimizer_step(run, *args)
+        after = weights_and_optimizer_state(run)
+        changes.append((result[2], *(not same_tensors(a, b) for a, b in zip(before, after))))
+        return result
+
     with monkeypatch.context() as patch:
         patch.setattr(train, "forward_backward", nan_at_iteration_3)
+        patch.setattr(train, "optimizer_step", watched_optimizer_step)
         finished = train_here(f"--dataset={dataset}", f"--out_dir={out_dir}", "--max_iters=5", "--eval_interval=1",
-                              "--keep_last=10")
+                              "--keep_last=10", *flags)
     assert finished.returncode == 0, finished.stderr
+    return changes
 
 
-def test_a_non_finite_step_is_skipped_and_counted_leaving_the_optimizer_untouched(train_here, monkeypatch, tiny_dataset,
-                                                                                   tmp_path):
+def weights_and_optimizer_state(run):
+    """Copies of the parameters, and of every tensor the optimizer keeps (AdamW's moments and
+    step counts, Muon's momentum buffers)."""
+    parts = getattr(run.optimizer, "parts", {"adamw": run.optimizer}).values()
+    state = [value.clone() for part in parts for per_param in part.state.values() for value in per_param.values()]
+    return [p.detach().clone() for p in run.raw_model.parameters()], state
+
+
+def same_tensors(first, second):
+    return len(first) == len(second) and all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@pytest.mark.parametrize("recipe", RECIPES.values(), ids=RECIPES.keys())
+def test_a_non_finite_step_is_skipped_and_counted_leaving_the_optimizer_untouched(recipe, train_here, monkeypatch,
+                                                                                   tiny_dataset, tmp_path):
     out_dir = tmp_path / "out"
-    train_with_a_nan_step(train_here, monkeypatch, tiny_dataset, out_dir)
+    changes = train_with_a_nan_step(train_here, monkeypatch, tiny_dataset, out_dir, *recipe,
+                                    "--gradient_accumulation_steps=2")
     lines = {line["iter"]: line for line in train_lines(out_dir)}
     assert lines[3]["skipped"] is True and lines[3]["loss"] is None
     assert not any(lines[i]["skipped"] for i in (1, 2, 4, 5))
+    # the skipped step leaves the weights, Muon's momentum and AdamW's moments as they were
+    assert changes == [(False, True, True)] * 2 + [(True, False, False)] + [(False, True, True)] * 2
     # AdamW counts the steps it took: iteration 3 is not among them
-    steps = lambda name: {int(state["step"]) for state in torch.load(out_dir / name, weights_only=True)["optimizer"]["state"].values()}
+    def steps(name):
+        saved = torch.load(out_dir / name, weights_only=True)["optimizer"]
+        adamw = saved.get("adamw", saved)  # Muon with AdamW saves each part under its name
+        return {int(state["step"]) for state in adamw["state"].values()}
+
     assert steps("ckpt_0000002.pt") == {2} and steps("ckpt_0000005.pt") == {4}
     assert not (out_dir / "ckpt_0000003.pt").exists()  # nothing saved while steps are failing
 
