@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -157,6 +158,13 @@ def test_a_config_error_exits_nonzero_with_the_message(train_here):
     finished = train_here("--dropuot=0.1")
     assert finished.returncode != 0
     assert "did you mean 'dropout'" in finished.stderr
+    assert "Traceback" not in finished.stderr
+
+
+def test_the_modern_block_with_an_odd_head_size_is_refused_naming_n_embd_over_n_head(train_here):
+    finished = train_here("--block=modern", "--n_embd=30", "--n_head=2")
+    assert finished.returncode == 1
+    assert "block=modern rotates pairs of channels: n_embd / n_head = 15 must be even" in finished.stderr
     assert "Traceback" not in finished.stderr
 
 
@@ -340,9 +348,103 @@ def test_resuming_with_another_architecture_names_the_field_and_both_values(trai
     other = GPTConfig(**{**checkpoint["model_config"], "n_layer": 3})
     with pytest.raises(train.TrainError, match=r"has n_layer=2 but the config says n_layer=3"):
         train.check_checkpoint_fits(checkpoint, "ckpt.pt", other, checkpoint["tokenizer"], tiny_dataset)
+    modern = GPTConfig(**{**checkpoint["model_config"], "block": "modern"})
+    with pytest.raises(train.TrainError, match=r"has block='gpt2' but the config says block='modern'"):
+        train.check_checkpoint_fits(checkpoint, "ckpt.pt", modern, checkpoint["tokenizer"], tiny_dataset)
     tokenizer = {**checkpoint["tokenizer"], "kind": "gpt2", "vocab_size": 50257}
     with pytest.raises(train.TrainError, match=r"different tokenizer .* kind is 'bpe' there and 'gpt2' here"):
         train.check_checkpoint_fits(checkpoint, "ckpt.pt", GPTConfig(**checkpoint["model_config"]), tokenizer, tiny_dataset)
+
+
+def test_resuming_with_another_optimizer_is_refused_in_one_line_naming_both(trained_run, tiny_dataset, tmp_path,
+                                                                           train_here):
+    out_dir = tmp_path / "out"
+    shutil.copytree(trained_run[0], out_dir)
+    finished = train_here(f"--dataset={tiny_dataset}", f"--out_dir={out_dir}", "--max_iters=40", "--dropout=0.1",
+                          "--init_from=resume", "--optimizer=muon")
+    assert finished.returncode == 1
+    message = finished.stderr.strip()
+    assert "\n" not in message and "Traceback" not in message
+    assert "was trained with optimizer=adamw, this run asks for optimizer=muon" in message
+    assert torch.load(out_dir / "ckpt.pt", weights_only=True)["iter_num"] == 30  # nothing trained
+
+
+# ----------------------------------------------------------------------------- learning rate schedule
+def test_wsd_holds_the_peak_until_the_last_cooldown_fraction_then_decays_linearly_to_min_lr():
+    cfg = train.read_config(["--lr_schedule=wsd", "--max_iters=100", "--warmup_iters=10", "--cooldown_fraction=0.4",
+                             "--learning_rate=1e-3", "--min_lr=1e-4"])
+    rates = [train.learning_rate_at(iteration, cfg) for iteration in range(101)]
+    assert all(earlier < later < 1e-3 for earlier, later in zip(rates[:9], rates[1:10]))  # warmup
+    assert rates[10:61] == [1e-3] * 51  # held until the last 40% of 100 iterations
+    assert rates[80] == pytest.approx((1e-3 + 1e-4) / 2)  # halfway down, linearly
+    assert all(earlier > later for earlier, later in zip(rates[60:100], rates[61:]))
+    assert rates[100] == pytest.approx(1e-4)
+
+
+def test_each_parameter_group_follows_the_schedule_from_its_own_peak(train_here, monkeypatch, tiny_dataset, tmp_path):
+    flags = [f"--dataset={tiny_dataset}", f"--out_dir={tmp_path}", *MODERN_RECIPE, "--muon_lr=0.05", "--max_iters=5",
+             "--eval_interval=1000"]
+    real_optimizer_step, rates = train.optimizer_step, []
+
+    def recording_optimizer_step(run, *args):
+        rates.append([(group["lr_key"], group["lr"]) for group in run.optimizer.param_groups])
+        return real_optimizer_step(run, *args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "optimizer_step", recording_optimizer_step)
+        assert train_here(*flags).returncode == 0
+    cfg = train.read_config([*TINY_MODEL, *flags])
+    factors = [train.learning_rate_at(iteration, cfg) / cfg.learning_rate for iteration in range(5)]
+    assert len(set(factors)) == 4  # two warmup steps, the peak, the cooldown
+    for groups, factor in zip(rates, factors, strict=True):
+        # Muon's hidden matrices, then AdamW's embeddings and head (the modern block has no vectors)
+        assert [key for key, _ in groups] == ["muon_lr", "learning_rate", "learning_rate"]
+        assert [rate for _, rate in groups] == pytest.approx([0.05 * factor, 3e-3 * factor, 3e-3 * factor], rel=1e-12)
+
+
+# ----------------------------------------------------------------------------- max_time
+def fitted_max_iters(stdout):
+    found = re.findall(r"max_time=[\d.]+s: \d+ ms/iter and [\d.]+s per evaluation fit max_iters=(\d+)", stdout)
+    return [int(value) for value in found]
+
+
+def test_max_time_fits_max_iters_after_the_timed_iterations_and_the_run_ends_there(train_here, tiny_dataset,
+                                                                                   tmp_path):
+    # a budget spent before iteration 12 leaves room for one more iteration: the fit is 13 on any machine
+    flags = [f"--dataset={tiny_dataset}", f"--out_dir={tmp_path}", *MODERN_RECIPE, "--max_time=0.001",
+             "--eval_interval=1000"]
+    finished = train_here(*flags)
+    assert finished.returncode == 0, finished.stderr
+    assert fitted_max_iters(finished.stdout) == [13]
+    assert "done: iteration 13 " in finished.stdout
+    assert [line["iter"] for line in train_lines(tmp_path)] == list(range(1, 14))
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["config"]["max_iters"] == 13
+    # resumed past iteration 12 it keeps the fitted max_iters, whatever --max_iters says: it is done
+    resumed = train_here(*flags, "--init_from=resume", "--max_iters=50")
+    assert resumed.returncode == 0, resumed.stderr
+    assert fitted_max_iters(resumed.stdout) == [] and "done: iteration 13 " in resumed.stdout
+
+
+def test_a_max_time_run_resumed_past_the_timed_iterations_goes_on_to_the_same_max_iters(train_here, monkeypatch,
+                                                                                         tiny_dataset, tmp_path):
+    flags = [f"--dataset={tiny_dataset}", f"--out_dir={tmp_path}", *MODERN_RECIPE, "--max_time=3600",
+             "--eval_interval=1000"]
+    with monkeypatch.context() as patch:
+        stop_during_iteration(patch, 14)
+        first = train_here(*flags)
+    assert first.returncode == 0, first.stderr
+    [fitted] = fitted_max_iters(first.stdout)
+    assert fitted > 14  # an hour's budget
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert saved["iter_num"] == 14 and saved["config"]["max_iters"] == fitted
+    with monkeypatch.context() as patch:
+        stop_during_iteration(patch, 1)
+        resumed = train_here(*flags, "--init_from=resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert fitted_max_iters(resumed.stdout) == []  # no refit: its iterations are not timed from the start
+    assert f"iter 15/{fitted}:" in resumed.stdout
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert saved["iter_num"] == 15 and saved["config"]["max_iters"] == fitted
 
 
 # ----------------------------------------------------------------------------- accumulation and non-finite steps
