@@ -447,6 +447,23 @@ def test_a_max_time_run_resumed_past_the_timed_iterations_goes_on_to_the_same_ma
     assert saved["iter_num"] == 15 and saved["config"]["max_iters"] == fitted
 
 
+def test_a_max_time_run_resumed_inside_the_timed_iterations_times_the_rest_of_them(train_here, monkeypatch,
+                                                                                  tiny_dataset, tmp_path):
+    flags = [f"--dataset={tiny_dataset}", f"--out_dir={tmp_path}", *MODERN_RECIPE, "--max_time=3600",
+             "--eval_interval=1000"]
+    with monkeypatch.context() as patch:
+        stop_during_iteration(patch, 5)
+        assert train_here(*flags).returncode == 0
+    with monkeypatch.context() as patch:
+        stop_during_iteration(patch, 8)  # iteration 13
+        resumed = train_here(*flags, "--init_from=resume")
+    assert resumed.returncode == 0, resumed.stderr
+    [fitted] = fitted_max_iters(resumed.stdout)  # at iteration 12, from iterations 6 to 12
+    assert f"iter 13/{fitted}:" in resumed.stdout
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert saved["iter_num"] == 13 and saved["config"]["max_iters"] == fitted
+
+
 # ----------------------------------------------------------------------------- accumulation and non-finite steps
 def test_accumulated_micro_batches_give_muon_the_step_of_the_whole_batch(one_thread):
     torch.manual_seed(0)
