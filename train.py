@@ -729,6 +729,8 @@ def train(run):
         run_evaluation(run)  # the starting point of the curves
     next_batch = lambda: run.splits["train"].random_batch(cfg.batch_size, run.generator, run.runtime.device)
     bad_in_a_row = skipped_total = 0
+    timed_from = max(TIMED_ITERATIONS[0], run.iter_num)  # a run resumed among the timed iterations times the rest
+    timing_started = time.perf_counter()
     while run.iter_num < cfg.max_iters:
         lr = learning_rate_at(run.iter_num, cfg)
         for group in run.optimizer.param_groups:  # each group's peak (optimizers.py), scaled alike
@@ -739,10 +741,10 @@ def train(run):
         loss, grad_norm, skipped, stop = optimizer_step(run, loss, run.stop.is_set())
         run.iter_num += 1
         run.timer.add(time.perf_counter() - started)
-        if cfg.max_time and run.iter_num == TIMED_ITERATIONS[0]:
+        if cfg.max_time and run.iter_num == timed_from:
             timing_started = time.perf_counter()
         if cfg.max_time and run.iter_num == TIMED_ITERATIONS[1]:
-            fit_max_iters_to_time(run, (time.perf_counter() - timing_started) / (TIMED_ITERATIONS[1] - TIMED_ITERATIONS[0]))
+            fit_max_iters_to_time(run, (time.perf_counter() - timing_started) / (TIMED_ITERATIONS[1] - timed_from))
         bad_in_a_row = bad_in_a_row + 1 if skipped else 0
         skipped_total += skipped
         if skipped or stop or run.iter_num % cfg.log_interval == 0:

@@ -1,6 +1,6 @@
-"""Two processes under torchrun on CPU (gloo): their gradients equal one process's on the
-same global batch, and a preempted two-process run saves and resumes without losing or
-repeating an iteration."""
+"""Two processes under torchrun on CPU (gloo): their gradients and optimizer step (AdamW, or
+Muon with AdamW) equal one process's on the same global batch, and a preempted two-process
+run saves and resumes without losing or repeating an iteration."""
 import json
 import re
 import signal
@@ -17,47 +17,71 @@ from test_resume import wait_until
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 # Run under torchrun: each rank does its share of a global batch through train.py's own
-# forward_backward (DDP, no_sync on all but the last micro-step); rank 0 then does the
-# whole batch in one process and writes the largest difference between the gradients.
+# forward_backward (DDP, no_sync on all but the last micro-step) and takes an optimizer
+# step; rank 0 then does the whole batch and the step in one process and writes the largest
+# differences between the gradients and between the weights, the ranks' weights included.
 GRADIENT_SCRIPT = """
 import copy, json, sys
 import torch
+import torch.distributed as dist
 sys.path.insert(0, {root!r})
 import train
 from model import GPT, GPTConfig
+from optimizers import build_optimizer
 from torch.nn.parallel import DistributedDataParallel
 
 cfg = train.read_config(["--device=cpu", "--gradient_accumulation_steps=4"])
 runtime = train.setup_runtime(cfg)
 torch.manual_seed(0)
-model = GPT(GPTConfig(vocab_size=100, block_size=16, n_layer=2, n_head=2, n_embd=32))
-single = copy.deepcopy(model)
+model = GPT(GPTConfig(vocab_size=100, block_size=16, n_layer=2, n_head=2, n_embd=32, block={block!r}))
+with torch.no_grad():  # the modern block's zero-initialised matrices would leave most weights without a gradient
+    for p in model.parameters():
+        if p.dim() == 2 and not p.any():
+            p.normal_(std=0.02)
+single, initial = copy.deepcopy(model), copy.deepcopy(model)
 tokens = torch.randint(100, (4, 3, 17), generator=torch.Generator().manual_seed(1))  # 4 micro-batches of 3
 batches = [(batch[:, :-1], batch[:, 1:]) for batch in tokens]
+optimizer_of = lambda model: build_optimizer(model, {optimizer!r}, 1e-3, 0.02, 0.1, (0.9, 0.95), "cpu")
 
 mine = iter(batches[runtime.rank::runtime.world_size])
 train.forward_backward(DistributedDataParallel(model), lambda: next(mine), micro_steps=2,
                        autocast=runtime.autocast, scaler=None, is_ddp=True)
+gradients = [p.grad.clone() for p in model.parameters()]
+optimizer_of(model).step()
+weights = torch.cat([p.detach().flatten() for p in model.parameters()])
+rank_0_weights = weights.clone()
+dist.broadcast(rank_0_weights, src=0)
+between_ranks = (weights - rank_0_weights).abs().max()
+dist.all_reduce(between_ranks, op=dist.ReduceOp.MAX)
 if runtime.rank == 0:
     everything = iter(batches)
     train.forward_backward(single, lambda: next(everything), micro_steps=4, autocast=runtime.autocast,
                            scaler=None, is_ddp=False)
-    difference = max((a.grad - b.grad).abs().max().item() for a, b in zip(model.parameters(), single.parameters()))
+    difference = max((a - b.grad).abs().max().item() for a, b in zip(gradients, single.parameters()))
     largest = max(p.grad.abs().max().item() for p in single.parameters())
+    optimizer_of(single).step()
+    weight_difference = max((a - b).abs().max().item() for a, b in zip(model.parameters(), single.parameters()))
+    moved = max((a - b).abs().max().item() for a, b in zip(single.parameters(), initial.parameters()))
     with open({result!r}, "w") as file:
-        json.dump({{"difference": difference, "largest": largest}}, file)
+        json.dump({{"difference": difference, "largest": largest, "weight_difference": weight_difference,
+                   "moved": moved, "between_ranks": between_ranks.item()}}, file)
 train.leave(None)  # destroys the group and exits as train.py does (see its docstring)
 """
 
 
-def test_two_processes_compute_the_gradients_of_one_process_on_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("block, optimizer", [("gpt2", "adamw"), ("modern", "muon")], ids=["gpt2_adamw", "modern_muon"])
+def test_two_processes_compute_the_gradients_and_the_step_of_one_process_on_the_same_global_batch(block, optimizer,
+                                                                                                   tmp_path):
     script, result = tmp_path / "gradients.py", tmp_path / "result.json"
-    script.write_text(GRADIENT_SCRIPT.format(root=str(ROOT), result=str(result)))
+    script.write_text(GRADIENT_SCRIPT.format(root=str(ROOT), result=str(result), block=block, optimizer=optimizer))
     finished = subprocess.run([*TORCHRUN, str(script)], capture_output=True, text=True, timeout=180, env=ONE_THREAD)
     assert finished.returncode == 0, finished.stderr
-    gradients = json.loads(result.read_text())
-    assert gradients["largest"] > 1e-3
-    assert gradients["difference"] <= 1e-6 * gradients["largest"]
+    outcome = json.loads(result.read_text())
+    assert outcome["largest"] > 1e-3
+    assert outcome["difference"] <= 1e-6 * outcome["largest"]
+    assert outcome["between_ranks"] == 0  # every rank steps from the same averaged gradients
+    assert outcome["moved"] > 1e-4
+    assert outcome["weight_difference"] <= 1e-3 * outcome["moved"]
 
 
 def test_gradient_accumulation_that_does_not_divide_by_the_processes_is_refused(monkeypatch):

@@ -1,4 +1,6 @@
-"""The GPT in model.py: what its loss, causality, checkpointing and generation promise."""
+"""The GPT in model.py: what its loss, causality, checkpointing and generation promise,
+with GPT-2's block and the modern one."""
+import dataclasses
 import math
 
 import pytest
@@ -22,16 +24,29 @@ def tiny_model(seed=0, **overrides):
     return GPT(tiny_config(**overrides))
 
 
-def opinionated_model(dtype=torch.float64):
+def without_zero_weights(model, seed=0):
+    """The modern block starts its output projections and head at zero (each block is then
+    the identity and the first logits are uniform): give them random weights, as training
+    soon does, so that every path through the model shows in its outputs and gradients."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2 and not p.any():
+                p.copy_(torch.randn(p.shape, generator=generator) / p.size(1) ** 0.5)
+    return model
+
+
+def opinionated_model(dtype=torch.float64, block="gpt2"):
     """An untrained model with peaked next-token distributions that depend on the whole
-    context (larger block weights, a larger final gain), so that a mistake in what the
-    model sees shows up in its choices."""
-    model = tiny_model().to(dtype).eval()
+    context (larger block weights, a larger final gain or head), so that a mistake in what
+    the model sees shows up in its choices."""
+    model = without_zero_weights(tiny_model(block=block)).to(dtype).eval()
     with torch.no_grad():
         for p in model.transformer.h.parameters():
             if p.dim() == 2:
                 p.mul_(5)
-        model.transformer.ln_f.weight.mul_(30)
+        # the modern block's final norm has no gain: its head sets how peaked the logits are
+        (model.lm_head.weight if block == "modern" else model.transformer.ln_f.weight).mul_(30)
     return model
 
 
@@ -71,10 +86,11 @@ def test_changing_a_future_token_never_changes_earlier_logits(changed_position):
     assert not torch.allclose(after[:, changed_position:], before[:, changed_position:])
 
 
+@pytest.mark.parametrize("block", ["gpt2", "modern"])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_gradient_checkpointing_gives_the_same_loss_and_gradients(dropout):
-    plain = tiny_model(seed=1, dropout=dropout)
-    recomputing = tiny_model(seed=1, dropout=dropout, gradient_checkpointing=True)
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(dropout, block):
+    plain = without_zero_weights(tiny_model(seed=1, dropout=dropout, block=block))
+    recomputing = without_zero_weights(tiny_model(seed=1, dropout=dropout, gradient_checkpointing=True, block=block))
     idx, targets = torch.randint(0, 300, (2, 4, 16))
     losses = []
     for model in (plain, recomputing):
@@ -87,15 +103,17 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(dropout):
         assert torch.equal(p.grad, q.grad), name
 
 
+@pytest.mark.parametrize("block", ["gpt2", "modern"])
 @pytest.mark.parametrize("options", [
     dict(temperature=0.0),
     dict(temperature=1.0),
     dict(temperature=0.9, top_k=20, top_p=0.9),
 ], ids=["greedy", "seeded_sampling", "seeded_top_k_top_p"])
-def test_kv_cache_generation_equals_recomputing_the_whole_context(options):
+def test_kv_cache_generation_equals_recomputing_the_whole_context(options, block):
     # float64: the two paths multiply matrices of different shapes, so their logits may
     # differ in the last bits; in float64 that is ~1e-16, far too little to flip a choice.
-    model = opinionated_model()
+    # The modern block's rotary positions restart at 0 on each page, in both paths.
+    model = opinionated_model(block=block)
     prompt = torch.randint(0, 300, (3, 5))
     # 40 new tokens run well past block_size (16): the page turns four times
     cached = generate_all(model, prompt, use_cache=True, max_new_tokens=40, **options)
@@ -119,8 +137,9 @@ def test_past_block_size_the_cache_is_refilled_once_every_half_window():
     assert len(tokens_read_per_forward) == 40  # the other 35 steps read one token each
 
 
-def test_each_token_past_block_size_sees_the_window_after_the_last_page_turn():
-    model = opinionated_model()
+@pytest.mark.parametrize("block", ["gpt2", "modern"])
+def test_each_token_past_block_size_sees_the_window_after_the_last_page_turn(block):
+    model = opinionated_model(block=block)
     prompt = torch.randint(0, 300, (1, 5))
     generated = generate_all(model, prompt, use_cache=True, max_new_tokens=30, temperature=0.0)
     context = torch.cat([prompt, generated], dim=1)
@@ -154,6 +173,19 @@ def test_generation_stops_once_every_row_has_produced_the_stop_token():
     for row, stop_at in enumerate(first_stop):
         assert torch.equal(stopped[row, : stop_at + 1], free[row, : stop_at + 1])
         assert (stopped[row, stop_at:] == stop_token).all()  # a finished row repeats it
+
+
+def test_a_checkpoint_from_before_the_block_key_loads_as_gpt2():
+    old = tiny_model()
+    config_without_block = {key: value for key, value in dataclasses.asdict(old.config).items() if key != "block"}
+    config = GPTConfig(**config_without_block)
+    assert config.block == "gpt2"
+    GPT(config).load_state_dict(old.state_dict())  # strict: every name and shape as saved
+
+
+def test_the_modern_block_refuses_an_odd_head_size_naming_it():
+    with pytest.raises(ValueError, match=r"modern block's rotary embedding needs an even head size, .* = 15"):
+        tiny_config(n_embd=30, n_head=2, block="modern")
 
 
 def test_padded_vocabulary_rows_start_at_zero_and_stay_there_through_training():

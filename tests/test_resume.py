@@ -8,11 +8,13 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 import checkpoint
 import test_train
-from test_train import ONE_THREAD, ROOT, TINY_MODEL, read_metrics, run_train, train_lines
+from test_train import (ONE_THREAD, RECIPES, ROOT, TINY_MODEL, read_metrics, run_train, stop_during_iteration,
+                        train_lines)
 
 train_here = test_train.train_here  # a fixture: pytest finds it by its name in this module
 
@@ -23,13 +25,34 @@ def without_timings(lines):
     return [{key: value for key, value in line.items() if key not in TIMING_KEYS} for line in lines]
 
 
-def test_resume_continues_exactly_as_if_never_stopped(tiny_dataset, tmp_path, train_here):
-    # dropout and gradient accumulation: the resumed run must redraw the same batches and masks
+def assert_same(saved, other, where):
+    """Equal tensors, bit for bit, at every place of two nested dicts and lists."""
+    if isinstance(saved, torch.Tensor):
+        assert torch.equal(saved, other), where
+    elif isinstance(saved, dict):
+        assert saved.keys() == other.keys(), where
+        for key in saved:
+            assert_same(saved[key], other[key], f"{where}[{key!r}]")
+    elif isinstance(saved, (list, tuple)):
+        assert len(saved) == len(other), where
+        for index, (item, other_item) in enumerate(zip(saved, other)):
+            assert_same(item, other_item, f"{where}[{index}]")
+    else:
+        assert saved == other, where
+
+
+@pytest.mark.parametrize("recipe", RECIPES.values(), ids=RECIPES.keys())
+def test_resume_continues_exactly_as_if_never_stopped(recipe, tiny_dataset, tmp_path, train_here, monkeypatch):
+    # dropout and gradient accumulation: the resumed run must redraw the same batches and masks.
+    # Both runs plan 8 iterations (wsd's cooldown is placed by max_iters); SIGTERM stops one at 4
     flags = [f"--dataset={tiny_dataset}", "--dropout=0.2", "--gradient_accumulation_steps=2", "--eval_interval=4",
-             "--lr_decay_iters=8"]
-    assert train_here(*flags, f"--out_dir={tmp_path / 'whole'}", "--max_iters=8").returncode == 0
-    assert train_here(*flags, f"--out_dir={tmp_path / 'halves'}", "--max_iters=4").returncode == 0
-    resumed = train_here(*flags, f"--out_dir={tmp_path / 'halves'}", "--max_iters=8", "--init_from=resume")
+             "--max_iters=8", *recipe]
+    assert train_here(*flags, f"--out_dir={tmp_path / 'whole'}").returncode == 0
+    with monkeypatch.context() as patch:
+        stop_during_iteration(patch, 4)
+        stopped = train_here(*flags, f"--out_dir={tmp_path / 'halves'}")
+    assert stopped.returncode == 0 and "stopped at iteration 4:" in stopped.stdout
+    resumed = train_here(*flags, f"--out_dir={tmp_path / 'halves'}", "--init_from=resume")
     assert f"resuming from {tmp_path / 'halves' / 'ckpt_0000004.pt'} at iteration 4, exactly" in resumed.stdout
 
     whole, halves = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "halves")
@@ -38,11 +61,8 @@ def test_resume_continues_exactly_as_if_never_stopped(tiny_dataset, tmp_path, tr
     assert without_timings(halves) == without_timings(whole)
     one_go = torch.load(tmp_path / "whole" / "ckpt.pt", weights_only=True)
     two_goes = torch.load(tmp_path / "halves" / "ckpt.pt", weights_only=True)
-    for name, tensor in one_go["model"].items():
-        assert torch.equal(tensor, two_goes["model"][name]), name
-    for index, state in one_go["optimizer"]["state"].items():
-        for key, tensor in state.items():
-            assert torch.equal(tensor, two_goes["optimizer"]["state"][index][key])
+    for key in ("model", "optimizer"):  # Muon's momentum and AdamW's moments, and each group's rate
+        assert_same(one_go[key], two_goes[key], key)
     assert torch.equal(one_go["rng"][0]["loader"], two_goes["rng"][0]["loader"])
 
 

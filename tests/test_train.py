@@ -1,14 +1,17 @@
 """train.py: config checking, a real training run end to end, its checkpoints, metrics,
 the data checks, and the non-finite step guard. Training runs are real subprocesses on the
 tiny dataset with a tiny model."""
+import copy
 import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,10 +25,16 @@ import runlog
 import tokenizer
 import train
 from model import GPT, GPTConfig
+from optimizers import build_optimizer
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_MODEL = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8", "--eval_iters=2",
               "--log_interval=1", "--warmup_iters=2", "--learning_rate=3e-3", "--min_lr=3e-4", "--device=cpu"]
+
+
+# The recipe of modded-nanogpt and nanochat beside GPT-2's: every promise holds for both
+MODERN_RECIPE = ["--block=modern", "--optimizer=muon", "--lr_schedule=wsd"]
+RECIPES = {"gpt2_adamw_cosine": [], "modern_muon_wsd": MODERN_RECIPE}
 
 
 # One thread per process: a tiny model gains nothing from two, and on a busy 2-core machine
@@ -59,6 +68,20 @@ def train_here(capsys, one_thread):
         return SimpleNamespace(returncode=status, stdout=output.out, stderr=output.err + message)
 
     return run
+
+
+def stop_during_iteration(patch, iteration):
+    """SIGTERM arrives during this iteration (the run's iteration-th, from 1), as a preemption
+    would: the run finishes the iteration, saves and stops. patch: a monkeypatch context."""
+    real_forward_backward, calls = train.forward_backward, []
+
+    def forward_backward(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == iteration:
+            signal.raise_signal(signal.SIGTERM)
+        return real_forward_backward(*args, **kwargs)
+
+    patch.setattr(train, "forward_backward", forward_backward)
 
 
 def read_metrics(out_dir):
@@ -135,6 +158,13 @@ def test_a_config_error_exits_nonzero_with_the_message(train_here):
     finished = train_here("--dropuot=0.1")
     assert finished.returncode != 0
     assert "did you mean 'dropout'" in finished.stderr
+    assert "Traceback" not in finished.stderr
+
+
+def test_the_modern_block_with_an_odd_head_size_is_refused_naming_n_embd_over_n_head(train_here):
+    finished = train_here("--block=modern", "--n_embd=30", "--n_head=2")
+    assert finished.returncode == 1
+    assert "block=modern rotates pairs of channels: n_embd / n_head = 15 must be even" in finished.stderr
     assert "Traceback" not in finished.stderr
 
 
@@ -318,39 +348,194 @@ def test_resuming_with_another_architecture_names_the_field_and_both_values(trai
     other = GPTConfig(**{**checkpoint["model_config"], "n_layer": 3})
     with pytest.raises(train.TrainError, match=r"has n_layer=2 but the config says n_layer=3"):
         train.check_checkpoint_fits(checkpoint, "ckpt.pt", other, checkpoint["tokenizer"], tiny_dataset)
+    modern = GPTConfig(**{**checkpoint["model_config"], "block": "modern"})
+    with pytest.raises(train.TrainError, match=r"has block='gpt2' but the config says block='modern'"):
+        train.check_checkpoint_fits(checkpoint, "ckpt.pt", modern, checkpoint["tokenizer"], tiny_dataset)
     tokenizer = {**checkpoint["tokenizer"], "kind": "gpt2", "vocab_size": 50257}
     with pytest.raises(train.TrainError, match=r"different tokenizer .* kind is 'bpe' there and 'gpt2' here"):
         train.check_checkpoint_fits(checkpoint, "ckpt.pt", GPTConfig(**checkpoint["model_config"]), tokenizer, tiny_dataset)
 
 
-# ----------------------------------------------------------------------------- non-finite steps
-def train_with_a_nan_step(train_here, monkeypatch, dataset, out_dir):
+def test_resuming_with_another_optimizer_is_refused_in_one_line_naming_both(trained_run, tiny_dataset, tmp_path,
+                                                                           train_here):
+    out_dir = tmp_path / "out"
+    shutil.copytree(trained_run[0], out_dir)
+    finished = train_here(f"--dataset={tiny_dataset}", f"--out_dir={out_dir}", "--max_iters=40", "--dropout=0.1",
+                          "--init_from=resume", "--optimizer=muon")
+    assert finished.returncode == 1
+    message = finished.stderr.strip()
+    assert "\n" not in message and "Traceback" not in message
+    assert "was trained with optimizer=adamw, this run asks for optimizer=muon" in message
+    assert torch.load(out_dir / "ckpt.pt", weights_only=True)["iter_num"] == 30  # nothing trained
+
+
+# ----------------------------------------------------------------------------- learning rate schedule
+def test_wsd_holds_the_peak_until_the_last_cooldown_fraction_then_decays_linearly_to_min_lr():
+    cfg = train.read_config(["--lr_schedule=wsd", "--max_iters=100", "--warmup_iters=10", "--cooldown_fraction=0.4",
+                             "--learning_rate=1e-3", "--min_lr=1e-4"])
+    rates = [train.learning_rate_at(iteration, cfg) for iteration in range(101)]
+    assert all(earlier < later < 1e-3 for earlier, later in zip(rates[:9], rates[1:10]))  # warmup
+    assert rates[10:61] == [1e-3] * 51  # held until the last 40% of 100 iterations
+    assert rates[80] == pytest.approx((1e-3 + 1e-4) / 2)  # halfway down, linearly
+    assert all(earlier > later for earlier, later in zip(rates[60:100], rates[61:]))
+    assert rates[100] == pytest.approx(1e-4)
+
+
+def test_each_parameter_group_follows_the_schedule_from_its_own_peak(train_here, monkeypatch, tiny_dataset, tmp_path):
+    flags = [f"--dataset={tiny_dataset}", f"--out_dir={tmp_path}", *MODERN_RECIPE, "--muon_lr=0.05", "--max_iters=5",
+             "--eval_interval=1000"]
+    real_optimizer_step, rates = train.optimizer_step, []
+
+    def recording_optimizer_step(run, *args):
+        rates.append([(group["lr_key"], group["lr"]) for group in run.optimizer.param_groups])
+        return real_optimizer_step(run, *args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "optimizer_step", recording_optimizer_step)
+        assert train_here(*flags).returncode == 0
+    cfg = train.read_config([*TINY_MODEL, *flags])
+    factors = [train.learning_rate_at(iteration, cfg) / cfg.learning_rate for iteration in range(5)]
+    assert len(set(factors)) == 4  # two warmup steps, the peak, the cooldown
+    for groups, factor in zip(rates, factors, strict=True):
+        # Muon's hidden matrices, then AdamW's embeddings and head (the modern block has no vectors)
+        assert [key for key, _ in groups] == ["muon_lr", "learning_rate", "learning_rate"]
+        assert [rate for _, rate in groups] == pytest.approx([0.05 * factor, 3e-3 * factor, 3e-3 * factor], rel=1e-12)
+
+
+# ----------------------------------------------------------------------------- max_time
+def fitted_max_iters(stdout):
+    found = re.findall(r"max_time=[\d.]+s: \d+ ms/iter and [\d.]+s per evaluation fit max_iters=(\d+)", stdout)
+    return [int(value) for value in found]
+
+
+def test_max_time_fits_max_iters_after_the_timed_iterations_and_the_run_ends_there(train_here, tiny_dataset,
+                                                                                   tmp_path):
+    # a budget spent before iteration 12 leaves room for one more iteration: the fit is 13 on any machine
+    flags = [f"--dataset={tiny_dataset}", f"--out_dir={tmp_path}", *MODERN_RECIPE, "--max_time=0.001",
+             "--eval_interval=1000"]
+    finished = train_here(*flags)
+    assert finished.returncode == 0, finished.stderr
+    assert fitted_max_iters(finished.stdout) == [13]
+    assert "done: iteration 13 " in finished.stdout
+    assert [line["iter"] for line in train_lines(tmp_path)] == list(range(1, 14))
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["config"]["max_iters"] == 13
+    # resumed past iteration 12 it keeps the fitted max_iters, whatever --max_iters says: it is done
+    resumed = train_here(*flags, "--init_from=resume", "--max_iters=50")
+    assert resumed.returncode == 0, resumed.stderr
+    assert fitted_max_iters(resumed.stdout) == [] and "done: iteration 13 " in resumed.stdout
+
+
+def test_a_max_time_run_resumed_past_the_timed_iterations_goes_on_to_the_same_max_iters(train_here, monkeypatch,
+                                                                                         tiny_dataset, tmp_path):
+    flags = [f"--dataset={tiny_dataset}", f"--out_dir={tmp_path}", *MODERN_RECIPE, "--max_time=3600",
+             "--eval_interval=1000"]
+    with monkeypatch.context() as patch:
+        stop_during_iteration(patch, 14)
+        first = train_here(*flags)
+    assert first.returncode == 0, first.stderr
+    [fitted] = fitted_max_iters(first.stdout)
+    assert fitted > 14  # an hour's budget
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert saved["iter_num"] == 14 and saved["config"]["max_iters"] == fitted
+    with monkeypatch.context() as patch:
+        stop_during_iteration(patch, 1)
+        resumed = train_here(*flags, "--init_from=resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert fitted_max_iters(resumed.stdout) == []  # no refit: its iterations are not timed from the start
+    assert f"iter 15/{fitted}:" in resumed.stdout
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert saved["iter_num"] == 15 and saved["config"]["max_iters"] == fitted
+
+
+def test_a_max_time_run_resumed_inside_the_timed_iterations_times_the_rest_of_them(train_here, monkeypatch,
+                                                                                  tiny_dataset, tmp_path):
+    flags = [f"--dataset={tiny_dataset}", f"--out_dir={tmp_path}", *MODERN_RECIPE, "--max_time=3600",
+             "--eval_interval=1000"]
+    with monkeypatch.context() as patch:
+        stop_during_iteration(patch, 5)
+        assert train_here(*flags).returncode == 0
+    with monkeypatch.context() as patch:
+        stop_during_iteration(patch, 8)  # iteration 13
+        resumed = train_here(*flags, "--init_from=resume")
+    assert resumed.returncode == 0, resumed.stderr
+    [fitted] = fitted_max_iters(resumed.stdout)  # at iteration 12, from iterations 6 to 12
+    assert f"iter 13/{fitted}:" in resumed.stdout
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert saved["iter_num"] == 13 and saved["config"]["max_iters"] == fitted
+
+
+# ----------------------------------------------------------------------------- accumulation and non-finite steps
+def test_accumulated_micro_batches_give_muon_the_step_of_the_whole_batch(one_thread):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=100, block_size=16, n_layer=2, n_head=2, n_embd=32, block="modern"))
+    whole = copy.deepcopy(model)
+    tokens = torch.randint(100, (6, 17), generator=torch.Generator().manual_seed(1))
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    halves = iter([(inputs[:3], targets[:3]), (inputs[3:], targets[3:])])
+    for net, micro_steps, next_batch in ((model, 2, lambda: next(halves)), (whole, 1, lambda: (inputs, targets))):
+        train.forward_backward(net, next_batch, micro_steps, autocast=nullcontext(), scaler=None, is_ddp=False)
+        build_optimizer(net, "muon", 1e-3, 0.02, 0.1, (0.9, 0.95), "cpu").step()
+    for (name, p), q in zip(model.named_parameters(), whole.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)
+
+
+def train_with_a_nan_step(train_here, monkeypatch, dataset, out_dir, *flags):
     """Iteration 3's loss is made NaN, in a run that saves every iteration: the loop's
     forward_backward is wrapped for this run only (its gradients stay finite, as when the loss
-    alone overflows)."""
+    alone overflows). Returns, per iteration, (skipped, weights changed, optimizer state changed)."""
     real_forward_backward, iterations = train.forward_backward, []
+    real_optimizer_step, changes = train.optimizer_step, []
 
     def nan_at_iteration_3(*args, **kwargs):
         iterations.append(None)
         loss = real_forward_backward(*args, **kwargs)
         return loss * math.nan if len(iterations) == 3 else loss
 
+    def watched_optimizer_step(run, *args):
+        before = weights_and_optimizer_state(run)
+        result = real_optimizer_step(run, *args)
+        after = weights_and_optimizer_state(run)
+        changes.append((result[2], *(not same_tensors(a, b) for a, b in zip(before, after))))
+        return result
+
     with monkeypatch.context() as patch:
         patch.setattr(train, "forward_backward", nan_at_iteration_3)
+        patch.setattr(train, "optimizer_step", watched_optimizer_step)
         finished = train_here(f"--dataset={dataset}", f"--out_dir={out_dir}", "--max_iters=5", "--eval_interval=1",
-                              "--keep_last=10")
+                              "--keep_last=10", *flags)
     assert finished.returncode == 0, finished.stderr
+    return changes
 
 
-def test_a_non_finite_step_is_skipped_and_counted_leaving_the_optimizer_untouched(train_here, monkeypatch, tiny_dataset,
-                                                                                   tmp_path):
+def weights_and_optimizer_state(run):
+    """Copies of the parameters, and of every tensor the optimizer keeps (AdamW's moments and
+    step counts, Muon's momentum buffers)."""
+    parts = getattr(run.optimizer, "parts", {"adamw": run.optimizer}).values()
+    state = [value.clone() for part in parts for per_param in part.state.values() for value in per_param.values()]
+    return [p.detach().clone() for p in run.raw_model.parameters()], state
+
+
+def same_tensors(first, second):
+    return len(first) == len(second) and all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@pytest.mark.parametrize("recipe", RECIPES.values(), ids=RECIPES.keys())
+def test_a_non_finite_step_is_skipped_and_counted_leaving_the_optimizer_untouched(recipe, train_here, monkeypatch,
+                                                                                   tiny_dataset, tmp_path):
     out_dir = tmp_path / "out"
-    train_with_a_nan_step(train_here, monkeypatch, tiny_dataset, out_dir)
+    changes = train_with_a_nan_step(train_here, monkeypatch, tiny_dataset, out_dir, *recipe,
+                                    "--gradient_accumulation_steps=2")
     lines = {line["iter"]: line for line in train_lines(out_dir)}
     assert lines[3]["skipped"] is True and lines[3]["loss"] is None
     assert not any(lines[i]["skipped"] for i in (1, 2, 4, 5))
+    # the skipped step leaves the weights, Muon's momentum and AdamW's moments as they were
+    assert changes == [(False, True, True)] * 2 + [(True, False, False)] + [(False, True, True)] * 2
     # AdamW counts the steps it took: iteration 3 is not among them
-    steps = lambda name: {int(state["step"]) for state in torch.load(out_dir / name, weights_only=True)["optimizer"]["state"].values()}
+    def steps(name):
+        saved = torch.load(out_dir / name, weights_only=True)["optimizer"]
+        adamw = saved.get("adamw", saved)  # Muon with AdamW saves each part under its name
+        return {int(state["step"]) for state in adamw["state"].values()}
+
     assert steps("ckpt_0000002.pt") == {2} and steps("ckpt_0000005.pt") == {4}
     assert not (out_dir / "ckpt_0000003.pt").exists()  # nothing saved while steps are failing
 
