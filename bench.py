@@ -162,7 +162,7 @@ def bench_throughput(settings):
     """Training tokens/s (and MFU on a GPU train.py knows) over --iters iterations: at
     nanoGPT's CPU shape by default, or at --shape's config."""
     shape = NANOGPT_CPU_SHAPE if settings["shape"] == DEFAULTS["shape"] else []
-    extra = [*shape, f"--max_iters={settings['iters']}", "--eval_interval=100000", "--eval_iters=1"]
+    extra = [*shape, f"--max_iters={settings['iters']}", "--max_time=0", "--eval_interval=100000", "--eval_iters=1"]
     if settings["device"] == "cuda":
         extra += ["--compile=True", "--dtype=bfloat16"]
 

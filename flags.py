@@ -32,6 +32,14 @@ def at_least(low):
     return lambda value: None if value >= low else f"at least {low}"
 
 
+def above(low):
+    return lambda value: None if value > low else f"greater than {low}"
+
+
+def below(high):
+    return lambda value: None if value < high else f"below {high}"
+
+
 def between(low, high):
     """low <= value <= high."""
     return lambda value: None if low <= value <= high else f"between {low} and {high}"

@@ -87,19 +87,19 @@ n_embd = 384  # width of the residual stream
 dropout = 0.0  # 0 for pretraining; 0.1-0.2 helps when the data is small and repeats
 bias = False  # biases in Linear and LayerNorm layers, as GPT-2 had
 gradient_checkpointing = False  # recompute block activations in backward: less memory, ~1/3 more compute
-block = "gpt2"  # gpt2 (learned positions, LayerNorm, GELU, tied head) | modern (RoPE, RMSNorm, QK-norm, ReLU^2, untied head)
+block = "modern"  # modern (RoPE, RMSNorm, QK-norm, ReLU^2, untied head) | gpt2 (learned positions, LayerNorm, GELU, tied head)
 # optimizer
-optimizer = "adamw"  # adamw | muon (Muon for the blocks' weight matrices, AdamW at learning_rate for the rest)
+optimizer = "muon"  # muon (Muon for the blocks' weight matrices, AdamW at learning_rate for the rest) | adamw
 muon_lr = 0.02  # Muon's peak learning rate (optimizer=muon)
 learning_rate = 1e-3  # AdamW's peak learning rate, reached after warmup
 max_iters = 5000  # total iterations (optimizer steps)
-max_time = 0.0  # seconds: train for this wall-clock budget, max_iters fitted to it after the first iterations; 0 = off
+max_time = 0.0  # seconds: stop at this wall-clock budget or at max_iters, whichever comes first (fitted once the first iterations are timed); 0 = off
 weight_decay = 0.1  # decoupled weight decay, on matrices only
 beta1 = 0.9  # AdamW beta1
 beta2 = 0.95  # AdamW beta2
 grad_clip = 1.0  # clip the global gradient norm to this; 0 = no clipping
 # learning rate schedule: linear warmup, then cosine or warmup-stable-decay
-lr_schedule = "cosine"  # cosine (decay to min_lr at lr_decay_iters) | wsd (hold the peak, then decay linearly to min_lr)
+lr_schedule = "wsd"  # wsd (hold the peak, then decay linearly to min_lr) | cosine (decay to min_lr at lr_decay_iters)
 cooldown_fraction = 0.4  # wsd: the last share of max_iters that decays to min_lr
 warmup_iters = 100  # iterations of linear warmup
 lr_decay_iters = 0  # the cosine reaches min_lr here; 0 = at max_iters
@@ -117,14 +117,6 @@ DEFAULTS = {name: value for name, value in globals().items()
 HELP = flags.comments_of(__file__)  # --help shows the comment beside each default
 
 
-def above_zero(value):
-    return None if value > 0 else "greater than 0"
-
-
-def zero_to_below_one(value):
-    return None if 0 <= value < 1 else "at least 0 and below 1"
-
-
 def checkpoint_to_start_from(value):
     return None if value in ("scratch", "resume") or os.path.isfile(value) or \
         (value.startswith(HF_PREFIX) and os.path.isdir(value.removeprefix(HF_PREFIX))) else \
@@ -140,9 +132,9 @@ CHECKS = {
     **dict.fromkeys(("eval_interval", "eval_iters", "log_interval", "keep_last", "batch_size", "block_size",
                      "gradient_accumulation_steps", "n_layer", "n_head", "n_embd", "max_iters", "max_bad_steps"),
                     positive),
-    **dict.fromkeys(("dropout", "beta1", "beta2"), zero_to_below_one),
-    "learning_rate": flags.all_of(flags.finite, above_zero),
-    "muon_lr": flags.all_of(flags.finite, above_zero),
+    **dict.fromkeys(("dropout", "beta1", "beta2"), flags.all_of(flags.at_least(0), flags.below(1))),
+    "learning_rate": flags.all_of(flags.finite, flags.above(0)),
+    "muon_lr": flags.all_of(flags.finite, flags.above(0)),
     "max_time": non_negative,
     "cooldown_fraction": flags.between(0, 1),
     "block": flags.one_of(*BLOCKS),
@@ -709,14 +701,14 @@ TIMED_ITERATIONS = (2, 12)  # max_time: iterations 3..12 are timed (the first on
 
 def fit_max_iters_to_time(run, seconds_per_iter):
     """max_time: the iterations that fit in the time left, counting the evaluations they
-    bring; rank 0's figure for all processes; kept in cfg, so checkpoints carry it and a
-    resumed run ends where this one would have."""
+    bring, or max_iters if fewer; rank 0's figure for all processes; kept in cfg, so
+    checkpoints carry it and a resumed run ends where this one would have."""
     cfg = run.cfg
     per_iter = seconds_per_iter + run.eval_seconds / cfg.eval_interval
     fitted = torch.tensor(run.iter_num + max(1, int((cfg.max_time - run.elapsed_s()) / per_iter)))
     if run.runtime.world_size > 1:
         dist.broadcast(fitted, src=0)
-    cfg.max_iters = int(fitted)
+    cfg.max_iters = min(cfg.max_iters, int(fitted))
     run.log.print(f"max_time={cfg.max_time:g}s: {seconds_per_iter * 1000:.0f} ms/iter and {run.eval_seconds:.1f}s "
                   f"per evaluation fit max_iters={cfg.max_iters}")
 

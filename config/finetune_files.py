@@ -5,9 +5,9 @@ briefly at a low learning rate. Put it after the config the checkpoint was train
     python prepare.py --source=files --input=my_notes/ --tokenizer=gpt2 --name=my_notes
     python train.py config/train_gpt2_124m.py config/finetune_files.py
 
-The dataset must use the checkpoint's tokenizer: gpt2 for the GPT-2 small run. (A trained
-BPE is tied to its corpus, so to fine-tune a small offline model, give both datasets
---tokenizer=byte.) The checkpoint lends only its weights: iterations, optimizer and
+The dataset must use the checkpoint's tokenizer: gpt2 for the GPT-2 small run; for a model
+trained on your own BPE, prepare the new text with --tokenizer=<its out folder>. The
+checkpoint lends only its weights: iterations, optimizer and
 schedule start afresh. Small data repeats quickly, so watch the gap between val and train
 loss and keep the checkpoint with the best val loss (best.pt).
 """

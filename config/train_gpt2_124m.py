@@ -16,7 +16,9 @@ One GPU works too (torchrun --nproc_per_node=1, or plain python): 8x the time pe
 """
 out_dir = "out/gpt2_124m"
 dataset = "webtext"
-# model: GPT-2 small's shape (without biases: a little faster, no worse)
+# model: GPT-2 small's shape and block (without biases: a little faster, no worse); the gpt2
+# block is the one export.py writes for transformers and init_from=hf: reads
+block = "gpt2"
 n_layer = 12
 n_head = 12
 n_embd = 768
@@ -26,6 +28,8 @@ dropout = 0.0
 batch_size = 16
 gradient_accumulation_steps = 4 * 8
 # optimizer and schedule: GPT-3 small's (Brown et al. 2020, table 2.1)
+optimizer = "adamw"
+lr_schedule = "cosine"
 max_iters = 19073
 learning_rate = 6e-4
 min_lr = 6e-5

@@ -1,4 +1,4 @@
-"""The commands the README shows all run: every line of its ```bash blocks that can run here
+"""The commands README.md and WORKSHOP.md show all run: every line of their ```bash blocks that can run here
 (offline, on a CPU) runs in order in one folder, as a reader would type it, with small
 overrides that keep it short (a tiny model, a few iterations). A local http.server on
 127.0.0.1 stands in for the book the README downloads."""
@@ -61,7 +61,7 @@ def run_commands(markdown, folder, url):
     for command in commands(markdown):
         if not command.startswith("python ") or any(marker in command for marker in NOT_HERE) or command in ran:
             continue  # a command shown twice (the quick start, then under Training) is typed once
-        words = shlex.split(command.replace(BOOK, url))
+        words = shlex.split(command.replace(BOOK, url) if url else command)
         # the scripts and config files of the repository; the data and out folders in folder
         words = [str(ROOT / word) if word.endswith(".py") and (ROOT / word).is_file() else word for word in words]
         finished = subprocess.run([sys.executable, *words[1:], *SHORTER.get(words[1].rpartition("/")[2], [])], cwd=folder,
@@ -77,3 +77,11 @@ def test_every_readme_command_that_can_run_here_runs(tmp_path, book_server):
     ran = run_commands((ROOT / "README.md").read_text(), tmp_path, book_server[0])
     for script in ("prepare.py", "train.py", "sample.py", "export.py", "plot.py"):
         assert any(f"python {script}" in line for line in ran), f"no README command of {script} ran"
+
+
+def test_every_workshop_command_runs(tmp_path):
+    """WORKSHOP.md's commands, in order, from a folder holding the files it trains on."""
+    for name in ("model.py", "train.py", "prepare.py"):  # the guide's own tiny corpus
+        (tmp_path / name).write_bytes((ROOT / name).read_bytes())
+    ran = run_commands((ROOT / "WORKSHOP.md").read_text(), tmp_path, url=None)
+    assert len(ran) >= 15 and any("plot.py" in command for command in ran)

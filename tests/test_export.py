@@ -27,7 +27,8 @@ transformers = pytest.importorskip("transformers", reason="checking an export ne
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TINY_MODEL = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8", "--eval_iters=2",
-              "--log_interval=10", "--warmup_iters=2", "--learning_rate=3e-3", "--min_lr=3e-4", "--device=cpu"]
+              "--log_interval=10", "--warmup_iters=2", "--learning_rate=3e-3", "--min_lr=3e-4", "--device=cpu",
+              "--block=gpt2", "--optimizer=adamw", "--lr_schedule=cosine"]  # GPT-2's recipe: the exportable one
 TRICKY_TEXT = "Hello wörld 🙂👍🏽 日本語のテキスト 中文 ok\n\n  x=1234567 <|endoftext|>def f(0x0010):\r\n\treturn"
 
 

@@ -334,7 +334,8 @@ def test_init_from_a_checkpoint_file_starts_a_new_run_from_its_weights(trained_r
     assert start["iter"] == 0 and start["val_loss"] == pytest.approx(best_val_loss, abs=1e-4)
     checkpoint = torch.load(tmp_path / "tuned" / "ckpt.pt", weights_only=True)
     assert checkpoint["iter_num"] == 2  # its own iterations and optimizer, not the checkpoint's
-    assert {int(state["step"]) for state in checkpoint["optimizer"]["state"].values()} == {2}
+    adamw = checkpoint["optimizer"].get("adamw", checkpoint["optimizer"])  # muon's checkpoints hold both parts
+    assert {int(state["step"]) for state in adamw["state"].values()} == {2}
 
 
 def test_a_new_run_refuses_an_out_dir_that_holds_a_run(trained_run, tiny_dataset):
@@ -348,9 +349,11 @@ def test_resuming_with_another_architecture_names_the_field_and_both_values(trai
     other = GPTConfig(**{**checkpoint["model_config"], "n_layer": 3})
     with pytest.raises(train.TrainError, match=r"has n_layer=2 but the config says n_layer=3"):
         train.check_checkpoint_fits(checkpoint, "ckpt.pt", other, checkpoint["tokenizer"], tiny_dataset)
-    modern = GPTConfig(**{**checkpoint["model_config"], "block": "modern"})
-    with pytest.raises(train.TrainError, match=r"has block='gpt2' but the config says block='modern'"):
-        train.check_checkpoint_fits(checkpoint, "ckpt.pt", modern, checkpoint["tokenizer"], tiny_dataset)
+    trained = checkpoint["model_config"]["block"]
+    other = {"gpt2": "modern", "modern": "gpt2"}[trained]
+    with pytest.raises(train.TrainError, match=rf"has block='{trained}' but the config says block='{other}'"):
+        train.check_checkpoint_fits(checkpoint, "ckpt.pt", GPTConfig(**{**checkpoint["model_config"], "block": other}),
+                                    checkpoint["tokenizer"], tiny_dataset)
     tokenizer = {**checkpoint["tokenizer"], "kind": "gpt2", "vocab_size": 50257}
     with pytest.raises(train.TrainError, match=r"different tokenizer .* kind is 'bpe' there and 'gpt2' here"):
         train.check_checkpoint_fits(checkpoint, "ckpt.pt", GPTConfig(**checkpoint["model_config"]), tokenizer, tiny_dataset)
@@ -361,11 +364,11 @@ def test_resuming_with_another_optimizer_is_refused_in_one_line_naming_both(trai
     out_dir = tmp_path / "out"
     shutil.copytree(trained_run[0], out_dir)
     finished = train_here(f"--dataset={tiny_dataset}", f"--out_dir={out_dir}", "--max_iters=40", "--dropout=0.1",
-                          "--init_from=resume", "--optimizer=muon")
+                          "--init_from=resume", "--optimizer=adamw")  # the fixture trained with muon, the default
     assert finished.returncode == 1
     message = finished.stderr.strip()
     assert "\n" not in message and "Traceback" not in message
-    assert "was trained with optimizer=adamw, this run asks for optimizer=muon" in message
+    assert "was trained with optimizer=muon, this run asks for optimizer=adamw" in message
     assert torch.load(out_dir / "ckpt.pt", weights_only=True)["iter_num"] == 30  # nothing trained
 
 
