@@ -670,7 +670,7 @@ def manifest(settings, web_settings, tokenizer_info, splits, summary, tally, thi
         "filters": filters,
         "web_filters": dataclasses.asdict(web_settings) if web_settings else None,
         "documents": {"read": tally.documents_read, "bytes_read": tally.bytes_read,
-                      "kept": sum(split["documents"] for split in splits.values()),
+                      "kept": tally.kept,  # documents: under the tails rule each gives a train and a val piece
                       "invalid_utf8": tally.invalid_utf8},
         "dropped": dict(sorted(tally.dropped.items())),
         "dropped_examples": dict(sorted(tally.examples.items())),

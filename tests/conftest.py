@@ -37,11 +37,13 @@ def tiny_dataset(tmp_path_factory):
     for index in range(24):
         (corpus / f"doc_{index:02d}.txt").write_text(make_text(index), encoding="utf-8")
     folder = tmp_path_factory.mktemp("tiny_dataset") / "tiny"
+    # a relative --input: the document ids, and so the documents the hash puts in val, are the
+    # same in every session
     result = subprocess.run(
-        [sys.executable, str(ROOT / "prepare.py"), "--source=files", f"--input={corpus}",
+        [sys.executable, str(ROOT / "prepare.py"), "--source=files", f"--input={corpus.name}",
          f"--out_dir={folder}", "--tokenizer=bpe", "--vocab_size=512", "--shard_tokens=4096",
          "--val_fraction=0.2", "--num_workers=1"],
-        capture_output=True, text=True, cwd=corpus)
+        capture_output=True, text=True, cwd=corpus.parent)
     assert result.returncode == 0, f"prepare.py failed:\n{result.stderr}"
     return folder
 
