@@ -376,8 +376,9 @@ def expected_documents(corpus):
 def built(corpus, tmp_path_factory):
     """The corpus prepared with one worker; returns (folder, completed process)."""
     folder = tmp_path_factory.mktemp("built") / "dataset"
-    result = run_prepare("--source=files", f"--input={corpus}", f"--out_dir={folder}", "--vocab_size=400",
-                         "--shard_tokens=3000", "--val_fraction=0.1", "--num_workers=1", cwd=corpus)
+    # a relative --input: the document ids, and so the val split, are the same in every session
+    result = run_prepare("--source=files", f"--input={corpus.name}", f"--out_dir={folder}", "--vocab_size=400",
+                         "--shard_tokens=3000", "--val_fraction=0.1", "--num_workers=1", cwd=corpus.parent)
     return folder, result
 
 
@@ -429,15 +430,15 @@ def test_meta_json_describes_the_tokenizer_drops_and_timings(built, corpus):
 def test_two_runs_give_identical_shards(built, corpus):
     folder, _ = built
     before = bin_files(folder)
-    run_prepare("--source=files", f"--input={corpus}", f"--out_dir={folder}", "--vocab_size=400",
-                "--shard_tokens=3000", "--val_fraction=0.1", "--num_workers=1", cwd=corpus)
+    run_prepare("--source=files", f"--input={corpus.name}", f"--out_dir={folder}", "--vocab_size=400",
+                "--shard_tokens=3000", "--val_fraction=0.1", "--num_workers=1", cwd=corpus.parent)
     assert bin_files(folder) == before
 
 
 def test_several_workers_give_the_same_shards_as_one(built, corpus, tmp_path):
     folder, _ = built
-    run_prepare("--source=files", f"--input={corpus}", f"--out_dir={tmp_path / 'parallel'}", "--vocab_size=400",
-                "--shard_tokens=3000", "--val_fraction=0.1", "--num_workers=2", cwd=corpus)
+    run_prepare("--source=files", f"--input={corpus.name}", f"--out_dir={tmp_path / 'parallel'}", "--vocab_size=400",
+                "--shard_tokens=3000", "--val_fraction=0.1", "--num_workers=2", cwd=corpus.parent)
     assert bin_files(tmp_path / "parallel") == bin_files(folder)
 
 
