@@ -92,6 +92,7 @@ block = "modern"  # modern (RoPE, RMSNorm, QK-norm, ReLU^2, untied head) | gpt2 
 optimizer = "muon"  # muon (Muon for the blocks' weight matrices, AdamW at learning_rate for the rest) | adamw
 muon_lr = 0.02  # Muon's peak learning rate (optimizer=muon)
 learning_rate = 1e-3  # AdamW's peak learning rate, reached after warmup
+embedding_lr = 0.3  # AdamW's peak rate for the modern block's token embedding, which starts at unit scale (the gpt2 block's is the head: learning_rate)
 max_iters = 5000  # total iterations (optimizer steps)
 max_time = 0.0  # seconds: stop at this wall-clock budget or at max_iters, whichever comes first (fitted once the first iterations are timed); 0 = off
 weight_decay = 0.1  # decoupled weight decay, on matrices only
@@ -134,7 +135,7 @@ CHECKS = {
                     positive),
     **dict.fromkeys(("dropout", "beta1", "beta2"), flags.all_of(flags.at_least(0), flags.below(1))),
     "learning_rate": flags.all_of(flags.finite, flags.above(0)),
-    "muon_lr": flags.all_of(flags.finite, flags.above(0)),
+    **dict.fromkeys(("muon_lr", "embedding_lr"), flags.all_of(flags.finite, flags.above(0))),
     "max_time": non_negative,
     "cooldown_fraction": flags.between(0, 1),
     "block": flags.one_of(*BLOCKS),
@@ -584,6 +585,13 @@ def prepare_out_dir(cfg, folder, tokenizer_info, resuming):
         atomic_write(out / tokenizer_info["file"], lambda file: file.write(source.read_bytes()))
 
 
+def saved_before_embedding_lr(checkpoint):
+    """Whether checkpoint's AdamW has the two groups it had before the untied embedding got
+    a group of its own: such a run resumes with its embedding at learning_rate."""
+    saved = checkpoint["optimizer"]
+    return len(saved.get("adamw", saved)["param_groups"]) == 2
+
+
 def restore_training_state(checkpoint, path, optimizer, optimizer_kind, scaler, generator, runtime):
     """Load the optimizer, the loss scaler and this process's random states from checkpoint;
     return the progress it holds, as Run's fields."""
@@ -680,7 +688,8 @@ def build_run(cfg):
     byte_lengths = token_byte_lengths(encoding, runtime.device)
     train_model = DistributedDataParallel(model) if runtime.world_size > 1 else model
     optimizer = build_optimizer(raw_model, cfg.optimizer, cfg.learning_rate, cfg.muon_lr, cfg.weight_decay,
-                                (cfg.beta1, cfg.beta2), runtime.device.type)
+                                (cfg.beta1, cfg.beta2), runtime.device.type,
+                                None if resuming and saved_before_embedding_lr(checkpoint) else cfg.embedding_lr)
     scaler = torch.amp.GradScaler(runtime.device.type) if runtime.dtype == torch.float16 else None
     generator = torch.Generator().manual_seed(cfg.seed + runtime.rank)
     progress = restore_training_state(checkpoint, path, optimizer, cfg.optimizer, scaler, generator, runtime) if resuming else {}

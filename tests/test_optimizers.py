@@ -65,7 +65,7 @@ def muon_and_adamw(seed):
     torch.manual_seed(seed)
     model = GPT(GPTConfig(vocab_size=100, block_size=8, n_layer=1, n_head=2, n_embd=16, block="modern"))
     return model, build_optimizer(model, "muon", learning_rate=1e-3, muon_lr=0.02, weight_decay=0.1,
-                                  betas=(0.9, 0.95), device_type="cpu")
+                                  betas=(0.9, 0.95), device_type="cpu", embedding_lr=0.3)
 
 
 def take_a_step(model, optimizer, seed):
@@ -92,8 +92,9 @@ def test_muon_and_adamw_state_round_trips_and_param_groups_show_the_loaded_group
     copy, loaded = muon_and_adamw(seed=1)
     copy.load_state_dict(model.state_dict())
     loaded.load_state_dict(saved)
-    assert [group["lr"] for group in loaded.param_groups] == [0.001, 0.002, 0.003]
-    assert [group["lr_key"] for group in loaded.param_groups] == ["muon_lr", "learning_rate", "learning_rate"]
+    assert [group["lr"] for group in loaded.param_groups] == [0.001, 0.002, 0.003, 0.004]
+    assert [group["lr_key"] for group in loaded.param_groups] == ["muon_lr", "learning_rate", "learning_rate",
+                                                                  "embedding_lr"]
     # param_groups are the parts' own groups, so a rate set through them is the rate used
     assert loaded.param_groups[0] is loaded.parts["muon"].param_groups[0]
     take_a_step(model, optimizer, seed=2)

@@ -385,7 +385,7 @@ def test_wsd_holds_the_peak_until_the_last_cooldown_fraction_then_decays_linearl
 
 
 def test_each_parameter_group_follows_the_schedule_from_its_own_peak(train_here, monkeypatch, tiny_dataset, tmp_path):
-    flags = [f"--dataset={tiny_dataset}", f"--out_dir={tmp_path}", *MODERN_RECIPE, "--muon_lr=0.05", "--max_iters=5",
+    flags = [f"--dataset={tiny_dataset}", f"--out_dir={tmp_path}", *MODERN_RECIPE, "--muon_lr=0.05", "--embedding_lr=0.2", "--max_iters=5",
              "--eval_interval=1000"]
     real_optimizer_step, rates = train.optimizer_step, []
 
@@ -400,9 +400,27 @@ def test_each_parameter_group_follows_the_schedule_from_its_own_peak(train_here,
     factors = [train.learning_rate_at(iteration, cfg) / cfg.learning_rate for iteration in range(5)]
     assert len(set(factors)) == 4  # two warmup steps, the peak, the cooldown
     for groups, factor in zip(rates, factors, strict=True):
-        # Muon's hidden matrices, then AdamW's embeddings and head (the modern block has no vectors)
-        assert [key for key, _ in groups] == ["muon_lr", "learning_rate", "learning_rate"]
-        assert [rate for _, rate in groups] == pytest.approx([0.05 * factor, 3e-3 * factor, 3e-3 * factor], rel=1e-12)
+        # Muon's hidden matrices, then AdamW's head, vectors (none in the modern block) and token embedding
+        assert [key for key, _ in groups] == ["muon_lr", "learning_rate", "learning_rate", "embedding_lr"]
+        assert [rate for _, rate in groups] == pytest.approx([0.05 * factor, 3e-3 * factor, 3e-3 * factor, 0.2 * factor],
+                                                             rel=1e-12)
+
+
+def test_a_modern_run_saved_before_embedding_lr_resumes_with_its_embedding_at_learning_rate(
+        train_here, monkeypatch, tiny_dataset, tmp_path):
+    flags = [f"--dataset={tiny_dataset}", f"--out_dir={tmp_path}", *MODERN_RECIPE, "--eval_interval=2"]
+    with monkeypatch.context() as patch:  # the optimizer as train.py built it before embedding_lr
+        patch.setattr(train, "build_optimizer", lambda *args: build_optimizer(*args[:7]))
+        assert train_here(*flags, "--max_iters=2").returncode == 0
+    real_optimizer_step, groups = train.optimizer_step, []
+
+    def recording_optimizer_step(run, *args):
+        groups.append([group["lr_key"] for group in run.optimizer.param_groups])
+        return real_optimizer_step(run, *args)
+
+    monkeypatch.setattr(train, "optimizer_step", recording_optimizer_step)
+    assert train_here(*flags, "--max_iters=4", "--init_from=resume").returncode == 0
+    assert groups == [["muon_lr", "learning_rate", "learning_rate"]] * 2
 
 
 # ----------------------------------------------------------------------------- max_time
