@@ -7,13 +7,13 @@ matrix: the same directions, every singular value set to about 1. Rare direction
 gradient then move as fast as the dominant ones. It suits the 2-D matrices inside the
 network; embeddings, the output head, gains and biases keep AdamW (the post above, nanochat).
 
-    optimizer = build_optimizer(model, "muon", learning_rate=1.2e-2, muon_lr=0.02,
-                                weight_decay=0.1, betas=(0.9, 0.95), device_type="cpu")
+    optimizer = build_optimizer(model, "muon", learning_rate=1.2e-2, muon_lr=0.02, weight_decay=0.1,
+                                betas=(0.8, 0.99), device_type="cpu", embedding_lr=0.3)
     loss.backward(); optimizer.step(); optimizer.zero_grad(set_to_none=True)
 
 Each parameter group names the config key of its peak rate in group["lr_key"]
-(learning_rate, muon_lr or embedding_lr), so that a schedule, and a resumed run given another rate, can
-set every group's rate from the config.
+(learning_rate, muon_lr or embedding_lr), so that a schedule, and a resumed run given
+another rate, can set every group's rate from the config.
 """
 import torch
 
