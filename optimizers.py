@@ -26,32 +26,17 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
 def orthogonalise(update, steps=5):
-    """The semi-orthogonal matrix nearest update: about U V^T of its SVD U S V^T. update may
-    be a batch of matrices (..., rows, cols), each orthogonalised on its own."""
+    """The semi-orthogonal matrix nearest update: about U V^T of its SVD U S V^T."""
     a, b, c = NS_COEFFICIENTS
     x = update.bfloat16() if update.is_cuda else update.float()  # bf16 is stable here (the post) and fast on GPUs
-    tall = x.size(-2) > x.size(-1)
+    tall = x.size(0) > x.size(1)
     if tall:  # iterate on the smaller Gram matrix
-        x = x.mT
-    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # singular values <= 1, where the iteration converges
+        x = x.T
+    x = x / (x.norm() + 1e-7)  # singular values <= 1, where the iteration converges
     for _ in range(steps):
-        gram = x @ x.mT
+        gram = x @ x.T
         x = a * x + (b * gram + c * gram @ gram) @ x
-    return (x.mT if tall else x).to(update.dtype)
-
-
-def orthogonalise_all(updates, steps=5):
-    """orthogonalise() of each matrix in a list, matrices of one shape stacked into one batch:
-    a transformer's blocks repeat a few shapes, and one batched multiply costs about what
-    one small one does (16 matrices of 4 shapes: a third of the time, 2-core CPU)."""
-    by_shape = {}
-    for index, update in enumerate(updates):
-        by_shape.setdefault(update.shape, []).append(index)
-    results = [None] * len(updates)
-    for indices in by_shape.values():
-        for index, result in zip(indices, orthogonalise(torch.stack([updates[i] for i in indices]), steps)):
-            results[index] = result
-    return results
+    return (x.T if tall else x).to(update.dtype)
 
 
 class Muon(torch.optim.Optimizer):
@@ -65,16 +50,15 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
-            params = [param for param in group["params"] if param.grad is not None]
-            updates = []
-            for param in params:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
                 state = self.state[param]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(param)
                 buffer = state["momentum_buffer"]
                 buffer.mul_(group["momentum"]).add_(param.grad)
-                updates.append(param.grad.add(buffer, alpha=group["momentum"]))
-            for param, update in zip(params, orthogonalise_all(updates, group["ns_steps"])):
+                update = orthogonalise(param.grad.add(buffer, alpha=group["momentum"]), group["ns_steps"])
                 scale = max(1.0, param.size(0) / param.size(1)) ** 0.5
                 param.mul_(1 - group["lr"] * group["weight_decay"])
                 param.add_(update, alpha=-group["lr"] * scale)
