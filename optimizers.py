@@ -102,10 +102,10 @@ def build_optimizer(model, kind, learning_rate, muon_lr, weight_decay, betas, de
     hidden, matrices, vectors = model.parameter_groups(hidden_matrices_apart=kind == "muon")
     embedding = model.transformer.wte.weight
     untied = embedding_lr is not None and embedding is not model.lm_head.weight
-    groups = [{"params": [p for p in matrices if not (untied and p is embedding)], "weight_decay": weight_decay},
-              {"params": vectors, "weight_decay": 0.0}]
-    for group in groups:
-        group["lr_key"] = "learning_rate"
+    if untied:
+        matrices = [p for p in matrices if p is not embedding]
+    groups = [{"params": matrices, "weight_decay": weight_decay, "lr_key": "learning_rate"},
+              {"params": vectors, "weight_decay": 0.0, "lr_key": "learning_rate"}]
     if untied:
         groups.append({"params": [embedding], "weight_decay": 0.0, "lr": embedding_lr, "lr_key": "embedding_lr"})
     # The fused kernel updates all tensors in one pass instead of one small op at a time:

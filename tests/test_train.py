@@ -385,8 +385,8 @@ def test_wsd_holds_the_peak_until_the_last_cooldown_fraction_then_decays_linearl
 
 
 def test_each_parameter_group_follows_the_schedule_from_its_own_peak(train_here, monkeypatch, tiny_dataset, tmp_path):
-    flags = [f"--dataset={tiny_dataset}", f"--out_dir={tmp_path}", *MODERN_RECIPE, "--muon_lr=0.05", "--embedding_lr=0.2", "--max_iters=5",
-             "--eval_interval=1000"]
+    flags = [f"--dataset={tiny_dataset}", f"--out_dir={tmp_path}", *MODERN_RECIPE, "--muon_lr=0.05", "--embedding_lr=0.2",
+             "--max_iters=5", "--eval_interval=1000"]
     real_optimizer_step, rates = train.optimizer_step, []
 
     def recording_optimizer_step(run, *args):
