@@ -7,10 +7,12 @@ import json
 import math
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
@@ -608,3 +610,25 @@ def test_samples_leave_the_training_exactly_as_without_them(trained_run, tiny_da
         assert torch.equal(with_samples["rng"][0][key], without["rng"][0][key]), key
     assert with_samples["rng"][0]["python"] == without["rng"][0]["python"]
     assert with_samples["rng"][0]["numpy"] == without["rng"][0]["numpy"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+def test_on_cpu_a_freed_large_tensor_comes_back_without_the_kernel_faulting_its_pages_in_again():
+    # Each step's logits are tens of MiB; glibc would unmap them when freed and the kernel
+    # fault in and zero every page of the next step's. Counted in page faults, not time.
+    code = textwrap.dedent("""
+        import resource, torch, train
+        def faults_of_one_128_mib_tensor():
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            torch.ones(4096, 8192)
+            return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        default = [faults_of_one_128_mib_tensor() for _ in range(4)]
+        assert train.keep_freed_memory()
+        kept = [faults_of_one_128_mib_tensor() for _ in range(8)]  # the heap grows in the first few
+        print(*default[-2:], *kept[-4:])
+    """)
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    faults = list(map(int, done.stdout.split()))
+    pages = 4096 * 8192 * 4 // resource.getpagesize()
+    assert max(faults[2:]) < pages // 100, faults
+    assert min(faults[:2]) > 10 * max(faults[2:]), faults
