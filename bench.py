@@ -95,15 +95,18 @@ def bench_webfilters(settings):
 # this machine at the quick start's shape (README: Results): gpt2 is GPT-2's 2019 recipe,
 # modern the winning one, and the others take one piece away from it (the ablation).
 RECIPES = {
-    "gpt2": ["--block=gpt2", "--optimizer=adamw", "--lr_schedule=cosine", "--learning_rate=3e-3", "--min_lr=3e-4"],
-    "modern": ["--block=modern", "--optimizer=muon", "--lr_schedule=wsd", "--learning_rate=1.2e-2",
-               "--min_lr=1.2e-3", "--muon_lr=0.02"],
-    "modern_adamw": ["--block=modern", "--optimizer=adamw", "--lr_schedule=wsd", "--learning_rate=1.2e-2",
-                     "--min_lr=1.2e-3"],
-    "modern_cosine": ["--block=modern", "--optimizer=muon", "--lr_schedule=cosine", "--learning_rate=1.2e-2",
-                      "--min_lr=1.2e-3", "--muon_lr=0.02"],
-    "gpt2_muon": ["--block=gpt2", "--optimizer=muon", "--lr_schedule=wsd", "--learning_rate=3e-3", "--min_lr=3e-4",
-                  "--muon_lr=0.02"],
+    "gpt2": ["--block=gpt2", "--value_embeddings=false", "--optimizer=adamw", "--lr_schedule=cosine",
+             "--learning_rate=3e-3", "--min_lr=3e-4"],
+    "modern": ["--block=modern", "--value_embeddings=true", "--optimizer=muon", "--lr_schedule=wsd",
+               "--learning_rate=1.2e-2", "--min_lr=1.2e-3", "--muon_lr=0.02"],
+    "modern_no_value_embeddings": ["--block=modern", "--value_embeddings=false", "--optimizer=muon", "--lr_schedule=wsd",
+                                   "--learning_rate=1.2e-2", "--min_lr=1.2e-3", "--muon_lr=0.02"],
+    "modern_adamw": ["--block=modern", "--value_embeddings=true", "--optimizer=adamw", "--lr_schedule=wsd",
+                     "--learning_rate=1.2e-2", "--min_lr=1.2e-3"],
+    "modern_cosine": ["--block=modern", "--value_embeddings=true", "--optimizer=muon", "--lr_schedule=cosine",
+                      "--learning_rate=1.2e-2", "--min_lr=1.2e-3", "--muon_lr=0.02"],
+    "gpt2_muon": ["--block=gpt2", "--value_embeddings=false", "--optimizer=muon", "--lr_schedule=wsd",
+                  "--learning_rate=3e-3", "--min_lr=3e-4", "--muon_lr=0.02"],
 }
 
 

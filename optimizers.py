@@ -98,16 +98,18 @@ def build_optimizer(model, kind, learning_rate, muon_lr, weight_decay, betas, de
     With embedding_lr, an untied token embedding (the modern block's) gets AdamW at that
     rate and no decay (a norm follows it, so its scale is free): it starts at unit scale,
     where learning_rate's steps would barely move it. nanochat gives it 0.2 at width 768
-    and modded-nanogpt 0.6; 0.3 measured best here (README: Results)."""
+    and modded-nanogpt 0.6; 0.3 measured best here (README: Results). The value
+    embeddings, tables like it, go with it."""
     hidden, matrices, vectors = model.parameter_groups(hidden_matrices_apart=kind == "muon")
     embedding = model.transformer.wte.weight
     untied = embedding_lr is not None and embedding is not model.lm_head.weight
     if untied:
-        matrices = [p for p in matrices if p is not embedding]
+        tables = [embedding, *model.value_tables()]
+        matrices = [p for p in matrices if not any(p is table for table in tables)]
     groups = [{"params": matrices, "weight_decay": weight_decay, "lr_key": "learning_rate"},
               {"params": vectors, "weight_decay": 0.0, "lr_key": "learning_rate"}]
     if untied:
-        groups.append({"params": [embedding], "weight_decay": 0.0, "lr": embedding_lr, "lr_key": "embedding_lr"})
+        groups.append({"params": tables, "weight_decay": 0.0, "lr": embedding_lr, "lr_key": "embedding_lr"})
     # The fused kernel updates all tensors in one pass instead of one small op at a time:
     # on CUDA that is one launch; on CPU it took a quarter of the default's time (2 cores).
     adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))

@@ -24,6 +24,7 @@ dataset = "python"
 n_layer = 4
 n_head = 4
 n_embd = 128
+value_embeddings = True  # 4 more tables of 8192 x 128: looked up, not multiplied (README: Results)
 block_size = 128
 dropout = 0.0  # the run reads less than the data once: nothing to overfit
 # batch: 16 x 128 = 2,048 tokens per iteration

@@ -22,7 +22,8 @@ UNCHECKED = {
         "out_dir": "any folder: prepare_out_dir says when it is a file or not writable",
         "dataset": "a name or a path: open_folder names a missing or empty folder",
         "wandb_project": "any name wandb accepts", "wandb_run_name": "any name wandb accepts",
-        **dict.fromkeys(("eval_only", "wandb_log", "sample_every_eval", "bias", "gradient_checkpointing", "compile"), BOOLEAN),
+        **dict.fromkeys(("eval_only", "wandb_log", "sample_every_eval", "bias", "gradient_checkpointing", "compile",
+                          "value_embeddings"), BOOLEAN),
     },
     "sample.py": {
         "out_dir": "any folder: a missing checkpoint in it is named when it is read",
