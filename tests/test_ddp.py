@@ -33,7 +33,8 @@ from torch.nn.parallel import DistributedDataParallel
 cfg = train.read_config(["--device=cpu", "--gradient_accumulation_steps=4"])
 runtime = train.setup_runtime(cfg)
 torch.manual_seed(0)
-model = GPT(GPTConfig(vocab_size=100, block_size=16, n_layer=2, n_head=2, n_embd=32, block={block!r}))
+model = GPT(GPTConfig(vocab_size=100, block_size=16, n_layer=2, n_head=2, n_embd=32, block={block!r},
+                      value_embeddings={block!r} == "modern"))
 with torch.no_grad():  # the modern block's zero-initialised matrices would leave most weights without a gradient
     for p in model.parameters():
         if p.dim() == 2 and not p.any():

@@ -36,11 +36,16 @@ def without_zero_weights(model, seed=0):
     return model
 
 
-def opinionated_model(dtype=torch.float64, block="gpt2"):
+# The blocks every promise is checked with: the modern one also with its value embeddings
+BLOCKS = {"gpt2": dict(block="gpt2"), "modern": dict(block="modern"),
+          "modern_value_embeddings": dict(block="modern", value_embeddings=True)}
+
+
+def opinionated_model(dtype=torch.float64, block="gpt2", **options):
     """An untrained model with peaked next-token distributions that depend on the whole
     context (larger block weights, a larger final gain or head), so that a mistake in what
     the model sees shows up in its choices."""
-    model = without_zero_weights(tiny_model(block=block)).to(dtype).eval()
+    model = without_zero_weights(tiny_model(block=block, **options)).to(dtype).eval()
     with torch.no_grad():
         for p in model.transformer.h.parameters():
             if p.dim() == 2:
@@ -86,11 +91,11 @@ def test_changing_a_future_token_never_changes_earlier_logits(changed_position):
     assert not torch.allclose(after[:, changed_position:], before[:, changed_position:])
 
 
-@pytest.mark.parametrize("block", ["gpt2", "modern"])
+@pytest.mark.parametrize("block", BLOCKS)
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(dropout, block):
-    plain = without_zero_weights(tiny_model(seed=1, dropout=dropout, block=block))
-    recomputing = without_zero_weights(tiny_model(seed=1, dropout=dropout, gradient_checkpointing=True, block=block))
+    plain = without_zero_weights(tiny_model(seed=1, dropout=dropout, **BLOCKS[block]))
+    recomputing = without_zero_weights(tiny_model(seed=1, dropout=dropout, gradient_checkpointing=True, **BLOCKS[block]))
     idx, targets = torch.randint(0, 300, (2, 4, 16))
     losses = []
     for model in (plain, recomputing):
@@ -100,10 +105,11 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(dropout, block
         losses.append(loss)
     assert losses[0].item() == losses[1].item()
     for (name, p), q in zip(plain.named_parameters(), recomputing.parameters()):
+        assert p.grad is not None and p.grad.any(), name  # every parameter is on the path to the loss
         assert torch.equal(p.grad, q.grad), name
 
 
-@pytest.mark.parametrize("block", ["gpt2", "modern"])
+@pytest.mark.parametrize("block", BLOCKS)
 @pytest.mark.parametrize("options", [
     dict(temperature=0.0),
     dict(temperature=1.0),
@@ -113,7 +119,7 @@ def test_kv_cache_generation_equals_recomputing_the_whole_context(options, block
     # float64: the two paths multiply matrices of different shapes, so their logits may
     # differ in the last bits; in float64 that is ~1e-16, far too little to flip a choice.
     # The modern block's rotary positions restart at 0 on each page, in both paths.
-    model = opinionated_model(block=block)
+    model = opinionated_model(**BLOCKS[block])
     prompt = torch.randint(0, 300, (3, 5))
     # 40 new tokens run well past block_size (16): the page turns four times
     cached = generate_all(model, prompt, use_cache=True, max_new_tokens=40, **options)
@@ -181,6 +187,28 @@ def test_a_checkpoint_from_before_the_block_key_loads_as_gpt2():
     config = GPTConfig(**config_without_block)
     assert config.block == "gpt2"
     GPT(config).load_state_dict(old.state_dict())  # strict: every name and shape as saved
+
+
+def test_value_embeddings_without_the_modern_block_are_refused():
+    with pytest.raises(ValueError, match=r"value_embeddings are part of the modern block: set block='modern'"):
+        tiny_config(block="gpt2", value_embeddings=True)
+
+
+def test_value_embeddings_start_at_zero_and_each_layer_reads_its_own_table():
+    model = tiny_model(block="modern", value_embeddings=True)
+    tables = model.value_tables()
+    assert len(tables) == 2 and all(not table.any() for table in tables)
+    assert model.num_params() == tiny_model(block="modern").num_params() + 2 * 300 * 32
+    without_zero_weights(model)
+    idx = torch.randint(0, 300, (2, 16))
+    before, _ = model(idx)
+    with torch.no_grad():
+        tables[1][idx[0, 3]] += 1.0  # one token's row in the last layer's table
+    after, _ = model(idx)
+    # the row is read where that token is, and seen by attention from there on only
+    changed = (after - before).abs().amax(dim=-1) > 1e-6
+    first = int((idx[0] == idx[0, 3]).nonzero()[0])
+    assert changed[0, first:].all() and not changed[0, :first].any()
 
 
 def test_the_modern_block_refuses_an_odd_head_size_naming_it():

@@ -92,3 +92,16 @@ def test_muon_and_adamw_state_round_trips_and_param_groups_show_the_loaded_group
     take_a_step(copy, loaded, seed=2)
     for (name, p), q in zip(model.named_parameters(), copy.parameters()):
         assert torch.equal(p, q), name
+
+
+def test_the_value_embeddings_learn_with_the_token_embedding_at_embedding_lr_without_decay():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=100, block_size=8, n_layer=2, n_head=2, n_embd=16, block="modern",
+                          value_embeddings=True))
+    optimizer = build_optimizer(model, "muon", learning_rate=1e-3, muon_lr=0.02, weight_decay=0.1,
+                                betas=(0.9, 0.95), device_type="cpu", embedding_lr=0.3)
+    muon, head, vectors, tables = optimizer.param_groups
+    assert tables["params"] == [model.transformer.wte.weight, *model.value_tables()]
+    assert (tables["lr"], tables["weight_decay"]) == (0.3, 0.0)
+    assert head["params"] == [model.lm_head.weight] and not vectors["params"]
+    assert len(muon["params"]) == 2 * 4  # each block's qkv, attention output, MLP in and out

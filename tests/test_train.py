@@ -35,7 +35,7 @@ TINY_MODEL = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--
 
 
 # The recipe of modded-nanogpt and nanochat beside GPT-2's: every promise holds for both
-MODERN_RECIPE = ["--block=modern", "--optimizer=muon", "--lr_schedule=wsd"]
+MODERN_RECIPE = ["--block=modern", "--value_embeddings=true", "--optimizer=muon", "--lr_schedule=wsd"]
 RECIPES = {"gpt2_adamw_cosine": [], "modern_muon_wsd": MODERN_RECIPE}
 
 
@@ -389,10 +389,11 @@ def test_wsd_holds_the_peak_until_the_last_cooldown_fraction_then_decays_linearl
 def test_each_parameter_group_follows_the_schedule_from_its_own_peak(train_here, monkeypatch, tiny_dataset, tmp_path):
     flags = [f"--dataset={tiny_dataset}", f"--out_dir={tmp_path}", *MODERN_RECIPE, "--muon_lr=0.05", "--embedding_lr=0.2",
              "--max_iters=5", "--eval_interval=1000"]
-    real_optimizer_step, rates = train.optimizer_step, []
+    real_optimizer_step, rates, momenta = train.optimizer_step, [], []
 
     def recording_optimizer_step(run, *args):
         rates.append([(group["lr_key"], group["lr"]) for group in run.optimizer.param_groups])
+        momenta.append(run.optimizer.param_groups[0]["momentum"])
         return real_optimizer_step(run, *args)
 
     with monkeypatch.context() as patch:
@@ -406,11 +407,15 @@ def test_each_parameter_group_follows_the_schedule_from_its_own_peak(train_here,
         assert [key for key, _ in groups] == ["muon_lr", "learning_rate", "learning_rate", "embedding_lr"]
         assert [rate for _, rate in groups] == pytest.approx([0.05 * factor, 3e-3 * factor, 3e-3 * factor, 0.2 * factor],
                                                              rel=1e-12)
+    # Muon's momentum warms up from 0.85 by 0.1 / 300 an iteration
+    assert momenta == pytest.approx([0.85 + 0.1 * iteration / 300 for iteration in range(5)], rel=1e-12)
+    assert train.muon_momentum_at(300) == train.muon_momentum_at(10_000) == 0.95
 
 
 def test_a_modern_run_saved_before_embedding_lr_resumes_with_its_embedding_at_learning_rate(
         train_here, monkeypatch, tiny_dataset, tmp_path):
-    flags = [f"--dataset={tiny_dataset}", f"--out_dir={tmp_path}", *MODERN_RECIPE, "--eval_interval=2"]
+    flags = [f"--dataset={tiny_dataset}", f"--out_dir={tmp_path}", *MODERN_RECIPE, "--value_embeddings=false",
+             "--eval_interval=2"]  # such runs had no value embeddings either
     with monkeypatch.context() as patch:  # the optimizer as train.py built it before embedding_lr
         patch.setattr(train, "build_optimizer", lambda *args: build_optimizer(*args[:7]))
         assert train_here(*flags, "--max_iters=2").returncode == 0
