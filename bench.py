@@ -14,6 +14,7 @@ alike; the table gives each run, the medians, and each recipe's ratio to the fir
 """
 import json
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -118,6 +119,7 @@ def recipe_list(names):
 def train_run(settings, recipe, seed, extra):
     """One `python train.py` run; returns its last evaluation and its logged steps."""
     out_dir = Path(settings["out_dir"]) / f"{recipe}_seed{seed}"
+    shutil.rmtree(out_dir, ignore_errors=True)  # this run's folder from an earlier bench: train.py would refuse it
     command = [sys.executable, "train.py", settings["shape"], f"--dataset={settings['dataset']}",
                f"--out_dir={out_dir}", f"--seed={seed}", f"--device={settings['device']}", "--log_interval=10",
                *RECIPES[recipe], *extra]
