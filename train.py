@@ -739,7 +739,10 @@ def build_run(cfg):
         peak_flops=peak_flops(runtime.device), started=started, **progress)
 
 
-TIMED_ITERATIONS = (2, 12)  # max_time: iterations 3..12 are timed (the first ones warm caches up)
+# max_time: iterations 6..30 are timed. The first ones grow the heap and warm caches up; 25
+# average out a machine that is busy for a second (10 of them made 4.5-minute runs of the
+# quick start end anywhere from 225 to 292 s on a shared 2-core CPU).
+TIMED_ITERATIONS = (5, 30)
 
 
 def fit_max_iters_to_time(run, seconds_per_iter):

@@ -438,19 +438,19 @@ def fitted_max_iters(stdout):
 
 def test_max_time_fits_max_iters_after_the_timed_iterations_and_the_run_ends_there(train_here, tiny_dataset,
                                                                                    tmp_path):
-    # a budget spent before iteration 12 leaves room for one more iteration: the fit is 13 on any machine
+    # a budget spent before iteration 30 leaves room for one more iteration: the fit is 31 on any machine
     flags = [f"--dataset={tiny_dataset}", f"--out_dir={tmp_path}", *MODERN_RECIPE, "--max_time=0.001",
              "--eval_interval=1000"]
     finished = train_here(*flags)
     assert finished.returncode == 0, finished.stderr
-    assert fitted_max_iters(finished.stdout) == [13]
-    assert "done: iteration 13 " in finished.stdout
-    assert [line["iter"] for line in train_lines(tmp_path)] == list(range(1, 14))
-    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["config"]["max_iters"] == 13
-    # resumed past iteration 12 it keeps the fitted max_iters, whatever --max_iters says: it is done
+    assert fitted_max_iters(finished.stdout) == [31]
+    assert "done: iteration 31 " in finished.stdout
+    assert [line["iter"] for line in train_lines(tmp_path)] == list(range(1, 32))
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["config"]["max_iters"] == 31
+    # resumed past iteration 30 it keeps the fitted max_iters, whatever --max_iters says: it is done
     resumed = train_here(*flags, "--init_from=resume", "--max_iters=50")
     assert resumed.returncode == 0, resumed.stderr
-    assert fitted_max_iters(resumed.stdout) == [] and "done: iteration 13 " in resumed.stdout
+    assert fitted_max_iters(resumed.stdout) == [] and "done: iteration 31 " in resumed.stdout
 
 
 def test_a_max_time_run_resumed_past_the_timed_iterations_goes_on_to_the_same_max_iters(train_here, monkeypatch,
@@ -458,21 +458,21 @@ def test_a_max_time_run_resumed_past_the_timed_iterations_goes_on_to_the_same_ma
     flags = [f"--dataset={tiny_dataset}", f"--out_dir={tmp_path}", *MODERN_RECIPE, "--max_time=3600",
              "--eval_interval=1000"]
     with monkeypatch.context() as patch:
-        stop_during_iteration(patch, 14)
+        stop_during_iteration(patch, 32)
         first = train_here(*flags)
     assert first.returncode == 0, first.stderr
     [fitted] = fitted_max_iters(first.stdout)
-    assert fitted > 14  # an hour's budget
+    assert fitted > 32  # an hour's budget
     saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    assert saved["iter_num"] == 14 and saved["config"]["max_iters"] == fitted
+    assert saved["iter_num"] == 32 and saved["config"]["max_iters"] == fitted
     with monkeypatch.context() as patch:
         stop_during_iteration(patch, 1)
         resumed = train_here(*flags, "--init_from=resume")
     assert resumed.returncode == 0, resumed.stderr
     assert fitted_max_iters(resumed.stdout) == []  # no refit: its iterations are not timed from the start
-    assert f"iter 15/{fitted}:" in resumed.stdout
+    assert f"iter 33/{fitted}:" in resumed.stdout
     saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    assert saved["iter_num"] == 15 and saved["config"]["max_iters"] == fitted
+    assert saved["iter_num"] == 33 and saved["config"]["max_iters"] == fitted
 
 
 def test_a_max_time_run_resumed_inside_the_timed_iterations_times_the_rest_of_them(train_here, monkeypatch,
@@ -480,16 +480,16 @@ def test_a_max_time_run_resumed_inside_the_timed_iterations_times_the_rest_of_th
     flags = [f"--dataset={tiny_dataset}", f"--out_dir={tmp_path}", *MODERN_RECIPE, "--max_time=3600",
              "--eval_interval=1000"]
     with monkeypatch.context() as patch:
-        stop_during_iteration(patch, 5)
+        stop_during_iteration(patch, 10)
         assert train_here(*flags).returncode == 0
     with monkeypatch.context() as patch:
-        stop_during_iteration(patch, 8)  # iteration 13
+        stop_during_iteration(patch, 21)  # iteration 31
         resumed = train_here(*flags, "--init_from=resume")
     assert resumed.returncode == 0, resumed.stderr
-    [fitted] = fitted_max_iters(resumed.stdout)  # at iteration 12, from iterations 6 to 12
-    assert f"iter 13/{fitted}:" in resumed.stdout
+    [fitted] = fitted_max_iters(resumed.stdout)  # at iteration 30, from iterations 11 to 30
+    assert f"iter 31/{fitted}:" in resumed.stdout
     saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    assert saved["iter_num"] == 13 and saved["config"]["max_iters"] == fitted
+    assert saved["iter_num"] == 31 and saved["config"]["max_iters"] == fitted
 
 
 # ----------------------------------------------------------------------------- accumulation and non-finite steps
