@@ -12,9 +12,9 @@ with AdamW for the embeddings and head, and a warmup-stable-decay schedule.
 config/train_demo_gpt2.py is GPT-2's 2019 recipe at this shape.
 
 Measured on a quiet 2-core CPU (2026-11-29, `python bench.py --what=recipes --budget=270`,
-medians of two seeds): about 1,000 iterations (~7,600 tokens/s, 2.1M tokens), the val loss
-falling from 9.0 (ln 8192: a uniform guess) to 2.69: 1.100 bits per byte, 52% of next tokens
-right, against 1.288 bits per byte for GPT-2's recipe in the same time (0.854x). The samples
+medians of two seeds): about 1,120 iterations (~8,200 tokens/s, 2.3M tokens), the val loss
+falling from 9.0 (ln 8192: a uniform guess) to 2.66: 1.086 bits per byte, 53% of next tokens
+right, against 1.279 bits per byte for GPT-2's recipe in the same time (0.849x). The samples
 are recognisably Python: imports, indented methods, docstrings, and the standard library's
 codec tables (encodings/*.py), the most regular text in it, which a model this small learns
 first.
