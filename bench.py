@@ -95,19 +95,22 @@ def bench_webfilters(settings):
 # The recipes, as train.py flags over the shape's config file. Each learning rate was tuned on
 # this machine at the quick start's shape (README: Results): gpt2 is GPT-2's 2019 recipe,
 # modern the winning one, and the others take one piece away from it (the ablation).
+def recipe(block="modern", optimizer="muon", lr_schedule="wsd", value_embeddings=None):
+    """train.py flags for a recipe: each block at the rates tuned for it; value embeddings
+    with the modern block unless said otherwise."""
+    value_embeddings = block == "modern" if value_embeddings is None else value_embeddings
+    rates = ["--learning_rate=1.2e-2", "--min_lr=1.2e-3"] if block == "modern" else ["--learning_rate=3e-3", "--min_lr=3e-4"]
+    return [f"--block={block}", f"--value_embeddings={str(value_embeddings).lower()}", f"--optimizer={optimizer}",
+            f"--lr_schedule={lr_schedule}", *rates, *(["--muon_lr=0.02"] if optimizer == "muon" else [])]
+
+
 RECIPES = {
-    "gpt2": ["--block=gpt2", "--value_embeddings=false", "--optimizer=adamw", "--lr_schedule=cosine",
-             "--learning_rate=3e-3", "--min_lr=3e-4"],
-    "modern": ["--block=modern", "--value_embeddings=true", "--optimizer=muon", "--lr_schedule=wsd",
-               "--learning_rate=1.2e-2", "--min_lr=1.2e-3", "--muon_lr=0.02"],
-    "modern_no_value_embeddings": ["--block=modern", "--value_embeddings=false", "--optimizer=muon", "--lr_schedule=wsd",
-                                   "--learning_rate=1.2e-2", "--min_lr=1.2e-3", "--muon_lr=0.02"],
-    "modern_adamw": ["--block=modern", "--value_embeddings=true", "--optimizer=adamw", "--lr_schedule=wsd",
-                     "--learning_rate=1.2e-2", "--min_lr=1.2e-3"],
-    "modern_cosine": ["--block=modern", "--value_embeddings=true", "--optimizer=muon", "--lr_schedule=cosine",
-                      "--learning_rate=1.2e-2", "--min_lr=1.2e-3", "--muon_lr=0.02"],
-    "gpt2_muon": ["--block=gpt2", "--value_embeddings=false", "--optimizer=muon", "--lr_schedule=wsd",
-                  "--learning_rate=3e-3", "--min_lr=3e-4", "--muon_lr=0.02"],
+    "gpt2": recipe("gpt2", "adamw", "cosine"),
+    "modern": recipe(),
+    "modern_no_value_embeddings": recipe(value_embeddings=False),
+    "modern_adamw": recipe(optimizer="adamw"),
+    "modern_cosine": recipe(lr_schedule="cosine"),
+    "gpt2_muon": recipe("gpt2"),
 }
 
 
