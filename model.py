@@ -220,14 +220,14 @@ class GPT(nn.Module):
             h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
             **({} if self.modern else dict(ln_f=nn.LayerNorm(config.n_embd, bias=config.bias))),
         ))
-        if config.value_embeddings:
-            # Value embeddings (modded-nanogpt's speedrun records, 2024): a table per layer
-            # whose row for the current token is added to that layer's attention values, so
-            # every layer reads the token's identity directly, not only through the residual
-            # stream. n_layer more vocab x n_embd tables, looked up, not multiplied: at the
-            # quick start's shape 5% lower val loss per iteration for 3% more time (README).
-            self.value_embeds = nn.ModuleList(nn.Embedding(padded_vocab_size(config.vocab_size), config.n_embd)
-                                              for _ in range(config.n_layer))
+        # Value embeddings (modded-nanogpt's speedrun records, 2024): a table per layer whose
+        # row for the current token is added to that layer's attention values, so every layer
+        # reads the token's identity directly, not only through the residual stream. n_layer
+        # more vocab x n_embd tables, looked up, not multiplied: at the quick start's shape 5%
+        # lower val loss per iteration for 3% more time (README). Without them the list is
+        # empty and adds no keys to the state dict, so older checkpoints load as they were.
+        self.value_embeds = nn.ModuleList(nn.Embedding(padded_vocab_size(config.vocab_size), config.n_embd)
+                                          for _ in range(config.n_layer if config.value_embeddings else 0))
         self.lm_head = nn.Linear(config.n_embd, padded_vocab_size(config.vocab_size), bias=False)
         if not self.modern:
             # Weight tying (Press & Wolf 2017): reading a token and predicting it use one
@@ -305,7 +305,7 @@ class GPT(nn.Module):
             x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
         recompute = self.config.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer, block in enumerate(self.transformer.h):
-            value_embedding = self.value_embeds[layer](idx) if self.config.value_embeddings else None
+            value_embedding = self.value_embeds[layer](idx) if self.value_embeds else None
             if recompute:
                 # keep only each block's input; its insides are recomputed in backward
                 # (the RNG state is replayed, so dropout masks are the same both times)
@@ -341,7 +341,7 @@ class GPT(nn.Module):
 
     def value_tables(self):
         """The value embeddings' weights: one per layer, or none."""
-        return [table.weight for table in self.value_embeds] if self.config.value_embeddings else []
+        return [table.weight for table in self.value_embeds]
 
     def parameter_groups(self, hidden_matrices_apart):
         """The parameters by how they are optimised: (hidden, matrices, vectors). hidden are

@@ -105,12 +105,11 @@ def build_optimizer(model, kind, learning_rate, muon_lr, weight_decay, betas, de
     hidden, matrices, vectors = model.parameter_groups(hidden_matrices_apart=kind == "muon")
     embedding = model.transformer.wte.weight
     untied = embedding_lr is not None and embedding is not model.lm_head.weight
-    if untied:
-        tables = [embedding, *model.value_tables()]
-        matrices = [p for p in matrices if not any(p is table for table in tables)]
+    tables = [embedding, *model.value_tables()] if untied else []
+    matrices = [p for p in matrices if not any(p is table for table in tables)]
     groups = [{"params": matrices, "weight_decay": weight_decay, "lr_key": "learning_rate"},
               {"params": vectors, "weight_decay": 0.0, "lr_key": "learning_rate"}]
-    if untied:
+    if tables:
         groups.append({"params": tables, "weight_decay": 0.0, "lr": embedding_lr, "lr_key": "embedding_lr"})
     # The fused kernel updates all tensors in one pass instead of one small op at a time:
     # on CUDA that is one launch; on CPU it took a quarter of the default's time (2 cores).
