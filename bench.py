@@ -21,8 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-import flags
-import webfilters
+from owngpt import flags
+from owngpt.web import filters
 
 
 # ----------------------------------------------------------------------------- webfilters
@@ -66,21 +66,21 @@ def english_like_documents(megabytes, seed=0):
 
 
 def bench_webfilters(settings):
-    """Documents/s and MB/s of webfilters.filter_document plus dedup_signature on --mb
+    """Documents/s and MB/s of filters.filter_document plus dedup_signature on --mb
     megabytes of english_like_documents, in CPU seconds of this process."""
     documents = english_like_documents(settings["mb"])
-    headers = {webfilters.LANGUAGE_HEADER: "eng"}
-    deduplicator = webfilters.Deduplicator()
+    headers = {filters.LANGUAGE_HEADER: "eng"}
+    deduplicator = filters.Deduplicator()
     filter_seconds = signature_seconds = 0.0
     kept = 0
     for document in documents:
         start = time.process_time()
-        text, reason = webfilters.filter_document(document, headers)
+        text, reason = filters.filter_document(document, headers)
         filter_seconds += time.process_time() - start
         if text is None:
             continue
         start = time.process_time()
-        signature = webfilters.dedup_signature(text)
+        signature = filters.dedup_signature(text)
         signature_seconds += time.process_time() - start
         kept += deduplicator.check(signature) is None
     total_mb = sum(len(d.encode()) for d in documents) / 1e6

@@ -17,12 +17,12 @@ import sys
 import time
 from pathlib import Path
 
-import flags
-from checkpoint import load_checkpoint_file
-from dataset import DatasetError, open_folder, read_meta
-from hf import write_gpt2_folder
+from owngpt import flags
+from owngpt.checkpoint import load_checkpoint_file
+from owngpt.dataset import DatasetError, open_folder, read_meta
+from owngpt.hf import write_gpt2_folder
 from model import GPT, GPTConfig
-from tokenizer import load_tokenizer
+from owngpt.tokenizer import load_tokenizer
 
 _NAMES_BEFORE_DEFAULTS = set(globals())
 # ----------------------------------------------------------------------------- defaults

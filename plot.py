@@ -10,9 +10,9 @@ val loss thick with its best point ringed, the learning rate below.
 import sys
 from pathlib import Path
 
-import curves
-import flags
-from runlog import METRICS_FILE
+from owngpt import curves
+from owngpt import flags
+from owngpt.runlog import METRICS_FILE
 
 DEFAULTS = {"runs": ("out",), "out": ""}
 HELP = {"runs": "comma-separated out folders written by train.py (each holds metrics.jsonl)",

@@ -15,7 +15,7 @@ The flow, one stage after another:
   shards    documents tokenized on all cores, written as llm.c-style .bin shards
   manifest  meta.json (read by train.py) and report.md (read by people)
 
-Web text (Common Crawl, and any WET file) gets the web filters of webfilters.py:
+Web text (Common Crawl, and any WET file) gets the web filters of filters.py:
 language, Gopher quality and repetition, C4 line cleanup, FineWeb's rules, exact and
 MinHash near-duplicate removal, email/IP masking; each rule's switch and threshold is a
 flag. Other text gets only what suits any text: empty documents and exact copies go.
@@ -29,7 +29,7 @@ deduplicator, so the shards come out byte for byte as an uninterrupted run write
 Local sources are cheap to read again: their runs always start over.
 
 Library modules do the rest: dataset.py (shards, meta.json, report.md, atomic writes),
-tokenizer.py (the BPE), webtext.py (downloads, Common Crawl, WET records), webfilters.py,
+tokenizer.py (the BPE), crawl.py (downloads, Common Crawl, WET records), filters.py,
 filtered.py, workers.py (all cores, a status line) and flags.py (--key=value).
 """
 import dataclasses
@@ -49,18 +49,18 @@ from pathlib import Path
 
 import numpy as np
 
-import flags
-import webfilters
-import webtext
-from dataset import (META_FORMAT_VERSION, SPLITS, AtomicFile, ShardWriter, atomic_write, discard_build,
+from owngpt import flags
+from owngpt.web import filters
+from owngpt.web import crawl
+from owngpt.dataset import (META_FORMAT_VERSION, SPLITS, AtomicFile, ShardWriter, atomic_write, discard_build,
                      folder_path, publish, report_markdown, start_build, token_dtype)
-from filtered import (FilteredParts, Tally, check_splits, document_tails, key_from_json, kept_document, split_of,
+from owngpt.filtered import (FilteredParts, Tally, check_splits, document_tails, key_from_json, kept_document, split_of,
                       split_rule)
-from flags import UserError, at_least, between, matches, one_of
-from tokenizer import (TOKENIZERS, count_chunks, gpt2_encoding, load_tokenizer, reused_tokenizer, train_bpe,
+from owngpt.flags import UserError, at_least, between, matches, one_of
+from owngpt.tokenizer import (TOKENIZERS, count_chunks, gpt2_encoding, load_tokenizer, reused_tokenizer, train_bpe,
                        write_tiktoken_file)
-from webtext import Dropped
-from workers import Progress, Workers, batches_of
+from owngpt.web.crawl import Dropped
+from owngpt.workers import Progress, Workers, batches_of
 
 
 def _cpu_count():
@@ -68,7 +68,7 @@ def _cpu_count():
 
 
 # Every flag, its default and what it does; the web filter flags follow, one per field of
-# webfilters.WebFilterSettings. `--help` lists them all.
+# filters.WebFilterSettings. `--help` lists them all.
 FLAGS = {
     "source": ("python", "where the text comes from: python (this Python's standard library, "
                          "offline), files (--input), url (--url) or commoncrawl (--crawl)"),
@@ -109,7 +109,7 @@ FLAGS = {
     "name": ("", "dataset name: writes data/<name>/ (default: the source's name)"),
     "out_dir": ("", "write the dataset to this folder instead of data/<name>/"),
 }
-WEB_DEFAULTS, WEB_HELP, WEB_CHECKS = webfilters.settings_flags()
+WEB_DEFAULTS, WEB_HELP, WEB_CHECKS = filters.settings_flags()
 DEFAULTS = {name: default for name, (default, _) in FLAGS.items()} | WEB_DEFAULTS
 HELP = {name: help_text for name, (_, help_text) in FLAGS.items()} | WEB_HELP
 
@@ -313,13 +313,13 @@ def read_jsonl(input_file, text_field):
 def read_wet(input_file, text_field):
     """One document per `conversion` record (the extracted text of one web page); its WARC
     headers (WARC-Target-URI, WARC-Date, WARC-Identified-Content-Language, ...) become the
-    document's metadata. A record that cannot be read gives a webtext.Dropped in its place,
+    document's metadata. A record that cannot be read gives a crawl.Dropped in its place,
     and reading goes on with the next record."""
     if input_file.url:
-        blocks = webtext.remote_blocks(input_file.url)
+        blocks = crawl.remote_blocks(input_file.url)
     else:
-        blocks = webtext.file_blocks(input_file.path)
-    records = webtext.warc_records(blocks, gzipped=input_file.name.endswith(".gz"))
+        blocks = crawl.file_blocks(input_file.path)
+    records = crawl.warc_records(blocks, gzipped=input_file.name.endswith(".gz"))
     for number, record in enumerate(records, start=1):
         if isinstance(record, Dropped):
             yield record
@@ -337,14 +337,14 @@ def read_pydoc_topics(input_file, text_field):
 
 
 def url_inputs(spec, downloads, previous_downloads):
-    """The files at the URLs, downloaded into the build's downloads/ (webtext.py): one
+    """The files at the URLs, downloaded into the build's downloads/ (crawl.py): one
     that an earlier run of the same dataset downloaded is not fetched again."""
     urls = split_list(spec)
-    names = [webtext.download_name(url) for url in urls]  # checks every URL before downloading any
+    names = [crawl.download_name(url) for url in urls]  # checks every URL before downloading any
     downloads.mkdir(exist_ok=True)
     inputs, sources = [], []
     for url, name in zip(urls, names):
-        path = webtext.fetch(url, downloads / name, previous_downloads / name, Progress("download", "MB"))
+        path = crawl.fetch(url, downloads / name, previous_downloads / name, Progress("download", "MB"))
         inputs.append(InputFile(path, url, input_kind(name) or "text"))
         sources.append({"kind": "url", "url": url, "file": f"downloads/{name}", "bytes": path.stat().st_size})
     return inputs, sources
@@ -353,10 +353,10 @@ def url_inputs(spec, downloads, previous_downloads):
 def commoncrawl_inputs(settings):
     """The first --wet_files WET files of the crawl, as inputs read while they download."""
     base_url = settings["cc_base_url"].rstrip("/") + "/"
-    crawl, paths_url, paths = webtext.wet_file_urls(settings["crawl"], settings["wet_files"], base_url,
-                                                    settings["cc_index_url"])
+    crawl_id, paths_url, paths = crawl.wet_file_urls(settings["crawl"], settings["wet_files"], base_url,
+                                                       settings["cc_index_url"])
     inputs = [InputFile(None, path, "wet", base_url + path) for path in paths]
-    return inputs, {"kind": "commoncrawl", "crawl": crawl, "wet_paths": paths_url, "wet_files": paths}
+    return inputs, {"kind": "commoncrawl", "crawl": crawl_id, "wet_paths": paths_url, "wet_files": paths}
 
 
 # ----------------------------------------------------------------------------------------
@@ -396,12 +396,12 @@ def _filter_batch(batch):
             results.append((document.reason, None, None))
         elif _web_settings is None:
             if document.text.strip():
-                results.append((None, document.text, webfilters.exact_signature(document.text)))
+                results.append((None, document.text, filters.exact_signature(document.text)))
             else:
                 results.append(("empty", None, None))
         else:
-            text, reason = webfilters.filter_document(document.text, document.metadata, _web_settings)
-            key = webfilters.dedup_signature(text, _web_settings) if text is not None else None
+            text, reason = filters.filter_document(document.text, document.metadata, _web_settings)
+            key = filters.dedup_signature(text, _web_settings) if text is not None else None
             results.append((reason, text, key))
     return results
 
@@ -443,7 +443,7 @@ def filter_stage(settings, parts, web_settings, build):
     filtered = FilteredParts(build / FILTERED, filter_fingerprint(settings, web_settings),
                              [part.name for part in parts], resumable)
     # web text: normalised and near copies go; other text: only copies of the exact text
-    deduplicator = webfilters.Deduplicator(web_settings) if web_settings else webfilters.Deduplicator.exact_only()
+    deduplicator = filters.Deduplicator(web_settings) if web_settings else filters.Deduplicator.exact_only()
     for document in filtered.documents():  # what the earlier run kept, so its copies still go
         deduplicator.check(key_from_json(document["key"]))
     total, this_run = filtered.tally(), Tally()
@@ -657,8 +657,8 @@ def tokens_summary(writers):
 def manifest(settings, web_settings, tokenizer_info, splits, summary, tally, this_run, sources, timings):
     tokens = sum(split["tokens"] - split["documents"] for split in splits.values())  # no eot
     text_bytes = sum(split["bytes"] for split in splits.values())
-    filters = (["empty", *(name for name in webfilters.SWITCHES if getattr(web_settings, name))]
-               if web_settings else ["empty", "exact_duplicates"])
+    filter_names = (["empty", *(name for name in filters.SWITCHES if getattr(web_settings, name))]
+                    if web_settings else ["empty", "exact_duplicates"])
     return {
         "format_version": META_FORMAT_VERSION,
         "tokenizer": tokenizer_info,
@@ -667,7 +667,7 @@ def manifest(settings, web_settings, tokenizer_info, splits, summary, tally, thi
         "bytes_per_token": round(text_bytes / max(tokens, 1), 4),  # text bytes per text token
         "sources": sources,
         "settings": {name: value for name, value in settings.items() if name != "web_filters"},
-        "filters": filters,
+        "filters": filter_names,
         "web_filters": dataclasses.asdict(web_settings) if web_settings else None,
         "documents": {"read": tally.documents_read, "bytes_read": tally.bytes_read,
                       "kept": tally.kept,  # documents: under the tails rule each gives a train and a val piece
@@ -700,10 +700,10 @@ def throughput(this_run, kept_bytes, splits, timings):
 
 def read_settings(argv):
     """The run's settings from its --key=value flags (flags.py), every value checked; the
-    web filter flags become settings["web_filters"], a webfilters.WebFilterSettings."""
+    web filter flags become settings["web_filters"], a filters.WebFilterSettings."""
     values = flags.parse(argv, DEFAULTS, HELP, CHECKS, program="prepare.py", relations=RELATIONS)
     settings = {name: values[name] for name in FLAGS}
-    settings["web_filters"] = webfilters.WebFilterSettings(**{name: values[name] for name in WEB_DEFAULTS})
+    settings["web_filters"] = filters.WebFilterSettings(**{name: values[name] for name in WEB_DEFAULTS})
     return settings
 
 

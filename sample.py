@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
-import flags
-from checkpoint import load_checkpoint_file
-from dataset import EOT
-from hf import HF_PREFIX, read_gpt2_folder, read_tokenizer_json
+from owngpt import flags
+from owngpt.checkpoint import load_checkpoint_file
+from owngpt.dataset import EOT
+from owngpt.hf import HF_PREFIX, read_gpt2_folder, read_tokenizer_json
 from model import GPT, GPTConfig, available_devices, pick_device
-from tokenizer import load_tokenizer
+from owngpt.tokenizer import load_tokenizer
 
 _NAMES_BEFORE_DEFAULTS = set(globals())
 # ----------------------------------------------------------------------------- defaults

@@ -52,15 +52,15 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-import flags
-from checkpoint import (MANIFEST_FILE, check_free_space, load_checkpoint_file, newest_valid_checkpoint, read_manifest,
+from owngpt import flags
+from owngpt.checkpoint import (MANIFEST_FILE, check_free_space, load_checkpoint_file, newest_valid_checkpoint, read_manifest,
                         restore_rng_states, rng_states, write_checkpoint)
-from dataset import atomic_write, open_folder, read_meta, read_split
-from hf import HF_PREFIX, read_gpt2_folder
+from owngpt.dataset import atomic_write, open_folder, read_meta, read_split
+from owngpt.hf import HF_PREFIX, read_gpt2_folder
 from model import BLOCKS, GPT, GPTConfig, available_devices, peak_flops, pick_device
-from optimizers import OPTIMIZERS, build_optimizer
-from runlog import RunLog, StepTimer, draw_sample, duration, one_line, peak_memory
-from tokenizer import load_tokenizer
+from owngpt.optimizers import OPTIMIZERS, build_optimizer
+from owngpt.runlog import RunLog, StepTimer, draw_sample, duration, one_line, peak_memory
+from owngpt.tokenizer import load_tokenizer
 
 _NAMES_BEFORE_DEFAULTS = set(globals())
 # ---- defaults ---------------------------------------------------------------

@@ -14,10 +14,10 @@ import threading
 
 import pytest
 
-import dataset
-import tokenizer
-import webfilters
-import webtext
+from owngpt import dataset
+from owngpt import tokenizer
+from owngpt.web import filters
+from owngpt.web import crawl
 from conftest import send_body
 from test_prepare import bin_files, kept_documents, run_prepare
 
@@ -153,23 +153,23 @@ def test_a_gzip_member_cut_short_costs_its_record_only():
     members = [gzip.compress(record) for record in records]
     data = members[0] + members[1][:30] + members[2] + members[3]
     blocks = [data[index:index + 50] for index in range(0, len(data), 50)]
-    read = list(webtext.warc_records(blocks, gzipped=True))
-    assert [item.reason if isinstance(item, webtext.Dropped) else item[1] for item in read] == [
+    read = list(crawl.warc_records(blocks, gzipped=True))
+    assert [item.reason if isinstance(item, crawl.Dropped) else item[1] for item in read] == [
         b"page 0", "bad_record:gzip", b"page 2", b"page 3"]
 
 
 def test_a_file_ending_inside_a_gzip_member_counts_it_and_keeps_the_rest():
     members = [gzip.compress(conversion(number, "https://example.org/", "eng", f"page {number}"))
                for number in range(2)]
-    read = list(webtext.warc_records([members[0] + members[1][:-5]], gzipped=True))
-    assert [item.reason if isinstance(item, webtext.Dropped) else item[1] for item in read] == [b"page 0", "bad_record:gzip"]
+    read = list(crawl.warc_records([members[0] + members[1][:-5]], gzipped=True))
+    assert [item.reason if isinstance(item, crawl.Dropped) else item[1] for item in read] == [b"page 0", "bad_record:gzip"]
 
 
 def test_a_malformed_warc_header_is_skipped_up_to_the_next_record():
     good = conversion(1, "https://example.org/", "eng", "kept page")
     data = b"WARX/1.0 garbage\r\n\r\nmore garbage\r\n" + good + warc_record({"WARC-Type": "conversion"}, b"x") + good
-    read = list(webtext.warc_records([data], gzipped=False))
-    assert [item.reason if isinstance(item, webtext.Dropped) else item[1] for item in read] == [
+    read = list(crawl.warc_records([data], gzipped=False))
+    assert [item.reason if isinstance(item, crawl.Dropped) else item[1] for item in read] == [
         "bad_record:warc_header", b"kept page", "bad_record:warc_header", b"kept page"]
 
 
@@ -192,7 +192,7 @@ def test_web_filters_keep_the_good_pages_and_count_each_drop_under_its_reason(we
     assert meta["dropped"] == {**DROPPED, **UNREADABLE}
     assert meta["documents"]["read"] == len(PAGES) + 2
     assert meta["documents"]["kept"] == len(KEPT_TEXTS)
-    assert meta["filters"] == ["empty", *webfilters.SWITCHES]
+    assert meta["filters"] == ["empty", *filters.SWITCHES]
     assert meta["web_filters"]["gopher_min_words"] == 50
 
 
@@ -275,7 +275,7 @@ def test_filters_web_applies_the_web_filters_to_plain_text_files(tmp_path):
 
 def test_web_filter_flags_are_listed_and_checked(tmp_path):
     help_text = run_prepare("--help", cwd=tmp_path).stdout
-    for name in webfilters.settings_flags()[0]:
+    for name in filters.settings_flags()[0]:
         assert f"--{name}=" in help_text
     assert "--languages=eng" in help_text and "--gopher_min_words=50" in help_text
     typo = run_prepare("--gopher_min_word=10", cwd=tmp_path, check=False)
@@ -384,7 +384,7 @@ def test_a_rerun_after_a_failed_run_goes_on_with_the_next_wet_file(crawl_server,
     FakeCrawl.plans = {WET_PATHS[1]: ["failing"]}
     failed = run_prepare(*crawl_flags(crawl_server, "--name=web"), cwd=tmp_path, check=False)
     assert failed.returncode == 1
-    assert f"download failed after {webtext.DOWNLOAD_ATTEMPTS} tries" in failed.stderr
+    assert f"download failed after {crawl.DOWNLOAD_ATTEMPTS} tries" in failed.stderr
     assert "answered 503 Slow Down" in failed.stderr
     assert "1 of 2 WET files were filtered before this and are kept in" in failed.stderr
     assert "run the same command again to go on from WET file 2" in failed.stderr

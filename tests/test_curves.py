@@ -7,7 +7,7 @@ import xml.etree.ElementTree as ElementTree
 
 import pytest
 
-import curves
+from owngpt import curves
 from conftest import ROOT
 from test_train import ONE_THREAD, TINY_MODEL, read_metrics
 

@@ -27,7 +27,7 @@ import torch.distributed as dist
 sys.path.insert(0, {root!r})
 import train
 from model import GPT, GPTConfig
-from optimizers import build_optimizer
+from owngpt.optimizers import build_optimizer
 from torch.nn.parallel import DistributedDataParallel
 
 cfg = train.read_config(["--device=cpu", "--gradient_accumulation_steps=4"])

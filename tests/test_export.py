@@ -15,12 +15,12 @@ import pytest
 import torch
 
 import export
-import hf
+from owngpt import hf
 import train
-from checkpoint import load_checkpoint_file
+from owngpt.checkpoint import load_checkpoint_file
 from conftest import ROOT
 from model import GPT, GPTConfig
-from tokenizer import load_tokenizer, python_split_regex
+from owngpt.tokenizer import load_tokenizer, python_split_regex
 
 transformers = pytest.importorskip("transformers", reason="checking an export needs transformers "
                                    "(pip install transformers safetensors)")

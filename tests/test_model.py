@@ -8,7 +8,7 @@ import torch
 
 from model import (GPT, GPTConfig, available_devices, padded_vocab_size, peak_flops, peak_flops_of_card, pick_device,
                    sample_next_token)
-from optimizers import build_optimizer
+from owngpt.optimizers import build_optimizer
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig
-from optimizers import Muon, build_optimizer, orthogonalise
+from owngpt.optimizers import Muon, build_optimizer, orthogonalise
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

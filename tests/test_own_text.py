@@ -4,7 +4,7 @@ trained on one corpus fine-tuned on another that reuses its tokenizer."""
 import subprocess
 import sys
 
-import dataset
+from owngpt import dataset
 from conftest import ROOT, make_text
 from test_prepare import run_prepare
 from test_train import ONE_THREAD, run_train

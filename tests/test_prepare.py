@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 import tiktoken.load
 
-import dataset
-import filtered
-import tokenizer
+from owngpt import dataset
+from owngpt import filtered
+from owngpt import tokenizer
 import prepare
-import webfilters
-import webtext
-from flags import UserError
+from owngpt.web import filters
+from owngpt.web import crawl
+from owngpt.flags import UserError
 from conftest import ROOT, make_text, send_body
 
 # Text that a tokenizer must round-trip exactly: emoji (with skin tones and zero-width
@@ -307,10 +307,10 @@ def test_wet_gz_with_one_gzip_member_per_record_parses_into_documents(tmp_path):
 def test_warc_parser_reads_records_split_across_blocks_and_counts_a_cut_record():
     data = warc_record({"WARC-Type": "conversion"}, "héllo".encode())
     blocks = [data[index:index + 3] for index in range(0, len(data), 3)]  # any split of the bytes
-    assert list(webtext.warc_records(blocks, gzipped=False)) == [
+    assert list(crawl.warc_records(blocks, gzipped=False)) == [
         ({"WARC-Type": "conversion", "Content-Length": "6"}, "héllo".encode())]
-    assert list(webtext.warc_records([data + data[:-7]], gzipped=False)) == [
-        ({"WARC-Type": "conversion", "Content-Length": "6"}, "héllo".encode()), webtext.Dropped("bad_record:truncated")]
+    assert list(crawl.warc_records([data + data[:-7]], gzipped=False)) == [
+        ({"WARC-Type": "conversion", "Content-Length": "6"}, "héllo".encode()), crawl.Dropped("bad_record:truncated")]
 
 
 def test_jsonl_gives_one_document_per_line_from_text_field(tmp_path):
@@ -339,12 +339,12 @@ def test_python_source_is_the_stdlib_without_test_suites():
 def test_download_names_stay_inside_the_downloads_folder():
     for url in ["http://h/../../etc/passwd", "https://h/a/..%2F..%2Fx", "http://h/", "http://h/.hidden",
                 "http://h/" + "x" * 500]:
-        name = webtext.download_name(url)
+        name = crawl.download_name(url)
         assert "/" not in name and "\\" not in name and not name.startswith(".") and len(name) < 100
-    assert webtext.download_name("http://h/a.txt") != webtext.download_name("http://g/a.txt")
+    assert crawl.download_name("http://h/a.txt") != crawl.download_name("http://g/a.txt")
     for bad in ["ftp://h/x.txt", "file:///etc/passwd", "/etc/passwd", "http:///x"]:
-        with pytest.raises(webtext.WebTextError, match="is not an http"):
-            webtext.download_name(bad)
+        with pytest.raises(crawl.WebTextError, match="is not an http"):
+            crawl.download_name(bad)
 
 
 # ---------------------------------------------------------------------------------------
@@ -502,8 +502,8 @@ BAD_VALUES = {
     "shard_tokens": str(2 ** 31), "val_fraction": "1.5", "num_workers": "0", "name": "../elsewhere",
     "out_dir": "a_file.txt", "languages": "English",
 }
-WEB_BAD_VALUES = {webfilters.FRACTION: "1.5", webfilters.COUNT: "-1", webfilters.POSITIVE: "0"}
-WEB_DEFAULTS, _, WEB_CHECKS = webfilters.settings_flags()
+WEB_BAD_VALUES = {filters.FRACTION: "1.5", filters.COUNT: "-1", filters.POSITIVE: "0"}
+WEB_DEFAULTS, _, WEB_CHECKS = filters.settings_flags()
 BAD_VALUES |= {name: WEB_BAD_VALUES[WEB_CHECKS[name]] if name in WEB_CHECKS else "maybe"  # a switch
                for name in WEB_DEFAULTS if name not in BAD_VALUES}
 RUN_AS_A_SCRIPT = ("source", "shard_tokens", "gopher_max_dup_5gram", "pii")  # the rest in this process
@@ -705,9 +705,9 @@ def test_a_404_fails_clearly_and_leaves_no_dataset(server, tmp_path):
 
 def test_a_server_that_never_answers_fails_after_the_retries(tmp_path, monkeypatch):
     listener = socket.create_server(("127.0.0.1", 0))  # accepts, never replies
-    monkeypatch.setattr(webtext, "TIMEOUT_S", (0.3, 0.3))
-    monkeypatch.setattr(webtext, "DOWNLOAD_ATTEMPTS", 2)
+    monkeypatch.setattr(crawl, "TIMEOUT_S", (0.3, 0.3))
+    monkeypatch.setattr(crawl, "DOWNLOAD_ATTEMPTS", 2)
     url = f"http://127.0.0.1:{listener.getsockname()[1]}/silent.txt"
-    with listener, pytest.raises(webtext.WebTextError, match=r"download failed after 2 tries: .*silent.txt.*timed out"):
-        webtext.download(url, tmp_path / "silent.txt")
+    with listener, pytest.raises(crawl.WebTextError, match=r"download failed after 2 tries: .*silent.txt.*timed out"):
+        crawl.download(url, tmp_path / "silent.txt")
     assert not (tmp_path / "silent.txt").exists()

@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint
-import dataset
+from owngpt import checkpoint
+from owngpt import dataset
 import prepare
 import sample
 import train
-import webtext
+from owngpt.web import crawl
 from conftest import make_text
 from test_resume import trained_iterations, wait_until
 from test_train import ONE_THREAD, ROOT, TINY_MODEL, read_metrics, train_lines
@@ -458,13 +458,13 @@ def test_downloads_stay_in_the_dataset_folder_whatever_names_the_server_sends(ho
     prepare.main(["--source=url", f"--url={','.join(urls)}", "--tokenizer=byte", f"--out_dir={tmp_path / 'data'}"])
     assert "/..%2F..%2Fescape.txt" in HostileServer.requested  # the redirect was followed
     downloads = tmp_path / "data" / "downloads"
-    assert sorted(path.name for path in downloads.iterdir()) == sorted(webtext.download_name(url) for url in urls)
+    assert sorted(path.name for path in downloads.iterdir()) == sorted(crawl.download_name(url) for url in urls)
     assert [path.name for path in tmp_path.iterdir()] == ["data"]  # nothing beside it, no escaped.txt
 
 
 def test_a_download_redirected_to_a_local_file_is_refused(hostile_server, tmp_path):
     url = f"{hostile_server}/local"
-    with pytest.raises(webtext.WebTextError, match=f"download failed: {url} redirected to a URL that is not http"):
+    with pytest.raises(crawl.WebTextError, match=f"download failed: {url} redirected to a URL that is not http"):
         prepare.main(["--source=url", f"--url={url}", "--tokenizer=byte", f"--out_dir={tmp_path / 'data'}"])
     assert not (tmp_path / "data").exists()
 

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-import checkpoint
+from owngpt import checkpoint
 import test_train
 from test_train import (ONE_THREAD, RECIPES, ROOT, TINY_MODEL, read_metrics, run_train, stop_during_iteration,
                         train_lines)

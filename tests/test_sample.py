@@ -8,11 +8,11 @@ import sys
 import pytest
 import torch
 
-import flags
+from owngpt import flags
 import sample
 from conftest import ROOT
 from model import GPT, GPTConfig
-from optimizers import build_optimizer
+from owngpt.optimizers import build_optimizer
 
 SENTENCE = "¡hola señor! 3€ ünd 🙂 ok"  # 1- to 4-byte characters, each byte a token
 BYTE_TOKENIZER = {"kind": "byte", "vocab_size": 257, "eot_id": 256, "file": None, "sha256": None}

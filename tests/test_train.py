@@ -20,14 +20,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import checkpoint
-import dataset
-import flags
-import runlog
-import tokenizer
+from owngpt import checkpoint
+from owngpt import dataset
+from owngpt import flags
+from owngpt import runlog
+from owngpt import tokenizer
 import train
 from model import GPT, GPTConfig
-from optimizers import build_optimizer
+from owngpt.optimizers import build_optimizer
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_MODEL = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8", "--eval_iters=2",

@@ -1,4 +1,4 @@
-"""Tests for webfilters.py: every threshold at its boundary on hand-made text (at the
+"""Tests for filters.py: every threshold at its boundary on hand-made text (at the
 limit kept, one step past it dropped, with the reason), dedup, PII masking, settings.
 
 Each filter is tested alone (`only(...)` switches the others off) so that a boundary
@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 import prepare
-import webfilters
-from flags import UserError
-from webfilters import (DEFAULT_SETTINGS, DROP_REASONS, Deduplicator, dedup_signature,
+from owngpt.web import filters
+from owngpt.flags import UserError
+from owngpt.web.filters import (DEFAULT_SETTINGS, DROP_REASONS, Deduplicator, dedup_signature,
                         filter_document, mask_pii, minhash)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -305,9 +305,9 @@ def test_overlapping_repeats_count_each_word_once():
     # summing every repeated 5-gram would count 30 words
     words = distinct_words(5) * 3
     kept = repetition(gopher_max_dup_5gram=0.67)
-    assert webfilters.ngram_repetition_reason(words, kept) is None
+    assert filters.ngram_repetition_reason(words, kept) is None
     dropped = repetition(gopher_max_dup_5gram=0.66)
-    assert webfilters.ngram_repetition_reason(words, dropped) == "gopher_repetition:dup_5gram"
+    assert filters.ngram_repetition_reason(words, dropped) == "gopher_repetition:dup_5gram"
 
 
 # ----------------------------------------------------------------------------- C4
@@ -449,7 +449,7 @@ def test_near_dedup_can_be_switched_off_exact_stays():
 
 
 def test_signature_is_the_same_in_another_process_with_another_hash_seed():
-    code = "import sys, webfilters; print(repr(webfilters.dedup_signature(sys.stdin.read())))"
+    code = "import sys; from owngpt.web import filters; print(repr(filters.dedup_signature(sys.stdin.read())))"
     result = subprocess.run([sys.executable, "-c", code], input=article(0), cwd=ROOT,
                             capture_output=True, text=True, check=True,
                             env={**os.environ, "PYTHONHASHSEED": "12345"})
@@ -539,7 +539,7 @@ def test_bad_web_filter_value_names_the_setting_and_the_value(name, value):
 
 
 def test_every_setting_has_help_text_and_every_threshold_a_check():
-    defaults, helps, checks = webfilters.settings_flags()
+    defaults, helps, checks = filters.settings_flags()
     assert list(helps) == [f.name for f in dataclasses.fields(DEFAULT_SETTINGS)]
     assert all(helps.values())
     assert set(checks) == {name for name, default in defaults.items() if type(default) is not bool}

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import tiktoken
 
-from dataset import EOT, atomic_write, read_meta
-from flags import UserError
+from owngpt.dataset import EOT, atomic_write, read_meta
+from owngpt.flags import UserError
 
 TOKENIZERS = ("bpe", "byte", "gpt2")
 

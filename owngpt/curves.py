@@ -17,7 +17,7 @@ import math
 from pathlib import Path
 from xml.sax.saxutils import escape
 
-from dataset import atomic_write
+from owngpt.dataset import atomic_write
 
 WIDTH, HEIGHT = 900, 600
 LEFT, RIGHT, TOP = 80, 90, 40  # margins around the plots, in pixels

@@ -1,18 +1,18 @@
-"""webtext.py: web text in: HTTP downloads that survive a bad network, Common Crawl's listings,
+"""crawl.py: web text in: HTTP downloads that survive a bad network, Common Crawl's listings,
 and WARC/WET files read record by record as their bytes arrive.
 
 prepare.py's url and commoncrawl sources, and any .warc.wet(.gz) file, come through here:
 
-    blocks = webtext.remote_blocks(url)               # bytes as they arrive; retries, resumes
-    for record in webtext.warc_records(blocks, gzipped=url.endswith(".gz")):
-        if isinstance(record, webtext.Dropped):      # a damaged or cut-off record
+    blocks = crawl.remote_blocks(url)               # bytes as they arrive; retries, resumes
+    for record in crawl.warc_records(blocks, gzipped=url.endswith(".gz")):
+        if isinstance(record, crawl.Dropped):      # a damaged or cut-off record
             print("skipped:", record.reason)
         else:
             headers, body = record                    # WARC headers (dict), body (bytes)
 
-    crawl, listing, paths = webtext.wet_file_urls("latest", 2, "https://data.commoncrawl.org/",
-                                                  "https://index.commoncrawl.org/collinfo.json")
-    webtext.download(url, Path("downloads") / webtext.download_name(url))
+    crawl_id, listing, paths = crawl.wet_file_urls("latest", 2, "https://data.commoncrawl.org/",
+                                                     "https://index.commoncrawl.org/collinfo.json")
+    crawl.download(url, Path("downloads") / crawl.download_name(url))
 
 A download that breaks goes on with a Range request where it stopped, and a server
 error is retried with backoff; a gzip member that is damaged costs only its own records.
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import requests
 
-from flags import UserError
+from owngpt.flags import UserError
 
 
 class WebTextError(UserError):

@@ -28,8 +28,8 @@ from pathlib import Path
 import tiktoken
 import torch
 
-from dataset import EOT, atomic_write
-from flags import UserError
+from owngpt.dataset import EOT, atomic_write
+from owngpt.flags import UserError
 from model import GPT, GPTConfig, padded_vocab_size
 
 HF_PREFIX = "hf:"  # init_from=hf:PATH, --out_dir=hf:PATH

@@ -25,8 +25,8 @@ import sys
 import numpy as np
 import torch
 
-from dataset import atomic_write
-from flags import UserError
+from owngpt.dataset import atomic_write
+from owngpt.flags import UserError
 
 MANIFEST_FILE = "checkpoints.json"
 

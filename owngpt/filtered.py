@@ -21,10 +21,10 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 
-import webfilters
-from dataset import AtomicFile, atomic_write
-from flags import UserError
-from webtext import Dropped
+from owngpt.dataset import AtomicFile, atomic_write
+from owngpt.flags import UserError
+from owngpt.web import filters
+from owngpt.web.crawl import Dropped
 
 EXAMPLES = 2  # dropped documents shown per filter in report.md
 
@@ -34,13 +34,13 @@ def key_to_json(key):
 
 
 def key_from_json(value):
-    return webfilters.DedupSignature(value[0], tuple(value[1:]))
+    return filters.DedupSignature(value[0], tuple(value[1:]))
 
 
 def kept_document(split, document, text, key):
     """The JSON object a part file holds for one kept document."""
     headers = document.metadata
-    languages = headers.get(webfilters.LANGUAGE_HEADER)
+    languages = headers.get(filters.LANGUAGE_HEADER)
     return {"id": document.id, "split": split, "url": headers.get("WARC-Target-URI"),
             "date": headers.get("WARC-Date"),
             "language": languages.split(",")[0].strip() if languages else None,
@@ -97,7 +97,7 @@ class Tally:
 
 def snippet(text, length=160):
     """The start of a text on one line, emails and IPs masked: an example for report.md."""
-    line = webfilters.mask_pii(" ".join(text[:length * 2].split()))
+    line = filters.mask_pii(" ".join(text[:length * 2].split()))
     return line[:length] + ("..." if len(line) > length else "")
 
 

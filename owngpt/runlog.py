@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-import curves
-from dataset import atomic_write
-from flags import UserError
+from owngpt import curves
+from owngpt.dataset import atomic_write
+from owngpt.flags import UserError
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.svg"

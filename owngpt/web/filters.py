@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from flags import at_least, between
+from owngpt.flags import at_least, between
 
 
 # ----------------------------------------------------------------------------- settings

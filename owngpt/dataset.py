@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flags import UserError
+from owngpt.flags import UserError
 
 EOT = "<|endoftext|>"
 META_FORMAT_VERSION = 1

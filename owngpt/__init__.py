@@ -1,0 +1,16 @@
+"""owngpt's library: what the scripts at the root (prepare.py, train.py, sample.py, export.py,
+plot.py, bench.py) are built from, one job per module. model.py, the GPT, stays at the root
+beside them: it is the one file every reader opens.
+
+    flags        the --key=value and config-file parser, value checks, --help
+    dataset      the dataset folder: llm.c token shards, meta.json, report.md, atomic writes
+    tokenizer    the byte-level BPE trainer, the tokenizer.tiktoken file, the tokenizer loader
+    filtered     the documents a prepare.py run kept, stored part by part
+    workers      a stage of prepare.py on all cores, results in input order
+    web/         web text: downloads and Common Crawl's WET files (crawl), the filters (filters)
+    checkpoint   the out folder's checkpoints: save, rotate, verify, load
+    optimizers   AdamW, or Muon with AdamW
+    runlog       what a run records: log lines, metrics.jsonl, samples, curves.svg
+    curves       learning curves as a self-contained SVG
+    hf           the Hugging Face format: safetensors, GPT-2's names, tokenizer.json
+"""
