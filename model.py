@@ -1,10 +1,10 @@
 """The GPT: a decoder-only transformer in one file, with generation through a KV cache.
 
-Two blocks, chosen by GPTConfig.block:
-- "gpt2", GPT-2's architecture (2019): token and learned position embeddings, a stack of
-  pre-norm blocks (causal self-attention, then a GELU MLP) with LayerNorm, a final
+Two blocks, chosen by GPTConfig.block, each a class of its own:
+- "gpt2" (GPT2Block), GPT-2's architecture (2019): token and learned position embeddings, a
+  stack of pre-norm blocks (causal self-attention, then a GELU MLP) with LayerNorm, a final
   LayerNorm, and an output head that shares its weights with the token embedding.
-- "modern", the changes modded-nanogpt and nanochat found to train more per token (each
+- "modern" (ModernBlock, the default), the changes modded-nanogpt and nanochat found to train more per token (each
   with its source below): rotary position embeddings instead of learned ones, RMSNorm
   without gains (also right after the embedding), RMSNorm on queries and keys, a ReLU^2
   MLP, output projections and head initialised to zero, and a head of its own.
@@ -25,7 +25,6 @@ Example:
         ...                                     # token: (B,), one per step, as it is made
 """
 import math
-import re
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -45,7 +44,7 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = False  # biases in Linear and LayerNorm (GPT-2 had them; without is a bit faster); gpt2 block only
     gradient_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
-    block: str = "gpt2"  # gpt2 | modern (see the module docstring); checkpoints from before it are gpt2
+    block: str = "modern"  # modern | gpt2 (see the module docstring); the defaults are train.py's
     value_embeddings: bool = False  # modern block: each layer adds its own table's vector of the token to the values
 
     def __post_init__(self):
@@ -56,9 +55,6 @@ class GPTConfig:
                              f"got n_embd / n_head = {self.n_embd // self.n_head}")
         if self.value_embeddings and self.block != "modern":
             raise ValueError("value_embeddings are part of the modern block: set block='modern'")
-
-
-BLOCKS = ("gpt2", "modern")
 
 
 def padded_vocab_size(vocab_size: int) -> int:
@@ -131,19 +127,24 @@ class Rotary(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
+    """GPT-2's multi-head causal self-attention: each token's query is compared with the keys
+    of the tokens up to it, and their values are averaged by those weights. Positions are
+    already in its input (learned position embeddings)."""
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         assert config.n_embd % config.n_head == 0, "n_embd must be a multiple of n_head"
         self.n_head = config.n_head
         self.dropout = config.dropout
-        self.modern = config.block == "modern"
-        if self.modern:
-            self.rotary = Rotary(config.n_embd // config.n_head, config.block_size)
         # one matrix for query, key and value: one large multiply instead of three small ones
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.is_residual_projection = True
         self.resid_dropout = nn.Dropout(config.dropout)
+
+    def queries_and_keys(self, q, k, start):
+        """q, k (B, n_head, T, head_size) at positions start .. start + T - 1, as attention compares them."""
+        return q, k
 
     def forward(self, x, kv_cache=None, layer=0, value_embedding=None):
         B, T, C = x.shape
@@ -152,11 +153,7 @@ class CausalSelfAttention(nn.Module):
             v = v + value_embedding
         # (B, T, C) -> (B, n_head, T, head_size): each head attends on its own
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        if self.modern:
-            # QK-norm (Dehghani et al. 2023; modded-nanogpt): unit-RMS queries and keys keep
-            # the attention logits bounded, which lets the learning rate be higher
-            start = kv_cache.length if kv_cache is not None else 0
-            q, k = self.rotary(rms_norm(q), start), self.rotary(rms_norm(k), start)
+        q, k = self.queries_and_keys(q, k, kv_cache.length if kv_cache is not None else 0)
         if kv_cache is not None:
             # A prefill starts from an empty cache, so queries and keys line up and the
             # usual causal mask applies; a single new query may look at every stored key.
@@ -169,42 +166,80 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
+class RotaryAttention(CausalSelfAttention):
+    """The modern block's attention: the same, with normalised queries and keys that carry
+    their positions as rotations (its input has no positions)."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__(config)
+        self.rotary = Rotary(config.n_embd // config.n_head, config.block_size)
+
+    def queries_and_keys(self, q, k, start):
+        # QK-norm (Dehghani et al. 2023; modded-nanogpt): unit-RMS queries and keys keep the
+        # attention logits bounded, which lets the learning rate be higher
+        return self.rotary(rms_norm(q), start), self.rotary(rms_norm(k), start)
+
+
 class MLP(nn.Module):
+    """GPT-2's MLP: widen to 4 x n_embd, GELU, project back."""
+
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.modern = config.block == "modern"
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.is_residual_projection = True
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x):
-        if self.modern:
-            # ReLU^2 (So et al. 2021, Primer): cheaper than GELU and trained better in
-            # their search and in modded-nanogpt
-            return self.dropout(self.c_proj(F.relu(self.c_fc(x)).square()))
+    def activation(self, x):
         # The exact GELU, x * Phi(x) (Hendrycks & Gimpel 2016). GPT-2 used its tanh
         # approximation, which is within 5e-4 of it everywhere but about 3x slower on CPU.
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+        return F.gelu(x)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.activation(self.c_fc(x))))
 
 
-class Block(nn.Module):
-    """Pre-norm: each sublayer reads a normalised copy of the residual stream and adds its
-    result back, so the stream itself is a clean sum that gradients pass through unchanged."""
+class ReLU2MLP(MLP):
+    """The modern block's MLP: ReLU^2 (So et al. 2021, Primer), cheaper than GELU and
+    trained better in their search and in modded-nanogpt."""
+
+    def activation(self, x):
+        return F.relu(x).square()
+
+
+class GPT2Block(nn.Module):
+    """GPT-2's block, pre-norm: each sublayer reads a LayerNorm'd copy of the residual stream
+    and adds its result back, so the stream itself is a clean sum that gradients pass through
+    unchanged."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.modern = config.block == "modern"
-        if not self.modern:
-            self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
-            self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.attn = CausalSelfAttention(config)
         self.mlp = MLP(config)
 
     def forward(self, x, kv_cache=None, layer=0, value_embedding=None):
-        norm_1, norm_2 = (rms_norm, rms_norm) if self.modern else (self.ln_1, self.ln_2)
-        x = x + self.attn(norm_1(x), kv_cache, layer, value_embedding)
-        return x + self.mlp(norm_2(x))
+        x = x + self.attn(self.ln_1(x), kv_cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class ModernBlock(nn.Module):
+    """The modern block, pre-norm like GPT-2's but with gain-free RMSNorms (no parameters),
+    rotary attention with QK-norm, and a ReLU^2 MLP; its attention values may get the
+    layer's value embedding of each token."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.attn = RotaryAttention(config)
+        self.mlp = ReLU2MLP(config)
+
+    def forward(self, x, kv_cache=None, layer=0, value_embedding=None):
+        x = x + self.attn(rms_norm(x), kv_cache, layer, value_embedding)
+        return x + self.mlp(rms_norm(x))
+
+
+BLOCKS = {"gpt2": GPT2Block, "modern": ModernBlock}
 
 
 class GPT(nn.Module):
@@ -217,15 +252,15 @@ class GPT(nn.Module):
             wte=nn.Embedding(padded_vocab_size(config.vocab_size), config.n_embd),
             **({} if self.modern else dict(wpe=nn.Embedding(config.block_size, config.n_embd))),
             drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+            h=nn.ModuleList(BLOCKS[config.block](config) for _ in range(config.n_layer)),
             **({} if self.modern else dict(ln_f=nn.LayerNorm(config.n_embd, bias=config.bias))),
         ))
-        # Value embeddings (modded-nanogpt's speedrun records, 2024): a table per layer whose
-        # row for the current token is added to that layer's attention values, so every layer
-        # reads the token's identity directly, not only through the residual stream. n_layer
-        # more vocab x n_embd tables, looked up, not multiplied: at the quick start's shape 5%
-        # lower val loss per iteration for 3% more time (README). Without them the list is
-        # empty and adds no keys to the state dict, so older checkpoints load as they were.
+        # Value embeddings (modded-nanogpt's speedrun records): a table per layer whose row for
+        # the current token is added to that layer's attention values, so every layer reads the
+        # token's identity directly, not only through the residual stream. n_layer more
+        # vocab x n_embd tables, looked up, not multiplied (RESULTS.md: value embeddings).
+        # Without them the list is empty and adds no keys to the state dict, so older
+        # checkpoints load as they were.
         self.value_embeds = nn.ModuleList(nn.Embedding(padded_vocab_size(config.vocab_size), config.n_embd)
                                           for _ in range(config.n_layer if config.value_embeddings else 0))
         self.lm_head = nn.Linear(config.n_embd, padded_vocab_size(config.vocab_size), bias=False)
@@ -430,61 +465,6 @@ def sample_next_token(logits, temperature, top_k=None, top_p=None, generator=Non
         logits = logits.masked_fill(drop, float("-inf"))
     probs = F.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
-
-
-# Devices live here, beside peak_flops, because model.py is the one module both train.py and
-# sample.py import that already knows torch and nothing of files or flags.
-def available_devices() -> list[str]:
-    """The torch devices this machine has: cpu, cuda and cuda:0, cuda:1... per GPU, mps."""
-    devices = ["cpu"]
-    if torch.cuda.is_available():
-        devices += ["cuda", *(f"cuda:{index}" for index in range(torch.cuda.device_count()))]
-    if torch.backends.mps.is_available():
-        devices.append("mps")
-    return devices
-
-
-def pick_device(requested: str) -> str:
-    """The device to run on: auto takes cuda, then mps, then cpu; any other must be one of
-    available_devices(), else ValueError naming those."""
-    devices = available_devices()
-    if requested == "auto":
-        return next(device for device in ("cuda", "mps", "cpu") if device in devices)
-    if requested not in devices:
-        raise ValueError(f"device {requested!r} is not on this machine, which has: auto, {', '.join(devices)}")
-    return requested
-
-
-def peak_flops(device) -> float | None:
-    """Peak dense bf16 tensor FLOP/s of the GPU behind `device` (for MFU), from the vendors'
-    datasheets; None for CPU, MPS and any card not in the table: no MFU beats a guessed one."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return None
-    return peak_flops_of_card(torch.cuda.get_device_name(device))
-
-
-def peak_flops_of_card(name: str) -> float | None:
-    """Look a card's name (as torch.cuda.get_device_name spells it) up in PEAK_BF16_FLOPS."""
-    for pattern, flops in PEAK_BF16_FLOPS:
-        if re.search(pattern, name):
-            return flops
-    return None
-
-
-# (regex searched in torch.cuda.get_device_name, dense bf16 FLOP/s with fp32 accumulation,
-# i.e. the datasheets' figures without 2:4 sparsity). Anchored with $ where a longer name
-# is another card (A10 / A100, L4 / L40S, RTX 4090 / RTX 4090 D).
-PEAK_BF16_FLOPS = [
-    (r"A100", 312e12),  # SXM and PCIe alike
-    (r"H100 PCIe", 756e12),
-    (r"H100( 80GB HBM3| SXM|$)", 989e12),  # SXM; the NVL card is not in the table
-    (r"H200$", 989e12),  # SXM
-    (r"A10$", 125e12),
-    (r"L4$", 121e12),
-    (r"RTX 4090$", 165.2e12),  # GeForce: fp32 accumulation runs at half the fp16-accumulate rate
-    (r"RTX 3090$", 71e12),
-]
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ from owngpt import flags
 from owngpt.checkpoint import load_checkpoint_file
 from owngpt.dataset import EOT
 from owngpt.hf import HF_PREFIX, read_gpt2_folder, read_tokenizer_json
-from model import GPT, GPTConfig, available_devices, pick_device
+from owngpt.runtime import available_devices, pick_device
+from model import GPT, GPTConfig
 from owngpt.tokenizer import load_tokenizer
 
 _NAMES_BEFORE_DEFAULTS = set(globals())

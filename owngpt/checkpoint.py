@@ -10,9 +10,17 @@
     state = checkpoint.load_checkpoint_file("out/demo/best.pt")        # what sample.py reads
 
 A checkpoint is a dict of tensors and plain values, so it loads with
-torch.load(weights_only=True), which cannot run code; train.py's save_checkpoint lists its keys,
-among them every random state (rng_states) so that a resumed run draws the same numbers. A
-crash at any moment leaves the previous checkpoint recorded and intact.
+torch.load(weights_only=True), which cannot run code: model (clean parameter names),
+model_config, optimizer, scaler (or None), iter_num (iterations done), best_val_loss, config
+(every key of train.py), tokenizer (meta.json's entry), rng (a list: each rank's Python, numpy,
+torch and CUDA generator states, its batch sampler's included: rng_states), data
+({"world_size"}: the rng list is exact for this many processes) and elapsed_s. A crash at any
+moment leaves the previous checkpoint recorded and intact.
+
+Below those: which checkpoint a run starts from (init_from, torchrun restarts), what a
+checkpoint must agree on with the config and the dataset before it is used, and the one place
+where checkpoints of older versions are brought up to date (upgrade), so that every reader
+(train.py, sample.py, export.py) sees today's keys.
 """
 import hashlib
 import json
@@ -21,12 +29,16 @@ import random
 import re
 import shutil
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from owngpt.dataset import atomic_write
 from owngpt.flags import UserError
+from owngpt.hf import HF_PREFIX, read_gpt2_folder
+from owngpt.runtime import from_rank_0, restart_count
 
 MANIFEST_FILE = "checkpoints.json"
 
@@ -148,9 +160,9 @@ def read_manifest(out_dir):
 
 
 def load_checkpoint_file(path):
-    """torch.load with weights_only=True: tensors and plain values, never code."""
+    """torch.load with weights_only=True (tensors and plain values, never code), upgraded."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return upgrade(torch.load(path, map_location="cpu", weights_only=True))
     except Exception as error:  # any failure to unpickle means the same thing: not a usable checkpoint
         refused = re.search(r"GLOBAL ([\w.]+)", str(error))  # how weights_only names a Python object it met
         if refused:
@@ -192,3 +204,132 @@ def newest_valid_checkpoint(out_dir):
                 problem = str(error)
         print(f"warning: skipping damaged checkpoint {path}: {problem}", file=sys.stderr)
     raise CheckpointError(f"no valid checkpoint in {out_dir}: all {len(entries)} recorded ones are damaged (above)")
+
+
+# ----------------------------------------------------------------------------- older versions
+# What a key meant before it existed: each was added with GPT-2's 2019 recipe as its behaviour,
+# and the modern recipe became the default later.
+OLDER_MODEL_CONFIG = {"block": "gpt2", "value_embeddings": False}
+OLDER_CONFIG = {"block": "gpt2", "value_embeddings": False, "optimizer": "adamw", "lr_schedule": "cosine"}
+
+
+def upgrade(checkpoint):
+    """A checkpoint of an older version with today's keys, as it was trained."""
+    if isinstance(checkpoint, dict):
+        for key, older in (("model_config", OLDER_MODEL_CONFIG), ("config", OLDER_CONFIG)):
+            if isinstance(checkpoint.get(key), dict):
+                checkpoint[key] = {**older, **checkpoint[key]}
+    return checkpoint
+
+
+def saved_before_embedding_lr(checkpoint):
+    """Whether checkpoint's AdamW has the two groups it had before the untied embedding got
+    a group of its own: such a run resumes with its embedding at learning_rate."""
+    saved = checkpoint["optimizer"]
+    return len(saved.get("adamw", saved)["param_groups"]) == 2
+
+
+# ----------------------------------------------------------------------------- starting a run
+def prepare_out_dir(out, folder, tokenizer_info, resuming):
+    """Create out_dir; refuse to start a new run over a recorded one; remove what a killed
+    save left (atomic_write's temporary .<name>.<random>.tmp files); copy a trained
+    tokenizer, so sample.py needs only this folder."""
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"out_dir {out} is a file, not a folder: choose another out_dir")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()  # an unwritable out_dir shows now, not at the first save
+    except OSError as error:
+        raise CheckpointError(f"out_dir {out} is not writable: {error.strerror or error}") from None
+    if not resuming and read_manifest(out):
+        raise CheckpointError(f"{out} already holds checkpoints of a run: continue it with init_from=resume, "
+                              "or choose another out_dir")
+    for leftover in out.glob(".*.tmp"):
+        leftover.unlink()
+    if tokenizer_info.get("file"):
+        source = folder / tokenizer_info["file"]
+        atomic_write(out / tokenizer_info["file"], lambda file: file.write(source.read_bytes()))
+
+
+def init_from_problem(value):
+    """What init_from may be (a flags check: None when valid)."""
+    return None if value in ("scratch", "resume") or os.path.isfile(value) or \
+        (value.startswith(HF_PREFIX) and os.path.isdir(value.removeprefix(HF_PREFIX))) else \
+        "scratch, resume, the path of a checkpoint file or hf:FOLDER (a Hugging Face GPT-2 folder)"
+
+
+def continue_after_restart(cfg, runtime):
+    """torchrun --max-restarts=N starts the whole group again, with the same command, when a
+    process fails. A restarted group goes on from the newest valid checkpoint in out_dir, which
+    the failed attempt wrote, instead of starting over: init_from becomes resume. Returns
+    whether it did (with no checkpoint yet, the group starts as configured)."""
+    restarts = restart_count()
+    if not restarts or cfg.eval_only or cfg.init_from == "resume" or not read_manifest(Path(cfg.out_dir)):
+        return False
+    if runtime.is_main:
+        print(f"torchrun restart {restarts}: continuing from the newest valid checkpoint in {cfg.out_dir}", flush=True)
+    cfg.init_from = "resume"
+    return True
+
+
+def checkpoint_to_start(cfg, runtime):
+    """(path, checkpoint) for init_from=resume, a path or hf:FOLDER, else (None, None). Under
+    torchrun rank 0 picks the checkpoint to resume (verifying it) and the others load that file."""
+    if cfg.init_from == "scratch":
+        return None, None
+    if cfg.init_from.startswith(HF_PREFIX):
+        folder = cfg.init_from.removeprefix(HF_PREFIX)
+        return Path(folder), read_gpt2_folder(folder)
+    if cfg.init_from != "resume":
+        return Path(cfg.init_from), load_checkpoint_file(cfg.init_from)
+    path, checkpoint = newest_valid_checkpoint(Path(cfg.out_dir)) if runtime.is_main else (None, None)
+    path = Path(from_rank_0(str(path), runtime))
+    return path, checkpoint if runtime.is_main else load_checkpoint_file(path)
+
+
+# ----------------------------------------------------------------------------- agreeing with the config
+def check_same_run(checkpoint, path, cfg, defaults):
+    """A restart resumes only a checkpoint of this very command (the first attempt refuses to
+    start over another run's checkpoints, so these may not be its own). out_dir may differ:
+    the run may have been moved, and a max_time run's max_iters was fitted by the run."""
+    for key, value in vars(cfg).items():
+        if key in ("init_from", "out_dir") or (key == "max_iters" and cfg.max_time):
+            continue
+        if checkpoint["config"].get(key, defaults[key]) != value:
+            raise CheckpointError(f"torchrun restart: {path} belongs to another run ({key} is "
+                                  f"{checkpoint['config'].get(key)!r} there, {value!r} here): choose another out_dir")
+
+
+def check_checkpoint_fits(checkpoint, path, model_config, tokenizer_info, folder):
+    """The dataset must use the checkpoint's tokenizer and the config its architecture."""
+    trained_with = checkpoint["tokenizer"]
+    for field in ("kind", "vocab_size", "eot_id", "sha256"):  # a Hugging Face folder tells only the middle two
+        if field in trained_with and trained_with[field] != tokenizer_info.get(field):
+            raise CheckpointError(f"{path} was trained with a different tokenizer than {folder} uses: {field} is "
+                                  f"{trained_with.get(field)!r} there and {tokenizer_info.get(field)!r} here")
+    for field in ("block", "value_embeddings", "block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias"):
+        trained = checkpoint["model_config"].get(field, getattr(model_config, field))  # Hugging Face: what it has
+        if trained != getattr(model_config, field):
+            raise CheckpointError(f"{path} has {field}={trained!r} but the config says "
+                                  f"{field}={getattr(model_config, field)!r}: pass the config it was trained with")
+
+
+def restore_training_state(checkpoint, path, optimizer, optimizer_kind, scaler, generator, runtime):
+    """Load the optimizer, the loss scaler and this process's random states from checkpoint;
+    return (iter_num, best_val_loss, elapsed_s) as it holds them."""
+    trained_with = checkpoint["config"]["optimizer"]
+    if trained_with != optimizer_kind:
+        raise CheckpointError(f"{path} was trained with optimizer={trained_with}, this run asks for "
+                              f"optimizer={optimizer_kind}: resume with the optimizer it was trained with")
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    if scaler and checkpoint["scaler"]:
+        scaler.load_state_dict(checkpoint["scaler"])
+    if checkpoint["data"]["world_size"] == runtime.world_size:
+        restore_rng_states(checkpoint["rng"][runtime.rank], generator, runtime.device)
+        exactness = "exactly"
+    else:
+        exactness = (f"with fresh random streams (saved by {checkpoint['data']['world_size']} processes, "
+                     f"resumed by {runtime.world_size})")
+    if runtime.is_main:
+        print(f"resuming from {path} at iteration {checkpoint['iter_num']}, {exactness}", flush=True)
+    return checkpoint["iter_num"], checkpoint["best_val_loss"], checkpoint["elapsed_s"]

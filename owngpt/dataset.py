@@ -9,6 +9,7 @@
     folder = dataset.open_folder("python")           # data/python, checked
     meta = dataset.read_meta(folder)
     shards = dataset.read_split(folder, meta, "val")  # read-only numpy memmaps
+    windows = dataset.load_windows(folder, meta, "train", block_size=256)  # what training batches are cut from
 
 A shard is a header of 256 little-endian int32 ([magic, version, token count, 0...]) and then
 exactly that many tokens: uint16 (magic 20240520, version 1) for vocabularies up to 65536,
@@ -24,6 +25,7 @@ import os
 import secrets
 import shutil
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -229,6 +231,60 @@ def read_split(folder, meta, split):
         raise DatasetError(f"{folder}/meta.json says the {split} split has {info['tokens']:,} tokens, "
                            f"its shards hold {found:,}")
     return shards
+
+
+@contextmanager
+def dataset_errors():
+    """OS and value errors met while reading a dataset folder (their messages name the file)
+    become DatasetErrors: one line for the user, no traceback."""
+    try:
+        yield
+    except (ValueError, OSError) as error:
+        if isinstance(error, UserError):
+            raise
+        raise DatasetError(str(error)) from error
+
+
+# ----------------------------------------------------------------------------- training windows
+class TokenWindows:
+    """Every window of block_size + 1 consecutive tokens inside the shards of one split: a
+    window's first block_size tokens are a model input, its last block_size the targets.
+
+    A window lies within one shard; window ids number them across the shards, so a batch
+    is a handful of ids: random ones for training, evenly spaced fixed ones for evaluation.
+    """
+
+    def __init__(self, shards, block_size):
+        self.shards = shards
+        self.block_size = block_size
+        self.window_ends = np.cumsum([max(0, len(tokens) - block_size) for tokens in shards])
+        self.count = int(self.window_ends[-1]) if shards else 0
+
+    def rows(self, window_ids):
+        """The windows' tokens, (len(window_ids), block_size + 1) int64."""
+        shard_of = np.searchsorted(self.window_ends, window_ids, side="right")
+        rows = []
+        for shard, window_id in zip(shard_of.tolist(), window_ids.tolist()):
+            start = window_id - (int(self.window_ends[shard - 1]) if shard else 0)
+            rows.append(self.shards[shard][start:start + self.block_size + 1])
+        return np.stack(rows).astype(np.int64)
+
+    def fixed_batch_ids(self, num_batches, batch_size):
+        """num_batches batches of window ids spread evenly over the split: the same every time."""
+        total = num_batches * batch_size
+        return list((np.arange(total, dtype=np.int64) * self.count // total).reshape(num_batches, batch_size))
+
+
+def load_windows(folder, meta, split, block_size):
+    """The split's windows of block_size + 1 tokens (read_split checks the shards)."""
+    shards = read_split(folder, meta, split)
+    windows = TokenWindows(shards, block_size)
+    if windows.count == 0:
+        longest = max((len(tokens) for tokens in shards), default=0)
+        raise DatasetError(f"block_size={block_size} needs shards of at least {block_size + 1} tokens, but the "
+                           f"longest {split} shard of {folder} has {longest}: lower block_size or give the "
+                           f"{split} split more text")
+    return windows
 
 
 # ----------------------------------------------------------------------------- building one

@@ -12,9 +12,11 @@ network; embeddings, the output head, gains and biases keep AdamW (the post abov
     loss.backward(); optimizer.step(); optimizer.zero_grad(set_to_none=True)
 
 Each parameter group names the config key of its peak rate in group["lr_key"]
-(learning_rate, muon_lr or embedding_lr), so that a schedule, and a resumed run given
-another rate, can set every group's rate from the config.
+(learning_rate, muon_lr or embedding_lr), so that the schedule (set_learning_rates, each
+iteration), and a resumed run given another rate, can set every group's rate from the config.
 """
+import math
+
 import torch
 
 OPTIMIZERS = ("adamw", "muon")
@@ -118,3 +120,41 @@ def build_optimizer(model, kind, learning_rate, muon_lr, weight_decay, betas, de
         return adamw
     muon = Muon([{"params": hidden, "lr_key": "muon_lr"}], lr=muon_lr, weight_decay=0.0)
     return MuonAndAdamW(muon, adamw)
+
+
+# ----------------------------------------------------------------------------- the schedule
+def set_learning_rates(optimizer, iteration, cfg):
+    """Set every group's rate for this iteration: its own peak (its lr_key), scaled as
+    learning_rate_at scales learning_rate; and Muon's momentum. Returns AdamW's rate."""
+    lr = learning_rate_at(iteration, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = getattr(cfg, group.get("lr_key", "learning_rate")) * lr / cfg.learning_rate
+        if "momentum" in group:  # Muon's
+            group["momentum"] = muon_momentum_at(iteration)
+    return lr
+
+
+def muon_momentum_at(iteration):
+    """Muon's momentum: from 0.85 up to its usual 0.95 over the first 300 iterations
+    (modded-nanogpt's warmup), while the first gradients still point in changing directions
+    (RESULTS.md: Muon's momentum warmup)."""
+    return 0.95 - 0.10 * max(0.0, 1 - iteration / 300)
+
+
+def learning_rate_at(iteration, cfg):
+    """AdamW's learning rate at this iteration (from 0); every parameter group's rate is its
+    own peak scaled alike. Linear warmup, then either a cosine decay to min_lr at
+    lr_decay_iters (GPT-3 and Chinchilla's schedule) or, with wsd, the peak held until the
+    last cooldown_fraction of max_iters and a linear decay to min_lr there (warmup-stable-
+    decay: Hu et al. 2024, MiniCPM; as modded-nanogpt and nanochat train)."""
+    if iteration < cfg.warmup_iters:
+        return cfg.learning_rate * (iteration + 1) / (cfg.warmup_iters + 1)
+    if cfg.lr_schedule == "wsd":
+        cooldown_start = cfg.max_iters * (1 - cfg.cooldown_fraction)
+        progress = min(1.0, max(0.0, (iteration - cooldown_start) / max(1, cfg.max_iters - cooldown_start)))
+        return cfg.learning_rate - progress * (cfg.learning_rate - cfg.min_lr)
+    decay_end = cfg.lr_decay_iters or cfg.max_iters
+    if iteration >= decay_end:
+        return cfg.min_lr
+    progress = (iteration - cfg.warmup_iters) / max(1, decay_end - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)

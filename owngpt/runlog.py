@@ -5,8 +5,7 @@ a short sample of text at each evaluation.
     log.print("eval at iter 100: ...")            # rank 0 prints
     log.write({"iter": 100, "val_loss": 3.9})     # one JSON object a line (and wandb)
     log.draw_curves()                             # rewrites out_dir/curves.svg (curves.py)
-    text = draw_sample(model, encoding, seed=1337, device=torch.device("cpu"))
-    log.print(f'sample: "{one_line(text)}"')
+    seconds = log.sample(model, encoding, seed=1337, device=torch.device("cpu"), iteration=100, elapsed=clock)
 
 A resumed run first drops the lines past the checkpoint it resumes, so every iteration is
 recorded once, however often the run was stopped.
@@ -14,6 +13,7 @@ recorded once, however often the run was stopped.
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -77,6 +77,18 @@ class RunLog:
         if self.wandb:
             self.wandb.log(record, step=record["iter"])
 
+    def sample(self, model, encoding, seed, device, iteration, elapsed):
+        """Print and record a sample (draw_sample), so the text can be seen going from noise to
+        structure; returns the seconds it took. Rank 0 alone calls it: generation is local (no
+        collective), and the other ranks wait for rank 0 at the next step's all-reduce.
+        elapsed() gives the run's seconds so far."""
+        started = time.perf_counter()
+        text = draw_sample(model, encoding, seed, device)
+        seconds = time.perf_counter() - started
+        self.print(f'sample at iter {iteration}: "{one_line(text)}" | {seconds:.2f}s')
+        self.write({"iter": iteration, "elapsed_s": elapsed(), "sample": text, "sample_s": seconds})
+        return seconds
+
     def finish(self):
         if self.wandb:
             self.wandb.finish()  # its own exit hook may not run: train.leave ends a group with os._exit
@@ -133,6 +145,7 @@ class StepTimer:
 
     def __init__(self):
         self.seconds, self.steps, self.timed_steps, self.first_step = 0.0, 0, 0, None
+        self.estimated = False  # the whole run's wall time is estimated once, after 5 timed steps
 
     def add(self, seconds):
         if self.first_step is None:

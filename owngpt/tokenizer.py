@@ -258,3 +258,10 @@ def write_tiktoken_file(path, vocabulary):
     lines = b"".join(base64.b64encode(token) + b" %d\n" % rank for rank, token in enumerate(vocabulary))
     atomic_write(path, lambda f: f.write(lines))
     return hashlib.sha256(lines).hexdigest()
+
+
+def token_byte_lengths(encoding):
+    """Bytes of text each token id stands for (end-of-text counts 0: it is a boundary, not
+    text), so losses can be turned into bits per byte, which compares across tokenizers."""
+    return [0 if token == encoding.eot_token else len(encoding.decode_single_token_bytes(token))
+            for token in range(encoding.n_vocab)]

@@ -11,7 +11,7 @@ import pytest
 import sample
 import train
 from conftest import ROOT
-from model import available_devices
+from owngpt.runtime import available_devices
 
 SCRIPTS = {"train.py": train, "sample.py": sample}
 

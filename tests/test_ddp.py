@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import train
+from owngpt import runtime
 from test_train import ONE_THREAD, ROOT, TINY_MODEL, read_metrics, train_lines
 from test_resume import wait_until
 
@@ -28,10 +29,11 @@ sys.path.insert(0, {root!r})
 import train
 from model import GPT, GPTConfig
 from owngpt.optimizers import build_optimizer
+from owngpt.runtime import leave, setup_runtime
 from torch.nn.parallel import DistributedDataParallel
 
 cfg = train.read_config(["--device=cpu", "--gradient_accumulation_steps=4"])
-runtime = train.setup_runtime(cfg)
+runtime = setup_runtime(cfg)
 torch.manual_seed(0)
 model = GPT(GPTConfig(vocab_size=100, block_size=16, n_layer=2, n_head=2, n_embd=32, block={block!r},
                       value_embeddings={block!r} == "modern"))
@@ -66,7 +68,7 @@ if runtime.rank == 0:
     with open({result!r}, "w") as file:
         json.dump({{"difference": difference, "largest": largest, "weight_difference": weight_difference,
                    "moved": moved, "between_ranks": between_ranks.item()}}, file)
-train.leave(None)  # destroys the group and exits as train.py does (see its docstring)
+leave(None)  # destroys the group and exits as train.py does (see its docstring)
 """
 
 
@@ -88,8 +90,8 @@ def test_two_processes_compute_the_gradients_and_the_step_of_one_process_on_the_
 def test_gradient_accumulation_that_does_not_divide_by_the_processes_is_refused(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it for two processes
     cfg = train.read_config(["--device=cpu", "--gradient_accumulation_steps=3"])
-    with pytest.raises(train.TrainError, match=r"gradient_accumulation_steps=3 does not divide by the 2 processes"):
-        train.setup_runtime(cfg)
+    with pytest.raises(runtime.RuntimeSetupError, match=r"gradient_accumulation_steps=3 does not divide by the 2 processes"):
+        runtime.setup_runtime(cfg)
 
 
 def test_a_preempted_two_process_run_saves_and_resumes_without_losing_an_iteration(tiny_dataset, tmp_path):

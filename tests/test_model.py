@@ -6,8 +6,9 @@ import math
 import pytest
 import torch
 
-from model import (GPT, GPTConfig, available_devices, padded_vocab_size, peak_flops, peak_flops_of_card, pick_device,
-                   sample_next_token)
+from model import GPT, GPTConfig, padded_vocab_size, sample_next_token
+from owngpt.checkpoint import upgrade
+from owngpt.runtime import available_devices, peak_flops, peak_flops_of_card, pick_device
 from owngpt.optimizers import build_optimizer
 
 
@@ -15,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(**overrides):
-    settings = dict(vocab_size=300, block_size=16, n_layer=2, n_head=2, n_embd=32)
+    settings = dict(vocab_size=300, block_size=16, n_layer=2, n_head=2, n_embd=32, block="gpt2")
     return GPTConfig(**{**settings, **overrides})
 
 
@@ -184,7 +185,7 @@ def test_generation_stops_once_every_row_has_produced_the_stop_token():
 def test_a_checkpoint_from_before_the_block_key_loads_as_gpt2():
     old = tiny_model()
     config_without_block = {key: value for key, value in dataclasses.asdict(old.config).items() if key != "block"}
-    config = GPTConfig(**config_without_block)
+    config = GPTConfig(**upgrade({"model_config": config_without_block})["model_config"])
     assert config.block == "gpt2"
     GPT(config).load_state_dict(old.state_dict())  # strict: every name and shape as saved
 
@@ -287,7 +288,7 @@ def test_invalid_sampling_options_are_refused(options):
 
 
 def test_gpt2_small_has_its_published_124_million_parameters():
-    config = GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768, bias=True)
+    config = GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768, bias=True, block="gpt2")
     with torch.device("meta"):  # shapes only, no memory
         model = GPT(config)
     assert model.num_params() == 124_439_808  # the count of the released GPT-2 small

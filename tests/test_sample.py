@@ -31,7 +31,7 @@ def checkpoint_of(model):
 def trained_on_sentence():
     """A GPT that has memorised <end-of-text> SENTENCE, over and over."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=257, block_size=32, n_layer=1, n_head=2, n_embd=32))
+    model = GPT(GPTConfig(vocab_size=257, block_size=32, n_layer=1, n_head=2, n_embd=32, block="gpt2"))
     optimizer = build_optimizer(model, "adamw", 1e-2, None, 0.0, (0.9, 0.99), "cpu")
     stream = torch.tensor(([256] + list(SENTENCE.encode())) * 20)
     windows = stream.unfold(0, 33, 1)
@@ -50,7 +50,7 @@ def out_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("out")
     torch.save(checkpoint_of(trained_on_sentence()), folder / "best.pt")
     torch.manual_seed(1)
-    torch.save(checkpoint_of(GPT(GPTConfig(vocab_size=257, block_size=32, n_layer=1, n_head=2, n_embd=32))),
+    torch.save(checkpoint_of(GPT(GPTConfig(vocab_size=257, block_size=32, n_layer=1, n_head=2, n_embd=32, block="gpt2"))),
                folder / "ckpt.pt")
     return folder
 

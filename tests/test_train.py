@@ -23,6 +23,7 @@ import torch
 from owngpt import checkpoint
 from owngpt import dataset
 from owngpt import flags
+from owngpt import optimizers
 from owngpt import runlog
 from owngpt import tokenizer
 import train
@@ -182,31 +183,31 @@ def test_missing_dataset_folder_is_a_clear_error(tmp_path):
 def test_block_size_longer_than_the_val_split_is_a_clear_error(tiny_dataset):
     meta = json.loads((tiny_dataset / "meta.json").read_text())
     block_size = meta["splits"]["val"]["tokens"] + 10
-    with pytest.raises(train.TrainError, match=rf"block_size={block_size} needs shards of at least"):
-        train.load_split(tiny_dataset, meta, "val", block_size)
+    with pytest.raises(dataset.DatasetError, match=rf"block_size={block_size} needs shards of at least"):
+        dataset.load_windows(tiny_dataset, meta, "val", block_size)
 
 
 def test_token_id_beyond_the_vocabulary_is_found_before_training(tiny_dataset):
     meta = json.loads((tiny_dataset / "meta.json").read_text())
     meta["tokenizer"]["vocab_size"] = 100  # the shards hold byte values and end-of-text above it
     with pytest.raises(dataset.DatasetError, match=r"train_000000.bin holds token id \d+, but the tokenizer has only 100 ids"):
-        train.load_split(tiny_dataset, meta, "train", 32)
+        dataset.load_windows(tiny_dataset, meta, "train", 32)
 
 
 def test_meta_json_disagreeing_with_the_shards_is_refused(tiny_dataset):
     meta = json.loads((tiny_dataset / "meta.json").read_text())
     meta["splits"]["train"]["tokens"] += 1
     with pytest.raises(dataset.DatasetError, match=r"meta.json says the train split has [\d,]+ tokens, its shards hold"):
-        train.load_split(tiny_dataset, meta, "train", 32)
+        dataset.load_windows(tiny_dataset, meta, "train", 32)
 
 
 def test_fixed_eval_batches_are_the_same_every_time_and_random_ones_follow_the_seed(tiny_dataset):
     meta = json.loads((tiny_dataset / "meta.json").read_text())
-    windows = train.load_split(tiny_dataset, meta, "train", 32)
+    windows = dataset.load_windows(tiny_dataset, meta, "train", 32)
     first, second = windows.fixed_batch_ids(3, 4), windows.fixed_batch_ids(3, 4)
-    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert all((a == b).all() for a, b in zip(first, second))
     cpu = torch.device("cpu")
-    draw = lambda seed: windows.random_batch(4, torch.Generator().manual_seed(seed), cpu)
+    draw = lambda seed: train.batch(windows, torch.randint(windows.count, (4,), generator=torch.Generator().manual_seed(seed)).numpy(), cpu)
     (x1, y1), (x2, _), (x3, _) = draw(1), draw(1), draw(2)
     assert torch.equal(x1, x2) and not torch.equal(x1, x3)
     assert torch.equal(x1[:, 1:], y1[:, :-1])  # targets are the inputs shifted by one
@@ -342,23 +343,23 @@ def test_init_from_a_checkpoint_file_starts_a_new_run_from_its_weights(trained_r
 
 def test_a_new_run_refuses_an_out_dir_that_holds_a_run(trained_run, tiny_dataset):
     cfg = train.read_config([f"--out_dir={trained_run[0]}"])
-    with pytest.raises(train.TrainError, match=r"already holds checkpoints of a run: continue it with init_from=resume"):
-        train.prepare_out_dir(cfg, tiny_dataset, {"file": None}, resuming=False)
+    with pytest.raises(checkpoint.CheckpointError, match=r"already holds checkpoints of a run: continue it with init_from=resume"):
+        checkpoint.prepare_out_dir(Path(cfg.out_dir), tiny_dataset, {"file": None}, resuming=False)
 
 
 def test_resuming_with_another_architecture_names_the_field_and_both_values(trained_run, tiny_dataset):
-    checkpoint = torch.load(trained_run[0] / "ckpt.pt", weights_only=True)
-    other = GPTConfig(**{**checkpoint["model_config"], "n_layer": 3})
-    with pytest.raises(train.TrainError, match=r"has n_layer=2 but the config says n_layer=3"):
-        train.check_checkpoint_fits(checkpoint, "ckpt.pt", other, checkpoint["tokenizer"], tiny_dataset)
-    trained = checkpoint["model_config"]["block"]
+    saved = torch.load(trained_run[0] / "ckpt.pt", weights_only=True)
+    other = GPTConfig(**{**saved["model_config"], "n_layer": 3})
+    with pytest.raises(checkpoint.CheckpointError, match=r"has n_layer=2 but the config says n_layer=3"):
+        checkpoint.check_checkpoint_fits(saved, "ckpt.pt", other, saved["tokenizer"], tiny_dataset)
+    trained = saved["model_config"]["block"]
     other = {"gpt2": "modern", "modern": "gpt2"}[trained]
-    with pytest.raises(train.TrainError, match=rf"has block='{trained}' but the config says block='{other}'"):
-        train.check_checkpoint_fits(checkpoint, "ckpt.pt", GPTConfig(**{**checkpoint["model_config"], "block": other}),
-                                    checkpoint["tokenizer"], tiny_dataset)
-    tokenizer = {**checkpoint["tokenizer"], "kind": "gpt2", "vocab_size": 50257}
-    with pytest.raises(train.TrainError, match=r"different tokenizer .* kind is 'bpe' there and 'gpt2' here"):
-        train.check_checkpoint_fits(checkpoint, "ckpt.pt", GPTConfig(**checkpoint["model_config"]), tokenizer, tiny_dataset)
+    with pytest.raises(checkpoint.CheckpointError, match=rf"has block='{trained}' but the config says block='{other}'"):
+        checkpoint.check_checkpoint_fits(saved, "ckpt.pt", GPTConfig(**{**saved["model_config"], "block": other}),
+                                    saved["tokenizer"], tiny_dataset)
+    tokenizer = {**saved["tokenizer"], "kind": "gpt2", "vocab_size": 50257}
+    with pytest.raises(checkpoint.CheckpointError, match=r"different tokenizer .* kind is 'bpe' there and 'gpt2' here"):
+        checkpoint.check_checkpoint_fits(saved, "ckpt.pt", GPTConfig(**saved["model_config"]), tokenizer, tiny_dataset)
 
 
 def test_resuming_with_another_optimizer_is_refused_in_one_line_naming_both(trained_run, tiny_dataset, tmp_path,
@@ -378,7 +379,7 @@ def test_resuming_with_another_optimizer_is_refused_in_one_line_naming_both(trai
 def test_wsd_holds_the_peak_until_the_last_cooldown_fraction_then_decays_linearly_to_min_lr():
     cfg = train.read_config(["--lr_schedule=wsd", "--max_iters=100", "--warmup_iters=10", "--cooldown_fraction=0.4",
                              "--learning_rate=1e-3", "--min_lr=1e-4"])
-    rates = [train.learning_rate_at(iteration, cfg) for iteration in range(101)]
+    rates = [optimizers.learning_rate_at(iteration, cfg) for iteration in range(101)]
     assert all(earlier < later < 1e-3 for earlier, later in zip(rates[:9], rates[1:10]))  # warmup
     assert rates[10:61] == [1e-3] * 51  # held until the last 40% of 100 iterations
     assert rates[80] == pytest.approx((1e-3 + 1e-4) / 2)  # halfway down, linearly
@@ -400,7 +401,7 @@ def test_each_parameter_group_follows_the_schedule_from_its_own_peak(train_here,
         patch.setattr(train, "optimizer_step", recording_optimizer_step)
         assert train_here(*flags).returncode == 0
     cfg = train.read_config([*TINY_MODEL, *flags])
-    factors = [train.learning_rate_at(iteration, cfg) / cfg.learning_rate for iteration in range(5)]
+    factors = [optimizers.learning_rate_at(iteration, cfg) / cfg.learning_rate for iteration in range(5)]
     assert len(set(factors)) == 4  # two warmup steps, the peak, the cooldown
     for groups, factor in zip(rates, factors, strict=True):
         # Muon's hidden matrices, then AdamW's head, vectors (none in the modern block) and token embedding
@@ -409,7 +410,7 @@ def test_each_parameter_group_follows_the_schedule_from_its_own_peak(train_here,
                                                              rel=1e-12)
     # Muon's momentum warms up from 0.85 by 0.1 / 300 an iteration
     assert momenta == pytest.approx([0.85 + 0.1 * iteration / 300 for iteration in range(5)], rel=1e-12)
-    assert train.muon_momentum_at(300) == train.muon_momentum_at(10_000) == 0.95
+    assert optimizers.muon_momentum_at(300) == optimizers.muon_momentum_at(10_000) == 0.95
 
 
 def test_a_modern_run_saved_before_embedding_lr_resumes_with_its_embedding_at_learning_rate(
@@ -622,13 +623,15 @@ def test_on_cpu_a_freed_large_tensor_comes_back_without_the_kernel_faulting_its_
     # Each step's logits are tens of MiB; glibc would unmap them when freed and the kernel
     # fault in and zero every page of the next step's. Counted in page faults, not time.
     code = textwrap.dedent("""
-        import resource, torch, train
+        import resource, torch
+        import train  # as train.py runs it: after its imports, whose allocations shape the heap
+        from owngpt.runtime import keep_freed_memory
         def faults_of_one_128_mib_tensor():
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             torch.ones(4096, 8192)
             return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
         default = [faults_of_one_128_mib_tensor() for _ in range(4)]
-        assert train.keep_freed_memory()
+        assert keep_freed_memory()
         kept = [faults_of_one_128_mib_tensor() for _ in range(8)]  # the heap grows in the first few
         print(*default[-2:], *kept[-4:])
     """)

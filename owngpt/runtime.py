@@ -1,0 +1,208 @@
+"""Where a run computes: the device and dtype, the process group under torchrun, the signals
+that stop a run, and the way a process leaves.
+
+    runtime = setup_runtime(cfg)         # rank, world_size, is_main, device, dtype, autocast
+    stop = install_stop_handlers(runtime)  # a threading.Event set by SIGTERM or Ctrl-C
+    ...
+    leave(None)                          # exit 0 (or leave("error: ...") to exit 1)
+
+Nothing here knows the model or the files: train.py and sample.py call it.
+"""
+import ctypes
+import os
+import re
+import signal
+import sys
+import threading
+from contextlib import nullcontext
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+
+from owngpt.flags import UserError
+
+
+class RuntimeSetupError(UserError):
+    """Processes or devices that cannot run the config as given: one line, no traceback."""
+
+
+# ----------------------------------------------------------------------------- devices
+def available_devices() -> list[str]:
+    """The torch devices this machine has: cpu, cuda and cuda:0, cuda:1... per GPU, mps."""
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += ["cuda", *(f"cuda:{index}" for index in range(torch.cuda.device_count()))]
+    if torch.backends.mps.is_available():
+        devices.append("mps")
+    return devices
+
+
+def pick_device(requested: str) -> str:
+    """The device to run on: auto takes cuda, then mps, then cpu; any other must be one of
+    available_devices(), else ValueError naming those."""
+    devices = available_devices()
+    if requested == "auto":
+        return next(device for device in ("cuda", "mps", "cpu") if device in devices)
+    if requested not in devices:
+        raise ValueError(f"device {requested!r} is not on this machine, which has: auto, {', '.join(devices)}")
+    return requested
+
+
+def pick_dtype(requested, device):
+    """bfloat16 on GPUs that compute in it (compute capability 8.0+), float16 with a loss
+    scaler on older ones, float32 elsewhere unless asked."""
+    if requested == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+    return getattr(torch, requested)
+
+
+def setup_runtime(cfg):
+    """Rank, world size, device, dtype, autocast context and the GPU's peak FLOP/s (for MFU);
+    joins the process group under torchrun."""
+    rank, local_rank, world_size = (int(os.environ.get(name, default)) for name, default in
+                                    (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    device = torch.device(pick_device(cfg.device))
+    if device.type == "cuda":
+        if world_size > 1:
+            device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls: ~8x faster than fp32, loss unchanged
+    elif device.type == "cpu":
+        keep_freed_memory()
+    if cfg.gradient_accumulation_steps % world_size:
+        raise RuntimeSetupError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} does not divide by "
+                                f"the {world_size} processes: use a multiple of {world_size} so the global batch "
+                                "stays the same")
+    if world_size > 1:
+        join_process_group("nccl" if device.type == "cuda" else "gloo", rank, world_size)
+    amp_dtype = pick_dtype(cfg.dtype, device)
+    autocast = (nullcontext() if amp_dtype == torch.float32
+                else torch.autocast(device_type=device.type, dtype=amp_dtype))
+    return SimpleNamespace(rank=rank, world_size=world_size, is_main=rank == 0, device=device,
+                           dtype=amp_dtype, autocast=autocast, peak_flops=peak_flops(device))
+
+
+def keep_freed_memory():
+    """Make glibc's malloc keep the memory a step frees for the next step (Linux only).
+
+    By default glibc gives each large allocation (over 32 MiB at most, often far less) its
+    own mmap and returns it to the kernel when freed, so every step's logits (batch x block x
+    vocab floats), their gradient and the softmax come back as fresh pages that the kernel
+    must fault in and zero, page by page. PyTorch's CPU allocator keeps no cache of its own
+    (its performance tuning guide suggests jemalloc or tcmalloc for that reason). Taking every
+    allocation from the heap (M_MMAP_MAX 0) and never shrinking it (M_TRIM_THRESHOLD 1 GiB)
+    reuses the same pages instead, for a larger peak RSS (RESULTS.md: the CPU allocator).
+    See mallopt(3). Returns whether it applied."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # absent from musl, where this stays a no-op
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from glibc's malloc.h
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+
+def peak_flops(device) -> float | None:
+    """Peak dense bf16 tensor FLOP/s of the GPU behind `device` (for MFU), from the vendors'
+    datasheets; None for CPU, MPS and any card not in the table: no MFU beats a guessed one."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return peak_flops_of_card(torch.cuda.get_device_name(device))
+
+
+def peak_flops_of_card(name: str) -> float | None:
+    """Look a card's name (as torch.cuda.get_device_name spells it) up in PEAK_BF16_FLOPS."""
+    for pattern, flops in PEAK_BF16_FLOPS:
+        if re.search(pattern, name):
+            return flops
+    return None
+
+
+# (regex searched in torch.cuda.get_device_name, dense bf16 FLOP/s with fp32 accumulation,
+# i.e. the datasheets' figures without 2:4 sparsity). Anchored with $ where a longer name
+# is another card (A10 / A100, L4 / L40S, RTX 4090 / RTX 4090 D).
+PEAK_BF16_FLOPS = [
+    (r"A100", 312e12),  # SXM and PCIe alike
+    (r"H100 PCIe", 756e12),
+    (r"H100( 80GB HBM3| SXM|$)", 989e12),  # SXM; the NVL card is not in the table
+    (r"H200$", 989e12),  # SXM
+    (r"A10$", 125e12),
+    (r"L4$", 121e12),
+    (r"RTX 4090$", 165.2e12),  # GeForce: fp32 accumulation runs at half the fp16-accumulate rate
+    (r"RTX 3090$", 71e12),
+]
+
+
+# ----------------------------------------------------------------------------- processes
+def join_process_group(backend, rank, world_size):
+    """dist.init_process_group, with each torchrun attempt's keys kept apart.
+
+    torchrun --max-restarts=N starts every process again when one fails, but its agent keeps
+    one key-value store for all attempts: a restarted process can read the addresses the
+    failed attempt left there, and then fails or hangs connecting to processes that are gone
+    (pytorch issue 135712). The keys of restart N get the prefix attempt_N."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":  # no agent store: the usual MASTER_ADDR/PORT
+        dist.init_process_group(backend=backend)
+        return
+    agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend=backend, store=dist.PrefixStore(f"attempt_{attempt}", agent_store),
+                            rank=rank, world_size=world_size)
+
+
+def restart_count():
+    """How often torchrun --max-restarts=N has started this group again (0 at first)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+def gather_from_ranks(value, runtime):
+    """A list with every rank's value (a collective: every rank calls it)."""
+    if runtime.world_size == 1:
+        return [value]
+    values = [None] * runtime.world_size
+    dist.all_gather_object(values, value)
+    return values
+
+
+def from_rank_0(value, runtime):
+    """Rank 0's value, on every rank (a collective: every rank calls it)."""
+    if runtime.world_size == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def install_stop_handlers(runtime):
+    """SIGTERM (preemption, `kill`, torchrun's forwarding) and SIGINT (Ctrl-C) ask the loop
+    to finish its step, save and exit 0. SIGKILL cannot be caught: checkpoints cover that."""
+    stop = threading.Event()
+
+    def request_stop(signum, frame):
+        if runtime.is_main and not stop.is_set():
+            print(f"\n{signal.Signals(signum).name}: finishing this iteration, then saving", flush=True)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    return stop
+
+
+def leave(message):
+    """Exit with message (status 1) or without (0). In a group: destroy it, flush, os._exit:
+    when Python tore itself down as usual, gloo aborted now and then ('terminate called
+    without an active exception'; RESULTS.md: leaving a process group)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+        if message:
+            print(message, file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1 if message else 0)
+    if message:
+        sys.exit(message)
