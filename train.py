@@ -10,11 +10,9 @@ flags override them, every key and value checked before any work starts (`--help
 
 train() is the loop: each iteration sets the learning rates, accumulates the gradients of
 gradient_accumulation_steps micro-batches (forward_backward), clips and steps
-(optimizer_step), logs, and every eval_interval iterations evaluates and saves a checkpoint.
-build_run makes what it needs: data, model, optimizer, and on resume the checkpoint's state.
-Into out_dir go the checkpoints (ckpt.pt the newest, best.pt the lowest val loss; see
-owngpt/checkpoint.py), metrics.jsonl, curves.svg and a trained BPE's tokenizer file, so that
-sample.py needs only this folder.
+(optimizer_step), logs, and every eval_interval iterations evaluates and saves a checkpoint
+(ckpt.pt the newest, best.pt the lowest val loss: owngpt/checkpoint.py). build_run makes what
+it needs: data, model, optimizer, and on resume the checkpoint's state.
 
 SIGTERM or Ctrl-C finishes the step, saves and exits 0; `--init_from=resume` continues the
 run exactly: same batches, dropout masks and losses (bit for bit on CPU; on GPUs some kernels
@@ -249,7 +247,7 @@ def batch(windows, window_ids, device):
 def train(run):
     """The loop: step, log, evaluate and checkpoint; stop on request or on repeated bad steps."""
     cfg, data = run.cfg, run.data
-    print_plan(run)
+    run.log.plan(run.raw_model, cfg, run.runtime, run.tokens_per_iter)
     if run.iter_num == 0:
         run_evaluation(run)  # the starting point of the curves
     train_windows = data.windows["train"]
@@ -266,9 +264,11 @@ def train(run):
         loss, grad_norm, skipped, stop = optimizer_step(run, loss, run.stop.is_set())
         run.iter_num += 1
         run.timer.add(time.perf_counter() - started)
-        fitted = run.budget.fit(run.iter_num, cfg.eval_interval)
+        fitted = run.budget.fit(run.iter_num, cfg.eval_interval, run.runtime)  # max_time: rank 0's figure
         if fitted:
-            fit_max_iters_to_time(run, *fitted)
+            cfg.max_iters = min(cfg.max_iters, fitted)
+            run.log.print(f"max_time={cfg.max_time:g}s: {run.budget.seconds_per_iter * 1000:.0f} ms/iter and "
+                          f"{run.budget.eval_seconds:.1f}s per evaluation fit max_iters={cfg.max_iters}")
         bad_in_a_row = bad_in_a_row + 1 if skipped else 0
         skipped_total += skipped
         if skipped or stop or run.iter_num % cfg.log_interval == 0:
@@ -333,16 +333,6 @@ def optimizer_step(run, loss, stop_requested):
         run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
     return loss_sum / run.runtime.world_size, grad_norm.item(), skipped, stop_count > 0
-
-
-def fit_max_iters_to_time(run, fitted, seconds_per_iter):
-    """max_time: rank 0's fitted max_iters for every process (owngpt/budget.py), or max_iters if fewer."""
-    fitted = torch.tensor(fitted)
-    if run.runtime.world_size > 1:
-        dist.broadcast(fitted, src=0)
-    run.cfg.max_iters = min(run.cfg.max_iters, int(fitted))
-    run.log.print(f"max_time={run.cfg.max_time:g}s: {seconds_per_iter * 1000:.0f} ms/iter and "
-                  f"{run.budget.eval_seconds:.1f}s per evaluation fit max_iters={run.cfg.max_iters}")
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -413,19 +403,6 @@ def save_checkpoint(run, is_best):
         raise TrainError(f"saving iteration {run.iter_num} into {run.cfg.out_dir} failed: {error.strerror or error}. "
                          f"The checkpoints recorded in {MANIFEST_FILE} are intact: make room, then continue "
                          "with --init_from=resume") from None
-
-
-def print_plan(run):
-    """The cost of the run before it starts: parameters, tokens, FLOPs."""
-    cfg, params = run.cfg, run.raw_model.num_params()
-    total_tokens = run.tokens_per_iter * cfg.max_iters
-    run.log.print(
-        f"plan: {params / 1e6:.2f}M parameters | {run.tokens_per_iter:,} tokens/iter ({cfg.batch_size} x "
-        f"{cfg.block_size} tokens x {cfg.gradient_accumulation_steps} micro-steps, over {run.runtime.world_size} "
-        f"process{'es' if run.runtime.world_size > 1 else ''})\n"
-        f"      {cfg.max_iters:,} iterations = {total_tokens / 1e6:,.1f}M tokens = {total_tokens / params:.1f} tokens "
-        f"per parameter (Chinchilla-optimal: ~20) | {run.raw_model.flops_per_token() * total_tokens:.2e} FLOPs\n"
-        f"      device {run.runtime.device}, {str(run.runtime.dtype).removeprefix('torch.')}, compile={cfg.compile}")
 
 
 def log_step(run, loss, grad_norm, skipped, lr):

@@ -3,7 +3,7 @@
     budget = TimeBudget(max_time=270.0)        # the clock starts now
     budget.resumed(elapsed_before=120.5)       # a resumed run counts the time already spent
     budget.start_loop(iter_num)                # just before the first iteration
-    fitted = budget.fit(iter_num, eval_interval)   # after each iteration: a max_iters, or None
+    fitted = budget.fit(iter_num, eval_interval, runtime)   # after each iteration: a max_iters, or None
 
 max_time is met by fitting max_iters to the speed of the first iterations: iterations 6..30 are
 timed (the first ones grow the heap and warm caches up, and 25 average out a machine that is
@@ -12,6 +12,9 @@ the evaluations they bring, become max_iters. The fitted value is kept in the ru
 so checkpoints carry it and a resumed run ends where this one would have.
 """
 import time
+
+import torch
+import torch.distributed as dist
 
 TIMED_ITERATIONS = (5, 30)  # the iterations after the 5th up to the 30th are timed
 
@@ -23,6 +26,7 @@ class TimeBudget:
         self.elapsed_before = 0.0  # seconds spent by the runs this one resumes
         self.eval_seconds = 0.0  # the last evaluation's duration, sample included: for the ETA and the fit
         self.timed_from, self.timing_started = TIMED_ITERATIONS[0], None
+        self.seconds_per_iter = None  # measured over the timed iterations
 
     def resumed(self, elapsed_before):
         self.elapsed_before = elapsed_before
@@ -35,18 +39,21 @@ class TimeBudget:
         """A run resumed among the timed iterations times the ones it has left."""
         self.timed_from, self.timing_started = max(TIMED_ITERATIONS[0], iter_num), time.perf_counter()
 
-    def fit(self, iter_num, eval_interval):
-        """After iteration iter_num: at the end of the timed iterations, (the iterations that fit
-        in max_time, seconds per iteration); else None."""
+    def fit(self, iter_num, eval_interval, runtime):
+        """After iteration iter_num: at the end of the timed iterations, the iterations that fit
+        in max_time, rank 0's figure on every process (a collective then); else None."""
         if not self.max_time:
             return None
         if iter_num == self.timed_from:
             self.timing_started = time.perf_counter()
         if iter_num != TIMED_ITERATIONS[1]:
             return None
-        seconds_per_iter = (time.perf_counter() - self.timing_started) / (TIMED_ITERATIONS[1] - self.timed_from)
-        per_iter = seconds_per_iter + self.eval_seconds / eval_interval
-        return iter_num + max(1, int((self.max_time - self.elapsed()) / per_iter)), seconds_per_iter
+        self.seconds_per_iter = (time.perf_counter() - self.timing_started) / (TIMED_ITERATIONS[1] - self.timed_from)
+        per_iter = self.seconds_per_iter + self.eval_seconds / eval_interval
+        fitted = torch.tensor(iter_num + max(1, int((self.max_time - self.elapsed()) / per_iter)))
+        if runtime.world_size > 1:
+            dist.broadcast(fitted, src=0)
+        return int(fitted)
 
     def eta(self, iters_left, evals_left, ms_per_iter):
         """Seconds the rest of the run will take at this speed."""

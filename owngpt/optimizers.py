@@ -37,8 +37,8 @@ def orthogonalise(update, steps=5):
     x = x / (x.norm() + 1e-7)  # singular values <= 1, where the iteration converges
     for _ in range(steps):
         gram = x @ x.T
-        # x <- a x + (b gram + c gram^2) x, each multiply-add one addmm: 20% faster on a CPU than
-        # the same sum in separate products and additions (the quick start's 16 matrices)
+        # x <- a x + (b gram + c gram^2) x, each multiply-add one addmm: fewer passes over memory
+        # than the same sum in separate products and additions (RESULTS.md: Newton-Schulz as addmm)
         x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     return (x.T if tall else x).to(update.dtype)
 
@@ -102,7 +102,7 @@ def build_optimizer(model, kind, learning_rate, muon_lr, weight_decay, betas, de
     With embedding_lr, an untied token embedding (the modern block's) gets AdamW at that
     rate and no decay (a norm follows it, so its scale is free): it starts at unit scale,
     where learning_rate's steps would barely move it. nanochat gives it 0.2 at width 768
-    and modded-nanogpt 0.6; 0.3 measured best here (README: Results). The value
+    and modded-nanogpt 0.6; 0.3 measured best here (RESULTS.md: embedding_lr). The value
     embeddings, tables like it, go with it."""
     hidden, matrices, vectors = model.parameter_groups(hidden_matrices_apart=kind == "muon")
     embedding = model.transformer.wte.weight
@@ -113,8 +113,8 @@ def build_optimizer(model, kind, learning_rate, muon_lr, weight_decay, betas, de
               {"params": vectors, "weight_decay": 0.0, "lr_key": "learning_rate"}]
     if tables:
         groups.append({"params": tables, "weight_decay": 0.0, "lr": embedding_lr, "lr_key": "embedding_lr"})
-    # The fused kernel updates all tensors in one pass instead of one small op at a time:
-    # on CUDA that is one launch; on CPU it took a quarter of the default's time (2 cores).
+    # The fused kernel updates all tensors in one pass instead of one small op at a time: on
+    # CUDA that is one launch, and on CPU it is faster too (RESULTS.md: fused AdamW).
     adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
     if kind == "adamw":
         return adamw

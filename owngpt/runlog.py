@@ -77,6 +77,17 @@ class RunLog:
         if self.wandb:
             self.wandb.log(record, step=record["iter"])
 
+    def plan(self, model, cfg, runtime, tokens_per_iter):
+        """The cost of the run before it starts: parameters, tokens, FLOPs."""
+        params, total_tokens = model.num_params(), tokens_per_iter * cfg.max_iters
+        self.print(
+            f"plan: {params / 1e6:.2f}M parameters | {tokens_per_iter:,} tokens/iter ({cfg.batch_size} x "
+            f"{cfg.block_size} tokens x {cfg.gradient_accumulation_steps} micro-steps, over {runtime.world_size} "
+            f"process{'es' if runtime.world_size > 1 else ''})\n"
+            f"      {cfg.max_iters:,} iterations = {total_tokens / 1e6:,.1f}M tokens = {total_tokens / params:.1f} "
+            f"tokens per parameter (Chinchilla-optimal: ~20) | {model.flops_per_token() * total_tokens:.2e} FLOPs\n"
+            f"      device {runtime.device}, {str(runtime.dtype).removeprefix('torch.')}, compile={cfg.compile}")
+
     def sample(self, model, encoding, seed, device, iteration, elapsed):
         """Print and record a sample (draw_sample), so the text can be seen going from noise to
         structure; returns the seconds it took. Rank 0 alone calls it: generation is local (no

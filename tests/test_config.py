@@ -1,6 +1,7 @@
 """train.py's and sample.py's settings: every key with a value that can be wrong is checked
 before any work starts, and a wrong one stops the script with one line naming the key; a
 broken config file is named by file and line; a device the machine lacks says which it has."""
+import dataclasses
 import math
 import re
 import subprocess
@@ -106,3 +107,9 @@ def test_a_broken_config_file_is_named_with_its_line_and_no_traceback(text, mess
     assert finished.returncode == 1
     assert "Traceback" not in finished.stderr
     assert re.fullmatch("error: " + message.format(path=re.escape(str(path))) + "\n", finished.stderr), finished.stderr
+
+
+def test_every_model_setting_is_a_train_py_key_with_the_same_default():
+    from model import GPTConfig
+    fields = {field.name: field.default for field in dataclasses.fields(GPTConfig) if field.name != "vocab_size"}
+    assert {key: train.DEFAULTS[key] for key in fields} == fields
