@@ -123,12 +123,7 @@ def export(settings):
 
 
 def main(argv):
-    try:
-        export(flags.parse(argv, DEFAULTS, HELP, CHECKS, program="export.py"))
-    except flags.UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    return flags.run_script(export, argv, DEFAULTS, HELP, CHECKS, program="export.py")
 
 
 if __name__ == "__main__":

@@ -146,13 +146,7 @@ def sample(settings):
 
 
 def main(argv):
-    try:
-        settings = flags.parse(argv, DEFAULTS, HELP, CHECKS, program="sample.py")
-        sample(settings)
-    except flags.UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    return flags.run_script(sample, argv, DEFAULTS, HELP, CHECKS, program="sample.py")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import builtins
 import difflib
 import math
 import re
+import sys
 import traceback
 from pathlib import Path
 from types import ModuleType
@@ -179,6 +180,17 @@ def parse(argv, defaults, helps, checks, *, program, config_files=False, relatio
         if problem:
             raise UserError(problem)
     return settings
+
+
+def run_script(work, argv, defaults, helps, checks, *, program):
+    """A script's main: work(the settings parse reads from argv). A UserError is printed as one
+    line on stderr and gives exit status 1; else 0."""
+    try:
+        work(parse(argv, defaults, helps, checks, program=program))
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def help_text(program, defaults, helps, config_files):
