@@ -92,16 +92,23 @@ def bench_webfilters(settings):
 
 # ----------------------------------------------------------------------------- training recipes
 
-# The recipes, as train.py flags over the shape's config file. Each learning rate was tuned on
-# this machine at the quick start's shape (README: Results): gpt2 is GPT-2's 2019 recipe,
-# modern the winning one, and the others take one piece away from it (the ablation).
+# The recipes, as train.py flags over the shape's config file. Each block trains at the rates
+# tuned for it at the quick start's shape, read from the config files that hold them: the
+# modern block's from config/train_demo.py, GPT-2's from config/train_demo_gpt2.py (which runs
+# after it). gpt2 is GPT-2's 2019 recipe, modern the winning one, and the others take one piece
+# away from it (RESULTS.md: What each piece bought at 90 s).
+CONFIG = Path(__file__).resolve().parent / "config"
+DEMO = flags.config_file_values(CONFIG / "train_demo.py")
+RATES = {"modern": DEMO, "gpt2": {**DEMO, **flags.config_file_values(CONFIG / "train_demo_gpt2.py")}}
+
+
 def recipe(block="modern", optimizer="muon", lr_schedule="wsd", value_embeddings=None):
     """train.py flags for a recipe: each block at the rates tuned for it; value embeddings
     with the modern block unless said otherwise."""
     value_embeddings = block == "modern" if value_embeddings is None else value_embeddings
-    rates = ["--learning_rate=1.2e-2", "--min_lr=1.2e-3"] if block == "modern" else ["--learning_rate=3e-3", "--min_lr=3e-4"]
+    rates = ["learning_rate", "min_lr", *(["muon_lr"] if optimizer == "muon" else [])]
     return [f"--block={block}", f"--value_embeddings={str(value_embeddings).lower()}", f"--optimizer={optimizer}",
-            f"--lr_schedule={lr_schedule}", *rates, *(["--muon_lr=0.02"] if optimizer == "muon" else [])]
+            f"--lr_schedule={lr_schedule}", *(f"--{key}={RATES[block][key]}" for key in rates)]
 
 
 RECIPES = {

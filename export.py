@@ -6,7 +6,7 @@
 dest gets what AutoModelForCausalLM.from_pretrained and AutoTokenizer.from_pretrained read,
 without trust_remote_code: config.json (GPT2LMHeadModel), model.safetensors,
 generation_config.json, tokenizer.json and tokenizer_config.json (our tokenizer as a fast
-tokenizer) and README.md, a model card with what the checkpoint records. hf.py writes them.
+tokenizer) and README.md, a model card with what the checkpoint records. owngpt/hf.py writes them.
 Only the gpt2 block has a transformers architecture that computes exactly what ours does;
 a modern-block model is refused rather than exported as something that computes otherwise.
 Flags are --key=value, checked like sample.py's; `python export.py --help` lists them.

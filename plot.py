@@ -4,7 +4,7 @@
     python plot.py --runs=out/gpt2,out/modern --out=cmp.svg  # several runs, labelled by folder name
 
 Each run is an out folder that train.py wrote (its metrics.jsonl). The picture is an SVG
-(curves.py draws it, no dependency) that any browser opens: loss against tokens seen, the
+(owngpt/curves.py draws it, no dependency) that any browser opens: loss against tokens seen, the
 val loss thick with its best point ringed, the learning rate below.
 """
 import sys

@@ -15,22 +15,22 @@ The flow, one stage after another:
   shards    documents tokenized on all cores, written as llm.c-style .bin shards
   manifest  meta.json (read by train.py) and report.md (read by people)
 
-Web text (Common Crawl, and any WET file) gets the web filters of filters.py:
+Web text (Common Crawl, and any WET file) gets the web filters of owngpt/web/filters.py:
 language, Gopher quality and repetition, C4 line cleanup, FineWeb's rules, exact and
 MinHash near-duplicate removal, email/IP masking; each rule's switch and threshold is a
 flag. Other text gets only what suits any text: empty documents and exact copies go.
 
 The dataset is built in data/.<name>.partial/ and renamed into place when complete, so
 data/<name>/ is always the previous dataset or the new one. The filter stage keeps its
-documents there part by part (filtered.py: one part per Common Crawl WET file). When a
+documents there part by part (owngpt/filtered.py: one part per Common Crawl WET file). When a
 Common Crawl run fails (a server that keeps failing, Ctrl-C, a crash), the same command
 goes on with the next WET file, after replaying the kept documents into the
 deduplicator, so the shards come out byte for byte as an uninterrupted run writes them.
 Local sources are cheap to read again: their runs always start over.
 
-Library modules do the rest: dataset.py (shards, meta.json, report.md, atomic writes),
-tokenizer.py (the BPE), crawl.py (downloads, Common Crawl, WET records), filters.py,
-filtered.py, workers.py (all cores, a status line) and flags.py (--key=value).
+The library in owngpt/ does the rest: dataset.py (shards, meta.json, report.md, atomic
+writes), tokenizer.py (the BPE), web/crawl.py (downloads, Common Crawl, WET records),
+web/filters.py, filtered.py, workers.py (all cores, a status line) and flags.py (--key=value).
 """
 import dataclasses
 import glob
@@ -170,7 +170,7 @@ RELATIONS = (
     f"1 only go with --val_input)" if s["val_fraction"] in (0, 1) and not s["val_input"] else None,
 )
 
-FILTERED = "filtered"  # the build folder's kept documents (filtered.py)
+FILTERED = "filtered"  # the build folder's kept documents (owngpt/filtered.py)
 TOP_DOMAINS = 20  # domains listed in meta.json and report.md
 
 
@@ -509,7 +509,7 @@ def check_kept(tally):
 
 
 # ----------------------------------------------------------------------------------------
-# Tokenizer: trained on the train documents (tokenizer.py holds the BPE itself)
+# Tokenizer: trained on the train documents (owngpt/tokenizer.py holds the BPE itself)
 
 def training_texts(filtered, budget, progress):
     """The kept train documents' texts, up to budget characters in all."""
@@ -699,7 +699,7 @@ def throughput(this_run, kept_bytes, splits, timings):
 # Command line and the whole run
 
 def read_settings(argv):
-    """The run's settings from its --key=value flags (flags.py), every value checked; the
+    """The run's settings from its --key=value flags (owngpt/flags.py), every value checked; the
     web filter flags become settings["web_filters"], a filters.WebFilterSettings."""
     values = flags.parse(argv, DEFAULTS, HELP, CHECKS, program="prepare.py", relations=RELATIONS)
     settings = {name: values[name] for name in FLAGS}

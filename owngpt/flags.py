@@ -117,9 +117,22 @@ def typed_value(key, value, default, source):
 def run_config_file(path, settings):
     """Run a config file with the current settings in scope; return the keys it assigned.
     A file that is missing or fails to run is reported as file:line and the error."""
+    assigned = {}
+    for key, value in config_file_values(path, settings).items():
+        if key not in settings:
+            raise UserError(f"{path}: unknown key {key!r}{closest(key, settings)}")
+        if value is not settings[key]:
+            assigned[key] = typed_value(key, value, settings[key], path)
+    return assigned
+
+
+def config_file_values(path, settings=None):
+    """Every name a config file leaves set, run with settings in scope (none by default: how
+    bench.py reads the rates of its recipes from config/ without train.py's defaults), less
+    __builtins__, imported modules and helper functions."""
     if not Path(path).is_file():
         raise UserError(f"config file {path!r} not found (flags are written --key=value)")
-    namespace = dict(settings)
+    namespace = dict(settings or {})
     try:
         # builtins.compile: train.py has a key named `compile`
         exec(builtins.compile(Path(path).read_text(), path, "exec"), namespace)
@@ -129,15 +142,8 @@ def run_config_file(path, settings):
         frames = [frame for frame in traceback.extract_tb(error.__traceback__) if frame.filename == path]
         line = frames[-1].lineno if frames else "?"
         raise UserError(f"{path}:{line}: {type(error).__name__}: {error}") from None
-    assigned = {}
-    for key, value in namespace.items():
-        if key.startswith("_") or isinstance(value, ModuleType) or callable(value):
-            continue  # __builtins__, imported modules, helper functions
-        if key not in settings:
-            raise UserError(f"{path}: unknown key {key!r}{closest(key, settings)}")
-        if value is not settings[key]:
-            assigned[key] = typed_value(key, value, settings[key], path)
-    return assigned
+    return {key: value for key, value in namespace.items()
+            if not (key.startswith("_") or isinstance(value, ModuleType) or callable(value))}
 
 
 def check_values(settings, checks, source):

@@ -555,7 +555,7 @@ def minhash(text, settings=DEFAULT_SETTINGS):
                                settings.minhash_seed)
     signature = np.full(len(a), np.iinfo(np.uint64).max, dtype=np.uint64)
     # 128 shingles at a time: the (128, 112) temporaries stay in cache and below the size
-    # where malloc maps fresh pages for each one (2-3x faster than all at once), and a
+    # where malloc maps fresh pages for each one (RESULTS.md: MinHash in chunks), and a
     # very long page needs no more memory than a short one.
     for start in range(0, len(shingles), 128):
         chunk = shingles[start:start + 128, None]
