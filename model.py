@@ -192,7 +192,8 @@ class MLP(nn.Module):
 
     def activation(self, x):
         # The exact GELU, x * Phi(x) (Hendrycks & Gimpel 2016). GPT-2 used its tanh
-        # approximation, which is within 5e-4 of it everywhere but about 3x slower on CPU.
+        # approximation, which is within 5e-4 of it everywhere but slower on a CPU
+        # (RESULTS.md: exact GELU).
         return F.gelu(x)
 
     def forward(self, x):

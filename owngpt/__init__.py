@@ -8,7 +8,10 @@ beside them: it is the one file every reader opens.
     filtered     the documents a prepare.py run kept, stored part by part
     workers      a stage of prepare.py on all cores, results in input order
     web/         web text: downloads and Common Crawl's WET files (crawl), the filters (filters)
-    checkpoint   the out folder's checkpoints: save, rotate, verify, load
+    runtime      devices, dtype, the DDP process group, stop signals, the GPU FLOPs table
+    budget       the run's clock and max_time
+    checkpoint   the out folder: save, rotate, verify, load; which checkpoint a run starts from,
+                 what it must agree on with the config, older checkpoints brought up to date
     optimizers   AdamW, or Muon with AdamW
     runlog       what a run records: log lines, metrics.jsonl, samples, curves.svg
     curves       learning curves as a self-contained SVG

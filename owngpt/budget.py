@@ -7,9 +7,9 @@
 
 max_time is met by fitting max_iters to the speed of the first iterations: iterations 6..30 are
 timed (the first ones grow the heap and warm caches up, and 25 average out a machine that is
-busy for a second: RESULTS.md, max_time), then the iterations that fit in the time left, with
-the evaluations they bring, become max_iters. The fitted value is kept in the run's config,
-so checkpoints carry it and a resumed run ends where this one would have.
+busy for a second: RESULTS.md, max_time's timed iterations), then the iterations that fit in
+the time left, with the evaluations they bring, become max_iters. The fitted value is kept in
+the run's config, so checkpoints carry it and a resumed run ends where this one would have.
 """
 import time
 

@@ -38,7 +38,7 @@ def orthogonalise(update, steps=5):
     for _ in range(steps):
         gram = x @ x.T
         # x <- a x + (b gram + c gram^2) x, each multiply-add one addmm: fewer passes over memory
-        # than the same sum in separate products and additions (RESULTS.md: Newton-Schulz as addmm)
+        # than the same sum in separate products and additions (RESULTS.md: fused Newton-Schulz)
         x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     return (x.T if tall else x).to(update.dtype)
 
@@ -114,7 +114,7 @@ def build_optimizer(model, kind, learning_rate, muon_lr, weight_decay, betas, de
     if tables:
         groups.append({"params": tables, "weight_decay": 0.0, "lr": embedding_lr, "lr_key": "embedding_lr"})
     # The fused kernel updates all tensors in one pass instead of one small op at a time: on
-    # CUDA that is one launch, and on CPU it is faster too (RESULTS.md: fused AdamW).
+    # CUDA that is one launch, and on CPU it is faster too (RESULTS.md: fused AdamW on CPU).
     adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
     if kind == "adamw":
         return adamw
@@ -137,7 +137,7 @@ def set_learning_rates(optimizer, iteration, cfg):
 def muon_momentum_at(iteration):
     """Muon's momentum: from 0.85 up to its usual 0.95 over the first 300 iterations
     (modded-nanogpt's warmup), while the first gradients still point in changing directions
-    (RESULTS.md: Muon's momentum warmup)."""
+    (RESULTS.md: Muon momentum warmup)."""
     return 0.95 - 0.10 * max(0.0, 1 - iteration / 300)
 
 

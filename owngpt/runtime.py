@@ -94,7 +94,7 @@ def keep_freed_memory():
     must fault in and zero, page by page. PyTorch's CPU allocator keeps no cache of its own
     (its performance tuning guide suggests jemalloc or tcmalloc for that reason). Taking every
     allocation from the heap (M_MMAP_MAX 0) and never shrinking it (M_TRIM_THRESHOLD 1 GiB)
-    reuses the same pages instead, for a larger peak RSS (RESULTS.md: the CPU allocator).
+    reuses the same pages instead, for a larger peak RSS (RESULTS.md: the allocator).
     See mallopt(3). Returns whether it applied."""
     if not sys.platform.startswith("linux"):
         return False
@@ -196,7 +196,7 @@ def install_stop_handlers(runtime):
 def leave(message):
     """Exit with message (status 1) or without (0). In a group: destroy it, flush, os._exit:
     when Python tore itself down as usual, gloo aborted now and then ('terminate called
-    without an active exception'; RESULTS.md: leaving a process group)."""
+    without an active exception'; RESULTS.md: gloo and os._exit)."""
     if dist.is_initialized():
         dist.destroy_process_group()
         if message:
