@@ -4,11 +4,12 @@
     python -c "from transformers import pipeline; print(pipeline('text-generation', 'hf/demo')('def f(x):'))"
 
 dest gets what AutoModelForCausalLM.from_pretrained and AutoTokenizer.from_pretrained read,
-without trust_remote_code: config.json (GPT2LMHeadModel), model.safetensors,
-generation_config.json, tokenizer.json and tokenizer_config.json (our tokenizer as a fast
-tokenizer) and README.md, a model card with what the checkpoint records. owngpt/hf.py writes them.
-Only the gpt2 block has a transformers architecture that computes exactly what ours does;
-a modern-block model is refused rather than exported as something that computes otherwise.
+without trust_remote_code: config.json (GPT2LMHeadModel for the gpt2 block, NanoChatForCausalLM
+for the modern one), model.safetensors, generation_config.json, tokenizer.json and
+tokenizer_config.json (our tokenizer as a fast tokenizer) and README.md, a model card with
+what the checkpoint records. owngpt/hf.py writes them. Each computes exactly what our model
+does; a model with value embeddings, which no transformers architecture has, is refused
+rather than exported as something that computes otherwise.
 Flags are --key=value, checked like sample.py's; `python export.py --help` lists them.
 """
 import json
@@ -20,7 +21,7 @@ from pathlib import Path
 from owngpt import flags
 from owngpt.checkpoint import load_checkpoint_file
 from owngpt.dataset import DatasetError, open_folder, read_meta
-from owngpt.hf import write_gpt2_folder
+from owngpt.hf import write_hf_folder
 from model import GPT, GPTConfig
 from owngpt.tokenizer import load_tokenizer
 
@@ -69,6 +70,13 @@ def dataset_summary(name):
             "- the dataset folder's report.md tells what each filter dropped and why"]
 
 
+ARCHITECTURES = {
+    "gpt2": "It is a GPT2LMHeadModel with the exact GELU (`activation_function: gelu`).",
+    "modern": "It is a NanoChatForCausalLM (transformers 5.0 or later): rotary positions, QK-norm, "
+              "ReLU^2 MLPs, RMSNorm without gains, an untied head, no logit softcap.",
+}
+
+
 def model_card(checkpoint, out_dir, path, dest):
     """README.md: what the model is, how to load it, and what its checkpoint records."""
     config, model_config = checkpoint.get("config", {}), checkpoint["model_config"]
@@ -83,7 +91,7 @@ def model_card(checkpoint, out_dir, path, dest):
     return "\n".join([
         f"# {Path(dest).name}", "",
         "A small GPT trained from scratch with owngpt (train.py) and exported by export.py from "
-        f"`{path}`. It is a GPT2LMHeadModel with the exact GELU (`activation_function: gelu`).", "",
+        f"`{path}`. {ARCHITECTURES[model_config['block']]}", "",
         "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
         f'model = AutoModelForCausalLM.from_pretrained("{dest}")',
         f'tokenizer = AutoTokenizer.from_pretrained("{dest}")',
@@ -116,7 +124,7 @@ def export(settings):
     if missing:
         raise ExportError(f"{path} lacks {', '.join(missing)}: not a checkpoint written by train.py")
     encoder = load_tokenizer(out_dir, checkpoint["tokenizer"])
-    written = write_gpt2_folder(dest, checkpoint, encoder, model_card(checkpoint, out_dir, path, dest))
+    written = write_hf_folder(dest, checkpoint, encoder, model_card(checkpoint, out_dir, path, dest))
     size = sum(file.stat().st_size for file in written)
     print(f"wrote {dest} ({len(written)} files, {size / 1e6:,.1f} MB) in {time.perf_counter() - started:.1f} s")
     return dest

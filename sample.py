@@ -21,7 +21,7 @@ import torch
 from owngpt import flags
 from owngpt.checkpoint import load_checkpoint_file
 from owngpt.dataset import EOT
-from owngpt.hf import HF_PREFIX, read_gpt2_folder, read_tokenizer_json
+from owngpt.hf import HF_PREFIX, read_hf_folder, read_tokenizer_json
 from owngpt.runtime import available_devices, pick_device
 from model import GPT, GPTConfig
 from owngpt.tokenizer import load_tokenizer
@@ -127,7 +127,7 @@ def sample(settings):
     prompt = read_prompt(settings["start"])
     if settings["out_dir"].startswith(HF_PREFIX):
         path = Path(settings["out_dir"].removeprefix(HF_PREFIX))
-        model, checkpoint = model_of(read_gpt2_folder(path), path, settings["device"])
+        model, checkpoint = model_of(read_hf_folder(path), path, settings["device"])
         tokenizer = read_tokenizer_json(path)
     else:
         path = Path(settings["out_dir"]) / CHECKPOINT_FILES[settings["ckpt"]]

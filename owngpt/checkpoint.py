@@ -37,7 +37,7 @@ import torch
 
 from owngpt.dataset import atomic_write
 from owngpt.flags import UserError
-from owngpt.hf import HF_PREFIX, read_gpt2_folder
+from owngpt.hf import HF_PREFIX, read_hf_folder
 from owngpt.runtime import from_rank_0, restart_count
 
 MANIFEST_FILE = "checkpoints.json"
@@ -279,7 +279,7 @@ def checkpoint_to_start(cfg, runtime):
         return None, None
     if cfg.init_from.startswith(HF_PREFIX):
         folder = cfg.init_from.removeprefix(HF_PREFIX)
-        return Path(folder), read_gpt2_folder(folder)
+        return Path(folder), read_hf_folder(folder)
     if cfg.init_from != "resume":
         return Path(cfg.init_from), load_checkpoint_file(cfg.init_from)
     path, checkpoint = newest_valid_checkpoint(Path(cfg.out_dir)) if runtime.is_main else (None, None)

@@ -1,10 +1,14 @@
-"""The Hugging Face format: a GPT-2 model folder that transformers loads, and back.
+"""The Hugging Face format: a model folder that transformers loads, and back.
 
     tensors = read_safetensors("hf/demo/model.safetensors")     # {name: tensor}
     write_safetensors(path, tensors, metadata={"format": "pt"})
-    checkpoint = read_gpt2_folder("downloads/gpt2")             # what train.py's init_from=hf: loads
-    write_gpt2_folder(Path("hf/demo"), checkpoint, encoder, model_card)  # what export.py writes
+    checkpoint = read_hf_folder("downloads/gpt2")               # what train.py's init_from=hf: loads
+    write_hf_folder(Path("hf/demo"), checkpoint, encoder, model_card)  # what export.py writes
     encoder = read_tokenizer_json("hf/demo")                    # a tiktoken.Encoding again
+
+Each of our blocks has a transformers architecture that computes exactly what it does:
+the gpt2 block is GPT2LMHeadModel, the modern block (without value embeddings, which no
+transformers architecture has) is NanoChatForCausalLM (transformers 5.0 and later).
 
 export.py writes, train.py (init_from=hf:PATH) and sample.py (--out_dir=hf:PATH) read, with
 no dependency beyond torch and tiktoken: the few formats involved are written out here.
@@ -15,6 +19,10 @@ no dependency beyond torch and tiktoken: the few formats involved are written ou
   layers, which store the weight as (in, out), the transpose of nn.Linear's (out, in). It
   always has biases (our bias=False exports zero ones: the same function), its vocabulary is
   not padded, and its head is the token embedding (tied), stored once.
+- NanoChat splits our c_attn into q/k/v_proj and names the rest o_proj, fc1, fc2,
+  embed_tokens; its rotary turns each pair of channels the other way (its rotate_half is
+  cat(x2, -x1)), so each head's query and key rows go with their halves swapped, which
+  leaves every attention score as it was.
 - tokenizer.json: the tokenizers library's byte-level BPE. tiktoken keeps only ranks (merge
   order); the merges are rebuilt from them, and token bytes are spelt with GPT-2's
   byte-to-character table.
@@ -110,11 +118,12 @@ def is_conv1d_weight(name):
 
 
 def unexportable(model_config):
-    """What about a model config GPT2LMHeadModel cannot compute exactly: [] when nothing."""
-    if model_config.get("block", "gpt2") == "gpt2":
-        return []
-    return ["block=modern (rotary positions, gain-free RMSNorm, QK-norm, ReLU^2 MLP, untied head: "
-            "no transformers architecture computes exactly this, and a near match would give other answers)"]
+    """What about a model config no transformers architecture computes exactly: [] when nothing."""
+    if model_config.get("value_embeddings"):
+        return ["value_embeddings=True (a table per layer added to the attention values): no transformers "
+                "architecture has them, and leaving them out would give other answers; train with "
+                "value_embeddings=False to export"]
+    return []
 
 
 def gpt2_to_hf(state_dict, model_config):
@@ -186,7 +195,7 @@ def model_config_from_hf(config, folder):
     kind, architectures = config.get("model_type"), config.get("architectures") or ["GPT2LMHeadModel"]
     if kind != "gpt2" or "GPT2LMHeadModel" not in architectures:
         raise HFError(f"{folder} holds a {kind} model ({', '.join(map(str, architectures))}), but init_from=hf: "
-                      "reads GPT-2 (model_type gpt2, GPT2LMHeadModel) only")
+                      "reads GPT-2 (model_type gpt2, GPT2LMHeadModel) and NanoChat (NanoChatForCausalLM) only")
     n_embd = config["n_embd"]
     differences = {"layer_norm_epsilon": (config.get("layer_norm_epsilon", 1e-5), 1e-5),
                    "n_inner": (config.get("n_inner") or 4 * n_embd, 4 * n_embd),
@@ -207,14 +216,15 @@ def model_config_from_hf(config, folder):
             "n_layer": config["n_layer"], "n_head": config["n_head"], "n_embd": n_embd, "bias": True}
 
 
-def read_gpt2_folder(folder):
-    """A local GPT-2 folder (config.json and model.safetensors, or pytorch_model.bin) as a
-    checkpoint like train.py's, with just model, model_config and tokenizer (the vocabulary
-    size and end-of-text id config.json declares)."""
+def read_hf_folder(folder):
+    """A local GPT-2 or NanoChat folder (config.json and model.safetensors, or
+    pytorch_model.bin) as a checkpoint like train.py's, with just model, model_config and
+    tokenizer (the vocabulary size and end-of-text id config.json declares)."""
     folder = Path(folder)
     try:
         config = json.loads((folder / "config.json").read_text())
-        model_config = model_config_from_hf(config, folder)
+        nanochat = config.get("model_type") == "nanochat"
+        model_config = (model_config_from_nanochat if nanochat else model_config_from_hf)(config, folder)
     except FileNotFoundError:
         raise HFError(f"{folder} has no config.json: not a Hugging Face model folder") from None
     except (ValueError, KeyError, TypeError, AttributeError) as error:
@@ -231,8 +241,106 @@ def read_gpt2_folder(folder):
     tokenizer = {"vocab_size": config["vocab_size"]}
     if isinstance(config.get("eos_token_id"), int):
         tokenizer["eot_id"] = config["eos_token_id"]
-    return {"model": gpt2_from_hf(tensors, model_config, folder), "model_config": model_config,
-            "tokenizer": tokenizer}
+    state_dict = (modern_from_hf if nanochat else gpt2_from_hf)(tensors, model_config, folder)
+    return {"model": state_dict, "model_config": model_config, "tokenizer": tokenizer}
+
+
+# ----------------------------------------------------------------------------- NanoChat (the modern block)
+# F.rms_norm without eps uses the dtype's machine epsilon: float32's is 2^-23
+RMS_NORM_EPS = 2.0 ** -23
+ROPE_THETA = 10000.0  # model.py's Rotary base
+
+
+def nanochat_config(model_config, eot_id):
+    """config.json for NanoChatForCausalLM computing exactly what our modern block computes."""
+    return {
+        "architectures": ["NanoChatForCausalLM"], "model_type": "nanochat",
+        "vocab_size": model_config["vocab_size"], "hidden_size": model_config["n_embd"],
+        "intermediate_size": 4 * model_config["n_embd"],  # its default is 8192
+        "num_hidden_layers": model_config["n_layer"], "num_attention_heads": model_config["n_head"],
+        "num_key_value_heads": model_config["n_head"], "max_position_embeddings": model_config["block_size"],
+        "hidden_act": "relu2", "attention_bias": False, "attention_dropout": 0.0,
+        "rms_norm_eps": RMS_NORM_EPS,  # its default 1e-6 moves every norm a little
+        "rope_parameters": {"rope_type": "default", "rope_theta": ROPE_THETA},
+        "final_logit_softcapping": None,  # its default caps logits at 15: we trained without a cap
+        "tie_word_embeddings": False, "initializer_range": 0.02, "use_cache": True,
+        "bos_token_id": eot_id, "eos_token_id": eot_id, "pad_token_id": eot_id, "torch_dtype": "float32",
+    }
+
+
+def model_config_from_nanochat(config, folder):
+    """Our GPTConfig fields for a NanoChat config.json; HFError for a variant our modern block
+    does not compute (a logit softcap, another norm epsilon or rotary base, grouped keys...)."""
+    n_embd, n_head = config["hidden_size"], config["num_attention_heads"]
+    rope = config.get("rope_parameters") or {}
+    ours = nanochat_config({"vocab_size": config["vocab_size"], "n_embd": n_embd, "n_layer": config["num_hidden_layers"],
+                            "n_head": n_head, "block_size": config["max_position_embeddings"]}, None)
+    found = {**{key: config.get(key) for key in ("intermediate_size", "hidden_act", "attention_bias",
+                                                 "final_logit_softcapping", "tie_word_embeddings", "rms_norm_eps")},
+             "num_key_value_heads": config.get("num_key_value_heads") or n_head,
+             "rope_theta": rope.get("rope_theta", config.get("rope_theta")), "head_dim": config.get("head_dim")}
+    expected = {**{key: ours[key] for key in found if key in ours}, "rope_theta": ROPE_THETA,
+                "head_dim": found["head_dim"] and n_embd // n_head}
+    wrong = [f"{key}={found[key]!r} (ours: {expected[key]!r})" for key in found if found[key] != expected[key]]
+    if wrong:
+        raise HFError(f"{folder}: this NanoChat variant is not our modern block: {', '.join(wrong)}")
+    return {"block": "modern", "block_size": config["max_position_embeddings"], "vocab_size": config["vocab_size"],
+            "n_layer": config["num_hidden_layers"], "n_head": n_head, "n_embd": n_embd, "bias": False,
+            "value_embeddings": False}
+
+
+def swap_head_halves(weight, n_head):
+    """The rows of a query or key matrix with the two halves of each head swapped: rotary's
+    pairs (i, i + head_size/2) then turn the way NanoChat's turn (its own inverse)."""
+    heads = weight.view(n_head, 2, -1, weight.size(-1))
+    return heads.flip(1).reshape(weight.shape)
+
+
+def modern_to_hf(state_dict, model_config):
+    """Our modern-block state dict as NanoChatForCausalLM's tensors."""
+    n_embd, n_head, vocab_size = model_config["n_embd"], model_config["n_head"], model_config["vocab_size"]
+    tensors = {"model.embed_tokens.weight": state_dict["transformer.wte.weight"][:vocab_size],
+               "lm_head.weight": state_dict["lm_head.weight"][:vocab_size]}
+    for layer in range(model_config["n_layer"]):
+        ours, theirs = f"transformer.h.{layer}.", f"model.layers.{layer}."
+        q, k, v = state_dict[ours + "attn.c_attn.weight"].split(n_embd)
+        tensors.update({theirs + "self_attn.q_proj.weight": swap_head_halves(q, n_head),
+                        theirs + "self_attn.k_proj.weight": swap_head_halves(k, n_head),
+                        theirs + "self_attn.v_proj.weight": v,
+                        theirs + "self_attn.o_proj.weight": state_dict[ours + "attn.c_proj.weight"],
+                        theirs + "mlp.fc1.weight": state_dict[ours + "mlp.c_fc.weight"],
+                        theirs + "mlp.fc2.weight": state_dict[ours + "mlp.c_proj.weight"]})
+    return {name: tensor.contiguous() for name, tensor in tensors.items()}
+
+
+def modern_from_hf(hf_tensors, model_config, folder):
+    """NanoChatForCausalLM's tensors as our modern-block state dict, checked against the
+    shapes our GPT expects; the vocabulary's padding rows are zero, as GPT.__init__ makes them."""
+    n_head = model_config["n_head"]
+    with torch.device("meta"):  # shapes only, no memory
+        expected = GPT(GPTConfig(**model_config)).state_dict()
+
+    def tensor(name):
+        if name not in hf_tensors:
+            raise HFError(f"{folder}: the weights lack {name}: not a complete NanoChat model")
+        return hf_tensors[name].float()
+
+    padded = lambda table: torch.cat([table, table.new_zeros(padded_vocab_size(len(table)) - len(table), table.size(1))])
+    state_dict = {"transformer.wte.weight": padded(tensor("model.embed_tokens.weight")),
+                  "lm_head.weight": padded(tensor("lm_head.weight"))}
+    for layer in range(model_config["n_layer"]):
+        ours, theirs = f"transformer.h.{layer}.", f"model.layers.{layer}.self_attn."
+        state_dict[ours + "attn.c_attn.weight"] = torch.cat([swap_head_halves(tensor(theirs + "q_proj.weight"), n_head),
+                                                            swap_head_halves(tensor(theirs + "k_proj.weight"), n_head),
+                                                            tensor(theirs + "v_proj.weight")])
+        state_dict[ours + "attn.c_proj.weight"] = tensor(theirs + "o_proj.weight")
+        state_dict[ours + "mlp.c_fc.weight"] = tensor(f"model.layers.{layer}.mlp.fc1.weight")
+        state_dict[ours + "mlp.c_proj.weight"] = tensor(f"model.layers.{layer}.mlp.fc2.weight")
+    for name, value in state_dict.items():
+        if value.shape != expected[name].shape:
+            raise HFError(f"{folder}: {name} has shape {list(value.shape)}, but config.json's sizes "
+                          f"make it {list(expected[name].shape)}")
+    return {name: value.contiguous() for name, value in state_dict.items()}
 
 
 # ----------------------------------------------------------------------------- tokenizer.json
@@ -332,17 +440,19 @@ def tokenizer_config(block_size):
 
 
 # ----------------------------------------------------------------------------- the folder
-def write_gpt2_folder(dest, checkpoint, encoder, model_card):
-    """Write what AutoModelForCausalLM and AutoTokenizer.from_pretrained(dest) load; returns
-    the paths written. HFError, and nothing written, for a model GPT-2 cannot express."""
+def write_hf_folder(dest, checkpoint, encoder, model_card):
+    """Write what AutoModelForCausalLM and AutoTokenizer.from_pretrained(dest) load: a gpt2
+    block as GPT2LMHeadModel, a modern one as NanoChatForCausalLM; returns the paths written.
+    HFError, and nothing written, for a model no transformers architecture can express."""
     model_config = checkpoint["model_config"]
     problems = unexportable(model_config)
     if problems:
-        raise HFError(f"cannot export to GPT-2's format: {'; '.join(problems)}")
+        raise HFError(f"cannot export to a transformers architecture: {'; '.join(problems)}")
     dest.mkdir(parents=True, exist_ok=True)
     eot_id = encoder.eot_token
+    modern = model_config["block"] == "modern"
     files = {
-        "config.json": hf_config(model_config, eot_id),
+        "config.json": (nanochat_config if modern else hf_config)(model_config, eot_id),
         "generation_config.json": {"bos_token_id": eot_id, "eos_token_id": eot_id},
         "tokenizer.json": tokenizer_json(encoder),
         "tokenizer_config.json": tokenizer_config(model_config["block_size"]),
@@ -351,7 +461,8 @@ def write_gpt2_folder(dest, checkpoint, encoder, model_card):
     for name, content in files.items():
         text = json.dumps(content, indent=2, ensure_ascii=False) + "\n"
         atomic_write(dest / name, lambda file: file.write(text.encode()))
-    write_safetensors(dest / "model.safetensors", gpt2_to_hf(checkpoint["model"], model_config),
+    write_safetensors(dest / "model.safetensors", (modern_to_hf if modern else gpt2_to_hf)(checkpoint["model"],
+                                                                                          model_config),
                       metadata={"format": "pt"})
     atomic_write(dest / "README.md", lambda file: file.write(model_card.encode()))
     return [dest / name for name in (*files, "model.safetensors", "README.md")]

@@ -45,14 +45,21 @@ def run_train(*flags):
             signal.signal(number, handler)
 
 
-@pytest.fixture(scope="module")
-def exported(tiny_dataset, tmp_path_factory):
-    """A gpt2-block model (no biases, as train.py's default) trained 20 iterations on the
+# Each block and the transformers architecture that computes what it does; the modern block's
+# recipe without value embeddings, which no transformers architecture has
+EXPORTED_AS = {"gpt2": "GPT2LMHeadModel", "modern": "NanoChatForCausalLM"}
+RECIPE_FLAGS = {"gpt2": [], "modern": ["--block=modern", "--optimizer=muon", "--lr_schedule=wsd",
+                                       "--value_embeddings=False"]}
+
+
+@pytest.fixture(scope="module", params=list(EXPORTED_AS))
+def exported(tiny_dataset, tmp_path_factory, request):
+    """A model of each block (no biases, as train.py's default) trained 20 iterations on the
     tiny dataset, and its export. Returns (out_dir, dest)."""
-    folder = tmp_path_factory.mktemp("export")
+    folder = tmp_path_factory.mktemp(f"export_{request.param}")
     out_dir, dest = folder / "out", folder / "hf"
     assert run_train(f"--dataset={tiny_dataset}", f"--out_dir={out_dir}", "--max_iters=20",
-                     "--eval_interval=10") is None
+                     "--eval_interval=10", *RECIPE_FLAGS[request.param]) is None
     assert export.main([f"--out_dir={out_dir}", f"--dest={dest}"]) == 0
     return out_dir, dest
 
@@ -68,7 +75,7 @@ def test_exported_model_computes_our_logits_and_greedy_tokens(exported):
     out_dir, dest = exported
     ours, encoder = our_model(out_dir)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(dest).eval()
-    assert type(theirs).__name__ == "GPT2LMHeadModel"
+    assert type(theirs).__name__ == EXPORTED_AS[ours.config.block]
     ids = torch.tensor([[encoder.eot_token] + encoder.encode("Kalo mi ne ruka sa ti vo.")])
     with torch.no_grad():
         difference = (ours(ids)[0] - theirs(ids).logits).abs().max().item()
@@ -116,12 +123,18 @@ def test_export_writes_the_folder_and_a_model_card(exported, tiny_dataset):
         "README.md", "config.json", "generation_config.json", "model.safetensors", "special_tokens_map.json",
         "tokenizer.json", "tokenizer_config.json"]
     config = json.loads((dest / "config.json").read_text())
-    assert (config["activation_function"], config["vocab_size"], config["n_positions"]) == ("gelu", 512, 32)
     stored = hf.read_safetensors(dest / "model.safetensors")
-    assert "lm_head.weight" not in stored  # tied: stored once
-    assert stored["transformer.wte.weight"].shape == (512, 32)  # the padding rows are not exported
-    assert not stored["transformer.h.0.attn.c_attn.bias"].any()  # bias=False: zero biases
     card = (dest / "README.md").read_text()
+    assert f"It is a {config['architectures'][0]}" in card
+    if config["model_type"] == "gpt2":
+        assert (config["activation_function"], config["vocab_size"], config["n_positions"]) == ("gelu", 512, 32)
+        assert "lm_head.weight" not in stored  # tied: stored once
+        assert stored["transformer.wte.weight"].shape == (512, 32)  # the padding rows are not exported
+        assert not stored["transformer.h.0.attn.c_attn.bias"].any()  # bias=False: zero biases
+    else:
+        assert (config["vocab_size"], config["max_position_embeddings"], config["intermediate_size"]) == (512, 32, 128)
+        assert config["final_logit_softcapping"] is None and config["rms_norm_eps"] == torch.finfo(torch.float32).eps
+        assert stored["model.embed_tokens.weight"].shape == stored["lm_head.weight"].shape == (512, 32)  # untied
     assert "tokens seen: 5,120" in card and "val loss" in card and "bits per byte" in card
     assert f"dataset: {tiny_dataset}" in card and "documents kept: 24" in card
 
@@ -135,14 +148,15 @@ def test_safetensors_written_here_read_by_the_safetensors_library(tmp_path):
         assert all(torch.equal(read[name], tensor) for name, tensor in tensors.items())
 
 
-def test_modern_block_is_refused_naming_what_cannot_be_exported(tmp_path, capsys):
-    config = GPTConfig(vocab_size=257, block_size=16, n_layer=1, n_head=2, n_embd=16, block="modern")
+def test_value_embeddings_are_refused_naming_the_key(tmp_path, capsys):
+    config = GPTConfig(vocab_size=257, block_size=16, n_layer=1, n_head=2, n_embd=16, block="modern",
+                       value_embeddings=True)
     checkpoint = {"model": GPT(config).state_dict(), "model_config": vars(config),
                   "tokenizer": {"kind": "byte", "vocab_size": 257, "eot_id": 256, "file": None, "sha256": None}}
     torch.save(checkpoint, tmp_path / "best.pt")
     assert export.main([f"--out_dir={tmp_path}", f"--dest={tmp_path / 'hf'}"]) == 1
     error = capsys.readouterr().err
-    assert error.count("\n") == 1 and "block=modern" in error and "rotary" in error
+    assert error.count("\n") == 1 and "value_embeddings=True" in error and "value_embeddings=False" in error
     assert not (tmp_path / "hf").exists()
 
 
@@ -169,7 +183,7 @@ def hf_gpt2(folder, vocab_size=512, activation="gelu", as_bin=False):
 def test_hugging_face_gpt2_imports_with_the_same_logits(tmp_path, as_bin):
     theirs = hf_gpt2(tmp_path, as_bin=as_bin)
     assert (tmp_path / ("pytorch_model.bin" if as_bin else "model.safetensors")).is_file()
-    checkpoint = hf.read_gpt2_folder(tmp_path)
+    checkpoint = hf.read_hf_folder(tmp_path)
     ours = GPT(GPTConfig(**checkpoint["model_config"])).eval()
     ours.load_state_dict(checkpoint["model"])
     ids = torch.randint(0, 512, (2, 32))
@@ -180,7 +194,7 @@ def test_hugging_face_gpt2_imports_with_the_same_logits(tmp_path, as_bin):
 
 def test_gpt2s_tanh_gelu_imports_with_a_note(tmp_path, capsys):
     theirs = hf_gpt2(tmp_path, activation="gelu_new")
-    checkpoint = hf.read_gpt2_folder(tmp_path)
+    checkpoint = hf.read_hf_folder(tmp_path)
     assert "gelu_new" in capsys.readouterr().err
     ours = GPT(GPTConfig(**checkpoint["model_config"])).eval()
     ours.load_state_dict(checkpoint["model"])
@@ -216,14 +230,14 @@ def test_foreign_architecture_and_damaged_folders_are_clear_errors(tmp_path):
         shutil.copytree(tmp_path / "good", tmp_path / name)
         (tmp_path / name / file).write_bytes(content if isinstance(content, bytes) else content.encode())
         with pytest.raises(hf.HFError) as error:
-            hf.read_gpt2_folder(tmp_path / name)
+            hf.read_hf_folder(tmp_path / name)
         messages[name] = str(error.value)
     assert "holds a llama model (LlamaForCausalLM)" in messages["llama"] and "GPT-2" in messages["llama"]
     assert "not a readable safetensors file" in messages["truncated"]
     assert "not a readable safetensors file" in messages["garbage"]
     assert "config.json is not a GPT-2 config" in messages["bad config"]
     with pytest.raises(hf.HFError, match="no config.json"):
-        hf.read_gpt2_folder(tmp_path)
+        hf.read_hf_folder(tmp_path)
 
 
 def test_sample_reads_an_exported_folder_as_it_reads_the_out_folder(exported):
@@ -235,3 +249,26 @@ def test_sample_reads_an_exported_folder_as_it_reads_the_out_folder(exported):
                for source in (out_dir, f"hf:{dest}")]
     assert [result.returncode for result in outputs] == [0, 0], outputs[1].stderr
     assert outputs[0].stdout == outputs[1].stdout and len(outputs[0].stdout) > len("Kalo\n")
+
+
+def test_a_nanochat_folder_imports_with_the_same_logits_and_a_variant_we_do_not_compute_is_refused(tmp_path):
+    config = transformers.NanoChatConfig(
+        vocab_size=300, hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=32, rms_norm_eps=torch.finfo(torch.float32).eps,
+        final_logit_softcapping=None, bos_token_id=299, eos_token_id=299, pad_token_id=299)
+    torch.manual_seed(0)
+    theirs = transformers.NanoChatForCausalLM(config).eval()
+    with torch.no_grad():
+        for parameter in theirs.parameters():
+            parameter.normal_(0, 0.1)
+    theirs.save_pretrained(tmp_path / "nanochat")
+    checkpoint = hf.read_hf_folder(tmp_path / "nanochat")
+    ours = GPT(GPTConfig(**checkpoint["model_config"])).eval()
+    ours.load_state_dict(checkpoint["model"])
+    ids = torch.randint(0, 300, (2, 32))
+    with torch.no_grad():
+        assert (ours(ids)[0] - theirs(ids).logits).abs().max() < 1e-4
+    config.final_logit_softcapping = 15.0  # nanochat's own default: logits capped at 15
+    config.save_pretrained(tmp_path / "nanochat")
+    with pytest.raises(hf.HFError, match=r"not our modern block: final_logit_softcapping=15.0 \(ours: None\)"):
+        hf.read_hf_folder(tmp_path / "nanochat")
