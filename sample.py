@@ -3,7 +3,7 @@
     python sample.py --out_dir=out/demo
     python sample.py --out_dir=out/demo --start="def fibonacci(n):" --num_samples=3
     python sample.py --out_dir=out/demo --start=FILE:prompt.txt --temperature=0.6 --top_p=0.9
-    python sample.py --out_dir=hf:hf/demo   # a Hugging Face GPT-2 folder: export.py's, or GPT-2's own
+    python sample.py --out_dir=hf:hf/demo   # a Hugging Face folder: export.py's, or GPT-2's own
 
 It needs only the out folder: the checkpoint describes its tokenizer, and train.py copies
 a trained BPE's file next to it. A sample starts after an end-of-text token, as every
@@ -28,7 +28,7 @@ from owngpt.tokenizer import load_tokenizer
 
 _NAMES_BEFORE_DEFAULTS = set(globals())
 # ----------------------------------------------------------------------------- defaults
-out_dir = "out"  # the folder train.py wrote, or hf:FOLDER, a Hugging Face GPT-2 folder (ckpt is then unused)
+out_dir = "out"  # the folder train.py wrote, or hf:FOLDER, a Hugging Face GPT-2 or NanoChat folder (ckpt is then unused)
 ckpt = "best"  # best (best.pt, the lowest val loss) or latest (ckpt.pt)
 start = ""  # the prompt: text, or FILE:path of a UTF-8 file; empty starts a fresh document
 num_samples = 1  # samples to draw, one after another

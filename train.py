@@ -51,7 +51,7 @@ _NAMES_BEFORE_DEFAULTS = set(globals())
 # I/O
 out_dir = "out"  # where checkpoints, metrics.jsonl and the tokenizer copy go
 dataset = "python"  # a folder name under data/, or a path (anything with a slash)
-init_from = "scratch"  # scratch | resume (the newest valid checkpoint in out_dir) | path to a .pt (its weights only) | hf:FOLDER (a Hugging Face GPT-2 folder's weights)
+init_from = "scratch"  # scratch | resume (the newest valid checkpoint in out_dir) | path to a .pt (its weights only) | hf:FOLDER (a Hugging Face GPT-2 or NanoChat folder's weights)
 eval_only = False  # evaluate the init_from checkpoint on `dataset`, print, exit
 eval_interval = 250  # evaluate and save a checkpoint every this many iterations (and at the end)
 eval_iters = 20  # batches per evaluation, the same fixed batches every time

@@ -255,7 +255,7 @@ def init_from_problem(value):
     """What init_from may be (a flags check: None when valid)."""
     return None if value in ("scratch", "resume") or os.path.isfile(value) or \
         (value.startswith(HF_PREFIX) and os.path.isdir(value.removeprefix(HF_PREFIX))) else \
-        "scratch, resume, the path of a checkpoint file or hf:FOLDER (a Hugging Face GPT-2 folder)"
+        "scratch, resume, the path of a checkpoint file or hf:FOLDER (a Hugging Face GPT-2 or NanoChat folder)"
 
 
 def continue_after_restart(cfg, runtime):
