@@ -18,8 +18,7 @@ from owngpt import dataset
 from owngpt import tokenizer
 from owngpt.web import filters
 from owngpt.web import crawl
-from conftest import send_body
-from test_prepare import bin_files, kept_documents, run_prepare
+from helpers import bin_files, kept_documents, run_prepare, send_body
 
 GOOD = [
     """The town library reopened this spring after two years of careful repairs to its roof and walls.

@@ -8,8 +8,7 @@ import xml.etree.ElementTree as ElementTree
 import pytest
 
 from owngpt import curves
-from conftest import ROOT
-from test_train import ONE_THREAD, TINY_MODEL, read_metrics
+from helpers import ONE_THREAD, ROOT, TINY_MODEL, read_metrics
 
 SVG = "{http://www.w3.org/2000/svg}"
 

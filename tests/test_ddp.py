@@ -11,8 +11,7 @@ import pytest
 import torch
 
 import train
-from test_train import ONE_THREAD, ROOT, TINY_MODEL, read_metrics, train_lines
-from test_resume import wait_until
+from helpers import ONE_THREAD, ROOT, TINY_MODEL, read_metrics, train_lines, wait_until
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 

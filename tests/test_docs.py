@@ -8,8 +8,7 @@ import shlex
 import subprocess
 import sys
 
-from conftest import ROOT, make_text
-from test_train import ONE_THREAD
+from helpers import ONE_THREAD, ROOT, make_text
 
 # What makes each script quick: a tiny model for a few iterations, a few documents.
 SHORTER = {

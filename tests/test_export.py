@@ -18,7 +18,7 @@ import export
 from owngpt import hf
 import train
 from owngpt.checkpoint import load_checkpoint_file
-from conftest import ROOT
+from helpers import ROOT
 from model import GPT, GPTConfig
 from owngpt.tokenizer import load_tokenizer, python_split_regex
 

@@ -5,9 +5,7 @@ import subprocess
 import sys
 
 from owngpt import dataset
-from conftest import ROOT, make_text
-from test_prepare import run_prepare
-from test_train import ONE_THREAD, run_train
+from helpers import ONE_THREAD, ROOT, make_text, run_prepare, run_train
 
 
 def run_sample(*flags, cwd):

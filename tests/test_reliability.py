@@ -26,9 +26,7 @@ import prepare
 import sample
 import train
 from owngpt.web import crawl
-from conftest import make_text
-from test_resume import trained_iterations, wait_until
-from test_train import ONE_THREAD, ROOT, TINY_MODEL, read_metrics, train_lines
+from helpers import ONE_THREAD, ROOT, TINY_MODEL, make_text, read_metrics, train_lines, trained_iterations, wait_until
 
 
 # ----------------------------------------------------------------------------- restarts

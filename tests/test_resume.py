@@ -12,11 +12,8 @@ import pytest
 import torch
 
 from owngpt import checkpoint
-import test_train
-from test_train import (ONE_THREAD, RECIPES, ROOT, TINY_MODEL, read_metrics, run_train, stop_during_iteration,
-                        train_lines)
-
-train_here = test_train.train_here  # a fixture: pytest finds it by its name in this module
+from helpers import (ONE_THREAD, RECIPES, ROOT, TINY_MODEL, read_metrics, run_train, stop_during_iteration,
+                     train_lines, trained_iterations, wait_until)
 
 TIMING_KEYS = {"elapsed_s", "ms_per_iter", "tokens_per_s", "sample_s"}
 
@@ -70,18 +67,6 @@ def start_train(*flags, cwd, log):
     """train.py in the background, its output going to the file `log`."""
     return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *TINY_MODEL, *flags], cwd=cwd,
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, env=ONE_THREAD)
-
-
-def wait_until(condition, timeout=60, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(interval)
-
-
-def trained_iterations(out_dir):
-    path = out_dir / "metrics.jsonl"
-    return len(train_lines(out_dir)) if path.exists() else 0
 
 
 def test_sigterm_and_sigint_finish_the_step_save_and_exit_zero_and_resume_neither_loses_nor_repeats(tiny_dataset, tmp_path):
