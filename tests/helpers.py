@@ -64,9 +64,12 @@ def wait_until(condition, timeout=60, interval=0.05):
 TINY_MODEL = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8", "--eval_iters=2",
               "--log_interval=1", "--warmup_iters=2", "--learning_rate=3e-3", "--min_lr=3e-4", "--device=cpu"]
 
-# The recipe of modded-nanogpt and nanochat beside GPT-2's: every promise holds for both
+# The recipe of modded-nanogpt and nanochat beside GPT-2's: every promise holds for both.
+# Each sets its block, optimizer and schedule itself, whatever train.py's defaults are, and
+# its name lists them in that order (test_train checks the names against what the runs save).
+GPT2_RECIPE = ["--block=gpt2", "--optimizer=adamw", "--lr_schedule=cosine"]
 MODERN_RECIPE = ["--block=modern", "--value_embeddings=true", "--optimizer=muon", "--lr_schedule=wsd"]
-RECIPES = {"gpt2_adamw_cosine": [], "modern_muon_wsd": MODERN_RECIPE}
+RECIPES = {"gpt2_adamw_cosine": GPT2_RECIPE, "modern_muon_wsd": MODERN_RECIPE}
 
 # One thread per process: a tiny model gains nothing from two, and on a busy 2-core machine
 # two OpenMP threads that wait on each other can make each step 50x slower.

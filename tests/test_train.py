@@ -158,6 +158,20 @@ def trained_run(tiny_dataset, tmp_path_factory):
     return work / "out", tiny_dataset, finished.stdout
 
 
+@pytest.mark.parametrize("name, recipe", RECIPES.items(), ids=RECIPES.keys())
+def test_each_recipe_trains_the_block_optimizer_and_schedule_its_name_says(name, recipe, train_here, tiny_dataset,
+                                                                            tmp_path):
+    finished = train_here(f"--dataset={tiny_dataset}", f"--out_dir={tmp_path}", "--max_iters=1", "--eval_interval=1",
+                          "--sample_every_eval=False", *recipe)
+    assert finished.returncode == 0, finished.stderr
+    block, optimizer, lr_schedule = name.split("_")
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert saved["model_config"]["block"] == block
+    assert (saved["config"]["optimizer"], saved["config"]["lr_schedule"]) == (optimizer, lr_schedule)
+    # the optimizer that stepped: Muon with AdamW saves each part under its name, AdamW alone its own state
+    assert sorted(saved["optimizer"]) == {"muon": ["adamw", "muon"], "adamw": ["param_groups", "state"]}[optimizer]
+
+
 def test_training_brings_val_loss_below_its_start(trained_run):
     out_dir = trained_run[0]
     evals = eval_lines(out_dir)
