@@ -17,6 +17,12 @@ import train  # noqa: E402 (this import and the next need the root on sys.path)
 from helpers import TINY_MODEL, make_text, send_body  # noqa: E402
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "slow: several train.py or prepare.py processes, torchrun, the README and WORKSHOP commands, "
+                   "or a long run; `python -m pytest -q -m \"not slow\" tests` leaves them out (about a minute)")
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory):
     """A dataset folder built by `prepare.py` from 24 small generated text files:

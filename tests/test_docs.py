@@ -8,7 +8,11 @@ import shlex
 import subprocess
 import sys
 
+import pytest
+
 from helpers import ONE_THREAD, ROOT, make_text
+
+pytestmark = pytest.mark.slow  # each test runs every command of a document: tens of seconds
 
 # What makes each script quick: a tiny model for a few iterations, a few documents.
 SHORTER = {

@@ -399,6 +399,7 @@ def test_two_runs_give_identical_shards(built, corpus):
     assert bin_files(folder) == before
 
 
+@pytest.mark.slow
 def test_several_workers_give_the_same_shards_as_one(built, corpus, tmp_path):
     folder, _ = built
     run_prepare("--source=files", f"--input={corpus.name}", f"--out_dir={tmp_path / 'parallel'}", "--vocab_size=400",
@@ -543,6 +544,7 @@ def test_whole_documents_go_to_val_when_the_hash_picks_enough_of_them(tmp_path):
     assert sorted(train + val) == sorted(make_text(seed) for seed in range(40))
 
 
+@pytest.mark.slow
 def test_few_documents_give_the_same_shards_with_one_and_two_workers(tmp_path):
     write_files(tmp_path / "in", [make_text(seed, sentences=200) for seed in range(3)])
     for workers in (1, 2):
@@ -552,6 +554,7 @@ def test_few_documents_give_the_same_shards_with_one_and_two_workers(tmp_path):
     assert bin_files(tmp_path / "out1") == bin_files(tmp_path / "out2")
 
 
+@pytest.mark.slow
 def test_a_failed_rerun_keeps_the_previous_dataset(tmp_path):
     write_files(tmp_path / "in", ["first document", "second document", "third document"])
     run_prepare("--source=files", "--input=in", "--tokenizer=byte", "--out_dir=out", cwd=tmp_path)
@@ -624,6 +627,7 @@ def requests_for(path):
     return [entry for entry in TextServer.log if entry[0] == path]
 
 
+@pytest.mark.slow
 def test_url_source_downloads_once_and_a_rerun_downloads_nothing(server, tmp_path):
     paths = [serve(f"/book{index}.txt", make_text(index)) for index in range(3)]
     flags = ["--source=url", "--url=" + ",".join(server + path for path in paths), "--tokenizer=byte", "--name=books"]

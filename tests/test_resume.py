@@ -69,6 +69,7 @@ def start_train(*flags, cwd, log):
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, env=ONE_THREAD)
 
 
+@pytest.mark.slow
 def test_sigterm_and_sigint_finish_the_step_save_and_exit_zero_and_resume_neither_loses_nor_repeats(tiny_dataset, tmp_path):
     flags = [f"--dataset={tiny_dataset}", "--out_dir=out", "--eval_interval=1000", "--max_iters=100000"]
     out_dir = tmp_path / "out"
@@ -86,6 +87,7 @@ def test_sigterm_and_sigint_finish_the_step_save_and_exit_zero_and_resume_neithe
         assert [line["iter"] for line in train_lines(out_dir)] == list(range(1, iteration + 1))
 
 
+@pytest.mark.slow
 def test_kill_9_at_any_moment_even_inside_a_save_leaves_a_resumable_checkpoint(tiny_dataset, tmp_path):
     # a checkpoint every iteration, from a model big enough (~5 MB checkpoints) that a save takes a while
     flags = [f"--dataset={tiny_dataset}", "--out_dir=out", "--eval_interval=1", "--eval_iters=1", "--n_embd=128",

@@ -566,6 +566,7 @@ def test_samples_leave_the_training_exactly_as_without_them(trained_run, tiny_da
     assert with_samples["rng"][0]["numpy"] == without["rng"][0]["numpy"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
 def test_on_cpu_a_freed_large_tensor_comes_back_without_the_kernel_faulting_its_pages_in_again():
     # Each step's logits are tens of MiB; glibc would unmap them when freed and the kernel
