@@ -1,31 +1,26 @@
-"""Shared test setup: make the project's top-level scripts importable, and shared fixtures."""
+"""Shared test setup: make the project's top-level scripts importable, and the fixtures
+several modules use. Plain functions and constants they share are in helpers.py."""
 import http.server
-import random
+import signal
 import subprocess
 import sys
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-SYLLABLES = "ka lo mi ne ru sa ti vo pe da gu hi ba zo fe wi an or el ist ing th qu".split()
-_word_rng = random.Random(0)
-WORD_LIST = ["".join(_word_rng.choices(SYLLABLES, k=1 + index % 3)) for index in range(400)]
+import train  # noqa: E402 (this import and the next need the root on sys.path)
+from helpers import TINY_MODEL, make_text, send_body  # noqa: E402
 
 
-def make_text(seed, sentences=60):
-    """Deterministic text with English-like statistics: sentences of invented words drawn
-    with Zipf's law (a few words are common, most are rare), with punctuation."""
-    rng = random.Random(seed)
-    weights = [1 / rank for rank in range(1, len(WORD_LIST) + 1)]
-    lines = []
-    for _ in range(sentences):
-        words = rng.choices(WORD_LIST, weights, k=rng.randint(4, 14))
-        lines.append(" ".join(words).capitalize() + rng.choice([".", ".", ",", "!", "?"]))
-    return "\n".join(lines) + "\n"
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "slow: several train.py or prepare.py processes, torchrun, the README and WORKSHOP commands, "
+                   "or a long run; `python -m pytest -q -m \"not slow\" tests` leaves them out (about a minute)")
 
 
 @pytest.fixture(scope="session")
@@ -60,21 +55,25 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def send_body(handler, body, broken=False):
-    """Answer a GET with body, honouring an open-ended Range header (bytes=N-) with a 206;
-    broken=True sends only half of what was asked and drops the connection."""
-    asked = handler.headers["Range"]
-    start = int(asked.removeprefix("bytes=").rstrip("-")) if asked else 0
-    handler.send_response(206 if start else 200)
-    if start:
-        handler.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-    handler.send_header("Content-Length", str(len(body) - start))
-    handler.end_headers()
-    if broken:
-        handler.wfile.write(body[start:start + (len(body) - start) // 2])
-        handler.close_connection = True
-    else:
-        handler.wfile.write(body[start:])
+@pytest.fixture
+def train_here(capsys, one_thread):
+    """train.main in this process, as `python train.py` with the tiny model runs it, minus the
+    seconds of starting Python and torch. Returns (exit status, stdout, stderr). The SIGTERM
+    and SIGINT handlers train.py installs are put back afterwards."""
+    def run(*flags):
+        handlers = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            train.main([*TINY_MODEL, *flags])
+            status, message = 0, ""
+        except SystemExit as exit:  # sys.exit("error: ...") prints the message and exits with 1
+            status, message = (1, exit.code) if isinstance(exit.code, str) else (exit.code, "")
+        finally:
+            for number, handler in handlers.items():
+                signal.signal(number, handler)
+        output = capsys.readouterr()
+        return SimpleNamespace(returncode=status, stdout=output.out, stderr=output.err + message)
+
+    return run
 
 
 @pytest.fixture

@@ -18,8 +18,7 @@ from owngpt import dataset
 from owngpt import tokenizer
 from owngpt.web import filters
 from owngpt.web import crawl
-from conftest import send_body
-from test_prepare import bin_files, kept_documents, run_prepare
+from helpers import bin_files, kept_documents, run_prepare, send_body
 
 GOOD = [
     """The town library reopened this spring after two years of careful repairs to its roof and walls.
@@ -353,6 +352,7 @@ def crawl_reference(crawl_server, tmp_path_factory):
     return folder, requests_since(start)
 
 
+@pytest.mark.slow
 def test_commoncrawl_streams_the_latest_crawls_wet_files_through_the_filters(crawl_reference):
     folder, requests = crawl_reference
     assert [path for path, _, _ in requests] == ["collinfo.json", f"crawl-data/{CRAWL}/wet.paths.gz", *WET_PATHS]
@@ -365,6 +365,7 @@ def test_commoncrawl_streams_the_latest_crawls_wet_files_through_the_filters(cra
     assert not (folder / "filtered").exists()
 
 
+@pytest.mark.slow
 def test_a_503_is_retried_and_a_broken_transfer_resumes_where_it_stopped(crawl_server, crawl_reference, tmp_path):
     reference, _ = crawl_reference
     FakeCrawl.plans = {WET_PATHS[0]: ["broken"], WET_PATHS[1]: [503]}
@@ -379,6 +380,7 @@ def test_a_503_is_retried_and_a_broken_transfer_resumes_where_it_stopped(crawl_s
     assert bin_files(tmp_path / "web") == bin_files(reference)  # nothing lost, nothing twice
 
 
+@pytest.mark.slow
 def test_a_rerun_after_a_failed_run_goes_on_with_the_next_wet_file(crawl_server, crawl_reference, tmp_path):
     reference, _ = crawl_reference
     FakeCrawl.plans = {WET_PATHS[1]: ["failing"]}

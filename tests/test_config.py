@@ -11,7 +11,7 @@ import pytest
 
 import sample
 import train
-from conftest import ROOT
+from helpers import ROOT
 from owngpt.runtime import available_devices
 
 SCRIPTS = {"train.py": train, "sample.py": sample}
@@ -98,6 +98,7 @@ def test_a_device_this_machine_lacks_stops_before_any_work_naming_those_it_has(s
     ("max_iters = 10\nbatch_size = 1 / 0\n", r"{path}:2: ZeroDivisionError: division by zero"),
     (None, r"config file '{path}' not found \(flags are written --key=value\)"),
 ], ids=["syntax error", "raises", "missing"])
+@pytest.mark.slow  # a train.py process each
 def test_a_broken_config_file_is_named_with_its_line_and_no_traceback(text, message, tmp_path):
     path = tmp_path / "broken.py"
     if text is not None:

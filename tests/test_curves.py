@@ -8,8 +8,7 @@ import xml.etree.ElementTree as ElementTree
 import pytest
 
 from owngpt import curves
-from conftest import ROOT
-from test_train import ONE_THREAD, TINY_MODEL, read_metrics
+from helpers import ONE_THREAD, ROOT, TINY_MODEL, read_metrics
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -38,6 +37,7 @@ def two_runs(tiny_dataset, tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_train_py_draws_every_logged_point_against_tokens_seen(two_runs):
     out_dir = two_runs / "slow"
     metrics = read_metrics(out_dir)
@@ -54,6 +54,7 @@ def test_train_py_draws_every_logged_point_against_tokens_seen(two_runs):
     assert "learning rate" in texts
 
 
+@pytest.mark.slow
 def test_plot_py_overlays_runs_labelled_by_name(two_runs):
     result = subprocess.run([sys.executable, str(ROOT / "plot.py"), "--runs=slow,fast", "--out=cmp.svg"],
                             cwd=two_runs, capture_output=True, text=True, timeout=60)

@@ -11,9 +11,8 @@ import pytest
 import torch
 
 import train
+from helpers import ONE_THREAD, ROOT, TINY_MODEL, read_metrics, train_lines, wait_until
 from owngpt import runtime
-from test_train import ONE_THREAD, ROOT, TINY_MODEL, read_metrics, train_lines
-from test_resume import wait_until
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
@@ -72,6 +71,7 @@ leave(None)  # destroys the group and exits as train.py does (see its docstring)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block, optimizer", [("gpt2", "adamw"), ("modern", "muon")], ids=["gpt2_adamw", "modern_muon"])
 def test_two_processes_compute_the_gradients_and_the_step_of_one_process_on_the_same_global_batch(block, optimizer,
                                                                                                    tmp_path):
@@ -94,6 +94,7 @@ def test_gradient_accumulation_that_does_not_divide_by_the_processes_is_refused(
         runtime.setup_runtime(cfg)
 
 
+@pytest.mark.slow
 def test_a_preempted_two_process_run_saves_and_resumes_without_losing_an_iteration(tiny_dataset, tmp_path):
     flags = [*TINY_MODEL, f"--dataset={tiny_dataset}", "--out_dir=out", "--gradient_accumulation_steps=2",
              "--eval_interval=1000"]
@@ -119,6 +120,7 @@ def test_a_preempted_two_process_run_saves_and_resumes_without_losing_an_iterati
     assert evals[-1]["val_loss"] < evals[0]["val_loss"]
 
 
+@pytest.mark.slow
 def test_rank_0_samples_alone_and_both_ranks_train_exactly_as_without_samples(tiny_dataset, tmp_path):
     # rank 0 generates while rank 1 goes on to the next step's all-reduce and waits for it there
     flags = [*TINY_MODEL, f"--dataset={tiny_dataset}", "--gradient_accumulation_steps=2", "--dropout=0.1",

@@ -8,8 +8,11 @@ import shlex
 import subprocess
 import sys
 
-from conftest import ROOT, make_text
-from test_train import ONE_THREAD
+import pytest
+
+from helpers import ONE_THREAD, ROOT, make_text
+
+pytestmark = pytest.mark.slow  # each test runs every command of a document: tens of seconds
 
 # What makes each script quick: a tiny model for a few iterations, a few documents.
 SHORTER = {

@@ -18,7 +18,7 @@ import export
 from owngpt import hf
 import train
 from owngpt.checkpoint import load_checkpoint_file
-from conftest import ROOT
+from helpers import ROOT
 from model import GPT, GPTConfig
 from owngpt.tokenizer import load_tokenizer, python_split_regex
 
@@ -240,6 +240,7 @@ def test_foreign_architecture_and_damaged_folders_are_clear_errors(tmp_path):
         hf.read_hf_folder(tmp_path)
 
 
+@pytest.mark.slow
 def test_sample_reads_an_exported_folder_as_it_reads_the_out_folder(exported):
     out_dir, dest = exported
     outputs = [subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--out_dir={source}", "--temperature=0",

@@ -4,10 +4,10 @@ trained on one corpus fine-tuned on another that reuses its tokenizer."""
 import subprocess
 import sys
 
+import pytest
+
 from owngpt import dataset
-from conftest import ROOT, make_text
-from test_prepare import run_prepare
-from test_train import ONE_THREAD, run_train
+from helpers import ONE_THREAD, ROOT, make_text, run_prepare, run_train
 
 
 def run_sample(*flags, cwd):
@@ -17,6 +17,7 @@ def run_sample(*flags, cwd):
     return result.stdout
 
 
+@pytest.mark.slow
 def test_a_book_from_a_url_prepares_trains_and_samples_with_default_flags(book_server, tmp_path):
     url, book = book_server
     run_prepare("--source=url", f"--url={url}", "--name=book", cwd=tmp_path)
@@ -29,6 +30,7 @@ def test_a_book_from_a_url_prepares_trains_and_samples_with_default_flags(book_s
     assert run_sample("--out_dir=out", "--start=Ka", cwd=tmp_path).strip()
 
 
+@pytest.mark.slow
 def test_a_model_is_fine_tuned_on_new_text_prepared_with_its_tokenizer(tmp_path):
     for name, seeds in (("a", range(0, 12)), ("b", range(100, 104))):
         folder = tmp_path / f"text_{name}"
@@ -54,6 +56,7 @@ def test_a_model_is_fine_tuned_on_new_text_prepared_with_its_tokenizer(tmp_path)
     assert dataset.read_meta(tmp_path / "b2")["tokenizer"]["sha256"] == tokenizer_a["sha256"]
 
 
+@pytest.mark.slow
 def test_another_tokenizer_is_refused_naming_the_field(tmp_path):
     (tmp_path / "in").mkdir()
     for seed in range(8):

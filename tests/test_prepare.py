@@ -10,8 +10,6 @@ import json
 import os
 import socket
 import random
-import subprocess
-import sys
 import threading
 from collections import Counter
 
@@ -26,7 +24,7 @@ import prepare
 from owngpt.web import filters
 from owngpt.web import crawl
 from owngpt.flags import UserError
-from conftest import ROOT, make_text, send_body
+from helpers import bin_files, documents_in, kept_documents, make_text, run_prepare, send_body
 
 # Text that a tokenizer must round-trip exactly: emoji (with skin tones and zero-width
 # joiners), flags, CJK, Hangul, Arabic, combining marks, control characters.
@@ -41,45 +39,11 @@ UNICODE_SAMPLES = [
 ]
 
 
-def run_prepare(*flags, cwd, env=None, check=True):
-    """Runs `python prepare.py flags...` in cwd; returns the CompletedProcess (text)."""
-    result = subprocess.run([sys.executable, str(ROOT / "prepare.py"), *flags], cwd=cwd, env=env,
-                            capture_output=True, text=True, timeout=120)
-    if check and result.returncode != 0:
-        raise AssertionError(f"prepare.py failed:\n{result.stderr}")
-    return result
-
-
 def write_files(folder, texts, suffix=".txt"):
     folder.mkdir(parents=True, exist_ok=True)
     for index, text in enumerate(texts):
         (folder / f"doc_{index:03d}{suffix}").write_text(text, encoding="utf-8")
     return folder
-
-
-def documents_in(folder, split):
-    """The documents of a split, decoded: the tokens between end-of-text tokens."""
-    meta = dataset.read_meta(folder)
-    encoder = tokenizer.load_tokenizer(folder)
-    tokens = np.concatenate([dataset.read_shard(folder / name) for name in meta["splits"][split]["shards"]])
-    starts = np.flatnonzero(tokens == encoder.eot_token)
-    assert starts[0] == 0, "a split must start with the end-of-text token"
-    return [encoder.decode(tokens[start + 1:end].tolist())
-            for start, end in zip(starts, list(starts[1:]) + [len(tokens)])]
-
-
-def kept_documents(folder):
-    """The kept documents, whole: train's and val's, or, where val holds each document's
-    tail (too few documents for whole ones), each train head joined to its val tail."""
-    train, val = documents_in(folder, "train"), documents_in(folder, "val")
-    if dataset.read_meta(folder)["split_rule"]["rule"] != "tails":
-        return train + val
-    assert len(train) == len(val)
-    return [head + tail for head, tail in zip(train, val)]
-
-
-def bin_files(folder):
-    return {path.name: path.read_bytes() for path in sorted(folder.iterdir()) if path.suffix in (".bin", ".tiktoken")}
 
 
 # ---------------------------------------------------------------------------------------
@@ -435,6 +399,7 @@ def test_two_runs_give_identical_shards(built, corpus):
     assert bin_files(folder) == before
 
 
+@pytest.mark.slow
 def test_several_workers_give_the_same_shards_as_one(built, corpus, tmp_path):
     folder, _ = built
     run_prepare("--source=files", f"--input={corpus.name}", f"--out_dir={tmp_path / 'parallel'}", "--vocab_size=400",
@@ -579,6 +544,7 @@ def test_whole_documents_go_to_val_when_the_hash_picks_enough_of_them(tmp_path):
     assert sorted(train + val) == sorted(make_text(seed) for seed in range(40))
 
 
+@pytest.mark.slow
 def test_few_documents_give_the_same_shards_with_one_and_two_workers(tmp_path):
     write_files(tmp_path / "in", [make_text(seed, sentences=200) for seed in range(3)])
     for workers in (1, 2):
@@ -588,6 +554,7 @@ def test_few_documents_give_the_same_shards_with_one_and_two_workers(tmp_path):
     assert bin_files(tmp_path / "out1") == bin_files(tmp_path / "out2")
 
 
+@pytest.mark.slow
 def test_a_failed_rerun_keeps_the_previous_dataset(tmp_path):
     write_files(tmp_path / "in", ["first document", "second document", "third document"])
     run_prepare("--source=files", "--input=in", "--tokenizer=byte", "--out_dir=out", cwd=tmp_path)
@@ -660,6 +627,7 @@ def requests_for(path):
     return [entry for entry in TextServer.log if entry[0] == path]
 
 
+@pytest.mark.slow
 def test_url_source_downloads_once_and_a_rerun_downloads_nothing(server, tmp_path):
     paths = [serve(f"/book{index}.txt", make_text(index)) for index in range(3)]
     flags = ["--source=url", "--url=" + ",".join(server + path for path in paths), "--tokenizer=byte", "--name=books"]

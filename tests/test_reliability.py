@@ -26,9 +26,7 @@ import prepare
 import sample
 import train
 from owngpt.web import crawl
-from conftest import make_text
-from test_resume import trained_iterations, wait_until
-from test_train import ONE_THREAD, ROOT, TINY_MODEL, read_metrics, train_lines
+from helpers import ONE_THREAD, ROOT, TINY_MODEL, make_text, read_metrics, train_lines, trained_iterations, wait_until
 
 
 # ----------------------------------------------------------------------------- restarts
@@ -101,6 +99,7 @@ def stop_past_a_checkpoint(rank_0, rank_1, out_dir):
     raise AssertionError("rank 1 was frozen at a checkpoint 30 times in a row")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds torchrun's worker processes in /proc")
 def test_a_rank_killed_mid_run_makes_torchrun_restart_the_group_which_resumes_from_its_last_checkpoint(tiny_dataset, tmp_path):
     # a static rendezvous on a free port (--standalone's c10d one has a known restart problem on
@@ -343,6 +342,7 @@ def test_a_disk_too_small_for_the_checkpoints_is_refused_before_training(small_d
     assert not (disk / "out" / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_a_disk_that_fills_while_saving_stops_the_run_and_the_previous_checkpoint_survives(small_disk, tiny_dataset, tmp_path):
     disk = small_disk("4m")
     out_dir, log = disk / "out", tmp_path / "train.log"

@@ -12,11 +12,8 @@ import pytest
 import torch
 
 from owngpt import checkpoint
-import test_train
-from test_train import (ONE_THREAD, RECIPES, ROOT, TINY_MODEL, read_metrics, run_train, stop_during_iteration,
-                        train_lines)
-
-train_here = test_train.train_here  # a fixture: pytest finds it by its name in this module
+from helpers import (ONE_THREAD, RECIPES, ROOT, TINY_MODEL, read_metrics, run_train, stop_during_iteration,
+                     train_lines, trained_iterations, wait_until)
 
 TIMING_KEYS = {"elapsed_s", "ms_per_iter", "tokens_per_s", "sample_s"}
 
@@ -72,18 +69,7 @@ def start_train(*flags, cwd, log):
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, env=ONE_THREAD)
 
 
-def wait_until(condition, timeout=60, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(interval)
-
-
-def trained_iterations(out_dir):
-    path = out_dir / "metrics.jsonl"
-    return len(train_lines(out_dir)) if path.exists() else 0
-
-
+@pytest.mark.slow
 def test_sigterm_and_sigint_finish_the_step_save_and_exit_zero_and_resume_neither_loses_nor_repeats(tiny_dataset, tmp_path):
     flags = [f"--dataset={tiny_dataset}", "--out_dir=out", "--eval_interval=1000", "--max_iters=100000"]
     out_dir = tmp_path / "out"
@@ -101,6 +87,7 @@ def test_sigterm_and_sigint_finish_the_step_save_and_exit_zero_and_resume_neithe
         assert [line["iter"] for line in train_lines(out_dir)] == list(range(1, iteration + 1))
 
 
+@pytest.mark.slow
 def test_kill_9_at_any_moment_even_inside_a_save_leaves_a_resumable_checkpoint(tiny_dataset, tmp_path):
     # a checkpoint every iteration, from a model big enough (~5 MB checkpoints) that a save takes a while
     flags = [f"--dataset={tiny_dataset}", "--out_dir=out", "--eval_interval=1", "--eval_iters=1", "--n_embd=128",

@@ -10,7 +10,7 @@ import torch
 
 from owngpt import flags
 import sample
-from conftest import ROOT
+from helpers import ROOT
 from model import GPT, GPTConfig
 from owngpt.optimizers import build_optimizer
 

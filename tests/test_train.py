@@ -5,16 +5,13 @@ import copy
 import importlib.util
 import json
 import math
-import os
 import re
 import resource
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
 from contextlib import nullcontext
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -29,70 +26,8 @@ from owngpt import tokenizer
 import train
 from model import GPT, GPTConfig
 from owngpt.optimizers import build_optimizer
-
-ROOT = Path(__file__).resolve().parent.parent
-TINY_MODEL = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8", "--eval_iters=2",
-              "--log_interval=1", "--warmup_iters=2", "--learning_rate=3e-3", "--min_lr=3e-4", "--device=cpu"]
-
-
-# The recipe of modded-nanogpt and nanochat beside GPT-2's: every promise holds for both
-MODERN_RECIPE = ["--block=modern", "--value_embeddings=true", "--optimizer=muon", "--lr_schedule=wsd"]
-RECIPES = {"gpt2_adamw_cosine": [], "modern_muon_wsd": MODERN_RECIPE}
-
-
-# One thread per process: a tiny model gains nothing from two, and on a busy 2-core machine
-# two OpenMP threads that wait on each other can make each step 50x slower.
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def run_train(*flags, cwd, timeout=120):
-    """python train.py with the tiny model and these flags; the finished process."""
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY_MODEL, *flags], cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout, env=ONE_THREAD)
-
-
-@pytest.fixture
-def train_here(capsys, one_thread):
-    """train.main in this process, as `python train.py` with the tiny model runs it, minus the
-    seconds of starting Python and torch. Returns (exit status, stdout, stderr). The SIGTERM
-    and SIGINT handlers train.py installs are put back afterwards."""
-
-    def run(*flags):
-        handlers = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            train.main([*TINY_MODEL, *flags])
-            status, message = 0, ""
-        except SystemExit as exit:  # sys.exit("error: ...") prints the message and exits with 1
-            status, message = (1, exit.code) if isinstance(exit.code, str) else (exit.code, "")
-        finally:
-            for number, handler in handlers.items():
-                signal.signal(number, handler)
-        output = capsys.readouterr()
-        return SimpleNamespace(returncode=status, stdout=output.out, stderr=output.err + message)
-
-    return run
-
-
-def stop_during_iteration(patch, iteration):
-    """SIGTERM arrives during this iteration (the run's iteration-th, from 1), as a preemption
-    would: the run finishes the iteration, saves and stops. patch: a monkeypatch context."""
-    real_forward_backward, calls = train.forward_backward, []
-
-    def forward_backward(*args, **kwargs):
-        calls.append(None)
-        if len(calls) == iteration:
-            signal.raise_signal(signal.SIGTERM)
-        return real_forward_backward(*args, **kwargs)
-
-    patch.setattr(train, "forward_backward", forward_backward)
-
-
-def read_metrics(out_dir):
-    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def train_lines(out_dir):
-    return [line for line in read_metrics(out_dir) if "loss" in line]
+from helpers import (MODERN_RECIPE, RECIPES, ROOT, TINY_MODEL, read_metrics, run_train, stop_during_iteration,
+                     train_lines)
 
 
 def eval_lines(out_dir):
@@ -222,6 +157,20 @@ def trained_run(tiny_dataset, tmp_path_factory):
                          "--dropout=0.1", cwd=work)
     assert finished.returncode == 0, finished.stderr
     return work / "out", tiny_dataset, finished.stdout
+
+
+@pytest.mark.parametrize("name, recipe", RECIPES.items(), ids=RECIPES.keys())
+def test_each_recipe_trains_the_block_optimizer_and_schedule_its_name_says(name, recipe, train_here, tiny_dataset,
+                                                                            tmp_path):
+    finished = train_here(f"--dataset={tiny_dataset}", f"--out_dir={tmp_path}", "--max_iters=1", "--eval_interval=1",
+                          "--sample_every_eval=False", *recipe)
+    assert finished.returncode == 0, finished.stderr
+    block, optimizer, lr_schedule = name.split("_")
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert saved["model_config"]["block"] == block
+    assert (saved["config"]["optimizer"], saved["config"]["lr_schedule"]) == (optimizer, lr_schedule)
+    # the optimizer that stepped: Muon with AdamW saves each part under its name, AdamW alone its own state
+    assert sorted(saved["optimizer"]) == {"muon": ["adamw", "muon"], "adamw": ["param_groups", "state"]}[optimizer]
 
 
 def test_training_brings_val_loss_below_its_start(trained_run):
@@ -618,6 +567,7 @@ def test_samples_leave_the_training_exactly_as_without_them(trained_run, tiny_da
     assert with_samples["rng"][0]["numpy"] == without["rng"][0]["numpy"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
 def test_on_cpu_a_freed_large_tensor_comes_back_without_the_kernel_faulting_its_pages_in_again():
     # Each step's logits are tens of MiB; glibc would unmap them when freed and the kernel

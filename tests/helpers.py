@@ -1,0 +1,144 @@
+"""What several test modules share: the repository root, generated text, the tiny model's
+flags and the recipes, running train.py and prepare.py as subprocesses, and reading what a
+run or a dataset holds. Fixtures live in conftest.py, which puts the repository root on
+sys.path before it imports this module; no test module imports another."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import train
+from owngpt import dataset
+from owngpt import tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SYLLABLES = "ka lo mi ne ru sa ti vo pe da gu hi ba zo fe wi an or el ist ing th qu".split()
+_word_rng = random.Random(0)
+WORD_LIST = ["".join(_word_rng.choices(SYLLABLES, k=1 + index % 3)) for index in range(400)]
+
+
+def make_text(seed, sentences=60):
+    """Deterministic text with English-like statistics: sentences of invented words drawn
+    with Zipf's law (a few words are common, most are rare), with punctuation."""
+    rng = random.Random(seed)
+    weights = [1 / rank for rank in range(1, len(WORD_LIST) + 1)]
+    lines = []
+    for _ in range(sentences):
+        words = rng.choices(WORD_LIST, weights, k=rng.randint(4, 14))
+        lines.append(" ".join(words).capitalize() + rng.choice([".", ".", ",", "!", "?"]))
+    return "\n".join(lines) + "\n"
+
+
+def send_body(handler, body, broken=False):
+    """Answer a GET with body, honouring an open-ended Range header (bytes=N-) with a 206;
+    broken=True sends only half of what was asked and drops the connection."""
+    asked = handler.headers["Range"]
+    start = int(asked.removeprefix("bytes=").rstrip("-")) if asked else 0
+    handler.send_response(206 if start else 200)
+    if start:
+        handler.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+    handler.send_header("Content-Length", str(len(body) - start))
+    handler.end_headers()
+    if broken:
+        handler.wfile.write(body[start:start + (len(body) - start) // 2])
+        handler.close_connection = True
+    else:
+        handler.wfile.write(body[start:])
+
+
+def wait_until(condition, timeout=60, interval=0.05):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(interval)
+
+
+# ----------------------------------------------------------------------------- train.py
+TINY_MODEL = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8", "--eval_iters=2",
+              "--log_interval=1", "--warmup_iters=2", "--learning_rate=3e-3", "--min_lr=3e-4", "--device=cpu"]
+
+# The recipe of modded-nanogpt and nanochat beside GPT-2's: every promise holds for both.
+# Each sets its block, optimizer and schedule itself, whatever train.py's defaults are, and
+# its name lists them in that order (test_train checks the names against what the runs save).
+GPT2_RECIPE = ["--block=gpt2", "--optimizer=adamw", "--lr_schedule=cosine"]
+MODERN_RECIPE = ["--block=modern", "--value_embeddings=true", "--optimizer=muon", "--lr_schedule=wsd"]
+RECIPES = {"gpt2_adamw_cosine": GPT2_RECIPE, "modern_muon_wsd": MODERN_RECIPE}
+
+# One thread per process: a tiny model gains nothing from two, and on a busy 2-core machine
+# two OpenMP threads that wait on each other can make each step 50x slower.
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run_train(*flags, cwd, timeout=120):
+    """python train.py with the tiny model and these flags; the finished process."""
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY_MODEL, *flags], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout, env=ONE_THREAD)
+
+
+def stop_during_iteration(patch, iteration):
+    """SIGTERM arrives during this iteration (the run's iteration-th, from 1), as a preemption
+    would: the run finishes the iteration, saves and stops. patch: a monkeypatch context."""
+    real_forward_backward, calls = train.forward_backward, []
+
+    def forward_backward(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == iteration:
+            signal.raise_signal(signal.SIGTERM)
+        return real_forward_backward(*args, **kwargs)
+
+    patch.setattr(train, "forward_backward", forward_backward)
+
+
+def read_metrics(out_dir):
+    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_lines(out_dir):
+    return [line for line in read_metrics(out_dir) if "loss" in line]
+
+
+def trained_iterations(out_dir):
+    path = out_dir / "metrics.jsonl"
+    return len(train_lines(out_dir)) if path.exists() else 0
+
+
+# ----------------------------------------------------------------------------- prepare.py
+def run_prepare(*flags, cwd, env=None, check=True):
+    """Runs `python prepare.py flags...` in cwd; returns the CompletedProcess (text)."""
+    result = subprocess.run([sys.executable, str(ROOT / "prepare.py"), *flags], cwd=cwd, env=env,
+                            capture_output=True, text=True, timeout=120)
+    if check and result.returncode != 0:
+        raise AssertionError(f"prepare.py failed:\n{result.stderr}")
+    return result
+
+
+def documents_in(folder, split):
+    """The documents of a split, decoded: the tokens between end-of-text tokens."""
+    meta = dataset.read_meta(folder)
+    encoder = tokenizer.load_tokenizer(folder)
+    tokens = np.concatenate([dataset.read_shard(folder / name) for name in meta["splits"][split]["shards"]])
+    starts = np.flatnonzero(tokens == encoder.eot_token)
+    assert starts[0] == 0, "a split must start with the end-of-text token"
+    return [encoder.decode(tokens[start + 1:end].tolist())
+            for start, end in zip(starts, list(starts[1:]) + [len(tokens)])]
+
+
+def kept_documents(folder):
+    """The kept documents, whole: train's and val's, or, where val holds each document's
+    tail (too few documents for whole ones), each train head joined to its val tail."""
+    train, val = documents_in(folder, "train"), documents_in(folder, "val")
+    if dataset.read_meta(folder)["split_rule"]["rule"] != "tails":
+        return train + val
+    assert len(train) == len(val)
+    return [head + tail for head, tail in zip(train, val)]
+
+
+def bin_files(folder):
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir()) if path.suffix in (".bin", ".tiktoken")}
