@@ -18,11 +18,11 @@ import sys
 import time
 from pathlib import Path
 
+from model import GPT, GPTConfig
 from owngpt import flags
 from owngpt.checkpoint import load_checkpoint_file
 from owngpt.dataset import DatasetError, open_folder, read_meta
 from owngpt.hf import write_hf_folder
-from model import GPT, GPTConfig
 from owngpt.tokenizer import load_tokenizer
 
 _NAMES_BEFORE_DEFAULTS = set(globals())

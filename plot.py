@@ -10,8 +10,7 @@ val loss thick with its best point ringed, the learning rate below.
 import sys
 from pathlib import Path
 
-from owngpt import curves
-from owngpt import flags
+from owngpt import curves, flags
 from owngpt.runlog import METRICS_FILE
 
 DEFAULTS = {"runs": ("out",), "out": ""}

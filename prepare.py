@@ -50,15 +50,14 @@ from pathlib import Path
 import numpy as np
 
 from owngpt import flags
-from owngpt.web import filters
-from owngpt.web import crawl
 from owngpt.dataset import (META_FORMAT_VERSION, SPLITS, AtomicFile, ShardWriter, atomic_write, discard_build,
-                     folder_path, publish, report_markdown, start_build, token_dtype)
+                            folder_path, publish, report_markdown, start_build, token_dtype)
 from owngpt.filtered import (FilteredParts, Tally, check_splits, document_tails, key_from_json, kept_document, split_of,
-                      split_rule)
+                             split_rule)
 from owngpt.flags import UserError, at_least, between, matches, one_of
 from owngpt.tokenizer import (TOKENIZERS, count_chunks, gpt2_encoding, load_tokenizer, reused_tokenizer, train_bpe,
-                       write_tiktoken_file)
+                              write_tiktoken_file)
+from owngpt.web import crawl, filters
 from owngpt.web.crawl import Dropped
 from owngpt.workers import Progress, Workers, batches_of
 

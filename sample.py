@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
+from model import GPT, GPTConfig
 from owngpt import flags
 from owngpt.checkpoint import load_checkpoint_file
 from owngpt.dataset import EOT
 from owngpt.hf import HF_PREFIX, read_hf_folder, read_tokenizer_json
 from owngpt.runtime import available_devices, pick_device
-from model import GPT, GPTConfig
 from owngpt.tokenizer import load_tokenizer
 
 _NAMES_BEFORE_DEFAULTS = set(globals())

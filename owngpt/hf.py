@@ -36,9 +36,9 @@ from pathlib import Path
 import tiktoken
 import torch
 
+from model import GPT, GPTConfig, padded_vocab_size
 from owngpt.dataset import EOT, atomic_write
 from owngpt.flags import UserError
-from model import GPT, GPTConfig, padded_vocab_size
 
 HF_PREFIX = "hf:"  # init_from=hf:PATH, --out_dir=hf:PATH
 CONV1D_LAYERS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from owngpt import dataset, tokenizer
 import train
-from owngpt import dataset
-from owngpt import tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 

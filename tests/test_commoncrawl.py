@@ -14,11 +14,9 @@ import threading
 
 import pytest
 
-from owngpt import dataset
-from owngpt import tokenizer
-from owngpt.web import filters
-from owngpt.web import crawl
 from helpers import bin_files, kept_documents, run_prepare, send_body
+from owngpt import dataset, tokenizer
+from owngpt.web import crawl, filters
 
 GOOD = [
     """The town library reopened this spring after two years of careful repairs to its roof and walls.

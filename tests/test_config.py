@@ -9,10 +9,10 @@ import sys
 
 import pytest
 
-import sample
-import train
 from helpers import ROOT
 from owngpt.runtime import available_devices
+import sample
+import train
 
 SCRIPTS = {"train.py": train, "sample.py": sample}
 

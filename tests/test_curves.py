@@ -7,8 +7,8 @@ import xml.etree.ElementTree as ElementTree
 
 import pytest
 
-from owngpt import curves
 from helpers import ONE_THREAD, ROOT, TINY_MODEL, read_metrics
+from owngpt import curves
 
 SVG = "{http://www.w3.org/2000/svg}"
 

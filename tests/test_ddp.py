@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 
-import train
 from helpers import ONE_THREAD, ROOT, TINY_MODEL, read_metrics, train_lines, wait_until
 from owngpt import runtime
+import train
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
@@ -25,10 +25,10 @@ import copy, json, sys
 import torch
 import torch.distributed as dist
 sys.path.insert(0, {root!r})
-import train
 from model import GPT, GPTConfig
 from owngpt.optimizers import build_optimizer
 from owngpt.runtime import leave, setup_runtime
+import train
 from torch.nn.parallel import DistributedDataParallel
 
 cfg = train.read_config(["--device=cpu", "--gradient_accumulation_steps=4"])

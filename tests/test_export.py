@@ -15,12 +15,12 @@ import pytest
 import torch
 
 import export
-from owngpt import hf
-import train
-from owngpt.checkpoint import load_checkpoint_file
 from helpers import ROOT
 from model import GPT, GPTConfig
+from owngpt import hf
+from owngpt.checkpoint import load_checkpoint_file
 from owngpt.tokenizer import load_tokenizer, python_split_regex
+import train
 
 transformers = pytest.importorskip("transformers", reason="checking an export needs transformers "
                                    "(pip install transformers safetensors)")

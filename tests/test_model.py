@@ -8,8 +8,8 @@ import torch
 
 from model import GPT, GPTConfig, padded_vocab_size, sample_next_token
 from owngpt.checkpoint import upgrade
-from owngpt.runtime import available_devices, peak_flops, peak_flops_of_card, pick_device
 from owngpt.optimizers import build_optimizer
+from owngpt.runtime import available_devices, peak_flops, peak_flops_of_card, pick_device
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

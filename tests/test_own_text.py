@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from owngpt import dataset
 from helpers import ONE_THREAD, ROOT, make_text, run_prepare, run_train
+from owngpt import dataset
 
 
 def run_sample(*flags, cwd):

@@ -17,14 +17,11 @@ import numpy as np
 import pytest
 import tiktoken.load
 
-from owngpt import dataset
-from owngpt import filtered
-from owngpt import tokenizer
-import prepare
-from owngpt.web import filters
-from owngpt.web import crawl
-from owngpt.flags import UserError
 from helpers import bin_files, documents_in, kept_documents, make_text, run_prepare, send_body
+from owngpt import dataset, filtered, tokenizer
+from owngpt.flags import UserError
+from owngpt.web import crawl, filters
+import prepare
 
 # Text that a tokenizer must round-trip exactly: emoji (with skin tones and zero-width
 # joiners), flags, CJK, Hangul, Arabic, combining marks, control characters.

@@ -20,13 +20,12 @@ import numpy as np
 import pytest
 import torch
 
-from owngpt import checkpoint
-from owngpt import dataset
+from helpers import ONE_THREAD, ROOT, TINY_MODEL, make_text, read_metrics, train_lines, trained_iterations, wait_until
+from owngpt import checkpoint, dataset
+from owngpt.web import crawl
 import prepare
 import sample
 import train
-from owngpt.web import crawl
-from helpers import ONE_THREAD, ROOT, TINY_MODEL, make_text, read_metrics, train_lines, trained_iterations, wait_until
 
 
 # ----------------------------------------------------------------------------- restarts

@@ -11,9 +11,9 @@ import time
 import pytest
 import torch
 
-from owngpt import checkpoint
 from helpers import (ONE_THREAD, RECIPES, ROOT, TINY_MODEL, read_metrics, run_train, stop_during_iteration,
                      train_lines, trained_iterations, wait_until)
+from owngpt import checkpoint
 
 TIMING_KEYS = {"elapsed_s", "ms_per_iter", "tokens_per_s", "sample_s"}
 

@@ -8,11 +8,11 @@ import sys
 import pytest
 import torch
 
-from owngpt import flags
-import sample
 from helpers import ROOT
 from model import GPT, GPTConfig
+from owngpt import flags
 from owngpt.optimizers import build_optimizer
+import sample
 
 SENTENCE = "¡hola señor! 3€ ünd 🙂 ok"  # 1- to 4-byte characters, each byte a token
 BYTE_TOKENIZER = {"kind": "byte", "vocab_size": 257, "eot_id": 256, "file": None, "sha256": None}

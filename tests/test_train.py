@@ -11,23 +11,19 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 from contextlib import nullcontext
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from owngpt import checkpoint
-from owngpt import dataset
-from owngpt import flags
-from owngpt import optimizers
-from owngpt import runlog
-from owngpt import tokenizer
-import train
-from model import GPT, GPTConfig
-from owngpt.optimizers import build_optimizer
 from helpers import (MODERN_RECIPE, RECIPES, ROOT, TINY_MODEL, read_metrics, run_train, stop_during_iteration,
                      train_lines)
+from model import GPT, GPTConfig
+from owngpt import checkpoint, dataset, flags, optimizers, runlog, tokenizer
+from owngpt.optimizers import build_optimizer
+import train
 
 
 def eval_lines(out_dir):

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-import prepare
-from owngpt.web import filters
 from owngpt.flags import UserError
+from owngpt.web import filters
 from owngpt.web.filters import (DEFAULT_SETTINGS, DROP_REASONS, Deduplicator, dedup_signature,
-                        filter_document, mask_pii, minhash)
+                                filter_document, mask_pii, minhash)
+import prepare
 
 ROOT = Path(__file__).resolve().parent.parent
 ENGLISH = {"WARC-Identified-Content-Language": "eng"}
