@@ -39,7 +39,8 @@ from owngpt import flags
 from owngpt.budget import TIMED_ITERATIONS, TimeBudget
 from owngpt.checkpoint import (MANIFEST_FILE, check_checkpoint_fits, check_free_space, check_same_run,
                                checkpoint_to_start, continue_after_restart, init_from_problem, prepare_out_dir,
-                               restore_training_state, rng_states, saved_before_embedding_lr, write_checkpoint)
+                               release_out_dirs, restore_training_state, rng_states, saved_before_embedding_lr,
+                               write_checkpoint)
 from owngpt.dataset import SPLITS, dataset_errors, load_windows, open_folder, read_meta
 from owngpt.optimizers import OPTIMIZERS, build_optimizer, set_learning_rates
 from owngpt.runlog import RunLog, StepTimer, duration, peak_memory
@@ -445,6 +446,8 @@ def main(argv):
             dist.barrier()  # no process leaves while another may still be saving or using the group
     except flags.UserError as error:
         leave(f"error: {error}")
+    finally:
+        release_out_dirs()  # for a next run in this process; a process that ends releases them anyway
     leave(None)
 
 

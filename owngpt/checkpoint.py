@@ -28,9 +28,15 @@ import os
 import random
 import re
 import shutil
+import socket
 import sys
 import tempfile
 from pathlib import Path
+
+try:
+    import fcntl  # Unix; on Windows an out folder is not locked
+except ImportError:
+    fcntl = None
 
 import numpy as np
 import torch
@@ -41,6 +47,7 @@ from owngpt.hf import HF_PREFIX, read_hf_folder
 from owngpt.runtime import from_rank_0, restart_count
 
 MANIFEST_FILE = "checkpoints.json"
+LOCK_FILE = "run.lock"  # held by the run that uses the folder: see claim_out_dir
 
 
 class CheckpointError(UserError):
@@ -231,9 +238,9 @@ def saved_before_embedding_lr(checkpoint):
 
 # ----------------------------------------------------------------------------- starting a run
 def prepare_out_dir(out, folder, tokenizer_info, resuming):
-    """Create out_dir; refuse to start a new run over a recorded one; remove what a killed
-    save left (atomic_write's temporary .<name>.<random>.tmp files); copy a trained
-    tokenizer, so sample.py needs only this folder."""
+    """Create out_dir and claim it for this run; refuse to start a new run over a recorded one;
+    remove what a killed save left (atomic_write's temporary .<name>.<random>.tmp files); copy
+    a trained tokenizer, so sample.py needs only this folder."""
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"out_dir {out} is a file, not a folder: choose another out_dir")
     try:
@@ -241,6 +248,7 @@ def prepare_out_dir(out, folder, tokenizer_info, resuming):
         tempfile.TemporaryFile(dir=out).close()  # an unwritable out_dir shows now, not at the first save
     except OSError as error:
         raise CheckpointError(f"out_dir {out} is not writable: {error.strerror or error}") from None
+    claim_out_dir(out)
     if not resuming and read_manifest(out):
         raise CheckpointError(f"{out} already holds checkpoints of a run: continue it with init_from=resume, "
                               "or choose another out_dir")
@@ -256,6 +264,37 @@ def init_from_problem(value):
     return None if value in ("scratch", "resume") or os.path.isfile(value) or \
         (value.startswith(HF_PREFIX) and os.path.isdir(value.removeprefix(HF_PREFIX))) else \
         "scratch, resume, the path of a checkpoint file or hf:FOLDER (a Hugging Face GPT-2 or NanoChat folder)"
+
+
+_claims = {}  # out folder -> the open lock file by which this process holds it
+
+
+def claim_out_dir(out):
+    """One run per out folder: an exclusive flock on out/run.lock, which the kernel drops when
+    the process ends, however it ends (kill -9 included), so no stale claim is ever left. A
+    folder another live run holds is refused, naming that run's process."""
+    if fcntl is None or out.resolve() in _claims:
+        return
+    lock = open(out / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "a process that has not said which"
+        lock.close()
+        raise CheckpointError(f"{out} is in use by another run, {holder}: wait for it to end, "
+                              "or choose another out_dir") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"process {os.getpid()} on {socket.gethostname()} ({' '.join(sys.argv)})\n")
+    lock.flush()
+    _claims[out.resolve()] = lock
+
+
+def release_out_dirs():
+    """Let the next run have the folders this process holds."""
+    while _claims:
+        _claims.popitem()[1].close()
 
 
 def continue_after_restart(cfg, runtime):

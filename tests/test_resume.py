@@ -119,3 +119,23 @@ def test_kill_9_at_any_moment_even_inside_a_save_leaves_a_resumable_checkpoint(t
     assert [line["iter"] for line in train_lines(out_dir)] == list(range(1, resumed_at[-1] + 3))
     assert json.loads((out_dir / "checkpoints.json").read_text())["checkpoints"][-1]["iter"] == resumed_at[-1] + 2
     assert not list(out_dir.glob(".*.tmp"))  # what the killed saves left behind was cleared
+
+
+@pytest.mark.slow
+def test_a_second_run_on_a_busy_out_dir_is_refused_naming_the_first_and_accepted_once_it_was_killed(tiny_dataset,
+                                                                                                     tmp_path):
+    flags = [f"--dataset={tiny_dataset}", "--out_dir=out", "--eval_interval=100000"]
+    log = tmp_path / "first.log"
+    first = start_train(*flags, "--max_iters=100000", cwd=tmp_path, log=log)
+    try:
+        wait_until(lambda: "iter 1/" in log.read_text())  # training: it holds out_dir
+        second = run_train(*flags, "--max_iters=2", cwd=tmp_path)
+        assert second.returncode == 1
+        assert second.stderr.count("\n") == 1 and "Traceback" not in second.stderr
+        assert "out is in use by another run, process " + str(first.pid) in second.stderr
+    finally:
+        first.kill()  # SIGKILL: nothing of the run's own releases the folder, the kernel does
+        first.wait()
+    third = run_train(*flags, "--max_iters=2", cwd=tmp_path)  # the killed run saved no checkpoint
+    assert third.returncode == 0, third.stderr
+    assert [line["iter"] for line in train_lines(tmp_path / "out")] == [1, 2]
