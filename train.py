@@ -182,7 +182,7 @@ class Run:
 def build_run(cfg):
     """Everything the loop needs: data, model, optimizer, and the restored state on resume.
     Every check that can fail runs before out_dir is touched."""
-    budget = TimeBudget(cfg.max_time)  # the clock starts now
+    budget = TimeBudget(cfg.max_time, cfg.max_iters)  # the clock starts now
     runtime = setup_runtime(cfg)
     stop = install_stop_handlers(runtime)
     folder = open_folder(cfg.dataset)
@@ -264,10 +264,11 @@ def train(run):
                                 run.runtime.world_size > 1)
         loss, grad_norm, skipped, stop = optimizer_step(run, loss, run.stop.is_set())
         run.iter_num += 1
-        run.timer.add(time.perf_counter() - started)
-        fitted = run.budget.fit(run.iter_num, cfg.eval_interval, run.runtime)  # max_time: rank 0's figure
+        step_seconds = time.perf_counter() - started
+        run.timer.add(step_seconds)
+        fitted = run.budget.fit(run.iter_num, step_seconds, cfg, run.runtime)  # max_time: rank 0's figure
         if fitted:
-            cfg.max_iters = min(cfg.max_iters, fitted)
+            cfg.max_iters = fitted
             run.log.print(f"max_time={cfg.max_time:g}s: {run.budget.seconds_per_iter * 1000:.0f} ms/iter and "
                           f"{run.budget.eval_seconds:.1f}s per evaluation fit max_iters={cfg.max_iters}")
         bad_in_a_row = bad_in_a_row + 1 if skipped else 0

@@ -18,10 +18,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from helpers import (MODERN_RECIPE, RECIPES, ROOT, TINY_MODEL, read_metrics, run_train, stop_during_iteration,
-                     train_lines)
+from helpers import (GPT2_RECIPE, MODERN_RECIPE, RECIPES, ROOT, TINY_MODEL, read_metrics, run_train,
+                     stop_during_iteration, train_lines)
 from model import GPT, GPTConfig
-from owngpt import checkpoint, dataset, flags, optimizers, runlog, tokenizer
+from owngpt import budget, checkpoint, dataset, flags, optimizers, runlog, tokenizer
 from owngpt.optimizers import build_optimizer
 import train
 
@@ -436,6 +436,72 @@ def test_a_max_time_run_resumed_inside_the_timed_iterations_times_the_rest_of_th
     assert f"iter 31/{fitted}:" in resumed.stdout
     saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert saved["iter_num"] == 31 and saved["config"]["max_iters"] == fitted
+
+
+class SimulatedClock:
+    """time.time and time.perf_counter of a machine whose iterations cost what a test says:
+    max_time's arithmetic checked exactly, whatever the real machine is doing."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def time(self):
+        return self.now
+
+    perf_counter = time
+
+
+def simulate_machine(patch, clock, seconds_of_iteration):
+    """train.py and its budget read clock; each iteration advances it by seconds_of_iteration(i)."""
+    real_forward_backward, calls = train.forward_backward, []
+
+    def forward_backward(*args, **kwargs):
+        calls.append(None)
+        clock.now += seconds_of_iteration(len(calls))
+        return real_forward_backward(*args, **kwargs)
+
+    patch.setattr(train, "forward_backward", forward_backward)
+    patch.setattr(train, "time", clock)
+    patch.setattr(budget, "time", clock)
+
+
+def busy_then_quiet(iteration):
+    return 0.5 if iteration <= 40 else 0.1  # a machine busy for its first 40 iterations
+
+
+def test_under_wsd_a_run_slowed_for_its_first_iterations_still_spends_its_budget(train_here, monkeypatch,
+                                                                                 tiny_dataset, tmp_path):
+    flags = [f"--dataset={tiny_dataset}", *MODERN_RECIPE, "--max_time=60", "--eval_interval=10000",
+             "--log_interval=100", "--sample_every_eval=false"]
+    with monkeypatch.context() as patch:
+        simulate_machine(patch, SimulatedClock(), busy_then_quiet)
+        finished = train_here(*flags, f"--out_dir={tmp_path / 'whole'}")
+    assert finished.returncode == 0, finished.stderr
+    fits = fitted_max_iters(finished.stdout)
+    assert fits[0] == 30 + int((60 - 30 * 0.5) / 0.5)  # from the busy iterations alone: 120, 28 s of 60
+    assert len(fits) > 1 and f"done: iteration {fits[-1]} " in finished.stdout
+    last = [line for line in read_metrics(tmp_path / "whole") if "val_loss" in line][-1]
+    assert last["iter"] == fits[-1] and 0.95 * 60 <= last["elapsed_s"] <= 60
+    # stopped in the cooldown and resumed, the run ends where the whole one did
+    with monkeypatch.context() as patch:
+        simulate_machine(patch, SimulatedClock(), busy_then_quiet)
+        stop_during_iteration(patch, fits[-1] - 20)
+        assert train_here(*flags, f"--out_dir={tmp_path / 'halves'}").returncode == 0
+    with monkeypatch.context() as patch:
+        simulate_machine(patch, SimulatedClock(), lambda iteration: 0.1)
+        resumed = train_here(*flags, f"--out_dir={tmp_path / 'halves'}", "--init_from=resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert fitted_max_iters(resumed.stdout) == [] and f"done: iteration {fits[-1]} " in resumed.stdout
+
+
+def test_under_cosine_max_iters_is_fitted_once(train_here, monkeypatch, tiny_dataset, tmp_path):
+    with monkeypatch.context() as patch:
+        simulate_machine(patch, SimulatedClock(), busy_then_quiet)
+        finished = train_here(f"--dataset={tiny_dataset}", f"--out_dir={tmp_path}", *GPT2_RECIPE, "--max_time=60",
+                              "--eval_interval=10000", "--log_interval=100", "--sample_every_eval=false")
+    assert finished.returncode == 0, finished.stderr
+    assert fitted_max_iters(finished.stdout) == [120]  # every iteration's rate depends on it: no refit
+    assert "done: iteration 120 " in finished.stdout
 
 
 # ----------------------------------------------------------------------------- accumulation and non-finite steps
