@@ -28,6 +28,10 @@ def make_text(seed, sentences=60):
     return "\n".join(lines) + "\n"
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: starts processes (torchrun); deselect with -m 'not slow'")
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory):
     """A dataset folder built by `prepare.py` from 24 small generated text files:
