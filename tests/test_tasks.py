@@ -1,6 +1,7 @@
 """Multiple-choice tasks (owngpt/tasks.py): HellaSwag downloaded once from a server and read
 offline after, your own .jsonl items, acc and acc_norm on a hand-built model whose answers are
-known, one-line errors for malformed items, two processes counting what one counts."""
+known, one-line errors for malformed items, two processes counting what one counts, and
+train.py scoring the tasks at each evaluation and under eval_only."""
 import http.server
 import json
 import random
@@ -18,7 +19,7 @@ from model import GPT, GPTConfig
 from owngpt import hf, tasks
 from owngpt.web import crawl
 from owngpt.tokenizer import load_tokenizer
-from test_train import ONE_THREAD, ROOT
+from test_train import ONE_THREAD, ROOT, read_metrics, train_here  # noqa: F401 (train_here is a fixture)
 
 BYTES = load_tokenizer(None, {"kind": "byte", "vocab_size": 257, "eot_id": 256})
 ONE_PROCESS = SimpleNamespace(rank=0, world_size=1, is_main=True, device=torch.device("cpu"), autocast=nullcontext())
@@ -217,6 +218,29 @@ def test_batches_and_padding_change_no_loss_and_long_contexts_are_cut_from_the_l
     in_one_batch = tasks.evaluate_tasks(model, [task], ONE_PROCESS)
     monkeypatch.setattr(tasks, "BATCH_TOKENS", 1)  # one item a batch
     assert tasks.evaluate_tasks(model, [task], ONE_PROCESS) == in_one_batch
+
+
+# ----------------------------------------------------------------------------- in train.py
+def test_train_py_scores_tasks_at_each_evaluation_and_eval_only_scores_a_checkpoint(
+        tiny_dataset, hellaswag_server, tmp_path, train_here):
+    mine = write_items(tmp_path / "mine.jsonl", [{"context": "Kalo", "endings": [" mi", " sa", " ti"], "label": i % 3}
+                                                 for i in range(5)])
+    out_dir = tmp_path / "out"
+    finished = train_here(f"--dataset={tiny_dataset}", f"--out_dir={out_dir}", "--max_iters=4", "--eval_interval=2",
+                          f"--eval_tasks={mine}", "--sample_every_eval=false")
+    assert finished.returncode == 0, finished.stderr
+    assert finished.stdout.count("  mine: acc_norm ") == 3
+    evals = [line for line in read_metrics(out_dir) if "val_loss" in line]
+    assert [line["iter"] for line in evals] == [0, 2, 4]
+    assert all(0 <= line["task/mine/acc_norm"] <= 1 and 0 <= line["task/mine/acc"] <= 1 for line in evals)
+
+    before = {path.name: path.stat().st_mtime_ns for path in out_dir.iterdir()}
+    finished = train_here(f"--dataset={tiny_dataset}", f"--init_from={out_dir / 'best.pt'}", "--eval_only=True",
+                          f"--eval_tasks=hellaswag,{mine}", "--eval_task_items=4")
+    assert finished.returncode == 0, finished.stderr
+    assert "  hellaswag: acc_norm " in finished.stdout and "(4 items)" in finished.stdout
+    assert "  mine: acc_norm " in finished.stdout and len(hellaswag_server.ranges) == 1
+    assert {path.name: path.stat().st_mtime_ns for path in out_dir.iterdir()} == before
 
 
 # Under torchrun: rank 0 downloads HellaSwag while rank 1 waits; each scores every second item of
