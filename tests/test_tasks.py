@@ -1,13 +1,14 @@
 """Multiple-choice tasks (owngpt/tasks.py): HellaSwag downloaded once from a server and read
 offline after, your own .jsonl items, acc and acc_norm on a hand-built model whose answers are
 known, one-line errors for malformed items, two processes counting what one counts, and
-train.py scoring the tasks at each evaluation and under eval_only."""
+train.py scoring the tasks at each evaluation (into metrics.jsonl and curves.svg) and under eval_only."""
 import http.server
 import json
 import random
 import subprocess
 import sys
 import threading
+import xml.etree.ElementTree as ElementTree
 from contextlib import nullcontext
 from types import SimpleNamespace
 
@@ -146,7 +147,8 @@ def test_a_hugging_face_folder_is_read_with_its_own_tokenizer(tiny_dataset, tmp_
     (tmp_path / "gpt2" / "tokenizer.json").write_text(json.dumps(hf.tokenizer_json(bpe)))
     mine = write_items(tmp_path / "mine.jsonl", [{"context": "Kalo mine", "endings": [" sati", " ruvo"], "label": 1}])
     (task,) = tasks.load_tasks((str(mine),), 0, BYTES, f"hf:{tmp_path / 'gpt2'}", ONE_PROCESS)
-    assert task.name == "mine" and task.items[0].context == bpe.encode_ordinary("Kalo mine") != BYTES.encode("Kalo mine")
+    assert task.name == "mine"
+    assert task.items[0].context == bpe.encode_ordinary("Kalo mine") != BYTES.encode("Kalo mine")
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -175,8 +177,9 @@ def scored(items, tmp_path, model=None, runtime=ONE_PROCESS):
 def test_a_model_that_knows_the_answers_gets_all_right_and_shuffled_labels_the_expected_share(tmp_path):
     rng = random.Random(0)
     labels = [rng.randrange(4) for _ in range(40)]
-    items = [{"context": f"question {index}?", "endings": ["a" * 5 if ending == label else "z" * 5 for ending in range(4)],
-              "label": label} for index, label in enumerate(labels)]
+    items = [{"context": f"question {index}?", "label": label,
+              "endings": ["a" * 5 if ending == label else "z" * 5 for ending in range(4)]}
+             for index, label in enumerate(labels)]
     assert scored(items, tmp_path) == {"acc": 1.0, "acc_norm": 1.0, "items": 40}
     shuffled = labels[:]
     rng.shuffle(shuffled)
@@ -233,6 +236,10 @@ def test_train_py_scores_tasks_at_each_evaluation_and_eval_only_scores_a_checkpo
     evals = [line for line in read_metrics(out_dir) if "val_loss" in line]
     assert [line["iter"] for line in evals] == [0, 2, 4]
     assert all(0 <= line["task/mine/acc_norm"] <= 1 and 0 <= line["task/mine/acc"] <= 1 for line in evals)
+    svg = ElementTree.parse(out_dir / "curves.svg").getroot()
+    (drawn,) = [path for path in svg.iter("{http://www.w3.org/2000/svg}path") if path.get("class") == "task"]
+    assert drawn.get("data-task") == "mine"
+    assert drawn.get("data-points") == " ".join(f"{line['tokens']!r},{line['task/mine/acc_norm']!r}" for line in evals)
 
     before = {path.name: path.stat().st_mtime_ns for path in out_dir.iterdir()}
     finished = train_here(f"--dataset={tiny_dataset}", f"--init_from={out_dir / 'best.pt'}", "--eval_only=True",
@@ -278,8 +285,8 @@ leave(None)
 def test_two_processes_count_what_one_process_counts(hellaswag_server, tmp_path):
     rng = random.Random(2)
     mine = write_items(tmp_path / "mine.jsonl", [
-        {"context": f"Kalo {rng.random()}", "endings": [f" {rng.random()}" for _ in range(3)], "label": rng.randrange(3)}
-        for _ in range(7)])  # 4 items on rank 0, 3 on rank 1
+        {"context": f"Kalo {rng.random()}", "endings": [f" {rng.random()}" for _ in range(3)],
+         "label": rng.randrange(3)} for _ in range(7)])  # 4 items on rank 0, 3 on rank 1
     script, result = tmp_path / "score.py", tmp_path / "result.json"
     script.write_text(DDP_SCRIPT.format(root=str(ROOT), work=str(tmp_path), url=tasks.HELLASWAG_URL, mine=str(mine),
                                         result=str(result)))
