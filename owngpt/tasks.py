@@ -12,11 +12,13 @@ follows) and each ending is scored by the model's losses on its own tokens given
 in the way of llm.c's reference (karpathy/llm.c, dev/data/hellaswag.py): no end-of-text before
 the context, the ending's tokens encoded on their own. Two accuracies, the share of items whose
 right ending has the lowest
-- acc: summed loss, its log-probability: this favours short endings;
-- acc_norm: mean loss per token, which llm.c calls acc_norm and with which GPT-2 small
-  (124M) scores 29.55% on HellaSwag's 10,042 validation items. EleutherAI's lm-evaluation-harness
-  divides by the ending's length in characters instead, and reports 31.14% for the same model:
-  the two acc_norm figures are not comparable. Chance is 1 / the number of endings: 25% for 4.
+- acc: summed loss (minus the ending's log-probability), which favours short endings;
+- acc_norm: mean loss per token, as llm.c computes its acc_norm, with which GPT-2 small (124M)
+  scores 29.55% on HellaSwag's 10,042 validation items (its docstring). We report this one
+  because that is the figure people compare a GPT-2-sized run with. EleutherAI's
+  lm-evaluation-harness divides the log-probability by the ending's length in characters
+  instead (lm_eval/api/task.py: lls / completion_len) and gets 31.14% for the same model: the
+  two acc_norm figures are not comparable. Chance is 1 / the number of endings: 25% for 4.
 
 `hellaswag` is the official validation set (rowanz/hellaswag, data/hellaswag_val.jsonl, ctx and
 endings joined with a space as llm.c does), downloaded once into data/hellaswag/ by the same
