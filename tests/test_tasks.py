@@ -141,6 +141,12 @@ def test_eval_tasks_names_hellaswag_or_existing_jsonl_files(tmp_path):
     assert "hellaswg is neither" in tasks.tasks_problem(("hellaswg",))
 
 
+def test_the_example_quiz_is_well_formed_and_its_labels_are_spread_over_the_endings():
+    (task,) = tasks.load_tasks((str(ROOT / "examples" / "python_quiz.jsonl"),), 0, BYTES, "scratch", ONE_PROCESS)
+    assert task.name == "python_quiz" and len(task.items) == 30
+    assert [sum(item.label == label for item in task.items) for label in range(4)] == [8, 8, 7, 7]
+
+
 def test_a_hugging_face_folder_is_read_with_its_own_tokenizer(tiny_dataset, tmp_path):
     bpe = load_tokenizer(tiny_dataset)
     (tmp_path / "gpt2").mkdir()
