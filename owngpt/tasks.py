@@ -1,17 +1,17 @@
 """Multiple-choice evaluation as papers and leaderboards report it: HellaSwag, and questions of your own.
 
-    python train.py --init_from=out/demo/best.pt --eval_only=True --eval_tasks=hellaswag,my_questions.jsonl
+    python train.py --init_from=out/demo/best.pt --eval_only=True --eval_tasks=hellaswag,examples/python_quiz.jsonl
     python train.py config/train_demo.py --eval_tasks=hellaswag --eval_task_items=500   # at each evaluation
 
 An item is a context and a few endings, one of them right. A file of your own holds one a line:
 
     {"context": "The capital of France is", "endings": [" Paris", " Rome", " a cat"], "label": 0}
 
-The model reads context + ending exactly as written (start an ending with a space where a word
-follows) and each ending is scored by the model's losses on its own tokens given the context,
-in the way of llm.c's reference (karpathy/llm.c, dev/data/hellaswag.py): no end-of-text before
-the context, the ending's tokens encoded on their own. Two accuracies, the share of items whose
-right ending has the lowest
+The model reads context + ending exactly as written: end the context without a space and start
+each ending with one where a word follows, as the text would be tokenised. Each ending is scored
+by the model's losses on its own tokens given the context, the way of llm.c's reference
+(karpathy/llm.c, dev/data/hellaswag.py): no end-of-text before the context, the ending's tokens
+encoded on their own. Two accuracies, the share of items whose right ending has the lowest
 - acc: summed loss (minus the ending's log-probability), which favours short endings;
 - acc_norm: mean loss per token, as llm.c computes its acc_norm, with which GPT-2 small (124M)
   scores 29.55% on HellaSwag's 10,042 validation items (its docstring). We report this one
