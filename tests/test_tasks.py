@@ -2,6 +2,7 @@
 offline after, your own .jsonl items, acc and acc_norm on a hand-built model whose answers are
 known, one-line errors for malformed items, two processes counting what one counts, and
 train.py scoring the tasks at each evaluation (into metrics.jsonl and curves.svg) and under eval_only."""
+import dataclasses
 import http.server
 import json
 import random
@@ -254,6 +255,25 @@ def test_train_py_scores_tasks_at_each_evaluation_and_eval_only_scores_a_checkpo
     assert "  hellaswag: acc_norm " in finished.stdout and "(4 items)" in finished.stdout
     assert "  mine: acc_norm " in finished.stdout and len(hellaswag_server.ranges) == 1
     assert {path.name: path.stat().st_mtime_ns for path in out_dir.iterdir()} == before
+
+
+def test_eval_only_scores_a_hugging_face_folder_with_its_tokenizer_as_the_model_itself_scores(
+        tiny_dataset, tmp_path, train_here):
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=512, block_size=32, n_layer=2, n_head=2, n_embd=32, block="gpt2")
+    model = GPT(config).eval()
+    bpe = load_tokenizer(tiny_dataset)
+    hf.write_gpt2_folder(tmp_path / "hf", {"model": model.state_dict(), "model_config": dataclasses.asdict(config)},
+                         bpe, "a test model")
+    rng = random.Random(3)
+    mine = write_items(tmp_path / "mine.jsonl", [
+        {"context": f"Kalo {rng.choice(['mi', 'sa'])}", "endings": [f" {rng.random()}" for _ in range(4)],
+         "label": rng.randrange(4)} for _ in range(12)])
+    finished = train_here(f"--dataset={tiny_dataset}", f"--init_from=hf:{tmp_path / 'hf'}", "--eval_only=True",
+                          f"--eval_tasks={mine}")
+    assert finished.returncode == 0, finished.stderr
+    expected = tasks.evaluate_tasks(model, tasks.load_tasks((str(mine),), 0, bpe, "scratch", ONE_PROCESS), ONE_PROCESS)
+    assert finished.stdout.rstrip("\n").endswith(tasks.tasks_line(expected))
 
 
 # Under torchrun: rank 0 downloads HellaSwag while rank 1 waits; each scores every second item of
