@@ -215,7 +215,7 @@ def test_batches_and_padding_change_no_loss_and_long_contexts_are_cut_from_the_l
     rng = random.Random(1)
     words = lambda count: " ".join(rng.choice(["ka", "lo", "mi", "ne", "ruvo"]) for _ in range(count))
     items = [{"context": words(rng.randint(1, 20)), "endings": [" " + words(rng.randint(1, 4)) for _ in range(4)],
-              "label": rng.randrange(4)} for _ in range(25)]
+              "label": rng.randrange(4)} for _ in range(10)]
     (task,) = tasks.load_tasks((str(write_items(tmp_path / "quiz.jsonl", items)),), 0, BYTES, "scratch", ONE_PROCESS)
     rows = [row for item in task.items for row in tasks.rows_of(item, 32)]
     assert max(len(tokens) for tokens, _ in rows) == 33  # contexts of up to 100 bytes, cut to 32 + 1
