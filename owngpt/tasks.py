@@ -142,11 +142,11 @@ def evaluate_tasks(model, tasks, runtime):
     was_training = model.training
     model.eval()
     counts = torch.tensor([count_right(model, task.items[runtime.rank::runtime.world_size], runtime)
-                           for task in tasks], dtype=torch.float64, device=runtime.device)
+                           for task in tasks], dtype=torch.int64, device=runtime.device)
     model.train(was_training)
     if runtime.world_size > 1:
         dist.all_reduce(counts)
-    return {task.name: {"acc": right / items, "acc_norm": right_norm / items, "items": int(items)}
+    return {task.name: {"acc": right / items, "acc_norm": right_norm / items, "items": items}
             for task, (items, right, right_norm) in zip(tasks, counts.tolist())}
 
 
