@@ -11,6 +11,7 @@ beside them: it is the one file every reader opens.
     checkpoint   the out folder's checkpoints: save, rotate, verify, load
     optimizers   AdamW, or Muon with AdamW
     runlog       what a run records: log lines, metrics.jsonl, samples, curves.svg
+    tasks        multiple-choice evaluation: HellaSwag and your own .jsonl questions, acc and acc_norm
     curves       learning curves as a self-contained SVG
     hf           the Hugging Face format: safetensors, GPT-2's names, tokenizer.json
 """
