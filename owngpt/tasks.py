@@ -97,8 +97,12 @@ def read_items(path, hellaswag):
     """[(context, endings, label)] of a jsonl file; TaskError naming the line of a malformed item."""
     context_key, expected = ("ctx", "HellaSwag's format") if hellaswag else ("context", YOUR_FORMAT)
     damaged = f" (delete {path} to download it again)" if hellaswag else ""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise TaskError(f"{path} is not UTF-8 text: {error}{damaged}") from None
     items = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
