@@ -84,6 +84,8 @@ def load_tasks(names, max_items, encoding, init_from, runtime):
         download(HELLASWAG_URL, HELLASWAG_PATH)
     if HELLASWAG in names and runtime.world_size > 1:
         dist.barrier()
+        if not HELLASWAG_PATH.is_file():  # another machine's rank 0 downloaded it, onto its own disk
+            raise TaskError(f"{HELLASWAG_PATH} is not on this machine: share data/ between the machines, or copy it")
     tasks = []
     for name in names:
         path = HELLASWAG_PATH if name == HELLASWAG else Path(name)
