@@ -45,6 +45,7 @@ from owngpt.dataset import SPLITS, dataset_errors, load_windows, open_folder, re
 from owngpt.optimizers import OPTIMIZERS, build_optimizer, set_learning_rates
 from owngpt.runlog import RunLog, StepTimer, duration, peak_memory
 from owngpt.runtime import available_devices, gather_from_ranks, install_stop_handlers, leave, setup_runtime
+from owngpt.tasks import evaluate_tasks, load_tasks, task_metrics, tasks_line, tasks_problem
 from owngpt.tokenizer import load_tokenizer, token_byte_lengths
 
 _NAMES_BEFORE_DEFAULTS = set(globals())
@@ -56,6 +57,8 @@ init_from = "scratch"  # scratch | resume (the newest valid checkpoint in out_di
 eval_only = False  # evaluate the init_from checkpoint on `dataset`, print, exit
 eval_interval = 250  # evaluate and save a checkpoint every this many iterations (and at the end)
 eval_iters = 20  # batches per evaluation, the same fixed batches every time
+eval_tasks = ()  # multiple-choice tasks scored at each evaluation and by eval_only: hellaswag and/or your .jsonl files (owngpt/tasks.py)
+eval_task_items = 0  # the first this many items of each task; 0 = all
 log_interval = 10  # a log line and a metrics.jsonl line every this many iterations
 sample_every_eval = True  # at each evaluation print and record a short sample (32 tokens of a fresh document)
 keep_last = 2  # checkpoints kept in out_dir, the newest valid one always among them
@@ -124,7 +127,8 @@ CHECKS = {
     "optimizer": flags.one_of(*OPTIMIZERS),
     "lr_schedule": flags.one_of("cosine", "wsd"),
     **dict.fromkeys(("weight_decay", "grad_clip", "min_lr"), non_negative),
-    **dict.fromkeys(("warmup_iters", "lr_decay_iters"), flags.at_least(0)),
+    **dict.fromkeys(("warmup_iters", "lr_decay_iters", "eval_task_items"), flags.at_least(0)),
+    "eval_tasks": tasks_problem,
     "device": lambda device: flags.one_of("auto", *available_devices())(device),  # what this machine has
     "dtype": flags.one_of("auto", "float32", "bfloat16", "float16"),
     "seed": flags.between(0, 2**31 - 1),  # numpy takes 32-bit seeds, and process k adds k
@@ -199,6 +203,8 @@ def build_run(cfg):
         check_checkpoint_fits(checkpoint, path, model_config, meta["tokenizer"], folder)
     with dataset_errors():
         windows = {split: load_windows(folder, meta, split, model_config.block_size) for split in SPLITS}
+        encoding = load_tokenizer(folder, meta["tokenizer"])
+    tasks = load_tasks(cfg.eval_tasks, cfg.eval_task_items, encoding, cfg.init_from, runtime)
     resuming = cfg.init_from == "resume" and not cfg.eval_only
     if runtime.is_main and not cfg.eval_only:
         prepare_out_dir(Path(cfg.out_dir), folder, meta["tokenizer"], resuming)
@@ -212,10 +218,8 @@ def build_run(cfg):
         check_free_space(Path(cfg.out_dir), raw_model, cfg.keep_last)
     raw_model.to(runtime.device)
     model = torch.compile(raw_model) if cfg.compile else raw_model
-    with dataset_errors():
-        encoding = load_tokenizer(folder, meta["tokenizer"])
     data = SimpleNamespace(
-        windows=windows, encoding=encoding, tokenizer_info=meta["tokenizer"],
+        windows=windows, encoding=encoding, tokenizer_info=meta["tokenizer"], tasks=tasks,
         eval_batches={split: split_windows.fixed_batch_ids(cfg.eval_iters, cfg.batch_size)
                       for split, split_windows in windows.items()},
         byte_lengths=torch.tensor(token_byte_lengths(encoding), dtype=torch.int64, device=runtime.device),
@@ -366,14 +370,15 @@ def run_evaluation(run):
     started, data = time.perf_counter(), run.data
     val, on_train = (evaluate(run.model, data.windows[split], data.eval_batches[split], data.byte_lengths, run.runtime)
                      for split in ("val", "train"))
+    tasks = evaluate_tasks(run.raw_model, data.tasks, run.runtime)  # {} without eval_tasks
     run.budget.eval_seconds = time.perf_counter() - started
     perplexity = math.exp(min(val["loss"], 700))
     run.log.print(f"eval at iter {run.iter_num}: val loss {val['loss']:.4f} (perplexity {perplexity:.2f}, "
                   f"accuracy {val['acc']:.1%}, {val['bpb']:.3f} bits/byte) | train loss {on_train['loss']:.4f} | "
-                  f"gap {val['loss'] - on_train['loss']:+.4f} | {run.budget.eval_seconds:.1f}s")
+                  f"gap {val['loss'] - on_train['loss']:+.4f} | {run.budget.eval_seconds:.1f}s{tasks_line(tasks)}")
     run.log.write({"iter": run.iter_num, "tokens": run.iter_num * run.tokens_per_iter,
                    "elapsed_s": run.budget.elapsed(), "val_loss": val["loss"], "val_ppl": perplexity,
-                   "val_acc": val["acc"], "val_bpb": val["bpb"], "train_loss": on_train["loss"]})
+                   "val_acc": val["acc"], "val_bpb": val["bpb"], "train_loss": on_train["loss"], **task_metrics(tasks)})
     if run.cfg.sample_every_eval and run.runtime.is_main and math.isfinite(val["loss"]):  # NaN weights cannot sample
         run.budget.eval_seconds += run.log.sample(run.raw_model, run.data.encoding, run.cfg.seed, run.runtime.device,
                                                   run.iter_num, run.budget.elapsed)
@@ -437,9 +442,10 @@ def main(argv):
         if cfg.eval_only:
             val = evaluate(run.model, run.data.windows["val"], run.data.eval_batches["val"], run.data.byte_lengths,
                            run.runtime)
+            tasks = evaluate_tasks(run.raw_model, run.data.tasks, run.runtime)
             run.log.print(f"{cfg.init_from} on {cfg.dataset}: val loss {val['loss']:.4f} | perplexity "
                           f"{math.exp(min(val['loss'], 700)):.2f} | accuracy {val['acc']:.1%} | "
-                          f"{val['bpb']:.3f} bits/byte")
+                          f"{val['bpb']:.3f} bits/byte{tasks_line(tasks)}")
         else:
             train(run)
         run.log.finish()

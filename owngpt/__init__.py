@@ -14,6 +14,7 @@ beside them: it is the one file every reader opens.
                  what it must agree on with the config, older checkpoints brought up to date
     optimizers   AdamW, or Muon with AdamW
     runlog       what a run records: log lines, metrics.jsonl, samples, curves.svg
+    tasks        multiple-choice evaluation: HellaSwag and your own .jsonl questions, acc and acc_norm
     curves       learning curves as a self-contained SVG
     hf           the Hugging Face format: safetensors, GPT-2's names, tokenizer.json
 """

@@ -10,7 +10,8 @@ picture to compare them. The picture opens in any browser, with no dependency:
 What it shows, from metrics.jsonl: the training loss of each logged iteration (a thin line),
 the val loss of each evaluation (a thick line with dots), the best val loss (a ring), and on
 the right axis the same val loss in bits per byte (a fixed rescaling of the val loss, since
-the evaluation batches are fixed). The lower panel is the learning rate.
+the evaluation batches are fixed). The panel below is the learning rate, and when the run scored
+multiple-choice tasks (eval_tasks, owngpt/tasks.py) a third panel shows each task's acc_norm.
 """
 import json
 import math
@@ -22,6 +23,9 @@ from owngpt.dataset import atomic_write
 WIDTH, HEIGHT = 900, 600
 LEFT, RIGHT, TOP = 80, 90, 40  # margins around the plots, in pixels
 LOSS_BOTTOM, LR_TOP, LR_BOTTOM = 420, 460, 545
+TASKS_TOP, TASKS_BOTTOM = 585, 670  # the tasks' panel, when there is one: the picture grows by TASKS_HEIGHT
+TASKS_HEIGHT = TASKS_BOTTOM - LR_BOTTOM
+DASHES = ("none", "6,3", "2,3", "8,3,2,3")  # one per task, in every run's colour
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2")
 
 
@@ -88,9 +92,23 @@ def series(lines):
     return train, val, lr, best, factors.pop() if len(factors) == 1 else None
 
 
+def task_series(lines):
+    """{task name: [(x, acc_norm)]} of one run, from metrics.jsonl's task/<name>/acc_norm."""
+    found = {}
+    for line in lines:
+        for key, value in line.items():
+            if key.startswith("task/") and key.endswith("/acc_norm") and value is not None:
+                found.setdefault(key.removeprefix("task/").removesuffix("/acc_norm"), []).append(
+                    (line.get("tokens", line["iter"]), value))
+    return found
+
+
 def draw(runs):
     """The SVG text for runs, a list of (name, metrics lines)."""
     drawn = [(name, *series(lines)) for name, lines in runs]
+    scores = [task_series(lines) for _, lines in runs]
+    task_names = list(dict.fromkeys(task for found in scores for task in found))
+    height = HEIGHT + TASKS_HEIGHT if task_names else HEIGHT
     xs = [x for _, train, val, lr, _, _ in drawn for x, _ in train + val + lr] or [0, 1]
     losses = [y for _, train, val, _, _, _ in drawn for _, y in train + val] or [0, 1]
     rates = [y for _, _, _, lr, _, _ in drawn for _, y in lr] or [0, 1]
@@ -103,9 +121,9 @@ def draw(runs):
     loss_axes = Axes((0, x_ticks[-1]), (loss_ticks[0], loss_ticks[-1]), (LEFT, TOP, box_right, LOSS_BOTTOM))
     lr_axes = Axes((0, x_ticks[-1]), (0, lr_ticks[-1]), (LEFT, LR_TOP, box_right, LR_BOTTOM))
     x_unit = "tokens seen" if any("tokens" in line for _, lines in runs for line in lines) else "iterations"
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" '
-           f'viewBox="0 0 {WIDTH} {HEIGHT}" font-family="sans-serif" font-size="12">',
-           f'<rect width="{WIDTH}" height="{HEIGHT}" fill="white"/>',
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" '
+           f'viewBox="0 0 {WIDTH} {height}" font-family="sans-serif" font-size="12">',
+           f'<rect width="{WIDTH}" height="{height}" fill="white"/>',
            f'<text x="{WIDTH / 2}" y="22" text-anchor="middle" font-size="15">'
            f'{escape(", ".join(name for name, *_ in drawn))}: loss against {x_unit}</text>']
     out += grid(loss_axes, x_ticks, loss_ticks, show_x_labels=False)
@@ -114,7 +132,18 @@ def draw(runs):
                f'loss (nats per token)</text>')
     out.append(f'<text transform="translate(22,{(LR_TOP + LR_BOTTOM) / 2}) rotate(-90)" text-anchor="middle">'
                f'learning rate</text>')
-    out.append(f'<text x="{(LEFT + box_right) / 2}" y="{HEIGHT - 15}" text-anchor="middle">{x_unit}</text>')
+    out.append(f'<text x="{(LEFT + box_right) / 2}" y="{height - 15}" text-anchor="middle">{x_unit}</text>')
+    if task_names:
+        task_ticks = nice_ticks(0, max(y for found in scores for points in found.values() for _, y in points), count=2)
+        task_axes = Axes((0, x_ticks[-1]), (0, task_ticks[-1]), (LEFT, TASKS_TOP, box_right, TASKS_BOTTOM))
+        out += grid(task_axes, x_ticks, task_ticks, show_x_labels=True)
+        out.append(f'<text transform="translate(22,{(TASKS_TOP + TASKS_BOTTOM) / 2}) rotate(-90)" '
+                   f'text-anchor="middle">acc_norm</text>')
+        for index, task in enumerate(task_names):  # the legend: each task's dashes, then its name
+            x = LEFT + 8 + 170 * index
+            out.append(f'<line x1="{x}" y1="{TASKS_TOP + 10}" x2="{x + 25}" y2="{TASKS_TOP + 10}" stroke="#555" '
+                       f'stroke-width="2" stroke-dasharray="{DASHES[index % len(DASHES)]}"/>')
+            out.append(f'<text x="{x + 30}" y="{TASKS_TOP + 14}" fill="#555">{escape(task)}</text>')
     if bpb_factor:
         for tick in loss_ticks:
             out.append(f'<text x="{box_right + 8}" y="{loss_axes.y(tick) + 4:.1f}">{tick * bpb_factor:.2f}</text>')
@@ -138,6 +167,11 @@ def draw(runs):
         if lr:
             out.append(f'<path class="lr" d="{lr_axes.path(lr)}" fill="none" stroke="{colour}" stroke-width="1.5" '
                        f'data-points="{points_text(lr)}"/>')
+        for task, task_points in scores[index].items():
+            out.append(f'<path class="task" data-task="{escape(task, {chr(34): "&quot;"})}" '
+                       f'd="{task_axes.path(task_points)}" fill="none" stroke="{colour}" stroke-width="2" '
+                       f'stroke-dasharray="{DASHES[task_names.index(task) % len(DASHES)]}" '
+                       f'data-points="{points_text(task_points)}"/>')
         legend_y = TOP + 14 + 18 * index
         best_text = f", best val {best[1]:.3f}" if best else ""
         out.append(f'<line x1="{box_right - 230}" y1="{legend_y - 4}" x2="{box_right - 205}" y2="{legend_y - 4}" '

@@ -75,6 +75,7 @@ def test_help_lists_every_key_with_its_default_and_comment(capsys):
     assert exit.value.code == 0
     text = capsys.readouterr().out
     for key, value in train.DEFAULTS.items():
+        value = ",".join(value) if isinstance(value, tuple) else value  # a tuple as a flag writes it
         assert f"--{key}={value}\n      {train.HELP[key]}\n" in text + "\n"
     assert "--gradient_accumulation_steps=1\n      micro-steps per iteration" in text
 
