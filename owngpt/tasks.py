@@ -1,6 +1,6 @@
 """Multiple-choice evaluation as papers and leaderboards report it: HellaSwag, and questions of your own.
 
-    python train.py --init_from=out/demo/best.pt --eval_only=True --eval_tasks=hellaswag,examples/python_quiz.jsonl
+    python train.py --init_from=out/demo/best.pt --eval_only=True --eval_tasks=hellaswag,config/python_quiz.jsonl
     python train.py config/train_demo.py --eval_tasks=hellaswag --eval_task_items=500   # at each evaluation
 
 An item is a context and a few endings, one of them right. A file of your own holds one a line:

@@ -23,10 +23,6 @@ def pytest_configure(config):
                    "or a long run; `python -m pytest -q -m \"not slow\" tests` leaves them out (about a minute)")
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: starts processes (torchrun); deselect with -m 'not slow'")
-
-
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory):
     """A dataset folder built by `prepare.py` from 24 small generated text files:
