@@ -16,12 +16,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import send_body
+from helpers import ONE_THREAD, ROOT, read_metrics, send_body
 from model import GPT, GPTConfig
 from owngpt import hf, tasks
-from owngpt.web import crawl
 from owngpt.tokenizer import load_tokenizer
-from test_train import ONE_THREAD, ROOT, read_metrics, train_here  # noqa: F401 (train_here is a fixture)
+from owngpt.web import crawl
 
 BYTES = load_tokenizer(None, {"kind": "byte", "vocab_size": 257, "eot_id": 256})
 ONE_PROCESS = SimpleNamespace(rank=0, world_size=1, is_main=True, device=torch.device("cpu"), autocast=nullcontext())
@@ -143,7 +142,7 @@ def test_eval_tasks_names_hellaswag_or_existing_jsonl_files(tmp_path):
 
 
 def test_the_example_quiz_is_well_formed_and_its_labels_are_spread_over_the_endings():
-    (task,) = tasks.load_tasks((str(ROOT / "examples" / "python_quiz.jsonl"),), 0, BYTES, "scratch", ONE_PROCESS)
+    (task,) = tasks.load_tasks((str(ROOT / "config" / "python_quiz.jsonl"),), 0, BYTES, "scratch", ONE_PROCESS)
     assert task.name == "python_quiz" and len(task.items) == 30
     assert [sum(item.label == label for item in task.items) for label in range(4)] == [8, 8, 7, 7]
 
@@ -263,7 +262,7 @@ def test_eval_only_scores_a_hugging_face_folder_with_its_tokenizer_as_the_model_
     config = GPTConfig(vocab_size=512, block_size=32, n_layer=2, n_head=2, n_embd=32, block="gpt2")
     model = GPT(config).eval()
     bpe = load_tokenizer(tiny_dataset)
-    hf.write_gpt2_folder(tmp_path / "hf", {"model": model.state_dict(), "model_config": dataclasses.asdict(config)},
+    hf.write_hf_folder(tmp_path / "hf", {"model": model.state_dict(), "model_config": dataclasses.asdict(config)},
                          bpe, "a test model")
     rng = random.Random(3)
     mine = write_items(tmp_path / "mine.jsonl", [
