@@ -91,9 +91,9 @@ beta2 = 0.95  # AdamW beta2
 grad_clip = 1.0  # clip the global gradient norm to this; 0 = no clipping
 # learning rate schedule: linear warmup, then cosine or warmup-stable-decay
 lr_schedule = "wsd"  # wsd (hold the peak, then decay linearly to min_lr) | cosine (decay to min_lr at lr_decay_iters)
-cooldown_fraction = 0.4  # wsd: the last share of max_iters that decays to min_lr
+cooldown_fraction = 0.4  # wsd: the last share of the iterations up to lr_decay_iters that decays to min_lr
 warmup_iters = 100  # iterations of linear warmup
-lr_decay_iters = 0  # the cosine reaches min_lr here; 0 = at max_iters
+lr_decay_iters = 0  # the schedule reaches min_lr here (0 = at max_iters): a run stopped early by max_iters decays as planned
 min_lr = 1e-4  # floor of the schedule (set it to learning_rate for a constant rate)
 # system
 device = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:1 | mps

@@ -21,6 +21,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from owngpt.optimizers import cooldown_start
+
 TIMED_ITERATIONS = (5, 30)  # the iterations after the 5th up to the 30th are timed first
 REFIT_EVERY = 25  # then, under wsd, max_iters is fitted again every this many iterations
 
@@ -53,7 +55,7 @@ class TimeBudget:
         if not self.max_time or iter_num <= self.window_from:
             return None
         self.window_seconds += step_seconds
-        stable = cfg.lr_schedule == "wsd" and iter_num < cfg.max_iters * (1 - cfg.cooldown_fraction)
+        stable = cfg.lr_schedule == "wsd" and iter_num < cooldown_start(cfg)
         if not (iter_num == TIMED_ITERATIONS[1] or (
                 stable and iter_num > TIMED_ITERATIONS[1] and iter_num - self.window_from >= REFIT_EVERY)):
             return None

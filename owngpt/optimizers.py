@@ -141,20 +141,32 @@ def muon_momentum_at(iteration):
     return 0.95 - 0.10 * max(0.0, 1 - iteration / 300)
 
 
+def decay_end(cfg):
+    """The iteration at which the schedule reaches min_lr: lr_decay_iters, or max_iters when 0.
+    A run planned for more iterations and stopped early with max_iters, then continued, is one
+    run: its decay ends at lr_decay_iters either way."""
+    return cfg.lr_decay_iters or cfg.max_iters
+
+
+def cooldown_start(cfg):
+    """wsd: the iteration at which the peak is left, the last cooldown_fraction before decay_end."""
+    return decay_end(cfg) * (1 - cfg.cooldown_fraction)
+
+
 def learning_rate_at(iteration, cfg):
     """AdamW's learning rate at this iteration (from 0); every parameter group's rate is its
-    own peak scaled alike. Linear warmup, then either a cosine decay to min_lr at
-    lr_decay_iters (GPT-3 and Chinchilla's schedule) or, with wsd, the peak held until the
-    last cooldown_fraction of max_iters and a linear decay to min_lr there (warmup-stable-
-    decay: Hu et al. 2024, MiniCPM; as modded-nanogpt and nanochat train)."""
+    own peak scaled alike. Linear warmup, then either a cosine decay to min_lr at decay_end
+    (GPT-3 and Chinchilla's schedule) or, with wsd, the peak held until cooldown_start and a
+    linear decay to min_lr at decay_end (warmup-stable-decay: Hu et al. 2024, MiniCPM; as
+    modded-nanogpt and nanochat train)."""
     if iteration < cfg.warmup_iters:
         return cfg.learning_rate * (iteration + 1) / (cfg.warmup_iters + 1)
-    if cfg.lr_schedule == "wsd":
-        cooldown_start = cfg.max_iters * (1 - cfg.cooldown_fraction)
-        progress = min(1.0, max(0.0, (iteration - cooldown_start) / max(1, cfg.max_iters - cooldown_start)))
-        return cfg.learning_rate - progress * (cfg.learning_rate - cfg.min_lr)
-    decay_end = cfg.lr_decay_iters or cfg.max_iters
-    if iteration >= decay_end:
+    end = decay_end(cfg)
+    if iteration >= end:
         return cfg.min_lr
-    progress = (iteration - cfg.warmup_iters) / max(1, decay_end - cfg.warmup_iters)
+    if cfg.lr_schedule == "wsd":
+        start = cooldown_start(cfg)
+        progress = min(1.0, max(0.0, (iteration - start) / max(1, end - start)))
+        return cfg.learning_rate - progress * (cfg.learning_rate - cfg.min_lr)
+    progress = (iteration - cfg.warmup_iters) / max(1, end - cfg.warmup_iters)
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)

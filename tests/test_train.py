@@ -653,3 +653,14 @@ def test_on_cpu_a_freed_large_tensor_comes_back_without_the_kernel_faulting_its_
     pages = 4096 * 8192 * 4 // resource.getpagesize()
     assert max(faults[2:]) < pages // 100, faults
     assert min(faults[:2]) > 10 * max(faults[2:]), faults
+
+
+def test_under_wsd_lr_decay_iters_ends_the_cooldown_so_a_run_stopped_early_and_continued_is_one_run():
+    planned = ["--lr_schedule=wsd", "--warmup_iters=10", "--cooldown_fraction=0.4", "--learning_rate=1e-3",
+               "--min_lr=1e-4", "--lr_decay_iters=100"]
+    whole = train.read_config([*planned, "--max_iters=100"])
+    first_part = train.read_config([*planned, "--max_iters=70"])  # stopped early, then continued to 100
+    assert [optimizers.learning_rate_at(i, first_part) for i in range(70)] == \
+        [optimizers.learning_rate_at(i, whole) for i in range(70)]
+    assert optimizers.learning_rate_at(60, first_part) == 1e-3 and optimizers.learning_rate_at(69, first_part) < 1e-3
+    assert optimizers.learning_rate_at(100, whole) == optimizers.learning_rate_at(120, whole) == 1e-4
