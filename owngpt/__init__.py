@@ -12,9 +12,9 @@ beside them: it is the one file every reader opens.
     budget       the run's clock and max_time
     checkpoint   the out folder: save, rotate, verify, load; which checkpoint a run starts from,
                  what it must agree on with the config, older checkpoints brought up to date
-    optimizers   AdamW, or Muon with AdamW
+    optimizers   AdamW, or Muon with AdamW; the learning-rate schedule
     runlog       what a run records: log lines, metrics.jsonl, samples, curves.svg
     tasks        multiple-choice evaluation: HellaSwag and your own .jsonl questions, acc and acc_norm
     curves       learning curves as a self-contained SVG
-    hf           the Hugging Face format: safetensors, GPT-2's names, tokenizer.json
+    hf           the Hugging Face format: safetensors, GPT-2's and NanoChat's names, tokenizer.json
 """
