@@ -4,6 +4,8 @@ briefly at a low learning rate. Put it after the config the checkpoint was train
 
     python prepare.py --source=files --input=my_notes/ --tokenizer=gpt2 --name=my_notes
     python train.py config/train_gpt2_124m.py config/finetune_files.py
+    python train.py config/train_gpt2_124m.py config/train_gpt2_124m_2019.py config/finetune_files.py \
+        --init_from=hf:gpt2 --bias=True    # OpenAI's GPT-2 small, downloaded once (README)
 
 The dataset must use the checkpoint's tokenizer: gpt2 for the GPT-2 small run; for a model
 trained on your own BPE, prepare the new text with --tokenizer=<its out folder>. The
@@ -18,8 +20,10 @@ out_dir = "out/finetune_my_notes"
 batch_size = 8
 gradient_accumulation_steps = 8
 max_iters = 300
-learning_rate = 3e-5  # a twentieth of pretraining's: adjust the model, do not overwrite it
-min_lr = 3e-5  # constant
+# every peak rate a twentieth of the recipe's before this file (3e-5 for GPT-2's AdamW):
+# adjust the model, do not overwrite it; constant after the warmup
+learning_rate, muon_lr, embedding_lr = learning_rate / 20, muon_lr / 20, embedding_lr / 20
+min_lr = learning_rate
 warmup_iters = 20
 dropout = 0.1  # small data repeats: some regularisation helps
 eval_interval = 25
