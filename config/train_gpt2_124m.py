@@ -1,4 +1,4 @@
-"""GPT-2 small's size (124M parameters) on web text with the modern recipe, 8 GPUs on one machine.
+"""GPT-2 small's shape (12 layers of 768) on web text with the modern recipe, 8 GPUs on one machine.
 
     python prepare.py --source=commoncrawl --tokenizer=gpt2 --name=webtext   # see prepare.py --help
     torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2_124m.py
@@ -10,8 +10,9 @@ for the blocks' matrices, AdamW for the head at 0.008 and for the token embeddin
 betas (0.8, 0.95), no weight decay on them, 40 warmup iterations, a warmup-stable-decay
 schedule whose last 65% decays linearly to 5% of the peak. modded-nanogpt's GPT-2-small speed
 records use the same pieces (Adam betas (0.8, 0.95), head 0.008, a Muon for the matrices).
-Without value embeddings: at a 50,257-token vocabulary they would add 12 tables of 39M
-parameters, and no transformers architecture has them (export.py refuses them).
+Its head is untied: 163M parameters, where GPT-2's tied 124M count the 39M-parameter table
+once. Without value embeddings: at a 50,257-token vocabulary they would add 12 more such
+tables, and no transformers architecture has them (export.py refuses them).
 config/train_gpt2_124m_2019.py, run after this file, is GPT-2's own recipe at this size.
 
 Each iteration is 16 sequences x 1024 tokens x 32 micro-steps (4 per GPU) = 524,288 tokens,
