@@ -10,7 +10,7 @@ for the blocks' matrices, AdamW for the head at 0.008 and for the token embeddin
 betas (0.8, 0.95), no weight decay on them, 40 warmup iterations, a warmup-stable-decay
 schedule whose last 65% decays linearly to 5% of the peak. modded-nanogpt's GPT-2-small speed
 records use the same pieces (Adam betas (0.8, 0.95), head 0.008, a Muon for the matrices).
-Its head is untied: 163M parameters, where GPT-2's tied 124M count the 39M-parameter table
+Its head is untied: 162M parameters, where GPT-2's tied 124M count the 39M-parameter table
 once. Without value embeddings: at a 50,257-token vocabulary they would add 12 more such
 tables, and no transformers architecture has them (export.py refuses them).
 config/train_gpt2_124m_2019.py, run after this file, is GPT-2's own recipe at this size.
@@ -20,7 +20,7 @@ nanochat's batch at this size and GPT-3 small's. 19,073 iterations = 10B tokens,
 parameter: as GPT-2's recipe below, so the two compare at equal tokens (nanochat's own horizon
 for this size is ~12 tokens per parameter). What to expect: `python train.py
 config/train_gpt2_124m.py --plan` prints the time and the bill on the cards people rent, once
-the plan exists; ~0.86 GFLOPs per token, so at 40% of an H100's 989 TFLOP/s each GPU runs
+the plan exists; ~0.85 GFLOPs per token, so at 40% of an H100's 989 TFLOP/s each GPU runs
 ~460K tokens/s and 8 H100s take ~1 hour. One GPU works too (8x the time per iteration).
 """
 out_dir = "out/gpt2_124m"
