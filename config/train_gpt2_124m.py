@@ -7,10 +7,11 @@ Each iteration is 16 sequences x 1024 tokens x 32 micro-steps (4 per GPU) = 524,
 GPT-3 small's batch. 19,073 iterations = 10B tokens, ~80 tokens per parameter: past
 Chinchilla's ~20, as small models that will be used a lot are trained today.
 
-What to expect (estimated, not measured here): ~0.86 GFLOPs per token, so at 40% of an
-H100's 989 TFLOP/s each GPU runs ~460K tokens/s, and 8 H100s take ~0.15 s per iteration
-and ~1 hour for the run; A100s (312 TFLOP/s) about three times longer. The log line's MFU
-says how close a run gets. bfloat16 and TF32 are on by default on these cards. Val loss
+What to expect (estimated, not measured here; `python plan.py config/train_gpt2_124m.py
+--vocab_size=50257` for every card, its memory and an example cost): ~0.85 GFLOPs per token, so
+at 40% of an H100's 989 TFLOP/s each GPU runs ~463K tokens/s, and 8 H100s take ~0.14 s per
+iteration and ~45 minutes for the run, evaluations included; A100s (312 TFLOP/s) about three
+times longer. The log line's MFU says how close a run gets. bfloat16 and TF32 are on by default on these cards. Val loss
 should fall to about 3.3 (GPT-2 small's own loss on web text is about 3.3).
 One GPU works too (torchrun --nproc_per_node=1, or plain python): 8x the time per iteration.
 """
