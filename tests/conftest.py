@@ -11,6 +11,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: starts processes or times the machine; deselect with -m 'not slow'")
+
+
 SYLLABLES = "ka lo mi ne ru sa ti vo pe da gu hi ba zo fe wi an or el ist ing th qu".split()
 _word_rng = random.Random(0)
 WORD_LIST = ["".join(_word_rng.choices(SYLLABLES, k=1 + index % 3)) for index in range(400)]
