@@ -22,7 +22,7 @@ from owngpt.runlog import duration
 TRAIN = Path(__file__).resolve().parent / "train.py"
 _NAMES_BEFORE_DEFAULTS = set(globals())
 # ---- defaults ---------------------------------------------------------------
-mfu = costs.MFU  # the share of the cards' peak FLOP/s the run reaches: 40% is common for a tuned bf16 run
+mfu = costs.MFU  # the share of the cards' peak FLOP/s the run reaches (an assumption: a run's log line shows its own)
 card = ""  # one card of the table (H100, A100 80GB, RTX 4090...); empty = all of them (a budget: H100)
 gpus = 0  # GPUs per run; 0 = show 1 and 8 (a budget: 8)
 usd_per_gpu_hour = 0.0  # your price per GPU-hour; 0 = each card's example price (not a quote)
@@ -69,7 +69,7 @@ def model_of(cfg, vocab):
 def memory_table(model, cfg, gpu_counts):
     """Memory per GPU by part, on 1 GPU and under DDP and FSDP on the most GPUs asked for."""
     columns = [(1, "ddp")] + [(count, kind) for count in gpu_counts if count > 1 for kind in ("ddp", "fsdp")][-2:]
-    options = dict(optimizer=cfg.optimizer, half=True)
+    options = dict(optimizer=cfg.optimizer, half=cfg.dtype != "float32")
     parts = [costs.memory_per_gpu(model, cfg.batch_size, gpus=count, parallelism=kind, **options)
              for count, kind in columns]
     checkpointed = [costs.memory_per_gpu(model, cfg.batch_size, gpus=count, parallelism=kind,
@@ -77,7 +77,8 @@ def memory_table(model, cfg, gpu_counts):
     names = {"weights": "weights (+ bf16 copies)", "gradients": "gradients", "optimizer": f"{cfg.optimizer} state",
              "ddp_buckets": "DDP gradient buckets", "activations": "activations (peak)", "total": "total"}
     header = "".join(f"{(f'{count} GPU' if count == 1 else f'{count} GPUs {kind.upper()}'):>16}" for count, kind in columns)
-    lines = [f"memory per GPU at batch_size={cfg.batch_size} x block_size={cfg.block_size}, bfloat16 autocast "
+    precision = "float32" if cfg.dtype == "float32" else "bfloat16 autocast"
+    lines = [f"memory per GPU at batch_size={cfg.batch_size} x block_size={cfg.block_size}, {precision} "
              f"(FSDP is not in train.py yet: what sharding would hold):", f"  {'':30}{header}"]
     lines += [f"  {label:30}" + "".join(f"{costs.memory_text(part[key]):>16}" for part in parts) for key, label in names.items()]
     lines.append(f"  {'total, gradient_checkpointing':30}" + "".join(f"{costs.memory_text(total):>16}" for total in checkpointed))
@@ -95,26 +96,26 @@ def memory_table(model, cfg, gpu_counts):
 
 def time_table(model, cfg, cards, gpu_counts):
     """Time and cost of the run on each card, for each GPU count."""
-    mfu_source = ("the default: a common figure for a tuned run, no GPU run measured here yet"
-                  if cfg.mfu == costs.MFU else "yours")
+    mfu_source = "assumed: no GPU run is measured here yet" if cfg.mfu == costs.MFU else "yours"
     price_source = ("your price" if cfg.usd_per_gpu_hour else
                     f"prices are examples of on-demand listings ({costs.PRICES_DATED}), not quotes: --usd_per_gpu_hour")
-    lines = [f"time and cost at {cfg.mfu:.0%} MFU (--mfu: {mfu_source}); {price_source}",
-             f"  {'card':12}{'TFLOP/s':>7}{'memory':>8}{'$/GPU-h':>9}"
-             + "".join(f"{f'{count} GPU' + ('s' if count > 1 else '') + ': s/iter, run, cost':>36}" for count in gpu_counts)]
+    lines = [f"time and cost at {cfg.mfu:.0%} MFU (--mfu, {mfu_source}); {price_source}",
+             f"  {'card':11}{'TFLOP/s':>8}{'memory':>8}{'$/GPU-h':>9}"
+             + "".join(f"{f'{count} GPU' + ('s' if count > 1 else '') + ': s/iter, run, cost':>37}" for count in gpu_counts)]
     too_small = False
     for card in cards:
         price = cfg.usd_per_gpu_hour or card.usd_per_hour
-        fits = costs.memory_per_gpu(model, cfg.batch_size, cfg.optimizer, half=True)["total"] <= (
-            card.memory_gb * 2**30 * costs.USABLE)
-        too_small |= not fits
-        row = f"  {card.name + ('' if fits else ' *'):12}{card.peak_flops / 1e12:>7.0f}{card.memory_gb:>6.0f}GB{price:>9.2f}"
+        row = f"  {card.name:11}{card.peak_flops / 1e12:>8.0f}{card.memory_gb:>6.0f}GB{price:>9.2f}"
         for count in gpu_counts:
             per_iter, seconds = costs.predicted_seconds(model, cfg, count, card.peak_flops, cfg.mfu)
-            row += f"{step_text(per_iter):>16}{duration(seconds):>10}{f'${seconds / 3600 * count * price:,.2f}':>10}"
+            needed = costs.memory_per_gpu(model, cfg.batch_size, cfg.optimizer, cfg.dtype != "float32", gpus=count)
+            fits = needed["total"] <= card.memory_gb * 2**30 * costs.USABLE
+            too_small |= not fits
+            row += f"{step_text(per_iter):>16}{duration(seconds):>10}{f'${seconds / 3600 * count * price:,.2f}':>10} "
+            row += " " if fits else "*"
         lines.append(row)
     if too_small:
-        lines.append(f"  * batch_size={cfg.batch_size} does not fit this card: lower it and raise "
+        lines.append(f"  * batch_size={cfg.batch_size} does not fit this card (DDP on several): lower it and raise "
                      "gradient_accumulation_steps, or set gradient_checkpointing=True")
     fastest = costs.predicted_seconds(model, cfg, gpu_counts[-1], max(card.peak_flops for card in cards), cfg.mfu)[0]
     if fastest < costs.LAUNCH_BOUND_SECONDS:
@@ -150,7 +151,7 @@ def budget_lines(cfg, vocab):
                  f"(evaluations not counted)")
     lines.append(f"  --n_layer={shape.n_layer} --n_head={shape.n_head} --n_embd={shape.n_embd} "
                  f"--max_iters={math.ceil(tokens / tokens_per_iter)}  ({tokens_per_iter:,} tokens/iter as configured)")
-    options = dict(optimizer=cfg.optimizer, half=True, gpus=count)
+    options = dict(optimizer=cfg.optimizer, half=cfg.dtype != "float32", gpus=count)
     needed = costs.memory_per_gpu(model, cfg.batch_size, **options)["total"]
     capacity = chosen.memory_gb * 2**30 * costs.USABLE
     if needed > capacity:
