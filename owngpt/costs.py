@@ -11,7 +11,6 @@ allocator on CPU: tests/test_plan.py). Time is FLOPs / (GPUs x the datasheet's p
 where MFU, the share of the peak a run reaches, is the one guess: 40% unless told.
 """
 import dataclasses
-import math
 import re
 
 import torch
@@ -19,7 +18,7 @@ import torch
 from model import GPT, GPTConfig, padded_vocab_size
 from owngpt.optimizers import NS_STEPS
 
-MFU = 0.4  # a well-tuned bf16 run of a GPT this size on one node gets 35-55%; no GPU run is measured here yet
+MFU = 0.4  # an assumption, not a measurement: no GPU run is measured here yet; a run's log line says its own
 PRICES_DATED = "mid-2025"  # when the example prices below were typical
 
 
@@ -55,12 +54,13 @@ LAUNCH_BOUND_SECONDS = 0.02  # below this per iteration, a GPU waits on kernel l
 USABLE = 0.9  # the CUDA context, kernels' workspace and the allocator's fragmentation take the rest
 
 # Bytes the backward pass keeps per token and layer, in units of n_embd: (float32, bfloat16 autocast).
-# Counted on the tensors autograd saves (saved_tensors_hooks; tests/test_plan.py checks the
-# total against torch's allocator). The structure is Korthikanti et al. 2022 ("Reducing
+# Counted on the tensors autograd saves (saved_tensors_hooks) on CPU; tests/test_plan.py checks
+# the totals against torch's allocator. The structure is Korthikanti et al. 2022 ("Reducing
 # activation recomputation in large transformer models", section 4): 34 bytes per n_embd for
 # GPT-2's layer in fp16, plus 5 x heads x block_size for the attention matrix, which
-# scaled_dot_product_attention never keeps. Ours differ where autocast keeps float32: the
-# residual stream, norms, and the modern block's QK-norm and rotary copies.
+# scaled_dot_product_attention never keeps (it saves q, k, v, its output and a log-sum-exp, on
+# CUDA as on CPU). GPT-2's layer here keeps 36 under autocast; the modern one more: QK-norm and
+# rotary make copies of q and k, and its norms run in float32.
 LAYER_BYTES = {"gpt2": (64, 36), "modern": (77, 51)}
 VALUE_EMBEDDING_BYTES = (4, -4)  # the layer's value lookup; under autocast its sum with v replaces a copy
 HEAD_BYTES = {"gpt2": (8, 6), "modern": (12, 10)}  # the final norm and the head's input, per token, in n_embd
