@@ -32,6 +32,7 @@ from owngpt.optimizers import build_optimizer
 torch.set_num_threads(1)
 shape = json.loads(sys.argv[1])
 batch_size, optimizer_kind = shape.pop("batch_size"), shape.pop("optimizer")
+autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=shape.pop("half"))
 peaks = {}
 for checkpointing in (False, True):
     config = GPTConfig(**shape, gradient_checkpointing=checkpointing)
@@ -41,7 +42,8 @@ for checkpointing in (False, True):
         optimizer = build_optimizer(model, optimizer_kind, 1e-3, 0.02, 0.1, (0.9, 0.95), "cpu",
                                     0.3 if config.block == "modern" else None)
         for _ in range(2):
-            _, loss = model(tokens[:, :-1], tokens[:, 1:])  # `_` holds the logits, as in train.py
+            with autocast:
+                _, loss = model(tokens[:, :-1], tokens[:, 1:])  # `_` holds the logits, as in train.py
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -56,13 +58,16 @@ for checkpointing in (False, True):
 print(json.dumps([peaks[False], peaks[True]]))
 """
 
-SHAPES = {  # where the activations dominate, where the weights and optimizer do, and in between
+SHAPES = {  # where the activations dominate, where the weights and optimizer do, and in between; float32
+    # as train.py computes on CPU, and once under bfloat16 autocast, as on GPUs
     "modern, value embeddings, muon": dict(block="modern", value_embeddings=True, n_layer=2, n_head=4, n_embd=128,
-                                           block_size=128, vocab_size=1000, batch_size=8, optimizer="muon"),
+                                           block_size=128, vocab_size=1000, batch_size=8, optimizer="muon", half=False),
     "gpt2, adamw": dict(block="gpt2", n_layer=6, n_head=6, n_embd=384, block_size=128, vocab_size=2000,
-                        batch_size=4, optimizer="adamw"),
+                        batch_size=4, optimizer="adamw", half=False),
     "modern, adamw, wide": dict(block="modern", n_layer=3, n_head=8, n_embd=512, block_size=64, vocab_size=512,
-                                batch_size=2, optimizer="adamw"),
+                                batch_size=2, optimizer="adamw", half=False),
+    "gpt2, adamw, bf16 autocast": dict(block="gpt2", n_layer=4, n_head=4, n_embd=256, block_size=128,
+                                       vocab_size=8000, batch_size=8, optimizer="adamw", half=True),
 }
 
 
@@ -74,10 +79,10 @@ def test_memory_model_is_within_20_percent_of_the_allocators_peak(name):
                             cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr
     measured = json.loads(result.stdout.splitlines()[-1])
-    batch_size, optimizer = shape.pop("batch_size"), shape.pop("optimizer")
+    batch_size, optimizer, half = shape.pop("batch_size"), shape.pop("optimizer"), shape.pop("half")
     for checkpointing, peak in zip((False, True), measured):
         model = costs.meta_model(GPTConfig(**shape))
-        predicted = costs.memory_per_gpu(model, batch_size, optimizer, half=False,
+        predicted = costs.memory_per_gpu(model, batch_size, optimizer, half,
                                          gradient_checkpointing=checkpointing)["total"]
         print(f"{name}, gradient_checkpointing={checkpointing}: predicted {predicted / 2**20:.1f} MiB, "
               f"measured {peak / 2**20:.1f} MiB ({predicted / peak:.3f})")
