@@ -6,7 +6,7 @@
 
 It reads train.py's keys and config files as train.py does (the defaults from train.py's text),
 and the keys below. Nothing trains and no data is read but the dataset's meta.json, for the
-vocabulary. The arithmetic is owngpt/costs.py's, which train.py's own plan line, MFU and ETA use.
+vocabulary. The arithmetic is owngpt/costs.py's, which train.py's own plan line and ETA use.
 """
 import dataclasses
 import math

@@ -1,14 +1,17 @@
 """What a run costs before it starts: memory per GPU, time and dollars on the GPUs people rent,
 and the other way round, the largest model a budget trains well. plan.py prints it; train.py's
-plan line, its MFU and its ETA use the same functions, so they cannot disagree.
+plan line and its ETA use the same functions, so they cannot disagree.
 
     model = meta_model(GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257))
     parts = memory_per_gpu(model, batch_size=16, optimizer="adamw", half=True)   # bytes: weights, ...
-    seconds = seconds_per_iter(model.flops_per_token() * 524_288, gpus=8, peak_flops=989e12, mfu=0.4)
+    seconds = seconds_per_iter(flops_per_iter(model, 65_536, "adamw"), gpus=1, peak_flops=989e12, mfu=0.4)
 
 Memory is what a training step holds at its peak (the model here is checked against torch's
-allocator on CPU: tests/test_plan.py). Time is FLOPs / (GPUs x the datasheet's peak x MFU),
-where MFU, the share of the peak a run reaches, is the one guess: 40% unless told.
+allocator on CPU: tests/test_plan.py). Time is the FLOPs a step does / (GPUs x the datasheet's
+peak x MFU), where MFU, the share of the peak a run reaches, is the one guess: 40% unless told.
+The FLOPs include checkpointing's second forward and Muon's Newton-Schulz iteration; the log
+line's MFU counts the model's alone (PaLM's definition), so it reads lower than the plan's
+where those are large, at the same speed.
 """
 import dataclasses
 import re
