@@ -84,7 +84,8 @@ def memory_table(model, cfg, gpu_counts):
     lines.append(f"  {'total, gradient_checkpointing':30}" + "".join(f"{costs.memory_text(total):>16}" for total in checkpointed))
     lines.append("  (the total takes the larger of activations and gradients: the activations peak as backward "
                  "starts, before any gradient exists)")
-    lines.append(f"fits ({costs.USABLE:.0%} of the card; largest batch_size per GPU without / with gradient_checkpointing):")
+    lines.append(f"fits one GPU ({costs.USABLE:.0%} of the card; the largest batch_size without / with "
+                 "gradient_checkpointing):")
     for size in costs.CAPACITIES_GB:
         capacity = size * 2**30 * costs.USABLE
         largest = [costs.largest_batch(model, capacity, gradient_checkpointing=checkpointing, **options)
@@ -170,7 +171,7 @@ def main(argv):
         model = model_of(cfg, vocab)
         gpu_counts = [cfg.gpus] if cfg.gpus else [1, 8]
         cards = [costs.card_named(cfg.card)] if cfg.card else costs.CARDS
-        lines = [f"vocabulary {vocab:,} ({source})", *costs.run_summary(model, cfg, gpu_counts[-1]), "",
+        lines = [f"vocabulary {vocab:,} ({source})", *costs.run_summary(model, cfg, cfg.gpus or 1), "",
                  *memory_table(model, cfg, gpu_counts), "", *time_table(model, cfg, cards, gpu_counts)]
         if cfg.budget_usd or cfg.budget_hours:
             lines += ["", *budget_lines(cfg, vocab)]
