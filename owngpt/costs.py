@@ -108,8 +108,10 @@ def memory_per_gpu(model, batch_size, optimizer, half, gradient_checkpointing=Fa
     """Bytes one GPU holds at a training step's peak, by part: weights, gradients, optimizer,
     ddp_buckets, activations, and total. Weights and gradients are float32 (autocast computes in
     half precision from float32 masters, keeping a half copy of each matrix for backward);
-    AdamW keeps two float32 moments per parameter, Muon one momentum per hidden matrix. FSDP
-    shards the first three over the GPUs and gathers one block at a time (issue 21's design)."""
+    AdamW keeps two float32 moments per parameter, Muon one momentum per hidden matrix. FSDP (not
+    in train.py yet; this is what torch's fully_shard per block would hold) shards the first three
+    over the GPUs and gathers a block's weights in the compute dtype while it runs, the next one
+    prefetched, and its full gradient until the reduce-scatter."""
     c = model.config
     params = sum(p.numel() for p in model.parameters())
     matrices = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
@@ -119,7 +121,8 @@ def memory_per_gpu(model, batch_size, optimizer, half, gradient_checkpointing=Fa
     share = gpus if sharded else 1
     block_params = sum(p.numel() for p in model.transformer.h[0].parameters())
     parts = {
-        "weights": 4 * params / share + (2 * matrices if half and not sharded else 0) + (8 * block_params if sharded else 0),
+        "weights": (4 * params / share + (2 * matrices if half and not sharded else 0)
+                    + (2 * (2 if half else 4) * block_params if sharded else 0)),
         "gradients": 4 * params / share + (4 * block_params if sharded else 0),
         "optimizer": moments / share,
         "ddp_buckets": 4 * params if gpus > 1 and not sharded else 0,  # DDP all-reduces a flat copy of the gradients
