@@ -91,7 +91,9 @@ def memory_table(model, cfg, gpu_counts):
         largest = [costs.largest_batch(model, capacity, gradient_checkpointing=checkpointing, **options)
                    for checkpointing in (False, True)]
         verdict = "fits" if largest[0] >= cfg.batch_size else f"batch_size={cfg.batch_size} does not fit"
-        lines.append(f"  {size:>4} GB: {verdict:28} largest {largest[0]} / {largest[1]}")
+        lines.append(f"  {size:>4} GB: {verdict:28} " + (f"largest {largest[0]} / {largest[1]}" if largest[1] else
+                                                       "no batch does: the model and its optimizer state alone "
+                                                       "do not fit (FSDP over several GPUs would)"))
     return lines
 
 
