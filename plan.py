@@ -93,7 +93,7 @@ def memory_table(model, cfg, gpu_counts):
         verdict = "fits" if largest[0] >= cfg.batch_size else f"batch_size={cfg.batch_size} does not fit"
         lines.append(f"  {size:>4} GB: {verdict:28} " + (f"largest {largest[0]} / {largest[1]}" if largest[1] else
                                                        "no batch does: the model and its optimizer state alone "
-                                                       "do not fit (FSDP over several GPUs would)"))
+                                                       "do not fit (FSDP over several GPUs shards them)"))
     return lines
 
 
