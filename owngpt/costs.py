@@ -77,8 +77,18 @@ KEPT_PER_CHECKPOINTED_LAYER = 4  # gradient_checkpointing keeps each block's flo
 def meta_model(config: GPTConfig) -> GPT:
     """The GPT on the meta device: shapes without memory, so a 1.5B model is counted in
     milliseconds; num_params and flops_per_token are model.py's own."""
-    with torch.device("meta"):
+    with torch.device("meta"), NoDraws():
         return GPT(config)
+
+
+class NoDraws(torch.overrides.TorchFunctionMode):
+    """Skips normal_ (the initialisation's draws): on the meta device there is nothing to draw,
+    and its meta kernel imports torch's compiler, which doubles a plan's time."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.nn.init.normal_, torch.Tensor.normal_):
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
 
 
 def card_named(name):
