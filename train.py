@@ -252,7 +252,7 @@ def batch(windows, window_ids, device):
 def train(run):
     """The loop: step, log, evaluate and checkpoint; stop on request or on repeated bad steps."""
     cfg, data = run.cfg, run.data
-    run.log.plan(run.raw_model, cfg, run.runtime, run.tokens_per_iter)
+    run.log.plan(run.raw_model, cfg, run.runtime)
     if run.iter_num == 0:
         run_evaluation(run)  # the starting point of the curves
     train_windows = data.windows["train"]
@@ -424,8 +424,7 @@ def log_step(run, loss, grad_norm, skipped, lr):
         peak_flops = run.runtime.peak_flops * run.runtime.world_size
         record["mfu"] = run.raw_model.flops_per_token() * tokens_per_s / peak_flops
         text += f" | MFU {record['mfu']:.1%}"
-    iters_left = run.cfg.max_iters - run.iter_num
-    eta = run.budget.eta(iters_left, iters_left // run.cfg.eval_interval + 1, ms_per_iter)
+    eta = run.budget.eta(run.iter_num, run.cfg.max_iters, run.cfg.eval_interval, ms_per_iter)
     run.log.print(text + f" | ETA {duration(eta)}" + (" | SKIPPED: loss or gradient not finite" if skipped else ""))
     run.log.write(record)
     if run.timer.timed_steps >= 5 and not run.timer.estimated:  # once, after 5 timed steps

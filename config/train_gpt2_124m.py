@@ -16,12 +16,17 @@ tables, and no transformers architecture has them (export.py refuses them).
 config/train_gpt2_124m_2019.py, run after this file, is GPT-2's own recipe at this size.
 
 Each iteration is 16 sequences x 1024 tokens x 32 micro-steps (4 per GPU) = 524,288 tokens,
-nanochat's batch at this size and GPT-3 small's. 19,073 iterations = 10B tokens, ~80 tokens per
-parameter: as GPT-2's recipe below, so the two compare at equal tokens (nanochat's own horizon
-for this size is ~12 tokens per parameter). What to expect: `python train.py
-config/train_gpt2_124m.py --plan` prints the time and the bill on the cards people rent, once
-the plan exists; ~0.85 GFLOPs per token, so at 40% of an H100's 989 TFLOP/s each GPU runs
-~460K tokens/s and 8 H100s take ~1 hour. One GPU works too (8x the time per iteration).
+nanochat's batch at this size and GPT-3 small's. 19,073 iterations = 10B tokens, ~60 tokens per
+parameter: as GPT-2's recipe, so the two compare at equal tokens (nanochat's own horizon for
+this size is ~12 tokens per parameter).
+
+What to expect (estimated, not measured here; `python plan.py config/train_gpt2_124m.py
+--vocab_size=50257` for every card, its memory and an example cost): ~0.85 GFLOPs per token, so
+at 40% of an H100's 989 TFLOP/s each GPU runs ~463K tokens/s, and 8 H100s take ~0.15 s per
+iteration (Muon's Newton-Schulz steps included) and ~45 minutes for the run, evaluations
+included; A100s (312 TFLOP/s) about three times longer. The log line's MFU says how close a run
+gets. bfloat16 and TF32 are on by default on these cards. One GPU works too (torchrun
+--nproc_per_node=1, or plain python): 8x the time per iteration.
 """
 out_dir = "out/gpt2_124m"
 dataset = "webtext"

@@ -21,6 +21,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from owngpt.costs import evaluations, run_seconds
 from owngpt.optimizers import cooldown_start
 
 TIMED_ITERATIONS = (5, 30)  # the iterations after the 5th up to the 30th are timed first
@@ -67,6 +68,8 @@ class TimeBudget:
             dist.broadcast(fitted, src=0)
         return int(fitted) if iter_num == TIMED_ITERATIONS[1] or int(fitted) != cfg.max_iters else None
 
-    def eta(self, iters_left, evals_left, ms_per_iter):
-        """Seconds the rest of the run will take at this speed."""
-        return iters_left * ms_per_iter / 1000 + evals_left * self.eval_seconds
+    def eta(self, iter_num, max_iters, eval_interval, ms_per_iter):
+        """Seconds the rest of the run will take at this speed: plan.py's arithmetic (owngpt/costs.py)
+        with the measured step and evaluation times."""
+        return run_seconds(max_iters - iter_num, ms_per_iter / 1000, evaluations(max_iters, eval_interval, iter_num),
+                           self.eval_seconds)

@@ -12,6 +12,7 @@ Flag values are read by the type of the default: text for strings; true/false (a
 yes/no) for booleans; 1e6, 1_000_000 or 1000000 for integers; any number for floats;
 comma-separated items for tuples.
 """
+import ast
 import builtins
 import difflib
 import math
@@ -215,3 +216,18 @@ def comments_of(path):
     """The comment beside each `name = value  # comment` line of a file: the help of
     scripts whose defaults are module globals."""
     return dict(re.findall(r"^(\w+) = .*?  # (.*)$", Path(path).read_text(), re.MULTILINE))
+
+
+def defaults_of(path):
+    """The defaults of a script whose defaults are module globals assigned literals (train.py's),
+    read from its text without running it, as comments_of reads their help (no script imports
+    another): name -> value."""
+    tree = ast.parse(Path(path).read_text())
+    defaults = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            try:
+                defaults[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError:  # not a literal: computed, so not a default
+                pass
+    return {name: value for name, value in defaults.items() if name.islower() and not name.startswith("_")}

@@ -25,9 +25,10 @@ OPTIMIZERS = ("adamw", "muon")
 # singular value of a normalised matrix into about [0.7, 1.2] in 5 steps, faster than the
 # textbook cubic iteration converges, and the update needs no more.
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+NS_STEPS = 5
 
 
-def orthogonalise(update, steps=5):
+def orthogonalise(update, steps=NS_STEPS):
     """The semi-orthogonal matrix nearest update: about U V^T of its SVD U S V^T."""
     a, b, c = NS_COEFFICIENTS
     x = update.bfloat16() if update.is_cuda else update.float()  # bf16 is stable here (the post) and fast on GPUs
@@ -48,7 +49,7 @@ class Muon(torch.optim.Optimizer):
     tall matrix's update has the per-element size of a wide one's (the Muon post); weight
     decay decoupled as in AdamW (Liu et al. 2025, "Muon is scalable for LLM training")."""
 
-    def __init__(self, params, lr=0.02, momentum=0.95, weight_decay=0.0, ns_steps=5):
+    def __init__(self, params, lr=0.02, momentum=0.95, weight_decay=0.0, ns_steps=NS_STEPS):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, ns_steps=ns_steps))
 
     @torch.no_grad()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from owngpt import curves
+from owngpt import costs, curves
 from owngpt.dataset import atomic_write
 from owngpt.flags import UserError
 
@@ -77,16 +77,19 @@ class RunLog:
         if self.wandb:
             self.wandb.log(record, step=record["iter"])
 
-    def plan(self, model, cfg, runtime, tokens_per_iter):
-        """The cost of the run before it starts: parameters, tokens, FLOPs."""
-        params, total_tokens = model.num_params(), tokens_per_iter * cfg.max_iters
-        self.print(
-            f"plan: {params / 1e6:.2f}M parameters | {tokens_per_iter:,} tokens/iter ({cfg.batch_size} x "
-            f"{cfg.block_size} tokens x {cfg.gradient_accumulation_steps} micro-steps, over {runtime.world_size} "
-            f"process{'es' if runtime.world_size > 1 else ''})\n"
-            f"      {cfg.max_iters:,} iterations = {total_tokens / 1e6:,.1f}M tokens = {total_tokens / params:.1f} "
-            f"tokens per parameter (Chinchilla-optimal: ~20) | {model.flops_per_token() * total_tokens:.2e} FLOPs\n"
-            f"      device {runtime.device}, {str(runtime.dtype).removeprefix('torch.')}, compile={cfg.compile}")
+    def plan(self, model, cfg, runtime):
+        """The cost of the run before it starts: parameters, tokens, FLOPs, memory per process,
+        and on a GPU of the card table the time at costs.MFU (owngpt/costs.py, as plan.py prints)."""
+        memory = costs.memory_per_gpu(model, cfg.batch_size, cfg.optimizer, runtime.dtype != torch.float32,
+                                      cfg.gradient_checkpointing, runtime.world_size)
+        lines = [*costs.run_summary(model, cfg, runtime.world_size),
+                 f"      memory per process ~{costs.memory_text(memory['total'])} at its peak (activations "
+                 f"{costs.memory_text(memory['activations'])}; plan.py with the same config and flags says more)"]
+        if runtime.peak_flops:
+            seconds = costs.predicted_seconds(model, cfg, runtime.world_size, runtime.peak_flops, costs.MFU)[1]
+            lines.append(f"      ~{duration(seconds)} at {costs.MFU:.0%} MFU, evaluations included")
+        lines.append(f"      device {runtime.device}, {str(runtime.dtype).removeprefix('torch.')}, compile={cfg.compile}")
+        self.print("\n".join(lines))
 
     def sample(self, model, encoding, seed, device, iteration, elapsed):
         """Print and record a sample (draw_sample), so the text can be seen going from noise to

@@ -10,7 +10,6 @@ Nothing here knows the model or the files: train.py and sample.py call it.
 """
 import ctypes
 import os
-import re
 import signal
 import sys
 import threading
@@ -20,6 +19,7 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
+from owngpt.costs import card_of_device
 from owngpt.flags import UserError
 
 
@@ -107,8 +107,8 @@ def keep_freed_memory():
 
 
 def peak_flops(device) -> float | None:
-    """Peak dense bf16 tensor FLOP/s of the GPU behind `device` (for MFU), from the vendors'
-    datasheets; None for CPU, MPS and any card not in the table: no MFU beats a guessed one."""
+    """Peak dense bf16 tensor FLOP/s of the GPU behind `device` (for MFU), from the card table
+    (owngpt/costs.py); None for CPU, MPS and any card not in the table."""
     device = torch.device(device)
     if device.type != "cuda":
         return None
@@ -116,26 +116,9 @@ def peak_flops(device) -> float | None:
 
 
 def peak_flops_of_card(name: str) -> float | None:
-    """Look a card's name (as torch.cuda.get_device_name spells it) up in PEAK_BF16_FLOPS."""
-    for pattern, flops in PEAK_BF16_FLOPS:
-        if re.search(pattern, name):
-            return flops
-    return None
-
-
-# (regex searched in torch.cuda.get_device_name, dense bf16 FLOP/s with fp32 accumulation,
-# i.e. the datasheets' figures without 2:4 sparsity). Anchored with $ where a longer name
-# is another card (A10 / A100, L4 / L40S, RTX 4090 / RTX 4090 D).
-PEAK_BF16_FLOPS = [
-    (r"A100", 312e12),  # SXM and PCIe alike
-    (r"H100 PCIe", 756e12),
-    (r"H100( 80GB HBM3| SXM|$)", 989e12),  # SXM; the NVL card is not in the table
-    (r"H200$", 989e12),  # SXM
-    (r"A10$", 125e12),
-    (r"L4$", 121e12),
-    (r"RTX 4090$", 165.2e12),  # GeForce: fp32 accumulation runs at half the fp16-accumulate rate
-    (r"RTX 3090$", 71e12),
-]
+    """A card's peak FLOP/s by its name as torch.cuda.get_device_name spells it."""
+    card = card_of_device(name)
+    return card.peak_flops if card else None
 
 
 # ----------------------------------------------------------------------------- processes

@@ -315,8 +315,10 @@ def test_peak_flops_is_known_only_for_listed_cards():
     assert peak_flops_of_card("NVIDIA H200") == 989e12
     assert peak_flops_of_card("NVIDIA L4") == 121e12
     assert peak_flops_of_card("NVIDIA GeForce RTX 4090") == 165.2e12
+    assert peak_flops_of_card("NVIDIA L40S") == 362e12
+    assert peak_flops_of_card("Tesla T4") == 65e12  # float16: T4 has no bfloat16
     # similar names of other cards must not borrow a figure
-    for other in ["NVIDIA H100 NVL", "NVIDIA A10G", "NVIDIA L40S", "NVIDIA GeForce RTX 4090 D", "Tesla T4"]:
+    for other in ["NVIDIA H100 NVL", "NVIDIA A10G", "NVIDIA L40", "NVIDIA GeForce RTX 4090 D"]:
         assert peak_flops_of_card(other) is None, other
 
 
