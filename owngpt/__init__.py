@@ -10,6 +10,7 @@ beside them: it is the one file every reader opens.
     web/         web text: downloads and Common Crawl's WET files (crawl), the filters (filters)
     runtime      devices, dtype, the DDP process group, stop signals, the GPU FLOPs table
     budget       the run's clock and max_time
+    costs        what a run costs before it starts: memory per GPU, time, dollars (plan.py)
     checkpoint   the out folder: save, rotate, verify, load; which checkpoint a run starts from,
                  what it must agree on with the config, older checkpoints brought up to date
     optimizers   AdamW, or Muon with AdamW; the learning-rate schedule
