@@ -1,5 +1,5 @@
 """owngpt's library: what the scripts at the root (prepare.py, train.py, sample.py, export.py,
-plot.py, bench.py) are built from, one job per module. model.py, the GPT, stays at the root
+plot.py, plan.py, bench.py) are built from, one job per module. model.py, the GPT, stays at the root
 beside them: it is the one file every reader opens.
 
     flags        the --key=value and config-file parser, value checks, --help
