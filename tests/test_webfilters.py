@@ -8,6 +8,7 @@ tests run them all together.
 import dataclasses
 import itertools
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from owngpt.flags import UserError
 from owngpt.web import filters
 from owngpt.web.filters import (DEFAULT_SETTINGS, DROP_REASONS, Deduplicator, dedup_signature,
                                 filter_document, mask_pii, minhash)
+import bench
 import prepare
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -543,3 +545,54 @@ def test_every_setting_has_help_text_and_every_threshold_a_check():
     assert list(helps) == [f.name for f in dataclasses.fields(DEFAULT_SETTINGS)]
     assert all(helps.values())
     assert set(checks) == {name for name, default in defaults.items() if type(default) is not bool}
+
+
+# ----------------------------------------------------------------------------- a labelled set
+# Web-like pages of our own, each labelled: prose and tutorials that mix prose with a few lines
+# of code are what a web corpus wants; dumps of code, tables of numbers and link menus are not.
+CODE_LINES = [
+    "# add the price of each item to the total", "total = total + price * quantity",
+    "for item in basket :", "    price = prices [ item ]", "if total > limit and not member :",
+    "    discount = total * rate", "return total - discount", "# keep the names that have a value",
+    "names = [ name for name in names if name ]", "while queue :", "    node = queue . pop ( )",
+    "    seen . add ( node )", "result = left + right", "count += 1", "# the loop ends with the file",
+    "elif count == 0 :", "    raise ValueError ( message )", "value = value >> 2 | mask",
+]
+MENU_ITEMS = ["Home", "About us", "Contact", "Products", "Services", "Blog", "Careers", "Login",
+              "Privacy", "Terms", "Help", "Sitemap", "Shop", "News", "Events", "Support"]
+
+
+def labelled_pages():
+    """(wanted, kind, text) for 60 pages."""
+    rng = random.Random(0)
+    prose = [bench.english_like_documents(0.000001, seed)[0] for seed in range(30)]
+    pages = [(True, "prose", text) for text in prose[:15]]
+    for text in prose[15:]:  # a tutorial: prose with a short snippet in the middle
+        paragraphs = text.split("\n\n")
+        snippet = "\n".join(rng.sample(CODE_LINES, 4))
+        pages.append((True, "tutorial", "\n\n".join(paragraphs[:2] + [snippet] + paragraphs[2:])))
+    for _ in range(15):
+        pages.append((False, "code", "\n".join(rng.choice(CODE_LINES) for _ in range(rng.randint(40, 80)))))
+    for _ in range(10):
+        rows = [" | ".join(f"{rng.randint(0, 9999):,}" for _ in range(5)) for _ in range(rng.randint(20, 40))]
+        pages.append((False, "numbers", "\n".join(["Year | Sales | Costs | Staff | Stores"] + rows)))
+    for _ in range(5):
+        pages.append((False, "menu", "\n".join(" | ".join(rng.sample(MENU_ITEMS, 8)) for _ in range(12))))
+    return pages
+
+
+def accuracy(pages, settings):
+    """The share of pages the filters treat as labelled: the wanted kept, the others dropped."""
+    return sum((filter_document(text, ENGLISH, settings)[1] is None) == wanted
+               for wanted, _, text in pages) / len(pages)
+
+
+def test_on_labelled_pages_the_gopher_rules_drop_code_dumps_and_keep_prose_with_snippets():
+    pages = labelled_pages()
+    gopher = only("gopher_quality")
+    for wanted, kind, text in pages:
+        reason = filter_document(text, ENGLISH, gopher)[1]
+        assert (reason is None) == wanted, (kind, reason)
+        if kind == "code":  # its symbols count against it, as in FineWeb's rule
+            assert reason == "gopher_quality:alpha_words"
+    assert accuracy(pages, gopher) == accuracy(pages, DEFAULT_SETTINGS) == 1.0

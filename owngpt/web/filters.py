@@ -288,9 +288,15 @@ def gopher_quality_reason(text, lines, words, settings):
         return "gopher_quality:bullet_lines"
     if sum(line.endswith(ELLIPSES) for line in lines) / len(lines) > s.gopher_max_ellipsis_lines:
         return "gopher_quality:ellipsis_lines"
-    not_all_letters = itertools.filterfalse(str.isalpha, words)  # most words are skipped in C
-    alpha_words = word_count - sum(1 for word in not_all_letters if not _LETTER.search(word))
-    if alpha_words / word_count < s.gopher_min_alpha_words:
+    # The share of tokens with a letter counts every token, symbols too, as datatrove's
+    # GopherQualityFilter (FineWeb) does: a dump of code, whose "=", "+", "->" and "0" stand
+    # alone, must not pass as prose because the stripped words (`words`) leave its symbols out.
+    # Deliberate difference: datatrove's word tokenizer splits "word," in two, these white-space
+    # tokens keep the comma on the word, so prose counts a little higher here than there.
+    tokens = text.split()
+    not_all_letters = itertools.filterfalse(str.isalpha, tokens)  # most tokens are skipped in C
+    with_a_letter = len(tokens) - sum(1 for token in not_all_letters if not _LETTER.search(token))
+    if with_a_letter / len(tokens) < s.gopher_min_alpha_words:
         return "gopher_quality:alpha_words"
     stop_words = sum(map(GOPHER_STOP_WORDS.__contains__, map(str.lower, words)))
     if stop_words < s.gopher_min_stop_words:  # occurrences, not distinct words
