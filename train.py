@@ -413,6 +413,7 @@ def save_checkpoint(run, is_best):
 
 
 def log_step(run, loss, grad_norm, skipped, lr):
+    """A log line and a metrics.jsonl record: loss, rate, speed, MFU (on GPUs it knows), ETA."""
     ms_per_iter = run.timer.take_ms()
     tokens_per_s = run.tokens_per_iter / (ms_per_iter / 1000)
     record = {"iter": run.iter_num, "tokens": run.iter_num * run.tokens_per_iter, "elapsed_s": run.budget.elapsed(),
@@ -435,6 +436,7 @@ def log_step(run, loss, grad_norm, skipped, lr):
 
 
 def main(argv):
+    """Read the config, build the run, train it (or evaluate it, with eval_only); one line on errors."""
     try:
         cfg = read_config(argv)
         run = build_run(cfg)
