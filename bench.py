@@ -4,6 +4,8 @@
     python bench.py --what=recipes --budget=270 --recipes=gpt2,modern --seeds=2
     python bench.py --what=throughput             # tokens/s at nanoGPT's CPU example shape, byte data
     python bench.py --what=throughput --device=cuda --shape=config/train_gpt2_124m.py   # a GPU: tokens/s, MFU
+    python bench.py --what=recipes --device=cuda --shape=config/train_gpt2_124m.py --recipes=modern_124m,gpt2_124m \
+        --seeds=1 --budget=120   # the GPU check: both recipes at GPT-2 small's shape, compiled, ~7 minutes
     python bench.py --what=webfilters --mb=50     # the web filters on one core, 50 MB of text
     python bench.py --help                        # every flag with its default
 
@@ -14,6 +16,7 @@ alike; the table gives each run, the medians, and each recipe's ratio to the fir
 """
 import json
 import random
+import re
 import shutil
 import statistics
 import subprocess
@@ -118,6 +121,9 @@ RECIPES = {
     "modern_adamw": recipe(optimizer="adamw"),
     "modern_cosine": recipe(lr_schedule="cosine"),
     "gpt2_muon": recipe("gpt2"),
+    # at GPT-2 small's shape, each with its own config's rates: --shape=config/train_gpt2_124m.py
+    "modern_124m": [],
+    "gpt2_124m": [str(CONFIG / "train_gpt2_124m_2019.py")],
 }
 
 
@@ -138,7 +144,9 @@ def train_run(settings, recipe, seed, extra):
         raise flags.UserError(f"{' '.join(command)} failed: {finished.stderr.strip().splitlines()[-1]}")
     lines = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [line for line in lines if "tokens_per_s" in line]
-    return [line for line in lines if "val_bpb" in line][-1], steps
+    peak = re.search(r"peak memory ([\d.]+) GiB", finished.stdout)  # train.py's last line
+    evaluation = {**[line for line in lines if "val_bpb" in line][-1], "peak_gib": float(peak[1]) if peak else 0.0}
+    return evaluation, steps
 
 
 def compare(settings, extra, measure):
@@ -162,9 +170,14 @@ def bench_recipes(settings):
     """Each recipe trains for --budget seconds of wall time (train.py's max_time); compares
     the steps it took, its tokens/s and its final val loss in bits per byte."""
     extra = [f"--max_time={settings['budget']}", "--eval_interval=100000", f"--eval_iters={settings['eval_iters']}"]
-    compare(settings, extra, lambda evaluation, steps: {
-        "steps": evaluation["iter"], "tokens/s": statistics.median(line["tokens_per_s"] for line in steps[1:] or steps),
-        "val bits/byte": evaluation["val_bpb"]})
+    def measure(evaluation, steps):
+        timed = steps[1:] or steps  # the first log line holds the first steps (allocation, compilation)
+        row = {"steps": evaluation["iter"], "tokens/s": statistics.median(line["tokens_per_s"] for line in timed),
+               "val bits/byte": evaluation["val_bpb"], "peak GiB": evaluation["peak_gib"]}
+        if "mfu" in timed[0]:  # a GPU train.py knows
+            row["MFU %"] = 100 * statistics.median(line["mfu"] for line in timed)
+        return row
+    compare(settings, extra, measure)
 
 
 # nanoGPT's CPU example (its README: shakespeare_char on a MacBook): 4 layers of 128, 4 heads,
