@@ -99,7 +99,7 @@ min_lr = 1e-4  # floor of the schedule (set it to learning_rate for a constant r
 device = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:1 | mps
 dtype = "auto"  # auto (bfloat16 on GPUs that have it, else float16; float32 on CPU) | float32 | bfloat16 | float16
 compile = False  # torch.compile the model: faster on GPUs after a minute of compiling
-seed = 1337  # seeds model init, batches and dropout (process k uses seed + k)
+seed = 1337  # seeds model init (the same in every process), batches and dropout (process k uses seed + k)
 # reliability
 max_bad_steps = 5  # stop after this many non-finite steps in a row
 # ---- end of defaults ----------------------------------------------------------
@@ -210,8 +210,10 @@ def build_run(cfg):
         prepare_out_dir(Path(cfg.out_dir), folder, meta["tokenizer"], resuming)
 
     for seed_with in (random.seed, np.random.seed, torch.manual_seed):
-        seed_with(cfg.seed + runtime.rank)  # different dropout masks per rank; DDP copies rank 0's init
+        seed_with(cfg.seed)  # the same init on every rank: FSDP shards what each rank built
     raw_model = GPT(model_config)
+    for seed_with in (random.seed, np.random.seed) + ((torch.manual_seed,) if runtime.rank else ()):
+        seed_with(cfg.seed + runtime.rank)  # dropout masks of its own; rank 0 draws on, as one process does
     if checkpoint is not None:
         raw_model.load_state_dict(checkpoint["model"])
     if runtime.is_main and not cfg.eval_only:
