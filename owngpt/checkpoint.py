@@ -44,6 +44,7 @@ import torch
 from owngpt.dataset import atomic_write
 from owngpt.flags import UserError
 from owngpt.hf import HF_PREFIX, read_hf_folder
+from owngpt.parallel import shard_optimizer_state
 from owngpt.runtime import from_rank_0, restart_count
 
 MANIFEST_FILE = "checkpoints.json"
@@ -360,7 +361,8 @@ def restore_training_state(checkpoint, path, optimizer, optimizer_kind, scaler, 
     if trained_with != optimizer_kind:
         raise CheckpointError(f"{path} was trained with optimizer={trained_with}, this run asks for "
                               f"optimizer={optimizer_kind}: resume with the optimizer it was trained with")
-    optimizer.load_state_dict(checkpoint["optimizer"])
+    optimizer.load_state_dict(checkpoint["optimizer"])  # the whole state, as one process saved it
+    shard_optimizer_state(optimizer)  # FSDP: each rank keeps its rows
     if scaler and checkpoint["scaler"]:
         scaler.load_state_dict(checkpoint["scaler"])
     if checkpoint["data"]["world_size"] == runtime.world_size:
