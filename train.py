@@ -44,7 +44,7 @@ from owngpt.checkpoint import (MANIFEST_FILE, check_checkpoint_fits, check_free_
                                write_checkpoint)
 from owngpt.dataset import SPLITS, dataset_errors, load_windows, open_folder, read_meta
 from owngpt.optimizers import OPTIMIZERS, build_optimizer, set_learning_rates
-from owngpt.parallel import PARALLELISMS, clip_gradients, full_state, gathered, wrap_model
+from owngpt.parallel import PARALLELISMS, clip_gradients, full_model_state, full_state, gathered, wrap_model
 from owngpt.runlog import RunLog, StepTimer, duration, peak_memory
 from owngpt.runtime import available_devices, gather_from_ranks, install_stop_handlers, leave, setup_runtime
 from owngpt.tasks import evaluate_tasks, load_tasks, task_metrics, tasks_line, tasks_problem
@@ -400,7 +400,7 @@ def save_checkpoint(run, is_best):
     It is taken between iterations, after the evaluation, which draws no random numbers, so a
     resumed run starts where this one would have gone on."""
     states = gather_from_ranks(rng_states(run.data.generator, run.runtime.device), run.runtime)
-    model_state, optimizer_state = full_state(run.raw_model.state_dict()), full_state(run.optimizer.state_dict())
+    model_state, optimizer_state = full_model_state(run.raw_model), full_state(run.optimizer.state_dict())
     if not run.runtime.is_main:
         return
     checkpoint = {  # under FSDP too, the whole states of one process: one format for every reader

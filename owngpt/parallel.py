@@ -3,7 +3,7 @@
     model = wrap_model(raw_model, "fsdp", runtime)   # each block, then the whole model, sharded
     grad_norm = clip_gradients(params, max_norm)     # a plain tensor under either
     with gathered(model): model.eval(); ...          # whole weights on every rank, for evaluation
-    state = full_state(model.state_dict())           # every rank calls it; rank 0 writes the result
+    state = full_model_state(model)                  # every rank calls it; rank 0 writes the result
 
 DDP (DistributedDataParallel) keeps the whole model, its gradients and the optimizer's state
 in every process, about 16 bytes per parameter with AdamW before activations, and averages
@@ -40,7 +40,7 @@ def wrap_model(model, parallelism, runtime, compile=False):
     a CPU (gloo) job would be placed on CUDA (pytorch issue 132471). On GPUs the weights are
     gathered in the run's dtype (bfloat16) and the gradients reduced in float32, which
     replaces autocast's casts of the matmuls (the loss stays under autocast, in float32)."""
-    if parallelism == "ddp":
+    if parallelism == "ddp" or runtime.world_size == 1:  # one process: nothing to share
         model = model.to(runtime.device)
         compiled = torch.compile(model) if compile else model
         return (DistributedDataParallel(compiled) if runtime.world_size > 1 else compiled), compiled
@@ -84,23 +84,24 @@ def gathered(model):
 
 def full_state(state):
     """state (a state dict, nested) with every DTensor gathered into a whole CPU tensor: a
-    collective, so every rank calls it. A tensor met twice (the tied head) is gathered once."""
-    done = {}
+    collective, so every rank calls it. It is state itself when it holds no DTensor."""
+    if isinstance(state, (dict, list)):
+        keys = state.keys() if isinstance(state, dict) else range(len(state))
+        items = {key: full_state(state[key]) for key in keys}
+        if all(items[key] is state[key] for key in keys):
+            return state
+        return items if isinstance(state, dict) else list(items.values())
+    return state.full_tensor().cpu() if isinstance(state, DTensor) else state
 
-    def whole(value):  # value itself when it holds no DTensor (DDP's, one process's)
-        if isinstance(value, (dict, list)):
-            keys = value.keys() if isinstance(value, dict) else range(len(value))
-            items = {key: whole(value[key]) for key in keys}
-            if all(items[key] is value[key] for key in keys):
-                return value
-            return items if isinstance(value, dict) else list(items.values())
-        if isinstance(value, DTensor):
-            if id(value) not in done:
-                done[id(value)] = value.full_tensor().cpu()
-            return done[id(value)]
-        return value
 
-    return whole(state)
+def full_model_state(model):
+    """model.state_dict() with whole tensors (full_state); a tied weight (the gpt2 block's
+    head) stays one tensor under its two names, as in one process's state dict."""
+    state = full_state(model.state_dict())
+    first_name = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        state[name] = state[first_name.setdefault(id(param), name)]
+    return state
 
 
 def shard_optimizer_state(optimizer):

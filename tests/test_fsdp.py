@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, {root!r})
 from model import GPT, GPTConfig
 from owngpt.optimizers import build_optimizer
-from owngpt.parallel import clip_gradients, full_state, wrap_model
+from owngpt.parallel import clip_gradients, full_model_state, full_state, wrap_model
 from owngpt.runtime import leave, setup_runtime
 import train
 
@@ -53,7 +53,8 @@ for step in steps:
     clip_gradients(list(sharded.parameters()), {max_norm})
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-weights, state = full_state(sharded.state_dict()), full_state(optimizer.state_dict())
+weights, state = full_model_state(sharded), full_state(optimizer.state_dict())
+assert {block!r} == "modern" or weights["lm_head.weight"] is weights["transformer.wte.weight"]  # tied, as saved by one process
 
 if runtime.rank == 0:
     reference = optimizer_of(single)
