@@ -41,7 +41,7 @@ from owngpt.budget import TIMED_ITERATIONS, TimeBudget
 from owngpt.checkpoint import (MANIFEST_FILE, check_checkpoint_fits, check_free_space, check_same_run,
                                checkpoint_to_start, continue_after_restart, init_from_problem, prepare_out_dir,
                                release_out_dirs, restore_training_state, rng_states, saved_before_embedding_lr,
-                               write_checkpoint)
+                               write_checkpoint, write_sharded_checkpoint)
 from owngpt.dataset import SPLITS, dataset_errors, load_windows, open_folder, read_meta
 from owngpt.optimizers import OPTIMIZERS, build_optimizer, set_learning_rates
 from owngpt.parallel import PARALLELISMS, clip_gradients, full_model_state, full_state, gathered, wrap_model
@@ -64,6 +64,7 @@ eval_task_items = 0  # the first this many items of each task; 0 = all
 log_interval = 10  # a log line and a metrics.jsonl line every this many iterations
 sample_every_eval = True  # at each evaluation print and record a short sample (32 tokens of a fresh document)
 keep_last = 2  # checkpoints kept in out_dir, the newest valid one always among them
+sharded_checkpoint = False  # each process writes its share of the state (a ckpt_<iter>.dcp folder), not rank 0 the whole: for models whose whole state does not fit rank 0's memory; it resumes on any number of processes
 wandb_log = False  # also log to Weights & Biases (pip install wandb)
 wandb_project = "owngpt"  # wandb project name
 wandb_run_name = "run"  # wandb run name
@@ -396,14 +397,16 @@ def run_evaluation(run):
 
 # ----------------------------------------------------------------------------- checkpoints and logs
 def save_checkpoint(run, is_best):
-    """Every rank contributes its random states; rank 0 writes (the keys: owngpt/checkpoint.py).
+    """Every rank contributes its random states; rank 0 writes, or each rank its rows (the keys: owngpt/checkpoint.py).
     It is taken between iterations, after the evaluation, which draws no random numbers, so a
     resumed run starts where this one would have gone on."""
     states = gather_from_ranks(rng_states(run.data.generator, run.runtime.device), run.runtime)
-    model_state, optimizer_state = full_model_state(run.raw_model), full_state(run.optimizer.state_dict())
-    if not run.runtime.is_main:
+    sharded = run.cfg.sharded_checkpoint  # every rank writes its rows, else rank 0 writes the whole state
+    model_state = run.raw_model.state_dict() if sharded else full_model_state(run.raw_model)
+    optimizer_state = run.optimizer.state_dict() if sharded else full_state(run.optimizer.state_dict())
+    if not (run.runtime.is_main or sharded):
         return
-    checkpoint = {  # under FSDP too, the whole states of one process: one format for every reader
+    checkpoint = {  # under FSDP too, read back as the whole states of one process: one format for every reader
         "model": model_state, "model_config": dataclasses.asdict(run.raw_model.config),
         "optimizer": optimizer_state, "scaler": run.scaler.state_dict() if run.scaler else None,
         "iter_num": run.iter_num, "best_val_loss": run.best_val_loss, "config": vars(run.cfg),
@@ -411,7 +414,8 @@ def save_checkpoint(run, is_best):
         "elapsed_s": run.budget.elapsed(),
     }
     try:
-        write_checkpoint(Path(run.cfg.out_dir), checkpoint, run.cfg.keep_last, is_best)
+        write = write_sharded_checkpoint if sharded else write_checkpoint
+        write(Path(run.cfg.out_dir), checkpoint, run.cfg.keep_last, is_best)
     except OSError as error:  # most often a full disk
         raise TrainError(f"saving iteration {run.iter_num} into {run.cfg.out_dir} failed: {error.strerror or error}. "
                          f"The checkpoints recorded in {MANIFEST_FILE} are intact: make room, then continue "

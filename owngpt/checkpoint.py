@@ -31,6 +31,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 try:
@@ -40,6 +41,9 @@ except ImportError:
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from owngpt.dataset import atomic_write
 from owngpt.flags import UserError
@@ -91,6 +95,13 @@ def write_checkpoint(out_dir, checkpoint, keep_last, is_best):
         record.update(bytes=writer.size, sha256=writer.sha256.hexdigest())
 
     atomic_write(path, write)
+    record_checkpoint(out_dir, record, keep_last, is_best)
+
+
+def record_checkpoint(out_dir, record, keep_last, is_best):
+    """Record a complete checkpoint in checkpoints.json, point ckpt.pt (and best.pt) at it,
+    then delete all but the keep_last newest."""
+    path = out_dir / record["file"]
     # records past this iteration belong to a run we went back from (resumed from an older one)
     entries = [entry for entry in read_manifest(out_dir) if entry["iter"] < record["iter"]]
     kept = (entries + [record])[-keep_last:]
@@ -99,16 +110,106 @@ def write_checkpoint(out_dir, checkpoint, keep_last, is_best):
     if is_best:
         link_as(path, out_dir / "best.pt")
     kept_names = {entry["file"] for entry in kept}
-    for stale in out_dir.glob("ckpt_*.pt"):
+    for stale in [*out_dir.glob("ckpt_*.pt"), *out_dir.glob("ckpt_*.dcp")]:
         if stale.name not in kept_names:
-            stale.unlink()
+            remove(stale)
+
+
+def remove(path):
+    """Delete a file or a folder (a sharded checkpoint)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+# ----------------------------------------------------------------------------- sharded checkpoints
+SHARDED_STATE_FILE = "train_state.pt"  # in a sharded checkpoint's folder: all but its tensors
+
+
+def write_sharded_checkpoint(out_dir, checkpoint, keep_last, is_best):
+    """Write ckpt_<iter>.dcp/, a folder in which every rank writes the rows it holds of each
+    tensor (torch.distributed.checkpoint: a file per rank and a .metadata index of which rows
+    each holds), so that no process ever holds the whole state; every rank calls it. Rank 0
+    adds the rest (iteration, config, random states...) as train_state.pt. As write_checkpoint
+    does, the folder is complete (written under a temporary name, each file flushed to disk,
+    then renamed) before checkpoints.json records its size and sha256."""
+    name = f"ckpt_{checkpoint['iter_num']:07d}.dcp"
+    temporary, path = out_dir / f".{name}.tmp", out_dir / name
+    is_main = not dist.is_initialized() or dist.get_rank() == 0
+    if is_main and temporary.exists():
+        shutil.rmtree(temporary)  # before the save's first collective, so before any rank writes
+    skeleton, tensors = split_tensors(checkpoint)
+    dcp.save(tensors, checkpoint_id=temporary)  # returns on every rank once all have written
+    if not is_main:
+        return
+    torch.save(skeleton, temporary / SHARDED_STATE_FILE)
+    for file in temporary.iterdir():
+        with open(file, "rb+") as handle:
+            os.fsync(handle.fileno())
+    if path.exists():
+        shutil.rmtree(path)  # this iteration saved before, by a run we went back from
+    os.replace(temporary, path)
+    record_checkpoint(out_dir, {"file": name, "iter": checkpoint["iter_num"], **folder_digest(path)}, keep_last,
+                      is_best)
+
+
+def split_tensors(state, path=""):
+    """(state with each tensor replaced by None, {its path: tensor}); paths join keys with /."""
+    if isinstance(state, (dict, list)):
+        keys = state.keys() if isinstance(state, dict) else range(len(state))
+        skeleton, tensors = {}, {}
+        for key in keys:
+            skeleton[key], more = split_tensors(state[key], f"{path}{key}/")
+            tensors.update(more)
+        return (skeleton if isinstance(state, dict) else list(skeleton.values())), tensors
+    return (None, {path.rstrip("/"): state}) if torch.is_tensor(state) else (state, {})
+
+
+def join_tensors(skeleton, tensors, path=""):
+    """split_tensors undone."""
+    if isinstance(skeleton, (dict, list)):
+        keys = skeleton.keys() if isinstance(skeleton, dict) else range(len(skeleton))
+        joined = {key: join_tensors(skeleton[key], tensors, f"{path}{key}/") for key in keys}
+        return joined if isinstance(skeleton, dict) else list(joined.values())
+    return tensors.get(path.rstrip("/"), skeleton)
+
+
+def load_sharded_checkpoint(folder):
+    """A sharded checkpoint's whole state, as write_checkpoint's file holds it: read by this
+    process alone (no process group needed), whatever number of processes wrote it."""
+    skeleton = torch.load(folder / SHARDED_STATE_FILE, map_location="cpu", weights_only=True)
+    stored = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
+    tensors = {key: torch.empty(entry.size, dtype=entry.properties.dtype) for key, entry in stored.items()
+               if isinstance(entry, TensorStorageMetadata)}
+    with warnings.catch_warnings():  # that it reads in one process, which is the intent
+        warnings.simplefilter("ignore")
+        dcp.load(tensors, checkpoint_id=folder, no_dist=True)
+    return join_tensors(skeleton, tensors)
+
+
+def folder_digest(folder):
+    """{"bytes", "sha256"} of a folder's files, taken in name order, each name hashed with its bytes."""
+    digest, size = hashlib.sha256(), 0
+    for file in sorted(folder.iterdir()):
+        digest.update(file.name.encode())
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+                size += len(block)
+    return {"bytes": size, "sha256": digest.hexdigest()}
 
 
 def link_as(source, alias):
     """Make alias name the same file as source, atomically: a hard link (no extra disk),
-    or a copy on file systems without hard links."""
+    or a copy on file systems without hard links; a folder (a sharded checkpoint) gets a
+    symbolic link."""
     temporary = alias.with_name(alias.name + ".link")
     temporary.unlink(missing_ok=True)
+    if source.is_dir():
+        os.symlink(source.name, temporary)
+        os.replace(temporary, alias)
+        return
     try:
         os.link(source, temporary)
         os.replace(temporary, alias)
@@ -168,8 +269,11 @@ def read_manifest(out_dir):
 
 
 def load_checkpoint_file(path):
-    """torch.load with weights_only=True (tensors and plain values, never code), upgraded."""
+    """torch.load with weights_only=True (tensors and plain values, never code), upgraded; a
+    sharded checkpoint's folder is read whole (load_sharded_checkpoint)."""
     try:
+        if Path(path).is_dir():
+            return upgrade(load_sharded_checkpoint(Path(path)))
         return upgrade(torch.load(path, map_location="cpu", weights_only=True))
     except Exception as error:  # any failure to unpickle means the same thing: not a usable checkpoint
         refused = re.search(r"GLOBAL ([\w.]+)", str(error))  # how weights_only names a Python object it met
@@ -181,7 +285,10 @@ def load_checkpoint_file(path):
 
 
 def checkpoint_problem(path, entry):
-    """What is wrong with a checkpoint file against its record, or None."""
+    """What is wrong with a checkpoint file (or a sharded checkpoint's folder) against its record, or None."""
+    if path.is_dir():
+        return None if folder_digest(path) == {key: entry[key] for key in ("bytes", "sha256")} else \
+            "its files' size or sha256 differ from those recorded when it was written"
     if not path.is_file():
         return "the file is missing"
     if path.stat().st_size != entry["bytes"]:
@@ -254,7 +361,7 @@ def prepare_out_dir(out, folder, tokenizer_info, resuming):
         raise CheckpointError(f"{out} already holds checkpoints of a run: continue it with init_from=resume, "
                               "or choose another out_dir")
     for leftover in out.glob(".*.tmp"):
-        leftover.unlink()
+        remove(leftover)
     if tokenizer_info.get("file"):
         source = folder / tokenizer_info["file"]
         atomic_write(out / tokenizer_info["file"], lambda file: file.write(source.read_bytes()))
@@ -263,8 +370,10 @@ def prepare_out_dir(out, folder, tokenizer_info, resuming):
 def init_from_problem(value):
     """What init_from may be (a flags check: None when valid)."""
     return None if value in ("scratch", "resume") or os.path.isfile(value) or \
+        os.path.isfile(os.path.join(value, SHARDED_STATE_FILE)) or \
         (value.startswith(HF_PREFIX) and os.path.isdir(value.removeprefix(HF_PREFIX))) else \
-        "scratch, resume, the path of a checkpoint file or hf:FOLDER (a Hugging Face GPT-2 or NanoChat folder)"
+        "scratch, resume, the path of a checkpoint file (or a sharded checkpoint's folder) or hf:FOLDER (a Hugging " \
+        "Face GPT-2 or NanoChat folder)"
 
 
 _claims = {}  # out folder -> the open lock file by which this process holds it

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from helpers import MODERN_RECIPE, ONE_THREAD, ROOT, TINY_MODEL, train_lines
+from owngpt.checkpoint import load_checkpoint_file
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
@@ -54,7 +55,8 @@ for step in steps:
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 weights, state = full_model_state(sharded), full_state(optimizer.state_dict())
-assert {block!r} == "modern" or weights["lm_head.weight"] is weights["transformer.wte.weight"]  # tied, as saved by one process
+# the gpt2 block's head is tied, and saved as one tensor, as one process saves it
+assert {block!r} == "modern" or weights["lm_head.weight"] is weights["transformer.wte.weight"]
 
 if runtime.rank == 0:
     reference = optimizer_of(single)
@@ -76,7 +78,8 @@ if runtime.rank == 0:
         reference.zero_grad(set_to_none=True)
     tensors = lambda state: [v for v in (state.values() if isinstance(state, dict) else state)
                              for v in (tensors(v) if isinstance(v, (dict, list)) else [v]) if torch.is_tensor(v)]
-    pairs = [*zip(tensors(weights), tensors(single.state_dict())), *zip(tensors(state), tensors(reference.state_dict()))]
+    pairs = [*zip(tensors(weights), tensors(single.state_dict())),
+             *zip(tensors(state), tensors(reference.state_dict()))]
     assert all(a.shape == b.shape for a, b in pairs) and len(pairs) == len(tensors(single.state_dict())) + \\
         len(tensors(reference.state_dict()))
     moved = max((a - b).abs().max().item() for a, b in zip(weights.values(), model_before.values()))
@@ -112,25 +115,26 @@ def tensors_of(state):
 
 
 @pytest.mark.slow
-def test_an_fsdp_checkpoint_samples_and_resumes_exactly(tiny_dataset, tmp_path):
+@pytest.mark.parametrize("sharded", [False, True], ids=["whole", "sharded"])
+def test_an_fsdp_checkpoint_samples_and_resumes_exactly(sharded, tiny_dataset, tmp_path):
     # one uninterrupted run saves at iterations 3 and 6; a copy of its folder cut back to the
     # save at 3 resumes from there and must end where it ended, bit for bit
     flags = [*TINY_MODEL, f"--dataset={tiny_dataset}", "--parallelism=fsdp", "--gradient_accumulation_steps=4",
-             "--dropout=0.1", "--max_iters=6", "--eval_interval=3", "--sample_every_eval=false", *MODERN_RECIPE]
+             "--dropout=0.1", "--max_iters=6", "--eval_interval=3", "--sample_every_eval=false", *MODERN_RECIPE,
+             f"--sharded_checkpoint={sharded}"]
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     finished = subprocess.run([*TORCHRUN, str(ROOT / "train.py"), *flags, f"--out_dir={whole}"],
                               capture_output=True, text=True, timeout=180, env=ONE_THREAD)
     assert finished.returncode == 0, finished.stderr
-    shutil.copytree(whole, resumed)
-    manifest = json.loads((resumed / "checkpoints.json").read_text())
-    (resumed / "checkpoints.json").write_text(json.dumps({"checkpoints": manifest["checkpoints"][:1]}))
-    assert manifest["checkpoints"][0]["iter"] == 3
+    cut_back_to_iteration_3(whole, resumed)
     finished = subprocess.run([*TORCHRUN, str(ROOT / "train.py"), *flags, f"--out_dir={resumed}",
                                "--init_from=resume"], capture_output=True, text=True, timeout=180, env=ONE_THREAD)
     assert finished.returncode == 0, finished.stderr
     assert "at iteration 3, exactly" in finished.stdout
 
-    ends = [torch.load(folder / "ckpt_0000006.pt", weights_only=True) for folder in (whole, resumed)]
+    name = "ckpt_0000006" + (".dcp" if sharded else ".pt")
+    assert (whole / name).is_dir() == sharded
+    ends = [load_checkpoint_file(folder / name) for folder in (whole, resumed)]
     assert [(line["loss"], line["grad_norm"]) for line in train_lines(resumed)] == \
         [(line["loss"], line["grad_norm"]) for line in train_lines(whole)]
     for key in ("model", "optimizer"):
@@ -139,9 +143,26 @@ def test_an_fsdp_checkpoint_samples_and_resumes_exactly(tiny_dataset, tmp_path):
     checkpoint = ends[0]
     assert not any(type(tensor) is not torch.Tensor for tensor in tensors_of(checkpoint))
     assert sorted(checkpoint["optimizer"]) == ["adamw", "muon"]
-    assert sorted(checkpoint["optimizer"]["muon"]["state"]) == list(range(len(checkpoint["optimizer"]["muon"]["state"])))
+    muon_state = checkpoint["optimizer"]["muon"]["state"]
+    assert sorted(muon_state) == list(range(len(muon_state)))
     sampled = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--out_dir={whole}", "--ckpt=latest",
                               "--max_new_tokens=8", "--device=cpu"], capture_output=True, text=True, timeout=60,
                              env=ONE_THREAD)
     assert sampled.returncode == 0, sampled.stderr
     assert sampled.stdout.strip()
+    if sharded:  # written by 2 processes, resumed by 1
+        one = tmp_path / "one"
+        cut_back_to_iteration_3(whole, one)
+        finished = subprocess.run([sys.executable, str(ROOT / "train.py"), *flags, f"--out_dir={one}",
+                                   "--init_from=resume"], capture_output=True, text=True, timeout=180, env=ONE_THREAD)
+        assert finished.returncode == 0, finished.stderr
+        assert "at iteration 3, with fresh random streams (saved by 2 processes, resumed by 1)" in finished.stdout
+        assert [line["iter"] for line in train_lines(one)] == list(range(1, 7))
+
+
+def cut_back_to_iteration_3(out_dir, copy):
+    """A copy of out_dir as if its run had stopped after saving iteration 3."""
+    shutil.copytree(out_dir, copy, symlinks=True)
+    manifest = json.loads((copy / "checkpoints.json").read_text())
+    assert manifest["checkpoints"][0]["iter"] == 3
+    (copy / "checkpoints.json").write_text(json.dumps({"checkpoints": manifest["checkpoints"][:1]}))
