@@ -219,7 +219,7 @@ def build_run(cfg):
     raw_model = GPT(model_config)
     for seed_with in (random.seed, np.random.seed) + ((torch.manual_seed,) if runtime.rank else ()):
         seed_with(cfg.seed + runtime.rank)  # dropout masks of its own; rank 0 draws on, as one process does
-    if checkpoint is not None:
+    if checkpoint is not None and "rows_from" not in checkpoint:  # else each rank reads its rows once sharded
         raw_model.load_state_dict(checkpoint["model"])
     if runtime.is_main and not cfg.eval_only:
         check_free_space(Path(cfg.out_dir), raw_model, cfg.keep_last)
@@ -238,7 +238,7 @@ def build_run(cfg):
               train_model=train_model, optimizer=optimizer, scaler=scaler, budget=budget)
     if resuming:
         run.iter_num, run.best_val_loss, elapsed_before = restore_training_state(
-            checkpoint, path, optimizer, cfg.optimizer, scaler, data.generator, runtime)
+            checkpoint, path, raw_model, optimizer, cfg.optimizer, scaler, data.generator, runtime)
         budget.resumed(elapsed_before)
         if cfg.max_time and run.iter_num >= TIMED_ITERATIONS[1]:
             cfg.max_iters = checkpoint["config"]["max_iters"]  # fitted to max_time already: end where it would have

@@ -139,7 +139,8 @@ def write_sharded_checkpoint(out_dir, checkpoint, keep_last, is_best):
     is_main = not dist.is_initialized() or dist.get_rank() == 0
     if is_main and temporary.exists():
         shutil.rmtree(temporary)  # before the save's first collective, so before any rank writes
-    skeleton, tensors = split_tensors(checkpoint)
+    skeleton, tensors = split_tensors({key: checkpoint[key] for key in ("model", "optimizer")})
+    skeleton = {**checkpoint, **skeleton}  # the random states go in train_state.pt: each rank's own, not rows
     dcp.save(tensors, checkpoint_id=temporary)  # returns on every rank once all have written
     if not is_main:
         return
@@ -175,10 +176,14 @@ def join_tensors(skeleton, tensors, path=""):
     return tensors.get(path.rstrip("/"), skeleton)
 
 
-def load_sharded_checkpoint(folder):
+def load_sharded_checkpoint(folder, rows_later=False):
     """A sharded checkpoint's whole state, as write_checkpoint's file holds it: read by this
-    process alone (no process group needed), whatever number of processes wrote it."""
+    process alone (no process group needed), whatever number of processes wrote it. With
+    rows_later, its tensors are left out (None) and rows_from names the folder: under FSDP,
+    restore_training_state then reads each rank's rows alone (load_rows)."""
     skeleton = torch.load(folder / SHARDED_STATE_FILE, map_location="cpu", weights_only=True)
+    if rows_later:
+        return {**skeleton, "rows_from": str(folder)}
     stored = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
     tensors = {key: torch.empty(entry.size, dtype=entry.properties.dtype) for key, entry in stored.items()
                if isinstance(entry, TensorStorageMetadata)}
@@ -186,6 +191,24 @@ def load_sharded_checkpoint(folder):
         warnings.simplefilter("ignore")
         dcp.load(tensors, checkpoint_id=folder, no_dist=True)
     return join_tensors(skeleton, tensors)
+
+
+def load_rows(checkpoint, model, optimizer):
+    """Read the rows this rank holds of every tensor of the sharded model and optimizer from
+    checkpoint's folder (a collective: DCP reshards to any number of processes): the model's
+    in place, the optimizer's into checkpoint["optimizer"], for its load_state_dict."""
+    stored = dcp.FileSystemReader(checkpoint["rows_from"]).read_metadata().state_dict_metadata
+    targets = {f"model/{name}": tensor for name, tensor in model.state_dict().items()}  # its parameters themselves
+    for key, entry in stored.items():  # optimizer/[part/]state/<parameter's index>/<name>
+        if key.startswith("optimizer/") and isinstance(entry, TensorStorageMetadata):
+            *part, _, index, _ = key.split("/")[1:]
+            owner = optimizer.parts[part[0]] if part else optimizer  # MuonAndAdamW's part, or the optimizer
+            param = [param for group in owner.param_groups for param in group["params"]][int(index)]
+            targets[key] = (torch.zeros_like(param) if tuple(entry.size) == tuple(param.shape)
+                            else torch.empty(entry.size, dtype=entry.properties.dtype))  # a step count
+    dcp.load(targets, checkpoint_id=checkpoint["rows_from"])
+    checkpoint["optimizer"] = join_tensors(checkpoint["optimizer"], {key.removeprefix("optimizer/"): tensor
+                                                                     for key, tensor in targets.items()})
 
 
 def folder_digest(folder):
@@ -268,12 +291,12 @@ def read_manifest(out_dir):
         raise CheckpointError(f"{path} is not a checkpoint record written by train.py ({error})")
 
 
-def load_checkpoint_file(path):
+def load_checkpoint_file(path, rows_later=False):
     """torch.load with weights_only=True (tensors and plain values, never code), upgraded; a
-    sharded checkpoint's folder is read whole (load_sharded_checkpoint)."""
+    sharded checkpoint's folder is read whole, or without its tensors (load_sharded_checkpoint)."""
     try:
         if Path(path).is_dir():
-            return upgrade(load_sharded_checkpoint(Path(path)))
+            return upgrade(load_sharded_checkpoint(Path(path), rows_later))
         return upgrade(torch.load(path, map_location="cpu", weights_only=True))
     except Exception as error:  # any failure to unpickle means the same thing: not a usable checkpoint
         refused = re.search(r"GLOBAL ([\w.]+)", str(error))  # how weights_only names a Python object it met
@@ -302,7 +325,7 @@ def checkpoint_problem(path, entry):
     return None
 
 
-def newest_valid_checkpoint(out_dir):
+def newest_valid_checkpoint(out_dir, rows_later=False):
     """The newest recorded checkpoint whose size and sha256 match the record and which loads.
     Damaged ones are reported on stderr and passed over. Returns (path, checkpoint)."""
     entries = read_manifest(out_dir)
@@ -314,7 +337,7 @@ def newest_valid_checkpoint(out_dir):
         problem = checkpoint_problem(path, entry)
         if problem is None:
             try:
-                return path, load_checkpoint_file(path)
+                return path, load_checkpoint_file(path, rows_later)
             except CheckpointError as error:
                 problem = str(error)
         print(f"warning: skipping damaged checkpoint {path}: {problem}", file=sys.stderr)
@@ -431,9 +454,10 @@ def checkpoint_to_start(cfg, runtime):
         return Path(folder), read_hf_folder(folder)
     if cfg.init_from != "resume":
         return Path(cfg.init_from), load_checkpoint_file(cfg.init_from)
-    path, checkpoint = newest_valid_checkpoint(Path(cfg.out_dir)) if runtime.is_main else (None, None)
+    rows_later = cfg.parallelism == "fsdp" and runtime.world_size > 1 and not cfg.eval_only  # read by each rank
+    path, checkpoint = newest_valid_checkpoint(Path(cfg.out_dir), rows_later) if runtime.is_main else (None, None)
     path = Path(from_rank_0(str(path), runtime))
-    return path, checkpoint if runtime.is_main else load_checkpoint_file(path)
+    return path, checkpoint if runtime.is_main else load_checkpoint_file(path, rows_later)
 
 
 # ----------------------------------------------------------------------------- agreeing with the config
@@ -463,14 +487,17 @@ def check_checkpoint_fits(checkpoint, path, model_config, tokenizer_info, folder
                                   f"{field}={getattr(model_config, field)!r}: pass the config it was trained with")
 
 
-def restore_training_state(checkpoint, path, optimizer, optimizer_kind, scaler, generator, runtime):
-    """Load the optimizer, the loss scaler and this process's random states from checkpoint;
-    return (iter_num, best_val_loss, elapsed_s) as it holds them."""
+def restore_training_state(checkpoint, path, model, optimizer, optimizer_kind, scaler, generator, runtime):
+    """Load the optimizer, the loss scaler and this process's random states from checkpoint
+    (and the model, from a sharded checkpoint read by rows: load_rows); return (iter_num,
+    best_val_loss, elapsed_s) as it holds them."""
     trained_with = checkpoint["config"]["optimizer"]
     if trained_with != optimizer_kind:
         raise CheckpointError(f"{path} was trained with optimizer={trained_with}, this run asks for "
                               f"optimizer={optimizer_kind}: resume with the optimizer it was trained with")
-    optimizer.load_state_dict(checkpoint["optimizer"])  # the whole state, as one process saved it
+    if "rows_from" in checkpoint:
+        load_rows(checkpoint, model, optimizer)
+    optimizer.load_state_dict(checkpoint["optimizer"])  # the whole state as one process saved it, or this rank's rows
     shard_optimizer_state(optimizer)  # FSDP: each rank keeps its rows
     if scaler and checkpoint["scaler"]:
         scaler.load_state_dict(checkpoint["scaler"])
