@@ -44,7 +44,7 @@ from owngpt.checkpoint import (MANIFEST_FILE, check_checkpoint_fits, check_free_
                                write_checkpoint, write_sharded_checkpoint)
 from owngpt.dataset import SPLITS, dataset_errors, load_windows, open_folder, read_meta
 from owngpt.optimizers import OPTIMIZERS, build_optimizer, set_learning_rates
-from owngpt.parallel import PARALLELISMS, clip_gradients, full_model_state, full_state, gathered, wrap_model
+from owngpt.parallel import PARALLELISMS, clip_gradients, gathered, states_to_save, wrap_model
 from owngpt.runlog import RunLog, StepTimer, duration, peak_memory
 from owngpt.runtime import available_devices, gather_from_ranks, install_stop_handlers, leave, setup_runtime
 from owngpt.tasks import evaluate_tasks, load_tasks, task_metrics, tasks_line, tasks_problem
@@ -128,8 +128,7 @@ CHECKS = {
     "max_time": non_negative,
     "cooldown_fraction": flags.between(0, 1),
     "block": flags.one_of(*BLOCKS),
-    "optimizer": flags.one_of(*OPTIMIZERS),
-    "parallelism": flags.one_of(*PARALLELISMS),
+    "optimizer": flags.one_of(*OPTIMIZERS), "parallelism": flags.one_of(*PARALLELISMS),
     "lr_schedule": flags.one_of("cosine", "wsd"),
     **dict.fromkeys(("weight_decay", "grad_clip", "min_lr"), non_negative),
     **dict.fromkeys(("warmup_iters", "lr_decay_iters", "eval_task_items"), flags.at_least(0)),
@@ -214,8 +213,7 @@ def build_run(cfg):
     if runtime.is_main and not cfg.eval_only:
         prepare_out_dir(Path(cfg.out_dir), folder, meta["tokenizer"], resuming)
 
-    for seed_with in (random.seed, np.random.seed, torch.manual_seed):
-        seed_with(cfg.seed)  # the same init on every rank: FSDP shards what each rank built
+    torch.manual_seed(cfg.seed)  # the same init on every rank: FSDP shards what each rank built
     raw_model = GPT(model_config)
     for seed_with in (random.seed, np.random.seed) + ((torch.manual_seed,) if runtime.rank else ()):
         seed_with(cfg.seed + runtime.rank)  # dropout masks of its own; rank 0 draws on, as one process does
@@ -302,8 +300,8 @@ def train(run):
 
 def forward_backward(model, next_batch, micro_steps, autocast, scaler, is_ddp):
     """Accumulate the gradients of micro_steps batches; return their mean loss (a tensor).
-    DDP averages gradients across processes in the backward pass: no_sync skips that on all
-    but the last micro-step. FSDP reduce-scatters them at every one: each rank keeps its share."""
+    DDP averages gradients across processes in backward; no_sync skips that on all but the last
+    micro-step. FSDP reduce-scatters them at every one, so each rank keeps only its share."""
     total_loss = 0.0
     for micro_step in range(micro_steps):
         inputs, targets = next_batch()
@@ -402,8 +400,7 @@ def save_checkpoint(run, is_best):
     resumed run starts where this one would have gone on."""
     states = gather_from_ranks(rng_states(run.data.generator, run.runtime.device), run.runtime)
     sharded = run.cfg.sharded_checkpoint  # every rank writes its rows, else rank 0 writes the whole state
-    model_state = run.raw_model.state_dict() if sharded else full_model_state(run.raw_model)
-    optimizer_state = run.optimizer.state_dict() if sharded else full_state(run.optimizer.state_dict())
+    model_state, optimizer_state = states_to_save(run.raw_model, run.optimizer, whole=not sharded)
     if not (run.runtime.is_main or sharded):
         return
     checkpoint = {  # under FSDP too, read back as the whole states of one process: one format for every reader

@@ -1,9 +1,9 @@
 """How several processes share one model: DDP copies it whole into each, FSDP shards it.
 
-    model = wrap_model(raw_model, "fsdp", runtime)   # each block, then the whole model, sharded
-    grad_norm = clip_gradients(params, max_norm)     # a plain tensor under either
-    with gathered(model): model.eval(); ...          # whole weights on every rank, for evaluation
-    state = full_model_state(model)                  # every rank calls it; rank 0 writes the result
+    train_model, model = wrap_model(raw_model, "fsdp", runtime)  # each block, then the whole model, sharded
+    grad_norm = clip_gradients(params, max_norm)                 # a plain tensor under either
+    with gathered(model): ...                                    # whole weights on every rank, to evaluate
+    model_state, optimizer_state = states_to_save(model, optimizer, whole=True)  # every rank; rank 0 saves
 
 DDP (DistributedDataParallel) keeps the whole model, its gradients and the optimizer's state
 in every process, about 16 bytes per parameter with AdamW before activations, and averages
@@ -102,6 +102,14 @@ def full_model_state(model):
     for name, param in model.named_parameters(remove_duplicate=False):
         state[name] = state[first_name.setdefault(id(param), name)]
     return state
+
+
+def states_to_save(model, optimizer, whole):
+    """(model state, optimizer state) for a checkpoint: whole tensors (full_state, a collective),
+    or with whole=False each rank's rows as they are, for a sharded checkpoint."""
+    if not whole:
+        return model.state_dict(), optimizer.state_dict()
+    return full_model_state(model), full_state(optimizer.state_dict())
 
 
 def shard_optimizer_state(optimizer):
