@@ -4,6 +4,8 @@
     out/<run>/checkpoints.json their iteration, size and sha256, recorded once each file is complete
     out/<run>/ckpt.pt          the newest checkpoint  } hard links to a ckpt_<iter>.pt file,
     out/<run>/best.pt          the lowest val loss    } so they take no extra disk
+    out/<run>/ckpt_0000500.dcp/ with sharded_checkpoint=True: each rank's rows (torch.distributed.checkpoint)
+                               and train_state.pt; ckpt.pt and best.pt are then symbolic links to it
 
     checkpoint.write_checkpoint(Path("out/demo"), state, keep_last=2, is_best=True)
     path, state = checkpoint.newest_valid_checkpoint(Path("out/demo"))  # what resume starts from
