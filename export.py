@@ -114,7 +114,7 @@ def model_card(checkpoint, out_dir, path, dest):
 def export(settings):
     out_dir = Path(settings["out_dir"])
     path = out_dir / CHECKPOINT_FILES[settings["ckpt"]]
-    if not path.is_file():
+    if not path.exists():  # a file, or a sharded checkpoint's folder
         raise ExportError(f"{path} not found: train.py writes ckpt.pt (--ckpt=latest) and best.pt "
                           "(--ckpt=best) into its out_dir")
     dest = Path(settings["dest"] or Path("hf") / out_dir.resolve().name)

@@ -79,7 +79,7 @@ def read_prompt(start):
 
 def load_model(path, device):
     """The GPT stored in the checkpoint at path, in eval mode, and the checkpoint."""
-    if not path.is_file():
+    if not path.exists():  # a file, or a sharded checkpoint's folder
         raise SampleError(f"{path} not found: train.py writes ckpt.pt (--ckpt=latest) and "
                           f"best.pt (--ckpt=best) into its out_dir")
     return model_of(load_checkpoint_file(path), path, device)

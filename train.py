@@ -4,6 +4,7 @@
     python train.py config/train_demo.py                # 4.5 minutes on a 2-core CPU
     python train.py config/train_demo.py --batch_size=16 --max_iters=500 --out_dir=out/b16
     torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2_124m.py
+    torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2_124m.py --parallelism=fsdp
 
 The module globals below are the defaults; config files (run in order), then --key=value
 flags override them, every key and value checked before any work starts (`--help` lists them).
@@ -40,9 +41,10 @@ from owngpt.budget import TIMED_ITERATIONS, TimeBudget
 from owngpt.checkpoint import (MANIFEST_FILE, check_checkpoint_fits, check_free_space, check_same_run,
                                checkpoint_to_start, continue_after_restart, init_from_problem, prepare_out_dir,
                                release_out_dirs, restore_training_state, rng_states, saved_before_embedding_lr,
-                               write_checkpoint)
+                               write_checkpoint, write_sharded_checkpoint)
 from owngpt.dataset import SPLITS, dataset_errors, load_windows, open_folder, read_meta
 from owngpt.optimizers import OPTIMIZERS, build_optimizer, set_learning_rates
+from owngpt.parallel import PARALLELISMS, clip_gradients, gathered, states_to_save, wrap_model
 from owngpt.runlog import RunLog, StepTimer, duration, peak_memory
 from owngpt.runtime import available_devices, gather_from_ranks, install_stop_handlers, leave, setup_runtime
 from owngpt.tasks import evaluate_tasks, load_tasks, task_metrics, tasks_line, tasks_problem
@@ -62,6 +64,7 @@ eval_task_items = 0  # the first this many items of each task; 0 = all
 log_interval = 10  # a log line and a metrics.jsonl line every this many iterations
 sample_every_eval = True  # at each evaluation print and record a short sample (32 tokens of a fresh document)
 keep_last = 2  # checkpoints kept in out_dir, the newest valid one always among them
+sharded_checkpoint = False  # each process writes its share of the state (a ckpt_<iter>.dcp folder), not rank 0 the whole: for models whose whole state does not fit rank 0's memory; it resumes on any number of processes
 wandb_log = False  # also log to Weights & Biases (pip install wandb)
 wandb_project = "owngpt"  # wandb project name
 wandb_run_name = "run"  # wandb run name
@@ -99,7 +102,8 @@ min_lr = 1e-4  # floor of the schedule (set it to learning_rate for a constant r
 device = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:1 | mps
 dtype = "auto"  # auto (bfloat16 on GPUs that have it, else float16; float32 on CPU) | float32 | bfloat16 | float16
 compile = False  # torch.compile the model: faster on GPUs after a minute of compiling
-seed = 1337  # seeds model init, batches and dropout (process k uses seed + k)
+parallelism = "ddp"  # under torchrun: ddp (every process holds the whole model) | fsdp (each holds 1/N of the weights, gradients and optimizer state: for models ddp cannot fit)
+seed = 1337  # seeds model init (the same in every process), batches and dropout (process k uses seed + k)
 # reliability
 max_bad_steps = 5  # stop after this many non-finite steps in a row
 # ---- end of defaults ----------------------------------------------------------
@@ -124,7 +128,7 @@ CHECKS = {
     "max_time": non_negative,
     "cooldown_fraction": flags.between(0, 1),
     "block": flags.one_of(*BLOCKS),
-    "optimizer": flags.one_of(*OPTIMIZERS),
+    "optimizer": flags.one_of(*OPTIMIZERS), "parallelism": flags.one_of(*PARALLELISMS),
     "lr_schedule": flags.one_of("cosine", "wsd"),
     **dict.fromkeys(("weight_decay", "grad_clip", "min_lr"), non_negative),
     **dict.fromkeys(("warmup_iters", "lr_decay_iters", "eval_task_items"), flags.at_least(0)),
@@ -170,7 +174,7 @@ class Run:
     data: SimpleNamespace  # windows and eval_batches per split, byte_lengths, encoding, tokenizer_info, generator
     raw_model: GPT  # the parameters: state_dict, clipping, sampling
     model: torch.nn.Module  # raw_model, compiled when asked: what evaluation runs
-    train_model: torch.nn.Module  # model, wrapped in DDP under torchrun: what training runs
+    train_model: torch.nn.Module  # model, wrapped in DDP under torchrun (FSDP shards model itself): what training runs
     optimizer: torch.optim.Optimizer  # AdamW, or owngpt.optimizers.MuonAndAdamW
     scaler: torch.amp.GradScaler | None  # float16 only: scales the loss so small gradients survive
     budget: TimeBudget  # the clock, max_time, the last evaluation's duration
@@ -209,15 +213,15 @@ def build_run(cfg):
     if runtime.is_main and not cfg.eval_only:
         prepare_out_dir(Path(cfg.out_dir), folder, meta["tokenizer"], resuming)
 
-    for seed_with in (random.seed, np.random.seed, torch.manual_seed):
-        seed_with(cfg.seed + runtime.rank)  # different dropout masks per rank; DDP copies rank 0's init
+    torch.manual_seed(cfg.seed)  # the same init on every rank: FSDP shards what each rank built
     raw_model = GPT(model_config)
-    if checkpoint is not None:
+    for seed_with in (random.seed, np.random.seed) + ((torch.manual_seed,) if runtime.rank else ()):
+        seed_with(cfg.seed + runtime.rank)  # dropout masks of its own; rank 0 draws on, as one process does
+    if checkpoint is not None and "rows_from" not in checkpoint:  # else each rank reads its rows once sharded
         raw_model.load_state_dict(checkpoint["model"])
     if runtime.is_main and not cfg.eval_only:
         check_free_space(Path(cfg.out_dir), raw_model, cfg.keep_last)
-    raw_model.to(runtime.device)
-    model = torch.compile(raw_model) if cfg.compile else raw_model
+    train_model, model = wrap_model(raw_model, cfg.parallelism, runtime, cfg.compile)  # owngpt/parallel.py
     data = SimpleNamespace(
         windows=windows, encoding=encoding, tokenizer_info=meta["tokenizer"], tasks=tasks,
         eval_batches={split: split_windows.fixed_batch_ids(cfg.eval_iters, cfg.batch_size)
@@ -229,11 +233,10 @@ def build_run(cfg):
                                 None if resuming and saved_before_embedding_lr(checkpoint) else cfg.embedding_lr)
     scaler = torch.amp.GradScaler(runtime.device.type) if runtime.dtype == torch.float16 else None
     run = Run(cfg=cfg, runtime=runtime, log=None, stop=stop, data=data, raw_model=raw_model, model=model,
-              train_model=DistributedDataParallel(model) if runtime.world_size > 1 else model,
-              optimizer=optimizer, scaler=scaler, budget=budget)
+              train_model=train_model, optimizer=optimizer, scaler=scaler, budget=budget)
     if resuming:
         run.iter_num, run.best_val_loss, elapsed_before = restore_training_state(
-            checkpoint, path, optimizer, cfg.optimizer, scaler, data.generator, runtime)
+            checkpoint, path, raw_model, optimizer, cfg.optimizer, scaler, data.generator, runtime)
         budget.resumed(elapsed_before)
         if cfg.max_time and run.iter_num >= TIMED_ITERATIONS[1]:
             cfg.max_iters = checkpoint["config"]["max_iters"]  # fitted to max_time already: end where it would have
@@ -265,7 +268,7 @@ def train(run):
         lr = set_learning_rates(run.optimizer, run.iter_num, cfg)
         started = time.perf_counter()
         loss = forward_backward(run.train_model, next_batch, micro_steps, run.runtime.autocast, run.scaler,
-                                run.runtime.world_size > 1)
+                                isinstance(run.train_model, DistributedDataParallel))
         loss, grad_norm, skipped, stop = optimizer_step(run, loss, run.stop.is_set())
         run.iter_num += 1
         step_seconds = time.perf_counter() - started
@@ -297,8 +300,8 @@ def train(run):
 
 def forward_backward(model, next_batch, micro_steps, autocast, scaler, is_ddp):
     """Accumulate the gradients of micro_steps batches; return their mean loss (a tensor).
-    DDP averages gradients across processes in the backward pass: no_sync skips that on all
-    but the last micro-step, so it happens once per iteration."""
+    DDP averages gradients across processes in backward; no_sync skips that on all but the last
+    micro-step. FSDP reduce-scatters them at every one, so each rank keeps only its share."""
     total_loss = 0.0
     for micro_step in range(micro_steps):
         inputs, targets = next_batch()
@@ -322,7 +325,7 @@ def optimizer_step(run, loss, stop_requested):
     params = [p for p in run.raw_model.parameters() if p.requires_grad]
     if run.scaler:
         run.scaler.unscale_(run.optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, run.cfg.grad_clip if run.cfg.grad_clip > 0 else math.inf)
+    grad_norm = clip_gradients(params, run.cfg.grad_clip if run.cfg.grad_clip > 0 else math.inf)
     # with a loss scaler, inf gradients are its normal overflow signal: scaler.step skips those itself
     not_finite = ~torch.isfinite(loss) if run.scaler else ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
     votes = torch.stack([loss.float(), not_finite.float(), torch.tensor(float(stop_requested), device=loss.device)])
@@ -345,17 +348,18 @@ def optimizer_step(run, loss, stop_requested):
 @torch.no_grad()
 def evaluate(model, windows, batch_ids, byte_lengths, runtime):
     """Mean loss, next-token accuracy and bits per byte over the fixed batches; each rank
-    takes every world_size-th batch and the sums are all-reduced."""
+    takes every world_size-th batch (FSDP gathers the whole weights first) and the sums are all-reduced."""
     model.eval()
     totals = [0.0, 0.0, 0.0, 0.0]  # loss in nats (summed over tokens), correct, tokens, bytes
-    for ids in batch_ids[runtime.rank::runtime.world_size]:
-        inputs, targets = batch(windows, ids, runtime.device)
-        with runtime.autocast:
-            logits, loss = model(inputs, targets)
-        totals[0] += loss.item() * targets.numel()
-        totals[1] += (logits.argmax(dim=-1) == targets).sum().item()
-        totals[2] += targets.numel()
-        totals[3] += byte_lengths[targets].sum().item()
+    with gathered(model):
+        for ids in batch_ids[runtime.rank::runtime.world_size]:
+            inputs, targets = batch(windows, ids, runtime.device)
+            with runtime.autocast:
+                logits, loss = model(inputs, targets)
+            totals[0] += loss.item() * targets.numel()
+            totals[1] += (logits.argmax(dim=-1) == targets).sum().item()
+            totals[2] += targets.numel()
+            totals[3] += byte_lengths[targets].sum().item()
     model.train()
     totals = torch.tensor(totals, dtype=torch.float64, device=runtime.device)
     if runtime.world_size > 1:
@@ -379,7 +383,7 @@ def run_evaluation(run):
     run.log.write({"iter": run.iter_num, "tokens": run.iter_num * run.tokens_per_iter,
                    "elapsed_s": run.budget.elapsed(), "val_loss": val["loss"], "val_ppl": perplexity,
                    "val_acc": val["acc"], "val_bpb": val["bpb"], "train_loss": on_train["loss"], **task_metrics(tasks)})
-    if run.cfg.sample_every_eval and run.runtime.is_main and math.isfinite(val["loss"]):  # NaN weights cannot sample
+    if run.cfg.sample_every_eval and math.isfinite(val["loss"]):  # NaN weights cannot sample
         run.budget.eval_seconds += run.log.sample(run.raw_model, run.data.encoding, run.cfg.seed, run.runtime.device,
                                                   run.iter_num, run.budget.elapsed)
     run.log.draw_curves()
@@ -391,21 +395,24 @@ def run_evaluation(run):
 
 # ----------------------------------------------------------------------------- checkpoints and logs
 def save_checkpoint(run, is_best):
-    """Every rank contributes its random states; rank 0 writes (the keys: owngpt/checkpoint.py).
+    """Every rank contributes its random states; rank 0 writes, or each rank its rows (the keys: owngpt/checkpoint.py).
     It is taken between iterations, after the evaluation, which draws no random numbers, so a
     resumed run starts where this one would have gone on."""
     states = gather_from_ranks(rng_states(run.data.generator, run.runtime.device), run.runtime)
-    if not run.runtime.is_main:
+    sharded = run.cfg.sharded_checkpoint  # every rank writes its rows, else rank 0 writes the whole state
+    model_state, optimizer_state = states_to_save(run.raw_model, run.optimizer, whole=not sharded)
+    if not (run.runtime.is_main or sharded):
         return
-    checkpoint = {
-        "model": run.raw_model.state_dict(), "model_config": dataclasses.asdict(run.raw_model.config),
-        "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict() if run.scaler else None,
+    checkpoint = {  # under FSDP too, read back as the whole states of one process: one format for every reader
+        "model": model_state, "model_config": dataclasses.asdict(run.raw_model.config),
+        "optimizer": optimizer_state, "scaler": run.scaler.state_dict() if run.scaler else None,
         "iter_num": run.iter_num, "best_val_loss": run.best_val_loss, "config": vars(run.cfg),
         "tokenizer": run.data.tokenizer_info, "rng": states, "data": {"world_size": run.runtime.world_size},
         "elapsed_s": run.budget.elapsed(),
     }
     try:
-        write_checkpoint(Path(run.cfg.out_dir), checkpoint, run.cfg.keep_last, is_best)
+        write = write_sharded_checkpoint if sharded else write_checkpoint
+        write(Path(run.cfg.out_dir), checkpoint, run.cfg.keep_last, is_best)
     except OSError as error:  # most often a full disk
         raise TrainError(f"saving iteration {run.iter_num} into {run.cfg.out_dir} failed: {error.strerror or error}. "
                          f"The checkpoints recorded in {MANIFEST_FILE} are intact: make room, then continue "

@@ -4,6 +4,8 @@
     out/<run>/checkpoints.json their iteration, size and sha256, recorded once each file is complete
     out/<run>/ckpt.pt          the newest checkpoint  } hard links to a ckpt_<iter>.pt file,
     out/<run>/best.pt          the lowest val loss    } so they take no extra disk
+    out/<run>/ckpt_0000500.dcp/ with sharded_checkpoint=True: each rank's rows (torch.distributed.checkpoint)
+                               and train_state.pt; ckpt.pt and best.pt are then symbolic links to it
 
     checkpoint.write_checkpoint(Path("out/demo"), state, keep_last=2, is_best=True)
     path, state = checkpoint.newest_valid_checkpoint(Path("out/demo"))  # what resume starts from
@@ -31,6 +33,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 try:
@@ -40,10 +43,14 @@ except ImportError:
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from owngpt.dataset import atomic_write
 from owngpt.flags import UserError
 from owngpt.hf import HF_PREFIX, read_hf_folder
+from owngpt.parallel import shard_optimizer_state
 from owngpt.runtime import from_rank_0, restart_count
 
 MANIFEST_FILE = "checkpoints.json"
@@ -90,6 +97,13 @@ def write_checkpoint(out_dir, checkpoint, keep_last, is_best):
         record.update(bytes=writer.size, sha256=writer.sha256.hexdigest())
 
     atomic_write(path, write)
+    record_checkpoint(out_dir, record, keep_last, is_best)
+
+
+def record_checkpoint(out_dir, record, keep_last, is_best):
+    """Record a complete checkpoint in checkpoints.json, point ckpt.pt (and best.pt) at it,
+    then delete all but the keep_last newest."""
+    path = out_dir / record["file"]
     # records past this iteration belong to a run we went back from (resumed from an older one)
     entries = [entry for entry in read_manifest(out_dir) if entry["iter"] < record["iter"]]
     kept = (entries + [record])[-keep_last:]
@@ -98,16 +112,129 @@ def write_checkpoint(out_dir, checkpoint, keep_last, is_best):
     if is_best:
         link_as(path, out_dir / "best.pt")
     kept_names = {entry["file"] for entry in kept}
-    for stale in out_dir.glob("ckpt_*.pt"):
+    for stale in [*out_dir.glob("ckpt_*.pt"), *out_dir.glob("ckpt_*.dcp")]:
         if stale.name not in kept_names:
-            stale.unlink()
+            remove(stale)
+
+
+def remove(path):
+    """Delete a file or a folder (a sharded checkpoint)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+# ----------------------------------------------------------------------------- sharded checkpoints
+SHARDED_STATE_FILE = "train_state.pt"  # in a sharded checkpoint's folder: all but its tensors
+
+
+def write_sharded_checkpoint(out_dir, checkpoint, keep_last, is_best):
+    """Write ckpt_<iter>.dcp/, a folder in which every rank writes the rows it holds of each
+    tensor (torch.distributed.checkpoint: a file per rank and a .metadata index of which rows
+    each holds), so that no process ever holds the whole state; every rank calls it. Rank 0
+    adds the rest (iteration, config, random states...) as train_state.pt. As write_checkpoint
+    does, the folder is complete (written under a temporary name, each file flushed to disk,
+    then renamed) before checkpoints.json records its size and sha256."""
+    name = f"ckpt_{checkpoint['iter_num']:07d}.dcp"
+    temporary, path = out_dir / f".{name}.tmp", out_dir / name
+    is_main = not dist.is_initialized() or dist.get_rank() == 0
+    if is_main and temporary.exists():
+        shutil.rmtree(temporary)  # before the save's first collective, so before any rank writes
+    skeleton, tensors = split_tensors({key: checkpoint[key] for key in ("model", "optimizer")})
+    skeleton = {**checkpoint, **skeleton}  # the random states go in train_state.pt: each rank's own, not rows
+    dcp.save(tensors, checkpoint_id=temporary)  # returns on every rank once all have written
+    if not is_main:
+        return
+    torch.save(skeleton, temporary / SHARDED_STATE_FILE)
+    for file in temporary.iterdir():
+        with open(file, "rb+") as handle:
+            os.fsync(handle.fileno())
+    if path.exists():
+        shutil.rmtree(path)  # this iteration saved before, by a run we went back from
+    os.replace(temporary, path)
+    record_checkpoint(out_dir, {"file": name, "iter": checkpoint["iter_num"], **folder_digest(path)}, keep_last,
+                      is_best)
+
+
+def split_tensors(state, path=""):
+    """(state with each tensor replaced by None, {its path: tensor}); paths join keys with /."""
+    if isinstance(state, (dict, list)):
+        keys = state.keys() if isinstance(state, dict) else range(len(state))
+        skeleton, tensors = {}, {}
+        for key in keys:
+            skeleton[key], more = split_tensors(state[key], f"{path}{key}/")
+            tensors.update(more)
+        return (skeleton if isinstance(state, dict) else list(skeleton.values())), tensors
+    return (None, {path.rstrip("/"): state}) if torch.is_tensor(state) else (state, {})
+
+
+def join_tensors(skeleton, tensors, path=""):
+    """split_tensors undone."""
+    if isinstance(skeleton, (dict, list)):
+        keys = skeleton.keys() if isinstance(skeleton, dict) else range(len(skeleton))
+        joined = {key: join_tensors(skeleton[key], tensors, f"{path}{key}/") for key in keys}
+        return joined if isinstance(skeleton, dict) else list(joined.values())
+    return tensors.get(path.rstrip("/"), skeleton)
+
+
+def load_sharded_checkpoint(folder, rows_later=False):
+    """A sharded checkpoint's whole state, as write_checkpoint's file holds it: read by this
+    process alone (no process group needed), whatever number of processes wrote it. With
+    rows_later, its tensors are left out (None) and rows_from names the folder: under FSDP,
+    restore_training_state then reads each rank's rows alone (load_rows)."""
+    skeleton = torch.load(folder / SHARDED_STATE_FILE, map_location="cpu", weights_only=True)
+    if rows_later:
+        return {**skeleton, "rows_from": str(folder)}
+    stored = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
+    tensors = {key: torch.empty(entry.size, dtype=entry.properties.dtype) for key, entry in stored.items()
+               if isinstance(entry, TensorStorageMetadata)}
+    with warnings.catch_warnings():  # that it reads in one process, which is the intent
+        warnings.simplefilter("ignore")
+        dcp.load(tensors, checkpoint_id=folder, no_dist=True)
+    return join_tensors(skeleton, tensors)
+
+
+def load_rows(checkpoint, model, optimizer):
+    """Read the rows this rank holds of every tensor of the sharded model and optimizer from
+    checkpoint's folder (a collective: DCP reshards to any number of processes): the model's
+    in place, the optimizer's into checkpoint["optimizer"], for its load_state_dict."""
+    stored = dcp.FileSystemReader(checkpoint["rows_from"]).read_metadata().state_dict_metadata
+    targets = {f"model/{name}": tensor for name, tensor in model.state_dict().items()}  # its parameters themselves
+    for key, entry in stored.items():  # optimizer/[part/]state/<parameter's index>/<name>
+        if key.startswith("optimizer/") and isinstance(entry, TensorStorageMetadata):
+            *part, _, index, _ = key.split("/")[1:]
+            owner = optimizer.parts[part[0]] if part else optimizer  # MuonAndAdamW's part, or the optimizer
+            param = [param for group in owner.param_groups for param in group["params"]][int(index)]
+            targets[key] = (torch.zeros_like(param) if tuple(entry.size) == tuple(param.shape)
+                            else torch.empty(entry.size, dtype=entry.properties.dtype))  # a step count
+    dcp.load(targets, checkpoint_id=checkpoint["rows_from"])
+    checkpoint["optimizer"] = join_tensors(checkpoint["optimizer"], {key.removeprefix("optimizer/"): tensor
+                                                                     for key, tensor in targets.items()})
+
+
+def folder_digest(folder):
+    """{"bytes", "sha256"} of a folder's files, taken in name order, each name hashed with its bytes."""
+    digest, size = hashlib.sha256(), 0
+    for file in sorted(folder.iterdir()):
+        digest.update(file.name.encode())
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+                size += len(block)
+    return {"bytes": size, "sha256": digest.hexdigest()}
 
 
 def link_as(source, alias):
     """Make alias name the same file as source, atomically: a hard link (no extra disk),
-    or a copy on file systems without hard links."""
+    or a copy on file systems without hard links; a folder (a sharded checkpoint) gets a
+    symbolic link."""
     temporary = alias.with_name(alias.name + ".link")
     temporary.unlink(missing_ok=True)
+    if source.is_dir():
+        os.symlink(source.name, temporary)
+        os.replace(temporary, alias)
+        return
     try:
         os.link(source, temporary)
         os.replace(temporary, alias)
@@ -166,9 +293,12 @@ def read_manifest(out_dir):
         raise CheckpointError(f"{path} is not a checkpoint record written by train.py ({error})")
 
 
-def load_checkpoint_file(path):
-    """torch.load with weights_only=True (tensors and plain values, never code), upgraded."""
+def load_checkpoint_file(path, rows_later=False):
+    """torch.load with weights_only=True (tensors and plain values, never code), upgraded; a
+    sharded checkpoint's folder is read whole, or without its tensors (load_sharded_checkpoint)."""
     try:
+        if Path(path).is_dir():
+            return upgrade(load_sharded_checkpoint(Path(path), rows_later))
         return upgrade(torch.load(path, map_location="cpu", weights_only=True))
     except Exception as error:  # any failure to unpickle means the same thing: not a usable checkpoint
         refused = re.search(r"GLOBAL ([\w.]+)", str(error))  # how weights_only names a Python object it met
@@ -180,7 +310,10 @@ def load_checkpoint_file(path):
 
 
 def checkpoint_problem(path, entry):
-    """What is wrong with a checkpoint file against its record, or None."""
+    """What is wrong with a checkpoint file (or a sharded checkpoint's folder) against its record, or None."""
+    if path.is_dir():
+        return None if folder_digest(path) == {key: entry[key] for key in ("bytes", "sha256")} else \
+            "its files' size or sha256 differ from those recorded when it was written"
     if not path.is_file():
         return "the file is missing"
     if path.stat().st_size != entry["bytes"]:
@@ -194,7 +327,7 @@ def checkpoint_problem(path, entry):
     return None
 
 
-def newest_valid_checkpoint(out_dir):
+def newest_valid_checkpoint(out_dir, rows_later=False):
     """The newest recorded checkpoint whose size and sha256 match the record and which loads.
     Damaged ones are reported on stderr and passed over. Returns (path, checkpoint)."""
     entries = read_manifest(out_dir)
@@ -206,7 +339,7 @@ def newest_valid_checkpoint(out_dir):
         problem = checkpoint_problem(path, entry)
         if problem is None:
             try:
-                return path, load_checkpoint_file(path)
+                return path, load_checkpoint_file(path, rows_later)
             except CheckpointError as error:
                 problem = str(error)
         print(f"warning: skipping damaged checkpoint {path}: {problem}", file=sys.stderr)
@@ -253,7 +386,7 @@ def prepare_out_dir(out, folder, tokenizer_info, resuming):
         raise CheckpointError(f"{out} already holds checkpoints of a run: continue it with init_from=resume, "
                               "or choose another out_dir")
     for leftover in out.glob(".*.tmp"):
-        leftover.unlink()
+        remove(leftover)
     if tokenizer_info.get("file"):
         source = folder / tokenizer_info["file"]
         atomic_write(out / tokenizer_info["file"], lambda file: file.write(source.read_bytes()))
@@ -262,8 +395,10 @@ def prepare_out_dir(out, folder, tokenizer_info, resuming):
 def init_from_problem(value):
     """What init_from may be (a flags check: None when valid)."""
     return None if value in ("scratch", "resume") or os.path.isfile(value) or \
+        os.path.isfile(os.path.join(value, SHARDED_STATE_FILE)) or \
         (value.startswith(HF_PREFIX) and os.path.isdir(value.removeprefix(HF_PREFIX))) else \
-        "scratch, resume, the path of a checkpoint file or hf:FOLDER (a Hugging Face GPT-2 or NanoChat folder)"
+        "scratch, resume, the path of a checkpoint file (or a sharded checkpoint's folder) or hf:FOLDER (a Hugging " \
+        "Face GPT-2 or NanoChat folder)"
 
 
 _claims = {}  # out folder -> the open lock file by which this process holds it
@@ -321,9 +456,10 @@ def checkpoint_to_start(cfg, runtime):
         return Path(folder), read_hf_folder(folder)
     if cfg.init_from != "resume":
         return Path(cfg.init_from), load_checkpoint_file(cfg.init_from)
-    path, checkpoint = newest_valid_checkpoint(Path(cfg.out_dir)) if runtime.is_main else (None, None)
+    rows_later = cfg.parallelism == "fsdp" and runtime.world_size > 1 and not cfg.eval_only  # read by each rank
+    path, checkpoint = newest_valid_checkpoint(Path(cfg.out_dir), rows_later) if runtime.is_main else (None, None)
     path = Path(from_rank_0(str(path), runtime))
-    return path, checkpoint if runtime.is_main else load_checkpoint_file(path)
+    return path, checkpoint if runtime.is_main else load_checkpoint_file(path, rows_later)
 
 
 # ----------------------------------------------------------------------------- agreeing with the config
@@ -353,14 +489,18 @@ def check_checkpoint_fits(checkpoint, path, model_config, tokenizer_info, folder
                                   f"{field}={getattr(model_config, field)!r}: pass the config it was trained with")
 
 
-def restore_training_state(checkpoint, path, optimizer, optimizer_kind, scaler, generator, runtime):
-    """Load the optimizer, the loss scaler and this process's random states from checkpoint;
-    return (iter_num, best_val_loss, elapsed_s) as it holds them."""
+def restore_training_state(checkpoint, path, model, optimizer, optimizer_kind, scaler, generator, runtime):
+    """Load the optimizer, the loss scaler and this process's random states from checkpoint
+    (and the model, from a sharded checkpoint read by rows: load_rows); return (iter_num,
+    best_val_loss, elapsed_s) as it holds them."""
     trained_with = checkpoint["config"]["optimizer"]
     if trained_with != optimizer_kind:
         raise CheckpointError(f"{path} was trained with optimizer={trained_with}, this run asks for "
                               f"optimizer={optimizer_kind}: resume with the optimizer it was trained with")
-    optimizer.load_state_dict(checkpoint["optimizer"])
+    if "rows_from" in checkpoint:
+        load_rows(checkpoint, model, optimizer)
+    optimizer.load_state_dict(checkpoint["optimizer"])  # the whole state as one process saved it, or this rank's rows
+    shard_optimizer_state(optimizer)  # FSDP: each rank keeps its rows
     if scaler and checkpoint["scaler"]:
         scaler.load_state_dict(checkpoint["scaler"])
     if checkpoint["data"]["world_size"] == runtime.world_size:

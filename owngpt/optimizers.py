@@ -18,6 +18,7 @@ iteration), and a resumed run given another rate, can set every group's rate fro
 import math
 
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 OPTIMIZERS = ("adamw", "muon")
 
@@ -44,6 +45,18 @@ def orthogonalise(update, steps=NS_STEPS):
     return (x.T if tall else x).to(update.dtype)
 
 
+def orthogonalise_rows(update, steps=5):
+    """orthogonalise, also for a DTensor of which this rank holds some rows (FSDP): the
+    whole matrix is gathered, orthogonalised on every rank alike and cut back to the local
+    rows. Exact (the same numbers as one process), at world_size times the Newton-Schulz work
+    and one all-gather per matrix; a rank that owned whole matrices (Dion's all-to-all) would
+    share that work."""
+    if not isinstance(update, DTensor):
+        return orthogonalise(update, steps)
+    whole = orthogonalise(update.full_tensor(), steps)
+    return distribute_tensor(whole, update.device_mesh, update.placements, src_data_rank=None)
+
+
 class Muon(torch.optim.Optimizer):
     """Nesterov momentum, orthogonalise, then scale by sqrt(max(1, rows / cols)) so that a
     tall matrix's update has the per-element size of a wide one's (the Muon post); weight
@@ -63,7 +76,7 @@ class Muon(torch.optim.Optimizer):
                     state["momentum_buffer"] = torch.zeros_like(param)
                 buffer = state["momentum_buffer"]
                 buffer.mul_(group["momentum"]).add_(param.grad)
-                update = orthogonalise(param.grad.add(buffer, alpha=group["momentum"]), group["ns_steps"])
+                update = orthogonalise_rows(param.grad.add(buffer, alpha=group["momentum"]), group["ns_steps"])
                 scale = max(1.0, param.size(0) / param.size(1)) ** 0.5
                 param.mul_(1 - group["lr"] * group["weight_decay"])
                 param.add_(update, alpha=-group["lr"] * scale)

@@ -21,6 +21,7 @@ import torch
 from owngpt import costs, curves
 from owngpt.dataset import atomic_write
 from owngpt.flags import UserError
+from owngpt.parallel import gathered
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.svg"
@@ -93,11 +94,15 @@ class RunLog:
 
     def sample(self, model, encoding, seed, device, iteration, elapsed):
         """Print and record a sample (draw_sample), so the text can be seen going from noise to
-        structure; returns the seconds it took. Rank 0 alone calls it: generation is local (no
-        collective), and the other ranks wait for rank 0 at the next step's all-reduce.
+        structure; returns the seconds it took. Every rank calls it, rank 0 alone draws: generation
+        is local (no collective), and the other ranks wait for rank 0 at the next step's
+        all-reduce. Under FSDP every rank first gathers the whole weights (a collective).
         elapsed() gives the run's seconds so far."""
         started = time.perf_counter()
-        text = draw_sample(model, encoding, seed, device)
+        with gathered(model):
+            if not self.is_main:
+                return 0.0
+            text = draw_sample(model, encoding, seed, device)
         seconds = time.perf_counter() - started
         self.print(f'sample at iter {iteration}: "{one_line(text)}" | {seconds:.2f}s')
         self.write({"iter": iteration, "elapsed_s": elapsed(), "sample": text, "sample_s": seconds})

@@ -79,6 +79,9 @@ def setup_runtime(cfg):
     if world_size > 1:
         join_process_group("nccl" if device.type == "cuda" else "gloo", rank, world_size)
     amp_dtype = pick_dtype(cfg.dtype, device)
+    if cfg.parallelism == "fsdp" and amp_dtype == torch.float16:
+        raise RuntimeSetupError("parallelism=fsdp computes in bfloat16 or float32, not float16 (which needs a loss "
+                                "scaler): set dtype=float32, or parallelism=ddp")
     autocast = (nullcontext() if amp_dtype == torch.float32
                 else torch.autocast(device_type=device.type, dtype=amp_dtype))
     return SimpleNamespace(rank=rank, world_size=world_size, is_main=rank == 0, device=device,

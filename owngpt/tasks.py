@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from owngpt.flags import UserError
 from owngpt.hf import HF_PREFIX, read_tokenizer_json
+from owngpt.parallel import gathered
 from owngpt.web.crawl import download
 
 HELLASWAG = "hellaswag"
@@ -147,8 +148,9 @@ def evaluate_tasks(model, tasks, runtime):
         return {}
     was_training = model.training
     model.eval()
-    counts = torch.tensor([count_right(model, task.items[runtime.rank::runtime.world_size], runtime)
-                           for task in tasks], dtype=torch.int64, device=runtime.device)
+    with gathered(model):  # FSDP: the whole weights on every rank, which may score different numbers of items
+        counts = torch.tensor([count_right(model, task.items[runtime.rank::runtime.world_size], runtime)
+                               for task in tasks], dtype=torch.int64, device=runtime.device)
     model.train(was_training)
     if runtime.world_size > 1:
         dist.all_reduce(counts)

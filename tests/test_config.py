@@ -24,7 +24,7 @@ UNCHECKED = {
         "dataset": "a name or a path: open_folder names a missing or empty folder",
         "wandb_project": "any name wandb accepts", "wandb_run_name": "any name wandb accepts",
         **dict.fromkeys(("eval_only", "wandb_log", "sample_every_eval", "bias", "gradient_checkpointing", "compile",
-                          "value_embeddings"), BOOLEAN),
+                          "value_embeddings", "sharded_checkpoint"), BOOLEAN),
     },
     "sample.py": {
         "out_dir": "any folder: a missing checkpoint in it is named when it is read",
