@@ -79,7 +79,7 @@ def memory_table(model, cfg, gpu_counts):
     header = "".join(f"{(f'{count} GPU' if count == 1 else f'{count} GPUs {kind.upper()}'):>16}" for count, kind in columns)
     precision = "float32" if cfg.dtype == "float32" else "bfloat16 autocast"
     lines = [f"memory per GPU at batch_size={cfg.batch_size} x block_size={cfg.block_size}, {precision} "
-             f"(FSDP is not in train.py yet: what sharding would hold):", f"  {'':30}{header}"]
+             f"(FSDP: --parallelism=fsdp under torchrun):", f"  {'':30}{header}"]
     lines += [f"  {label:30}" + "".join(f"{costs.memory_text(part[key]):>16}" for part in parts) for key, label in names.items()]
     lines.append(f"  {'total, gradient_checkpointing':30}" + "".join(f"{costs.memory_text(total):>16}" for total in checkpointed))
     lines.append("  (the total takes the larger of activations and gradients: the activations peak as backward "

@@ -118,8 +118,8 @@ def memory_per_gpu(model, batch_size, optimizer, half, gradient_checkpointing=Fa
     """Bytes one GPU holds at a training step's peak, by part: weights, gradients, optimizer,
     ddp_buckets, activations, and total. Weights and gradients are float32 (autocast computes in
     half precision from float32 masters, keeping a half copy of each matrix for backward);
-    AdamW keeps two float32 moments per parameter, Muon one momentum per hidden matrix. FSDP (not
-    in train.py yet; this is what torch's fully_shard per block would hold) shards the first three
+    AdamW keeps two float32 moments per parameter, Muon one momentum per hidden matrix. FSDP
+    (parallelism=fsdp: torch's fully_shard per block, owngpt/parallel.py) shards the first three
     over the GPUs and gathers a block's weights in the compute dtype while it runs, the next one
     prefetched, and its full gradient until the reduce-scatter."""
     c = model.config
