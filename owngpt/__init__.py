@@ -8,7 +8,8 @@ beside them: it is the one file every reader opens.
     filtered     the documents a prepare.py run kept, stored part by part
     workers      a stage of prepare.py on all cores, results in input order
     web/         web text: downloads and Common Crawl's WET files (crawl), the filters (filters)
-    runtime      devices, dtype, the DDP process group, stop signals, the GPU FLOPs table
+    runtime      devices, dtype, the process group, stop signals, the GPU FLOPs table
+    parallel     how processes share the model: DDP copies it, FSDP shards it; one checkpoint format
     budget       the run's clock and max_time
     costs        what a run costs before it starts: memory per GPU, time, dollars (plan.py)
     checkpoint   the out folder: save, rotate, verify, load; which checkpoint a run starts from,
