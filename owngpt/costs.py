@@ -158,6 +158,21 @@ def activation_bytes_per_sequence(config, half, gradient_checkpointing):
     return c.block_size * (layer * c.n_embd * c.n_layer + head)
 
 
+def parallelism_advice(memory, parallelism, capacity_bytes):
+    """What to do when the run under this parallelism does not fit a card of capacity_bytes
+    (memory: {kind: memory_per_gpu's parts}); None when it fits."""
+    usable = capacity_bytes * USABLE
+    if memory[parallelism]["total"] <= usable:
+        return None
+    fsdp = memory.get("fsdp")
+    if parallelism == "ddp" and fsdp and fsdp["total"] <= usable:
+        return (f"under ddp this does not fit the device's {memory_text(capacity_bytes)}; --parallelism=fsdp "
+                f"needs ~{memory_text(fsdp['total'])} per process")
+    return (f"this does not fit the device's {memory_text(capacity_bytes)}: lower batch_size and raise "
+            "gradient_accumulation_steps, or set gradient_checkpointing=True" +
+            (", or run on more GPUs with --parallelism=fsdp" if parallelism == "ddp" else ""))
+
+
 def largest_batch(model, capacity_bytes, **memory_options):
     """The largest micro-batch (batch_size) whose step fits in capacity_bytes; 0 if none does."""
     fits = lambda batch: memory_per_gpu(model, batch, **memory_options)["total"] <= capacity_bytes

@@ -81,11 +81,19 @@ class RunLog:
     def plan(self, model, cfg, runtime):
         """The cost of the run before it starts: parameters, tokens, FLOPs, memory per process,
         and on a GPU of the card table the time at costs.MFU (owngpt/costs.py, as plan.py prints)."""
-        memory = costs.memory_per_gpu(model, cfg.batch_size, cfg.optimizer, runtime.dtype != torch.float32,
-                                      cfg.gradient_checkpointing, runtime.world_size)
-        lines = [*costs.run_summary(model, cfg, runtime.world_size),
-                 f"      memory per process ~{costs.memory_text(memory['total'])} at its peak (activations "
-                 f"{costs.memory_text(memory['activations'])}; plan.py with the same config and flags says more)"]
+        kinds = ("ddp", "fsdp") if runtime.world_size > 1 else ("ddp",)  # one process shards nothing
+        memory = {kind: costs.memory_per_gpu(model, cfg.batch_size, cfg.optimizer, runtime.dtype != torch.float32,
+                                             cfg.gradient_checkpointing, runtime.world_size, kind) for kind in kinds}
+        lines = costs.run_summary(model, cfg, runtime.world_size)
+        for kind, parts in memory.items():
+            lines.append(f"      memory per process ~{costs.memory_text(parts['total'])} at its peak"
+                         + (f" under {kind}" if len(kinds) > 1 else "") + ": " + ", ".join(
+                             f"{name} {costs.memory_text(parts[name])}" for name in ("weights", "gradients",
+                                                                                    "optimizer", "activations")))
+        if runtime.device.type == "cuda":
+            advice = costs.parallelism_advice(memory, cfg.parallelism,
+                                              torch.cuda.get_device_properties(runtime.device).total_memory)
+            lines += [f"      {advice}"] if advice else []
         if runtime.peak_flops:
             seconds = costs.predicted_seconds(model, cfg, runtime.world_size, runtime.peak_flops, costs.MFU)[1]
             lines.append(f"      ~{duration(seconds)} at {costs.MFU:.0%} MFU, evaluations included")

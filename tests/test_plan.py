@@ -11,12 +11,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import plan
-import train
-from conftest import ROOT
+from helpers import ROOT
 from model import GPT, GPTConfig
 from owngpt import costs, flags
 from owngpt.optimizers import build_optimizer
+import plan
+import train
 
 # A training step's peak memory as torch's CPU allocator saw it: the profiler records every
 # allocation and free ([memory] events); their running sum's maximum is the peak, exact and
@@ -211,3 +211,15 @@ def test_the_plan_line_at_the_start_of_a_run_uses_the_same_arithmetic(capsys, tm
     train.RunLog(cfg, runtime, None).plan(model, cfg, runtime)
     memory = costs.memory_per_gpu(model, cfg.batch_size, cfg.optimizer, half=False)
     assert f"memory per process ~{costs.memory_text(memory['total'])}" in capsys.readouterr().out
+
+
+def test_the_plan_line_gives_memory_under_ddp_and_fsdp_and_suggests_fsdp_when_ddp_does_not_fit():
+    model = costs.meta_model(GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257))
+    memory = {kind: costs.memory_per_gpu(model, 8, "adamw", half=True, gpus=8, parallelism=kind)
+              for kind in ("ddp", "fsdp")}
+    for part in ("weights", "gradients", "optimizer"):  # sharded over 8, but for the block being gathered
+        assert memory["fsdp"][part] < memory["ddp"][part] / 4
+    between = (memory["fsdp"]["total"] + memory["ddp"]["total"]) / 2 / costs.USABLE
+    assert "--parallelism=fsdp needs ~" in costs.parallelism_advice(memory, "ddp", between)
+    assert costs.parallelism_advice(memory, "ddp", 2 * memory["ddp"]["total"]) is None
+    assert "lower batch_size" in costs.parallelism_advice(memory, "fsdp", memory["fsdp"]["total"] / 2)
