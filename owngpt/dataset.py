@@ -239,9 +239,7 @@ def dataset_errors():
     become DatasetErrors: one line for the user, no traceback."""
     try:
         yield
-    except (ValueError, OSError) as error:
-        if isinstance(error, UserError):
-            raise
+    except (ValueError, OSError) as error:  # a UserError is neither: it passes through as it is
         raise DatasetError(str(error)) from error
 
 
