@@ -25,6 +25,7 @@ Example:
         ...                                     # token: (B,), one per step, as it is made
 """
 import math
+import platform
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -65,6 +66,53 @@ def padded_vocab_size(vocab_size: int) -> int:
     are never sampled, add nothing to the loss, and never receive a gradient.
     """
     return (vocab_size + 63) // 64 * 64
+
+
+# oneDNN's matrix multiply: an operator of PyTorch's own (torch.compile's CPU backend calls it
+# for linear layers), which some builds lack; Linear is then plain nn.Linear
+ONEDNN_LINEAR = platform.machine().lower() in ("x86_64", "amd64") and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def onednn_matmul(a, b, bias=None):
+    """a @ b.T (+ bias) for 2-D float32 CPU tensors, transposed views included, through oneDNN."""
+    return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
+
+
+class OneDNNLinearFunction(torch.autograd.Function):
+    """y = x W^T + b with its backward, every product a oneDNN matrix multiply; the
+    transposes the backward needs are passed as views, not copied."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return onednn_matmul(x.reshape(-1, x.size(-1)), weight, bias).view(*x.shape[:-1], weight.size(0))
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        rows, grad_rows = x.reshape(-1, x.size(-1)), grad.reshape(-1, grad.size(-1))
+        grad_x = onednn_matmul(grad_rows, weight.t()).view(x.shape)  # grad W
+        grad_weight = onednn_matmul(grad_rows.t(), rows.t())  # grad^T x
+        return grad_x, grad_weight, grad_rows.sum(0) if ctx.has_bias else None
+
+
+class Linear(nn.Linear):
+    """nn.Linear, multiplying through oneDNN on an x86 CPU in float32.
+
+    PyTorch multiplies float32 matrices on a CPU with MKL, whose kernels skip AVX-512 on AMD
+    processors: on this project's AMD EPYC (Zen 5) oneDNN, also inside PyTorch, runs the
+    same products at twice the speed, and at nanoGPT's CPU shape these products are three
+    quarters of a training step (RESULTS.md: oneDNN matmuls on CPU). The arithmetic is the
+    same float32, summed in another order: results agree to float32 rounding. On GPUs, under
+    autocast and under torch.compile (which fuses its own) it is plain nn.Linear.
+    """
+
+    def forward(self, x):
+        if (ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32
+                and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
+            return OneDNNLinearFunction.apply(x, self.weight, self.bias)
+        return super().forward(x)
 
 
 class KVCache:
@@ -137,8 +185,8 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.dropout = config.dropout
         # one matrix for query, key and value: one large multiply instead of three small ones
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.is_residual_projection = True
         self.resid_dropout = nn.Dropout(config.dropout)
 
@@ -185,8 +233,8 @@ class MLP(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.is_residual_projection = True
         self.dropout = nn.Dropout(config.dropout)
 
@@ -264,7 +312,7 @@ class GPT(nn.Module):
         # checkpoints load as they were.
         self.value_embeds = nn.ModuleList(nn.Embedding(padded_vocab_size(config.vocab_size), config.n_embd)
                                           for _ in range(config.n_layer if config.value_embeddings else 0))
-        self.lm_head = nn.Linear(config.n_embd, padded_vocab_size(config.vocab_size), bias=False)
+        self.lm_head = Linear(config.n_embd, padded_vocab_size(config.vocab_size), bias=False)
         if not self.modern:
             # Weight tying (Press & Wolf 2017): reading a token and predicting it use one
             # matrix, which saves vocab_size * n_embd parameters and trains at least as well.
