@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from model import GPT, GPTConfig, padded_vocab_size, sample_next_token
+from model import GPT, ONEDNN_LINEAR, GPTConfig, Linear, padded_vocab_size, sample_next_token
 from owngpt.checkpoint import upgrade
 from owngpt.optimizers import build_optimizer
 from owngpt.runtime import available_devices, peak_flops, peak_flops_of_card, pick_device
@@ -285,6 +285,25 @@ def test_invalid_sampling_options_are_refused(options):
     model = tiny_model()
     with pytest.raises(ValueError, match=next(iter(options))):
         next(model.generate(torch.zeros(1, 1, dtype=torch.long), 1, **options))
+
+
+@pytest.mark.skipif(not ONEDNN_LINEAR, reason="this PyTorch build has no oneDNN matmul")
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_through_onednn_equals_nn_linear_values_and_gradients(bias):
+    torch.manual_seed(0)
+    layer = Linear(32, 96, bias=bias)
+    x = torch.randn(3, 5, 32, requires_grad=True)
+    upstream = torch.randn(3, 5, 96)
+    results = []
+    for forward in (layer, lambda x: torch.nn.functional.linear(x, layer.weight, layer.bias)):
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+        y = forward(x)
+        y.backward(upstream)
+        results.append([y, x.grad, *(p.grad for p in layer.parameters())])
+    assert len(results[0]) == (4 if bias else 3)
+    for ours, reference in zip(*results):
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)  # float32 sums in another order
 
 
 def test_gpt2_small_has_its_published_124_million_parameters():
