@@ -3,6 +3,7 @@
     python bench.py --what=recipes                # training recipes at equal wall time on data/python
     python bench.py --what=recipes --budget=270 --recipes=gpt2,modern --seeds=2
     python bench.py --what=throughput             # tokens/s at nanoGPT's CPU example shape, byte data
+    python bench.py --what=throughput --recipes=gpt2 --nanogpt=../nanoGPT   # and nanoGPT's train.py beside it
     python bench.py --what=throughput --device=cuda --shape=config/train_gpt2_124m.py   # a GPU: tokens/s, MFU
     python bench.py --what=recipes --device=cuda --shape=config/train_gpt2_124m.py --recipes=modern_124m,gpt2_124m \
         --seeds=1 --budget=120   # the GPU check: both recipes at GPT-2 small's shape, compiled, ~7 minutes
@@ -13,8 +14,11 @@ Each measurement is a mode: a function of the settings, listed in MODES by its -
 Training runs are separate `python train.py` processes, run in turn (A B A B: seed 1 of every
 recipe, then seed 2, ...) so that a machine that slows down for a while hurts every recipe
 alike; the table gives each run, the medians, and each recipe's ratio to the first one.
+With --nanogpt, throughput runs nanoGPT's own train.py (its CPU example) first in each
+round, on the same text, and the ratios are to it.
 """
 import json
+import pickle
 import random
 import re
 import shutil
@@ -24,7 +28,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from owngpt import flags
+from owngpt.dataset import SPLITS, open_folder, read_meta, read_split
 from owngpt.web import filters
 
 
@@ -149,21 +156,27 @@ def train_run(settings, recipe, seed, extra):
     return evaluation, steps
 
 
-def compare(settings, extra, measure):
-    """Every recipe once per seed, in turn; measure(evaluation, steps) -> {column: value}."""
-    recipes, table = settings["recipes"], {}
+def compare(settings, runs):
+    """Every run once per seed, in turn; runs maps a name to run(seed) -> {column: value}."""
+    names, table = list(runs), {}
     for seed in range(1, settings["seeds"] + 1):
-        for recipe in recipes:
-            row = measure(*train_run(settings, recipe, seed, extra))
-            table.setdefault(recipe, []).append(row)
-            print(f"{recipe:>14} seed {seed}: " + " | ".join(f"{key} {value:,.4g}" for key, value in row.items()),
+        for name in names:
+            row = runs[name](seed)
+            table.setdefault(name, []).append(row)
+            print(f"{name:>14} seed {seed}: " + " | ".join(f"{key} {value:,.4g}" for key, value in row.items()),
                   flush=True)
-    print(f"\nmedians over {settings['seeds']} seed(s), and the ratio to {recipes[0]}:")
-    first = {key: statistics.median(row[key] for row in table[recipes[0]]) for key in table[recipes[0]][0]}
-    for recipe in recipes:
-        medians = {key: statistics.median(row[key] for row in table[recipe]) for key in first}
-        print(f"{recipe:>14}: " + " | ".join(f"{key} {value:,.4g} ({value / first[key]:.3f}x)"
-                                             for key, value in medians.items()))
+    print(f"\nmedians over {settings['seeds']} seed(s), and the ratio to {names[0]}:")
+    first = {key: statistics.median(row[key] for row in table[names[0]]) for key in table[names[0]][0]}
+    for name in names:
+        medians = {key: statistics.median(row[key] for row in table[name]) for key in first}
+        print(f"{name:>14}: " + " | ".join(f"{key} {value:,.4g} ({value / first[key]:.3f}x)"
+                                           for key, value in medians.items()))
+
+
+def recipe_runs(settings, extra, measure):
+    """compare's runs for the recipes: train.py with extra flags, measure(evaluation, steps) -> row."""
+    return {recipe: lambda seed, recipe=recipe: measure(*train_run(settings, recipe, seed, extra))
+            for recipe in settings["recipes"]}
 
 
 def bench_recipes(settings):
@@ -177,7 +190,7 @@ def bench_recipes(settings):
         if "mfu" in timed[0]:  # a GPU train.py knows
             row["MFU %"] = 100 * statistics.median(line["mfu"] for line in timed)
         return row
-    compare(settings, extra, measure)
+    compare(settings, recipe_runs(settings, extra, measure))
 
 
 # nanoGPT's CPU example (its README: shakespeare_char on a MacBook): 4 layers of 128, 4 heads,
@@ -200,7 +213,53 @@ def bench_throughput(settings):
         if "mfu" in timed[0]:
             row["MFU %"] = 100 * statistics.median(line["mfu"] for line in timed)
         return row
-    compare(settings, extra, measure)
+    nanogpt = {"nanogpt": nanogpt_runner(settings)} if settings["nanogpt"] else {}
+    compare(settings, {**nanogpt, **recipe_runs(settings, extra, measure)})
+
+
+# nanoGPT's CPU example, from its README (shakespeare_char on a MacBook), on the dataset that
+# nanogpt_dataset writes. log_interval=1 prints every iteration's time.
+NANOGPT_CPU_EXAMPLE = ["config/train_shakespeare_char.py", "--compile=False", "--eval_iters=20", "--log_interval=1",
+                       "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128",
+                       "--lr_decay_iters=2000", "--dropout=0.0"]
+
+
+def nanogpt_dataset(checkout, dataset):
+    """Our dataset's text in nanoGPT's character-level format (data/shakespeare_char's:
+    train.bin and val.bin of uint16 ids, meta.pkl with vocab_size) under the checkout's
+    data/owngpt_<name>: each distinct token is a character, so byte data becomes its text's
+    characters, as nanoGPT's prepare.py would number them. Returns the folder's name."""
+    folder = open_folder(dataset)
+    meta = read_meta(folder)
+    splits = {split: np.concatenate(read_split(folder, meta, split)) for split in SPLITS}
+    alphabet = np.unique(np.concatenate(list(splits.values())))
+    name = f"owngpt_{folder.resolve().name}"
+    out = Path(checkout) / "data" / name
+    out.mkdir(parents=True, exist_ok=True)
+    for split, tokens in splits.items():
+        np.searchsorted(alphabet, tokens).astype(np.uint16).tofile(out / f"{split}.bin")
+    (out / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": len(alphabet)}))
+    return name
+
+
+def nanogpt_runner(settings):
+    """run(seed) for compare: nanoGPT's train.py at its CPU example for --iters iterations;
+    tokens/s from the median of its per-iteration times (iteration 0, which evaluates, left
+    out). nanoGPT has no seed flag: its runs differ only in the machine's noise."""
+    dataset = nanogpt_dataset(settings["nanogpt"], settings["dataset"])
+    tokens_per_iter = 12 * 64  # batch_size x block_size above
+
+    def run(seed):
+        out_dir = Path(settings["out_dir"]).resolve() / f"nanogpt_seed{seed}"
+        command = [sys.executable, "train.py", *NANOGPT_CPU_EXAMPLE, f"--dataset={dataset}",
+                   f"--device={settings['device']}", f"--max_iters={settings['iters']}", f"--out_dir={out_dir}"]
+        finished = subprocess.run(command, cwd=settings["nanogpt"], capture_output=True, text=True)
+        if finished.returncode != 0:
+            raise flags.UserError(f"{' '.join(command)} in {settings['nanogpt']} failed: "
+                                  f"{(finished.stderr.strip().splitlines() or ['no output'])[-1]}")
+        ms = [float(time_ms) for time_ms in re.findall(r"^iter \d+: .*time ([\d.]+)ms", finished.stdout, re.M)]
+        return {"tokens/s": tokens_per_iter * 1000 / statistics.median(ms[1:])}
+    return run
 
 
 # ----------------------------------------------------------------------------- command line
@@ -208,7 +267,7 @@ def bench_throughput(settings):
 MODES = {"recipes": bench_recipes, "throughput": bench_throughput, "webfilters": bench_webfilters}
 DEFAULTS = {"what": "recipes", "recipes": ("gpt2", "modern"), "seeds": 2, "budget": 90.0,
             "shape": "config/train_demo.py", "dataset": "python", "device": "cpu", "iters": 100, "eval_iters": 20,
-            "out_dir": "out/bench", "mb": 50.0}
+            "out_dir": "out/bench", "mb": 50.0, "nanogpt": ""}
 HELP = {"what": f"what to measure: {', '.join(MODES)}",
         "recipes": f"recipes: training runs to compare, the first is the reference ({', '.join(RECIPES)})",
         "seeds": "seeds per recipe (recipes and throughput)",
@@ -220,12 +279,15 @@ HELP = {"what": f"what to measure: {', '.join(MODES)}",
         "iters": "throughput: iterations per run",
         "eval_iters": "recipes: batches in the final evaluation",
         "out_dir": "where the training runs write (one folder per run)",
-        "mb": "webfilters: megabytes of generated text to measure on"}
+        "mb": "webfilters: megabytes of generated text to measure on",
+        "nanogpt": "throughput: a nanoGPT checkout (github.com/karpathy/nanoGPT) whose train.py runs its CPU example "
+                   "beside our recipes, on --dataset's text"}
 CHECKS = {"what": flags.one_of(*MODES), "recipes": recipe_list, "seeds": flags.at_least(1),
           "budget": lambda seconds: None if seconds > 0 else "a positive number of seconds",
           "shape": lambda path: None if Path(path).is_file() else "a config file", "device": flags.one_of("cpu", "cuda", "mps"),
           "iters": flags.at_least(2), "eval_iters": flags.at_least(1),
-          "mb": lambda mb: None if mb > 0 else "a positive number of megabytes"}
+          "mb": lambda mb: None if mb > 0 else "a positive number of megabytes",
+          "nanogpt": lambda path: None if not path or (Path(path) / "train.py").is_file() else "a nanoGPT checkout"}
 
 
 def main(argv):
