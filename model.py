@@ -79,8 +79,7 @@ def onednn_matmul(a, b, bias=None):
 
 
 class OneDNNLinearFunction(torch.autograd.Function):
-    """y = x W^T + b with its backward, every product a oneDNN matrix multiply; the
-    transposes the backward needs are passed as views, not copied."""
+    """y = x W^T + b with its backward, every product a oneDNN matrix multiply."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
@@ -93,7 +92,12 @@ class OneDNNLinearFunction(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         rows, grad_rows = x.reshape(-1, x.size(-1)), grad.reshape(-1, grad.size(-1))
         grad_x = onednn_matmul(grad_rows, weight.t()).view(x.shape)  # grad W
-        grad_weight = onednn_matmul(grad_rows.t(), rows.t())  # grad^T x
+        # grad^T x: oneDNN copies a transposed first operand into rows (its second it reads
+        # as it lies), so the smaller transpose goes first: (x^T grad)^T when x is narrower
+        if grad_rows.size(1) <= rows.size(1):
+            grad_weight = onednn_matmul(grad_rows.t(), rows.t())
+        else:
+            grad_weight = onednn_matmul(rows.t(), grad_rows.t()).t().contiguous()
         return grad_x, grad_weight, grad_rows.sum(0) if ctx.has_bias else None
 
 
