@@ -322,7 +322,7 @@ def optimizer_step(run, loss, stop_requested):
     skips the same bad steps and stops after the same iteration. A skipped step changes
     neither the parameters nor the optimizer state.
     """
-    params = [p for p in run.raw_model.parameters() if p.requires_grad]
+    params = [p for group in run.optimizer.param_groups for p in group["params"]]  # not a walk of the modules each step
     if run.scaler:
         run.scaler.unscale_(run.optimizer)
     grad_norm = clip_gradients(params, run.cfg.grad_clip if run.cfg.grad_clip > 0 else math.inf)
