@@ -104,16 +104,19 @@ class OneDNNLinearFunction(torch.autograd.Function):
 class Linear(nn.Linear):
     """nn.Linear, multiplying through oneDNN on an x86 CPU in float32.
 
-    PyTorch multiplies float32 matrices on a CPU with MKL, whose kernels skip AVX-512 on AMD
-    processors: on this project's AMD EPYC (Zen 5) oneDNN, also inside PyTorch, runs the
-    same products at twice the speed, and at nanoGPT's CPU shape these products are three
-    quarters of a training step (RESULTS.md: oneDNN matmuls on CPU). The arithmetic is the
-    same float32, summed in another order: results agree to float32 rounding. On GPUs, under
-    autocast and under torch.compile (which fuses its own) it is plain nn.Linear.
+    PyTorch multiplies float32 matrices on a CPU with MKL, which on this project's AMD EPYC
+    (Zen 5) runs them at less than half the speed oneDNN, also inside PyTorch, gets from the
+    same core (MKL keeps its fastest kernels for Intel processors); at nanoGPT's CPU shape
+    these products are three quarters of a training step (RESULTS.md: oneDNN matmuls on
+    CPU). The arithmetic is the same float32, summed in another order: results agree to
+    float32 rounding. Without gradients (evaluation; sampling, one token at a time, where
+    each call's fixed cost counts more than its arithmetic and oneDNN's is the larger), on
+    GPUs, under autocast and under torch.compile (which fuses its own) it is nn.Linear.
     """
 
     def forward(self, x):
-        if (ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32
+        if (ONEDNN_LINEAR and torch.is_grad_enabled() and x.device.type == "cpu"
+                and x.dtype == self.weight.dtype == torch.float32
                 and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
             return OneDNNLinearFunction.apply(x, self.weight, self.bias)
         return super().forward(x)
