@@ -68,8 +68,8 @@ def padded_vocab_size(vocab_size: int) -> int:
     return (vocab_size + 63) // 64 * 64
 
 
-# oneDNN's matrix multiply: an operator of PyTorch's own (torch.compile's CPU backend calls it
-# for linear layers), which some builds lack; Linear is then plain nn.Linear
+# oneDNN's matrix multiply, an operator of PyTorch's own (torch.compile's CPU backend runs
+# linear layers through it at inference); where a build lacks it, Linear is plain nn.Linear
 ONEDNN_LINEAR = platform.machine().lower() in ("x86_64", "amd64") and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
