@@ -15,6 +15,7 @@ recipe, then seed 2, ...) so that a machine that slows down for a while hurts ev
 alike; the table gives each run, the medians, and each recipe's ratio to the first one.
 """
 import json
+import math
 import random
 import re
 import shutil
@@ -128,25 +129,27 @@ RECIPES = {
 
 
 def recipe_list(names):
-    unknown = [name for name in names if name not in RECIPES and not name.startswith("--")]
+    unknown = [name for name in names if name not in RECIPES]
     return f"recipes among {', '.join(RECIPES)}" if unknown else None
 
 
-def train_run(settings, recipe, seed, extra):
-    """One `python train.py` run; returns its last evaluation and its logged steps."""
-    out_dir = Path(settings["out_dir"]) / f"{recipe}_seed{seed}"
+def train_run(settings, name, seed, arguments):
+    """One `python train.py` run with these arguments; returns its evaluations (the last with
+    the peak memory) and its logged steps."""
+    out_dir = Path(settings["out_dir"]) / f"{name}_seed{seed}"
     shutil.rmtree(out_dir, ignore_errors=True)  # this run's folder from an earlier bench: train.py would refuse it
-    command = [sys.executable, "train.py", settings["shape"], f"--dataset={settings['dataset']}",
+    command = [sys.executable, "train.py", *settings["shape"].split(","), f"--dataset={settings['dataset']}",
                f"--out_dir={out_dir}", f"--seed={seed}", f"--device={settings['device']}", "--log_interval=10",
-               *RECIPES[recipe], *extra]
+               *arguments]
     finished = subprocess.run(command, capture_output=True, text=True)
     if finished.returncode != 0:
         raise flags.UserError(f"{' '.join(command)} failed: {finished.stderr.strip().splitlines()[-1]}")
     lines = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [line for line in lines if "tokens_per_s" in line]
     peak = re.search(r"peak memory ([\d.]+) GiB", finished.stdout)  # train.py's last line
-    evaluation = {**[line for line in lines if "val_bpb" in line][-1], "peak_gib": float(peak[1]) if peak else 0.0}
-    return evaluation, steps
+    evaluations = [line for line in lines if "val_bpb" in line]
+    evaluations[-1]["peak_gib"] = float(peak[1]) if peak else 0.0
+    return evaluations, steps
 
 
 def compare(settings, extra, measure):
@@ -154,7 +157,8 @@ def compare(settings, extra, measure):
     recipes, table = settings["recipes"], {}
     for seed in range(1, settings["seeds"] + 1):
         for recipe in recipes:
-            row = measure(*train_run(settings, recipe, seed, extra))
+            evaluations, steps = train_run(settings, recipe, seed, [*RECIPES[recipe], *extra])
+            row = measure(evaluations[-1], steps)
             table.setdefault(recipe, []).append(row)
             print(f"{recipe:>14} seed {seed}: " + " | ".join(f"{key} {value:,.4g}" for key, value in row.items()),
                   flush=True)
@@ -203,29 +207,137 @@ def bench_throughput(settings):
     compare(settings, extra, measure)
 
 
+# ----------------------------------------------------------------------------- own small text
+
+# nanoGPT's README example for a CPU (its shakespeare_char config at a laptop's size), which
+# trains a character model in ~2 minutes
+NANOGPT_CPU_EXAMPLE = ["--device=cpu", "--compile=False", "--eval_iters=20", "--log_interval=1", "--block_size=64",
+                       "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128", "--max_iters=2000",
+                       "--lr_decay_iters=2000", "--dropout=0.0"]
+
+
+def small_text_datasets(settings, folder):
+    """The text's first 90% for train and the rest for val, prepared as prepare.py does by
+    default (and at each --vocab_sizes), and as nanoGPT's characters (train.bin, val.bin,
+    meta.pkl: uint16 ids of the sorted set of characters, as its shakespeare_char/prepare.py
+    writes them). Returns {vocab label: dataset folder}, the characters' folder, and val's
+    bytes per character."""
+    import pickle
+    import numpy as np
+    text = Path(settings["text"]).read_text(encoding="utf-8") if settings["text"] else pydoc_topics_text()
+    cut = int(len(text) * 0.9)
+    splits = {"train": text[:cut], "val": text[cut:]}
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, part in splits.items():
+        (folder / f"{split}.txt").write_text(part, encoding="utf-8")
+    datasets = {}
+    for vocab_size in ("default", *settings["vocab_sizes"]):
+        out = folder / f"vocab_{vocab_size}"
+        command = [sys.executable, "prepare.py", "--source=files", f"--input={folder / 'train.txt'}",
+                   f"--val_input={folder / 'val.txt'}", f"--out_dir={out}",
+                   *([] if vocab_size == "default" else [f"--vocab_size={vocab_size}"])]
+        finished = subprocess.run(command, capture_output=True, text=True)
+        if finished.returncode != 0:
+            raise flags.UserError(f"{' '.join(command)} failed: {finished.stderr.strip().splitlines()[-1]}")
+        datasets[vocab_size] = out
+    chars = folder / "chars"
+    (chars / "data" / "text").mkdir(parents=True, exist_ok=True)
+    alphabet = sorted(set(text))
+    ids = {char: i for i, char in enumerate(alphabet)}
+    for split, part in splits.items():
+        np.array([ids[char] for char in part], dtype=np.uint16).tofile(chars / "data" / "text" / f"{split}.bin")
+    with open(chars / "data" / "text" / "meta.pkl", "wb") as file:
+        pickle.dump({"vocab_size": len(alphabet), "itos": dict(enumerate(alphabet)), "stoi": ids}, file)
+    return datasets, chars, len(splits["val"].encode()) / len(splits["val"])
+
+
+def pydoc_topics_text():
+    """Python's help() topics: 0.47 MB of English about the language, on every machine."""
+    from pydoc_data.topics import topics
+    return "\n\n".join(topics.values())
+
+
+def nanogpt_run(checkout, chars, bytes_per_char):
+    """nanoGPT's CPU example on the characters; (its val bits per byte, its wall seconds)."""
+    started = time.perf_counter()
+    finished = subprocess.run([sys.executable, str(Path(checkout) / "train.py"),
+                               str(Path(checkout) / "config" / "train_shakespeare_char.py"), "--dataset=text",
+                               *NANOGPT_CPU_EXAMPLE], capture_output=True, text=True, cwd=chars)
+    seconds = time.perf_counter() - started
+    val = re.findall(r"step \d+: train loss [\d.]+, val loss ([\d.]+)", finished.stdout)
+    if finished.returncode != 0 or not val:
+        raise flags.UserError(f"nanoGPT's train.py in {checkout} failed: {(finished.stderr or finished.stdout).strip()[-300:]}")
+    return float(val[-1]) / math.log(2) / bytes_per_char, seconds
+
+
+def bench_small_text(settings):
+    """The own-text scenario: the quick start's config on a small text prepared with default
+    flags, against nanoGPT's character model at nanoGPT's wall time when --nanogpt gives a
+    checkout, else against GPT-2's recipe at --budget; --vocab_sizes adds our runs at those
+    vocabularies. Runs in turn, seed by seed (A B A B); final and best val bits per byte."""
+    datasets, chars, bytes_per_char = small_text_datasets(settings, Path(settings["out_dir"]) / "small_text")
+    table = {}
+    for seed in range(1, settings["seeds"] + 1):
+        budget = settings["budget"]
+        if settings["nanogpt"]:
+            bpb, budget = nanogpt_run(settings["nanogpt"], chars, bytes_per_char)
+            table.setdefault("nanoGPT chars", []).append({"final bits/byte": bpb, "best bits/byte": bpb,
+                                                          "seconds": budget})
+            print(f"nanoGPT chars seed {seed}: {bpb:.4f} bits/byte in {budget:.0f} s", flush=True)
+        runs = [("gpt2_recipe", "default", RECIPES["gpt2"])] if not settings["nanogpt"] else []
+        runs += [(f"defaults_vocab_{vocab}", vocab, []) for vocab in datasets]
+        for name, vocab, arguments in runs:
+            run_settings = {**settings, "dataset": str(datasets[vocab].resolve()), "shape": "config/train_demo.py"}
+            evaluations, _ = train_run(run_settings, name, seed, [*arguments, f"--max_time={budget:.1f}"])
+            meta = json.loads((datasets[vocab] / "meta.json").read_text())
+            row = {"vocab": meta["tokenizer"]["vocab_size"], "final bits/byte": evaluations[-1]["val_bpb"],
+                   "best bits/byte": min(line["val_bpb"] for line in evaluations[1:]),
+                   "seconds": evaluations[-1]["elapsed_s"]}
+            table.setdefault(name, []).append(row)
+            print(f"{name} seed {seed}: " + " | ".join(f"{key} {value:,.4g}" for key, value in row.items()), flush=True)
+    reference = next(iter(table))
+    first = statistics.median(row["final bits/byte"] for row in table[reference])
+    print(f"\nmedians over {settings['seeds']} seed(s); final bits/byte as a ratio to {reference}'s, and "
+          "final / best (above 1: the run ended worse than its best evaluation):")
+    for name, rows in table.items():
+        final, best = (statistics.median(row[key] for row in rows) for key in ("final bits/byte", "best bits/byte"))
+        print(f"{name:>24}: final {final:.4f} ({final / first:.3f}x) | best {best:.4f} | final/best {final / best:.3f}")
+
+
 # ----------------------------------------------------------------------------- command line
 
-MODES = {"recipes": bench_recipes, "throughput": bench_throughput, "webfilters": bench_webfilters}
+MODES = {"recipes": bench_recipes, "throughput": bench_throughput, "webfilters": bench_webfilters,
+         "small_text": bench_small_text}
 DEFAULTS = {"what": "recipes", "recipes": ("gpt2", "modern"), "seeds": 2, "budget": 90.0,
             "shape": "config/train_demo.py", "dataset": "python", "device": "cpu", "iters": 100, "eval_iters": 20,
-            "out_dir": "out/bench", "mb": 50.0}
+            "out_dir": "out/bench", "mb": 50.0, "text": "", "nanogpt": "", "vocab_sizes": ()}
 HELP = {"what": f"what to measure: {', '.join(MODES)}",
         "recipes": f"recipes: training runs to compare, the first is the reference ({', '.join(RECIPES)})",
         "seeds": "seeds per recipe (recipes and throughput)",
         "budget": "recipes: seconds of wall time per training run (train.py's max_time)",
-        "shape": "the config file that sets the model and batch shape (throughput: nanoGPT's CPU shape unless set)",
+        "shape": "the config file that sets the model and batch shape, or several, comma-separated, applied in order "
+                 "(throughput: nanoGPT's CPU shape unless set)",
         "dataset": "the dataset folder (throughput at nanoGPT's shape wants python_byte: prepare.py --tokenizer=byte "
                    "--name=python_byte)",
         "device": "cpu | cuda | mps",
         "iters": "throughput: iterations per run",
         "eval_iters": "recipes: batches in the final evaluation",
         "out_dir": "where the training runs write (one folder per run)",
-        "mb": "webfilters: megabytes of generated text to measure on"}
+        "mb": "webfilters: megabytes of generated text to measure on",
+        "text": "small_text: a text file (default: Python's help() topics, 0.47 MB); its last 10% is val",
+        "nanogpt": "small_text: a nanoGPT checkout, to run its CPU example beside ours at its wall time (else GPT-2's "
+                   "recipe is the reference, at --budget)",
+        "vocab_sizes": "small_text: also train on the text prepared at these vocabulary sizes (comma-separated)"}
 CHECKS = {"what": flags.one_of(*MODES), "recipes": recipe_list, "seeds": flags.at_least(1),
           "budget": lambda seconds: None if seconds > 0 else "a positive number of seconds",
-          "shape": lambda path: None if Path(path).is_file() else "a config file", "device": flags.one_of("cpu", "cuda", "mps"),
+          "shape": lambda paths: None if all(Path(path).is_file() for path in paths.split(",")) else "config files",
+          "device": flags.one_of("cpu", "cuda", "mps"),
           "iters": flags.at_least(2), "eval_iters": flags.at_least(1),
-          "mb": lambda mb: None if mb > 0 else "a positive number of megabytes"}
+          "mb": lambda mb: None if mb > 0 else "a positive number of megabytes",
+          "text": lambda path: None if not path or Path(path).is_file() else "a text file",
+          "nanogpt": lambda path: None if not path or (Path(path) / "train.py").is_file() else "a nanoGPT checkout",
+          "vocab_sizes": lambda sizes: None if all(size.isdigit() and int(size) > 257 for size in sizes) else
+          "vocabulary sizes above 257"}
 
 
 def main(argv):
