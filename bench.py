@@ -259,6 +259,9 @@ def pydoc_topics_text():
 
 def nanogpt_run(checkout, chars, bytes_per_char):
     """nanoGPT's CPU example on the characters; (its val bits per byte, its wall seconds)."""
+    configurator = chars / "configurator.py"  # its train.py runs ./configurator.py and reads ./data/<dataset>
+    configurator.unlink(missing_ok=True)
+    configurator.symlink_to((Path(checkout) / "configurator.py").resolve())
     started = time.perf_counter()
     finished = subprocess.run([sys.executable, str(Path(checkout) / "train.py"),
                                str(Path(checkout) / "config" / "train_shakespeare_char.py"), "--dataset=text",
