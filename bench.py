@@ -276,8 +276,8 @@ def nanogpt_run(checkout, chars, bytes_per_char):
 def bench_small_text(settings):
     """The own-text scenario: the quick start's config on a small text prepared with default
     flags, against nanoGPT's character model at nanoGPT's wall time when --nanogpt gives a
-    checkout, else against GPT-2's recipe at --budget; --vocab_sizes adds our runs at those
-    vocabularies. Runs in turn, seed by seed (A B A B); final and best val bits per byte."""
+    checkout; --vocab_sizes adds our runs at those vocabularies; with neither, GPT-2's recipe
+    at --budget is the reference. Runs in turn, seed by seed (A B A B); final and best val bits per byte."""
     datasets, chars, bytes_per_char = small_text_datasets(settings, Path(settings["out_dir"]) / "small_text")
     table = {}
     for seed in range(1, settings["seeds"] + 1):
@@ -287,7 +287,8 @@ def bench_small_text(settings):
             table.setdefault("nanoGPT chars", []).append({"final bits/byte": bpb, "best bits/byte": bpb,
                                                           "seconds": budget})
             print(f"nanoGPT chars seed {seed}: {bpb:.4f} bits/byte in {budget:.0f} s", flush=True)
-        runs = [("gpt2_recipe", "default", RECIPES["gpt2"])] if not settings["nanogpt"] else []
+        alone = not (settings["nanogpt"] or settings["vocab_sizes"])  # then GPT-2's recipe is the reference
+        runs = [("gpt2_recipe", "default", RECIPES["gpt2"])] if alone else []
         runs += [(f"defaults_vocab_{vocab}", vocab, []) for vocab in datasets]
         for name, vocab, arguments in runs:
             run_settings = {**settings, "dataset": str(datasets[vocab].resolve()), "shape": "config/train_demo.py"}

@@ -55,8 +55,8 @@ from owngpt.dataset import (META_FORMAT_VERSION, SPLITS, AtomicFile, ShardWriter
 from owngpt.filtered import (FilteredParts, Tally, check_splits, document_tails, key_from_json, kept_document, split_of,
                              split_rule)
 from owngpt.flags import UserError, at_least, between, matches, one_of
-from owngpt.tokenizer import (TOKENIZERS, count_chunks, gpt2_encoding, load_tokenizer, reused_tokenizer, train_bpe,
-                              write_tiktoken_file)
+from owngpt.tokenizer import (BYTES_PER_VOCAB_ENTRY, SMALLEST_VOCAB, TOKENIZERS, count_chunks, gpt2_encoding,
+                              load_tokenizer, reused_tokenizer, train_bpe, vocab_size_for, write_tiktoken_file)
 from owngpt.web import crawl, filters
 from owngpt.web.crawl import Dropped
 from owngpt.workers import Progress, Workers, batches_of
@@ -95,8 +95,8 @@ FLAGS = {
                          "folder, out folder or tokenizer.tiktoken whose tokenizer to reuse (to "
                          "fine-tune a model on new text)"),
     "vocab_size": (8192, "bpe only: tokens in the vocabulary, counting the 256 bytes and "
-                         "the end-of-text token; without this flag a text too small for 8192 "
-                         "gets the largest vocabulary it supports"),
+                         "the end-of-text token; without this flag, one per 400 bytes of train "
+                         "text (a power of two from 512 up to 8192), or the most the text supports"),
     "tokenizer_train_chars": (20_000_000, "bpe only: train on at most this many characters "
                                           "of the train documents"),
     "shard_tokens": (100_000_000, "tokens per shard file (the last shard holds the rest)"),
@@ -546,17 +546,26 @@ def build_tokenizer(settings, filtered, folder, timings):
     progress.finish(chars / 1e6, f"{len(chunk_counts):,} unique chunks")
     timings["tokenizer_count"] = time.perf_counter() - start
     start = time.perf_counter()
-    progress = Progress("bpe", "merges", settings["vocab_size"] - 257)
-    # without --vocab_size, a text too small for the default gets the largest vocabulary it supports
-    vocabulary = train_bpe(chunk_counts, settings["vocab_size"], progress, shrink=not settings["vocab_size_given"])
+    tally = filtered.tally()
+    vocab_size = (settings["vocab_size"] if settings["vocab_size_given"] else
+                  vocab_size_for(tally.kept_bytes - tally.kept_val_bytes, settings["vocab_size"]))
+    progress = Progress("bpe", "merges", vocab_size - 257)
+    # without --vocab_size, a text too small for its share gets the largest vocabulary it supports
+    vocabulary = train_bpe(chunk_counts, vocab_size, progress, shrink=not settings["vocab_size_given"])
     progress.finish(len(vocabulary) - 256)
     timings["tokenizer_merges"] = time.perf_counter() - start
     sha256 = write_tiktoken_file(folder / "tokenizer.tiktoken", vocabulary)
     info = {"kind": "bpe", "vocab_size": len(vocabulary) + 1, "eot_id": len(vocabulary),
             "file": "tokenizer.tiktoken", "sha256": sha256}
-    if info["vocab_size"] < settings["vocab_size"]:
+    if info["vocab_size"] < vocab_size:
         info["note"] = (f"this text supports {info['vocab_size']:,} tokens (past that no pair of tokens occurs "
-                        f"twice), fewer than the default --vocab_size={settings['vocab_size']}: using {info['vocab_size']:,}")
+                        f"twice), fewer than {vocab_size:,}: using {info['vocab_size']:,}")
+    elif vocab_size < settings["vocab_size"]:
+        info["note"] = (f"{vocab_size:,} tokens, not the default {settings['vocab_size']:,}: without --vocab_size a "
+                        f"text gets one per {BYTES_PER_VOCAB_ENTRY} bytes of train text (a power of two, at least "
+                        f"{SMALLEST_VOCAB}), so that each token occurs often enough to be learned from "
+                        f"({(tally.kept_bytes - tally.kept_val_bytes) / 1e6:.2f} MB here)")
+    if info.get("note"):
         print(f"bpe: {info['note']}", file=sys.stderr)
     return info
 

@@ -168,8 +168,8 @@ def read_config(argv, given=None):
 # ----------------------------------------------------------------------------- the run
 @dataclasses.dataclass
 class Run:
-    """What the loop carries, made once by build_run. Only iter_num and best_val_loss (and
-    the budget's clock) change as the loop goes."""
+    """What the loop carries, made once by build_run. Only iter_num, best_val_loss,
+    evals_since_best, the keys the run fits and the budget's clock change as the loop goes."""
     cfg: SimpleNamespace  # the checked config (read_config); the run may fit some keys: `fitted`
     runtime: SimpleNamespace  # rank, world_size, is_main, device, dtype, autocast, peak_flops (owngpt/runtime.py)
     log: RunLog  # prints on rank 0; metrics.jsonl, curves.svg and wandb
@@ -191,6 +191,7 @@ class Run:
     data_keys: tuple = ()  # DATA_DEFAULTS' keys the user left to the data, until the run sets them
 
     def fit(self, key, value):
+        """Set a key of the config as the run decided it, for the rest of the run and its resumes."""
         setattr(self.cfg, key, value)
         self.fitted[key] = value
         if key == "dropout":

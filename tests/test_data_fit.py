@@ -1,5 +1,6 @@
-"""What a run sets from its data: dropout from how many times it reads the train split
-(owngpt/epochs.py), and patience, which ends a run whose val loss stopped improving."""
+"""What the data decides: prepare.py's vocabulary size from the size of the text, a run's
+dropout from how many times it reads the train split (owngpt/epochs.py), and patience, which
+ends a run whose val loss stopped improving."""
 import re
 
 import pytest
@@ -7,8 +8,34 @@ import torch
 
 import train
 from owngpt import budget, epochs
-from helpers import GPT2_RECIPE, MODERN_RECIPE, read_metrics, stop_during_iteration, train_lines
+from helpers import (GPT2_RECIPE, MODERN_RECIPE, make_text, read_metrics, run_prepare, stop_during_iteration,
+                     train_lines)
+from owngpt import dataset
+from owngpt.tokenizer import BYTES_PER_VOCAB_ENTRY, vocab_size_for
 
+# ----------------------------------------------------------------------------- the vocabulary
+def test_the_vocabulary_grows_with_the_text_in_powers_of_two_up_to_the_default():
+    per_entry = BYTES_PER_VOCAB_ENTRY
+    assert vocab_size_for(0, 8192) == vocab_size_for(1000 * per_entry, 8192) == 512
+    assert vocab_size_for(1024 * per_entry, 8192) == 1024
+    assert vocab_size_for(2047 * per_entry, 8192) == 1024
+    assert vocab_size_for(4096 * per_entry, 8192) == 4096
+    assert vocab_size_for(10**9, 8192) == 8192  # data/python's 10.6 MB keeps the quick start's 8192
+
+
+def test_a_small_text_without_vocab_size_gets_its_share_and_the_report_says_why(tmp_path):
+    text = "".join(make_text(seed) for seed in range(120))  # ~0.35 MB: 512 tokens by the rule
+    (tmp_path / "notes.txt").write_text(text, encoding="utf-8")
+    run_prepare("--source=files", "--input=notes.txt", "--name=notes", cwd=tmp_path)
+    folder = tmp_path / "data" / "notes"
+    expected = vocab_size_for(len(text.encode()) * 0.95, 8192)
+    assert dataset.read_meta(folder)["tokenizer"]["vocab_size"] == expected
+    report = (folder / "report.md").read_text()
+    assert f"{expected:,} tokens, not the default 8,192: without --vocab_size a text gets one per " \
+           f"{BYTES_PER_VOCAB_ENTRY} bytes of train text" in report
+
+
+# ----------------------------------------------------------------------------- dropout
 # the tiny dataset's train split holds ~13k tokens; the tiny model reads 256 per iteration
 QUIET = ["--sample_every_eval=false"]
 
