@@ -7,6 +7,8 @@
     python bench.py --what=recipes --device=cuda --shape=config/train_gpt2_124m.py --recipes=modern_124m,gpt2_124m \
         --seeds=1 --budget=120   # the GPU check: both recipes at GPT-2 small's shape, compiled, ~7 minutes
     python bench.py --what=webfilters --mb=50     # the web filters on one core, 50 MB of text
+    python bench.py --what=small_text --nanogpt=../nanoGPT   # your own small text: ours against nanoGPT's char model
+    python bench.py --what=small_text --vocab_sizes=512,2048 --budget=150   # the vocabulary rule's measurement
     python bench.py --help                        # every flag with its default
 
 Each measurement is a mode: a function of the settings, listed in MODES by its --what name.
@@ -144,6 +146,7 @@ def train_run(settings, name, seed, arguments):
     finished = subprocess.run(command, capture_output=True, text=True)
     if finished.returncode != 0:
         raise flags.UserError(f"{' '.join(command)} failed: {finished.stderr.strip().splitlines()[-1]}")
+    (out_dir / "stdout.txt").write_text(finished.stdout)  # what the run said, for the record
     lines = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [line for line in lines if "tokens_per_s" in line]
     peak = re.search(r"peak memory ([\d.]+) GiB", finished.stdout)  # train.py's last line
@@ -294,7 +297,10 @@ def bench_small_text(settings):
             run_settings = {**settings, "dataset": str(datasets[vocab].resolve()), "shape": "config/train_demo.py"}
             evaluations, _ = train_run(run_settings, name, seed, [*arguments, f"--max_time={budget:.1f}"])
             meta = json.loads((datasets[vocab] / "meta.json").read_text())
-            row = {"vocab": meta["tokenizer"]["vocab_size"], "final bits/byte": evaluations[-1]["val_bpb"],
+            said = (Path(settings["out_dir"]) / f"{name}_seed{seed}" / "stdout.txt").read_text()
+            dropout = re.search(r"dropout=([\d.]+) \(set from the reads", said)  # train.py's data: line
+            row = {"vocab": meta["tokenizer"]["vocab_size"], "dropout": float(dropout[1]) if dropout else 0.0,
+                   "final bits/byte": evaluations[-1]["val_bpb"],
                    "best bits/byte": min(line["val_bpb"] for line in evaluations[1:]),
                    "seconds": evaluations[-1]["elapsed_s"]}
             table.setdefault(name, []).append(row)
