@@ -11,6 +11,7 @@ beside them: it is the one file every reader opens.
     runtime      devices, dtype, the process group, stop signals, the GPU FLOPs table
     parallel     how processes share the model: DDP copies it, FSDP shards it; one checkpoint format
     budget       the run's clock and max_time
+    epochs       how many times a run reads its data, and the dropout that follows
     costs        what a run costs before it starts: memory per GPU, time, dollars (plan.py)
     checkpoint   the out folder: save, rotate, verify, load; which checkpoint a run starts from,
                  what it must agree on with the config, older checkpoints brought up to date
