@@ -35,6 +35,14 @@ def test_a_small_text_without_vocab_size_gets_its_share_and_the_report_says_why(
            f"{BYTES_PER_VOCAB_ENTRY} bytes of train text" in report
 
 
+def test_a_text_too_small_for_its_share_gets_the_most_it_supports(tmp_path):
+    (tmp_path / "note.txt").write_text(make_text(0), encoding="utf-8")  # 3 KB: fewer than 512 tokens occur twice
+    run_prepare("--source=files", "--input=note.txt", "--name=note", cwd=tmp_path)
+    vocab_size = dataset.read_meta(tmp_path / "data" / "note")["tokenizer"]["vocab_size"]
+    report = (tmp_path / "data" / "note" / "report.md").read_text()
+    assert vocab_size < 512 and f"This text supports {vocab_size:,} tokens" in report and "fewer than 512" in report
+
+
 # ----------------------------------------------------------------------------- dropout
 # the tiny dataset's train split holds ~13k tokens; the tiny model reads 256 per iteration
 QUIET = ["--sample_every_eval=false"]
