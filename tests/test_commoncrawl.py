@@ -386,17 +386,17 @@ def test_a_rerun_after_a_failed_run_goes_on_with_the_next_wet_file(crawl_server,
     assert failed.returncode == 1
     assert f"download failed after {crawl.DOWNLOAD_ATTEMPTS} tries" in failed.stderr
     assert "answered 503 Slow Down" in failed.stderr
-    assert "1 of 2 WET files were filtered before this and are kept in" in failed.stderr
-    assert "run the same command again to go on from WET file 2" in failed.stderr
+    assert "1 of the 2 WET files of this task are filtered and kept in" in failed.stderr
+    assert "run the same command again to go on with the others" in failed.stderr
     assert not (tmp_path / "data" / "web").exists()
-    state = json.loads((tmp_path / "data" / ".web.partial" / "filtered" / "state.json").read_text())
-    assert [part["name"] for part in state["parts"]] == WET_PATHS[:1]
+    parts = tmp_path / "data" / ".web.partial" / "parts"
+    assert sorted(path.name for path in parts.iterdir()) == ["manifest.json", "part_000000.jsonl"]
 
     FakeCrawl.plans = {}
     start = len(FakeCrawl.log)
     resumed = run_prepare(*crawl_flags(crawl_server, "--name=web"), cwd=tmp_path)
     assert [path for path, _, _ in requests_since(start) if path in WET_PATHS] == WET_PATHS[1:]
-    assert "1 of 2 parts were finished by an earlier run" in resumed.stderr
+    assert "1 of this task's 2 parts are in" in resumed.stderr
     assert bin_files(tmp_path / "data" / "web") == bin_files(reference)
     assert dataset.read_meta(tmp_path / "data" / "web")["dropped"] == dataset.read_meta(reference)["dropped"]
     assert sorted(path.name for path in (tmp_path / "data").iterdir()) == ["web"]
