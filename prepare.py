@@ -10,7 +10,7 @@ Common Crawl on many machines (launch/ holds a Slurm and a Kubernetes file that 
     python prepare.py --source=commoncrawl --crawl=CC-MAIN-2025-26 --wet_files=1000 \
         --parts=/shared/parts --task=K --tasks=100   # stage one, K = 0..99, anywhere, any order
     python prepare.py --source=commoncrawl --crawl=CC-MAIN-2025-26 --wet_files=1000 \
-        --parts=/shared/parts --merge                # stage two, once, when all are done
+        --parts=/shared/parts --merge=true           # stage two, once, when all are done
 
 The flow, one stage after another:
   sources   documents (id, text, metadata) from the stdlib, local files, URLs or Common Crawl
@@ -834,7 +834,7 @@ def run_task(settings, final, task, tasks):
     parts = [Part(input_file.name, [input_file]) for input_file in inputs]
     filtered = filter_stage(settings, parts, web_settings, parts_folder, task, tasks)
     print(f"task {task} of {tasks}: filtered {filtered} WET file(s) of crawl {crawl_id} into {folder}; once "
-          f"every task is done, run the same command with --merge (and no --task/--tasks)")
+          f"every task is done, run the same command with --merge=true (and no --task or --tasks)")
 
 
 def build_dataset(settings, build, final):
