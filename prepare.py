@@ -66,8 +66,8 @@ from owngpt.dataset import (META_FORMAT_VERSION, SPLITS, AtomicFile, ShardWriter
 from owngpt.filtered import (MergedParts, PartsFolder, Tally, check_splits, document_tails, kept_document, read_manifest,
                              split_of, split_rule)
 from owngpt.flags import UserError, at_least, between, matches, one_of
-from owngpt.tokenizer import (TOKENIZERS, count_chunks, gpt2_encoding, load_tokenizer, reused_tokenizer, train_bpe,
-                              write_tiktoken_file)
+from owngpt.tokenizer import (TOKENIZERS, count_chunks, gpt2_encoding, load_tokenizer, python_split_regex, reused_tokenizer,
+                              train_bpe, write_tiktoken_file)
 from owngpt.web import crawl, filters
 from owngpt.web.crawl import Dropped
 from owngpt.workers import Progress, Workers, batches_of
@@ -593,7 +593,11 @@ def build_tokenizer(settings, filtered, folder, timings):
     start = time.perf_counter()
     budget = settings["tokenizer_train_chars"]
     progress = Progress("bpe text", "M chars", min(budget, filtered.tally().kept_bytes) / 1e6)
-    chunk_counts = count_chunks(training_texts(filtered, budget, progress))
+    chunk_counts = Counter()
+    batches = batches_of(training_texts(filtered, budget, progress), text_of=lambda text: text)
+    with Workers(settings["num_workers"], python_split_regex, ()) as workers:
+        for _, counts in workers.map(count_chunks, batches):
+            chunk_counts.update(counts)  # in batch order: first seen first, as one process counts them
     chars = sum(len(chunk) * count for chunk, count in chunk_counts.items())  # chunks cover the text
     progress.finish(chars / 1e6, f"{len(chunk_counts):,} unique chunks")
     timings["tokenizer_count"] = time.perf_counter() - start
