@@ -146,7 +146,7 @@ def fake_crawl(folder, megabytes):
     lays it out (collinfo.json, crawl-data/<crawl>/wet.paths.gz, the WET file); made once."""
     wet_path = f"crawl-data/{BENCH_CRAWL}/segments/0/wet/bench-{megabytes:g}mb.warc.wet.gz"
     if not (folder / wet_path).exists():
-        (folder / wet_path).parent.mkdir(parents=True)
+        (folder / wet_path).parent.mkdir(parents=True, exist_ok=True)
         pages = web_like_pages(megabytes)
         records = b"".join(wet_record(number, page, language) for number, (page, language) in enumerate(pages))
         (folder / wet_path).write_bytes(records)
