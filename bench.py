@@ -185,6 +185,8 @@ def bench_prepare(settings):
           f"kept, {meta['settings']['num_workers']} worker(s): {seconds:.1f} s, {megabytes / seconds:.2f} MB/s "
           f"(the process's wall time, Python's start included)")
     print("stages (s): " + ", ".join(f"{stage} {value:.1f}" for stage, value in meta["timings_s"].items()))
+    task_rate = meta["throughput"]["filter"]["mb_per_s"]  # stage one alone: what a cluster's task does
+    print(f"stage one (a task's work): {task_rate:.2f} MB/s, {task_rate * 3600 / 1000:.1f} GB of WET text per task-hour")
     if settings["profile"]:
         pstats.Stats(str(profile)).sort_stats("tottime").print_stats(15)
 

@@ -769,9 +769,8 @@ def dataset_folder(settings):
 
 
 def resolve_inputs(settings, build, final):
-    """The parts to filter (see Part), meta.json's sources list (None for Common Crawl:
-    the merge makes it from the parts), and the web filters' settings (None when the text
-    is not web text)."""
+    """A local source as one part to filter (see Part), meta.json's sources list, and the
+    web filters' settings (None when the text is not web text)."""
     if settings["source"] == "python":
         inputs, source = python_inputs()
         sources = [source]
