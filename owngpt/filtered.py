@@ -125,9 +125,7 @@ class PartsFolder:
         recorded = read_manifest(self.folder)
         if recorded is not None and recorded["fingerprint"] != fingerprint:
             if not private:
-                raise UserError(f"{self.folder} holds parts made with other settings "
-                                f"({differences(recorded['fingerprint'], fingerprint)}): run with those, "
-                                f"or give another --parts folder")
+                raise self._other_settings(recorded["fingerprint"])
             print(f"filter: {self.folder} holds parts made with other settings; starting over", file=sys.stderr)
             shutil.rmtree(self.folder)
             self.folder.mkdir()
@@ -138,19 +136,22 @@ class PartsFolder:
     def _create_manifest(self):
         """Writes manifest.json unless another task got there first (a hard link fails
         when the name exists, so of two tasks starting together exactly one writes it)."""
-        manifest = AtomicFile(self.folder / ".manifest.json")
+        manifest = AtomicFile(self.folder / MANIFEST)
         manifest.file.write(json.dumps({"fingerprint": self.fingerprint}, indent=1).encode() + b"\n")
         manifest.file.flush()
         os.fsync(manifest.file.fileno())
         try:
-            os.link(manifest.temporary, self.folder / MANIFEST)
+            os.link(manifest.temporary, manifest.path)
         except FileExistsError:
             recorded = read_manifest(self.folder)["fingerprint"]
             if recorded != self.fingerprint:
-                raise UserError(f"{self.folder} holds parts made with other settings "
-                                f"({differences(recorded, self.fingerprint)})") from None
+                raise self._other_settings(recorded) from None
         finally:
             manifest.discard()
+
+    def _other_settings(self, recorded):
+        return UserError(f"{self.folder} holds parts made with other settings ({differences(recorded, self.fingerprint)}): "
+                         f"run with those, or give another --parts folder")
 
     def path(self, index):
         return self.folder / f"part_{index:06d}.jsonl"
