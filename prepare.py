@@ -828,14 +828,34 @@ def task_of(settings, environment):
     return task, tasks
 
 
-def run_task(settings, final, task, tasks):
-    """Stage one alone: this task's parts of the crawl."""
-    folder, private = parts_folder_of(settings, final)
+def filter_crawl(settings, folder, private, task, tasks):
+    """Stage one on Common Crawl: the crawl pinned, this task's WET files filtered into
+    folder. Returns the PartsFolder, the crawl id, the web filters' settings and how many
+    WET files it filtered now."""
     crawl_id, inputs = commoncrawl_inputs(settings, pinned_crawl(settings, folder))
     web_settings = commoncrawl_web_settings(settings)
     parts_folder = PartsFolder(folder, filter_fingerprint(settings, web_settings, crawl_id), private)
     parts = [Part(input_file.name, [input_file]) for input_file in inputs]
     filtered = filter_stage(settings, parts, web_settings, parts_folder, task, tasks)
+    return parts_folder, crawl_id, web_settings, filtered
+
+
+def crawl_parts_to_merge(settings, folder):
+    """--merge: the parts the tasks wrote, made with these settings. Returns the
+    PartsFolder, the crawl id and the web filters' settings."""
+    if read_manifest(folder) is None:
+        raise PrepareError(f"--merge: {folder} holds no parts: run the stage-one tasks first (the same "
+                           f"command with --task and --tasks, without --merge)")
+    web_settings = commoncrawl_web_settings(settings)
+    crawl_id = pinned_crawl(settings, folder)
+    parts_folder = PartsFolder(folder, filter_fingerprint(settings, web_settings, crawl_id), private=False)
+    return parts_folder, crawl_id, web_settings
+
+
+def run_task(settings, final, task, tasks):
+    """Stage one alone: this task's parts of the crawl."""
+    folder, private = parts_folder_of(settings, final)
+    _, crawl_id, _, filtered = filter_crawl(settings, folder, private, task, tasks)
     print(f"task {task} of {tasks}: filtered {filtered} WET file(s) of crawl {crawl_id} into {folder}; once "
           f"every task is done, run the same command with --merge=true (and no --task or --tasks)")
 
@@ -846,25 +866,16 @@ def build_dataset(settings, build, final):
     task of one: the same parts, so the same dataset."""
     timings, start = {}, time.perf_counter()
     folder, private = parts_folder_of(settings, final)
-    if settings["source"] == "commoncrawl":
-        web_settings = commoncrawl_web_settings(settings)
-        if settings["merge"] and read_manifest(folder) is None:
-            raise PrepareError(f"--merge: {folder} holds no parts: run the stage-one tasks first (the same "
-                               f"command with --task and --tasks, without --merge)")
-        crawl_id = pinned_crawl(settings, folder)
-        parts_folder = PartsFolder(folder, filter_fingerprint(settings, web_settings, crawl_id),
-                                   private and not settings["merge"])
-        if not settings["merge"]:
-            crawl_id, inputs = commoncrawl_inputs(settings, crawl_id)
-            parts = [Part(input_file.name, [input_file]) for input_file in inputs]
-            filter_stage(settings, parts, web_settings, parts_folder, 0, 1)
-        count = settings["wet_files"]
+    if settings["source"] == "commoncrawl" and settings["merge"]:
+        parts_folder, crawl_id, web_settings = crawl_parts_to_merge(settings, folder)
+    elif settings["source"] == "commoncrawl":
+        parts_folder, crawl_id, web_settings, _ = filter_crawl(settings, folder, private, 0, 1)
     else:
         shutil.rmtree(folder, ignore_errors=True)  # local text is cheap to read again
         parts, sources, web_settings = resolve_inputs(settings, build, final)
         parts_folder = PartsFolder(folder, filter_fingerprint(settings, web_settings, None), private)
         filter_stage(settings, parts, web_settings, parts_folder, 0, 1)
-        count = len(parts)
+    count = settings["wet_files"] if settings["source"] == "commoncrawl" else 1
     timings["stage_one"] = time.perf_counter() - start  # this run's filtering, and listing the inputs
     stage_start = time.perf_counter()
     filtered = merge_parts(settings, parts_folder, count, web_settings)
