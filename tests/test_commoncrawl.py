@@ -614,6 +614,23 @@ def test_parts_made_with_other_settings_are_refused_naming_the_setting(crawl_ser
     assert "holds parts made with other settings (--gopher_min_words=50 there, 20 here)" in result.stderr
 
 
+def test_latest_is_resolved_once_and_every_later_task_reads_the_same_crawl(crawl_server, tmp_path):
+    FakeCrawl.plans = {}
+    flags = ["--source=commoncrawl", "--crawl=latest", "--wet_files=2", f"--cc_base_url={crawl_server}/",
+             f"--cc_index_url={crawl_server}/collinfo.json", f"--parts={tmp_path / 'parts'}", "--tasks=2"]
+    run_prepare(*flags, "--task=0", cwd=tmp_path)
+    listing = FakeCrawl.files["collinfo.json"]
+    FakeCrawl.files["collinfo.json"] = json.dumps([{"id": TASKS_CRAWL}, {"id": CRAWL}]).encode()  # a new crawl
+    try:
+        start = len(FakeCrawl.log)
+        run_prepare(*flags, "--task=1", cwd=tmp_path)
+    finally:
+        FakeCrawl.files["collinfo.json"] = listing
+    assert [path for path, _, _ in requests_since(start)] == [f"crawl-data/{CRAWL}/wet.paths.gz", WET_PATHS[1]]
+    header = json.loads((tmp_path / "parts" / "part_000001.jsonl").read_text().splitlines()[0])
+    assert header["name"] == WET_PATHS[1] and header["fingerprint"]["crawl"] == CRAWL
+
+
 @pytest.mark.parametrize("flags, environment, expected", [
     ([], {}, None),  # one machine: every part, then the merge
     (["--task=2", "--tasks=3"], {}, (2, 3)),
