@@ -9,6 +9,8 @@
     python bench.py --what=webfilters --mb=50     # the web filters on one core, 50 MB of text
     python bench.py --what=small_text --nanogpt=../nanoGPT   # your own small text: ours against nanoGPT's char model
     python bench.py --what=small_text --vocab_sizes=512,2048 --budget=150   # the vocabulary rule's measurement
+    python bench.py --what=prepare --mb=50        # prepare.py on a 50 MB WET file from a fake crawl
+    python bench.py --what=prepare --mb=20 --profile=true   # the same in one process, under cProfile
     python bench.py --help                        # every flag with its default
 
 Each measurement is a mode: a function of the settings, listed in MODES by its --what name.
@@ -16,14 +18,19 @@ Training runs are separate `python train.py` processes, run in turn (A B A B: se
 recipe, then seed 2, ...) so that a machine that slows down for a while hurts every recipe
 alike; the table gives each run, the medians, and each recipe's ratio to the first one.
 """
+import functools
+import gzip
+import http.server
 import json
 import math
+import pstats
 import random
 import re
 import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -94,6 +101,102 @@ def bench_webfilters(settings):
     print(f"{len(documents)} documents, {total_mb:.1f} MB, {kept} kept, one core: "
           f"{len(documents) / seconds:.0f} documents/s, {total_mb / seconds:.2f} MB/s "
           f"(filters {filter_seconds:.1f} s, MinHash signatures {signature_seconds:.1f} s)")
+
+
+# ----------------------------------------------------------------------------- prepare
+
+BENCH_CRAWL = "CC-MAIN-2099-50"
+
+
+def wet_record(number, page, language="eng"):
+    """One conversion record, gzipped on its own as Common Crawl writes them."""
+    body = page.encode()
+    headers = (f"WARC/1.0\r\nWARC-Type: conversion\r\nWARC-Target-URI: https://site{number % 5000}.example.org/"
+               f"{number}\r\nWARC-Date: 2099-01-01T00:00:00Z\r\nWARC-Record-ID: <urn:uuid:{number:012d}>\r\n"
+               f"WARC-Identified-Content-Language: {language}\r\nContent-Type: text/plain\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n")
+    return gzip.compress(headers.encode() + body + b"\r\n\r\n", compresslevel=1)
+
+
+def web_like_pages(megabytes, seed=0):
+    """(page, language) pairs of about this many MB: mostly english_like_documents, and,
+    so that every filter has work, 1 in 10 a short page, 1 in 20 each a page in another
+    language, a spam page of one repeated line, an exact copy and a near copy (one word
+    changed) of an earlier page."""
+    rng = random.Random(seed)
+    pages = []
+    for page in english_like_documents(megabytes, seed):
+        roll = rng.random()
+        if roll < 0.10:
+            page = " ".join(page.split()[:30])
+        elif roll < 0.15:
+            pages.append((page, "deu"))
+            continue
+        elif roll < 0.20:
+            page = "\n".join([page.split("\n")[0]] * 20)
+        elif roll < 0.25 and pages:
+            page = rng.choice(pages)[0]
+        elif roll < 0.30 and pages:
+            words = rng.choice(pages)[0].split(" ")
+            words[len(words) // 2] = "different"
+            page = " ".join(words)
+        pages.append((page, "eng"))
+    return pages
+
+
+def fake_crawl(folder, megabytes):
+    """A crawl of one WET file of about this many MB of text in folder, as Common Crawl
+    lays it out (collinfo.json, crawl-data/<crawl>/wet.paths.gz, the WET file); made once."""
+    wet_path = f"crawl-data/{BENCH_CRAWL}/segments/0/wet/bench-{megabytes:g}mb.warc.wet.gz"
+    if not (folder / wet_path).exists():
+        (folder / wet_path).parent.mkdir(parents=True, exist_ok=True)
+        pages = web_like_pages(megabytes)
+        records = b"".join(wet_record(number, page, language) for number, (page, language) in enumerate(pages))
+        (folder / wet_path).write_bytes(records)
+    (folder / "collinfo.json").write_text(json.dumps([{"id": BENCH_CRAWL}]))
+    (folder / f"crawl-data/{BENCH_CRAWL}/wet.paths.gz").write_bytes(gzip.compress(wet_path.encode() + b"\n"))
+    return wet_path
+
+
+def bench_prepare(settings):
+    """The whole single-machine pipeline, `prepare.py --source=commoncrawl` (read, filter,
+    merge and dedup, BPE, tokenize, write), on one WET file of --mb MB of web-like text
+    served on 127.0.0.1: MB/s of WET text read, and the seconds of each stage. With
+    --profile=true it runs in one process under cProfile and prints the top functions."""
+    out_dir = Path(settings["out_dir"])
+    crawl_folder = out_dir / "fake_crawl"
+    fake_crawl(crawl_folder, settings["mb"])
+    handler = functools.partial(QuietFiles, directory=str(crawl_folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    prepare_flags = ["--source=commoncrawl", f"--crawl={BENCH_CRAWL}", f"--cc_base_url={url}",
+             f"--cc_index_url={url}collinfo.json", f"--out_dir={out_dir / 'web'}"]
+    profile = out_dir / "prepare.prof"
+    shutil.rmtree(out_dir / ".web.partial", ignore_errors=True)  # parts a failed run left would be reused
+    command = [sys.executable, *(["-m", "cProfile", "-o", str(profile)] if settings["profile"] else []), "prepare.py",
+               *prepare_flags, *(["--num_workers=1"] if settings["profile"] else [])]
+    start = time.perf_counter()
+    finished = subprocess.run(command, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    server.shutdown()
+    if finished.returncode != 0:
+        raise flags.UserError(f"{' '.join(command)} failed: {finished.stderr.strip().splitlines()[-1]}")
+    meta = json.loads((out_dir / "web" / "meta.json").read_text())
+    megabytes = meta["documents"]["bytes_read"] / 1e6
+    print(f"{megabytes:.1f} MB of WET text, {meta['documents']['read']:,} documents, {meta['documents']['kept']:,} "
+          f"kept, {meta['settings']['num_workers']} worker(s): {seconds:.1f} s, {megabytes / seconds:.2f} MB/s "
+          f"(the process's wall time, Python's start included)")
+    print("stages (s): " + ", ".join(f"{stage} {value:.1f}" for stage, value in meta["timings_s"].items()))
+    task_rate = meta["throughput"]["filter"]["mb_per_s"]  # stage one alone: what a cluster's task does
+    print(f"stage one (a task's work): {task_rate:.2f} MB/s, {task_rate * 3600 / 1000:.1f} GB of WET text per task-hour")
+    if settings["profile"]:
+        pstats.Stats(str(profile)).sort_stats("tottime").print_stats(15)
+
+
+class QuietFiles(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
 
 
 # ----------------------------------------------------------------------------- training recipes
@@ -317,10 +420,10 @@ def bench_small_text(settings):
 # ----------------------------------------------------------------------------- command line
 
 MODES = {"recipes": bench_recipes, "throughput": bench_throughput, "webfilters": bench_webfilters,
-         "small_text": bench_small_text}
+         "small_text": bench_small_text, "prepare": bench_prepare}
 DEFAULTS = {"what": "recipes", "recipes": ("gpt2", "modern"), "seeds": 2, "budget": 90.0,
             "shape": "config/train_demo.py", "dataset": "python", "device": "cpu", "iters": 100, "eval_iters": 20,
-            "out_dir": "out/bench", "mb": 50.0, "text": "", "nanogpt": "", "vocab_sizes": ()}
+            "out_dir": "out/bench", "mb": 50.0, "profile": False, "text": "", "nanogpt": "", "vocab_sizes": ()}
 HELP = {"what": f"what to measure: {', '.join(MODES)}",
         "recipes": f"recipes: training runs to compare, the first is the reference ({', '.join(RECIPES)})",
         "seeds": "seeds per recipe (recipes and throughput)",
@@ -333,7 +436,8 @@ HELP = {"what": f"what to measure: {', '.join(MODES)}",
         "iters": "throughput: iterations per run",
         "eval_iters": "recipes: batches in the final evaluation",
         "out_dir": "where the training runs write (one folder per run)",
-        "mb": "webfilters: megabytes of generated text to measure on",
+        "mb": "webfilters, prepare: megabytes of generated text to measure on",
+        "profile": "prepare: run it in one process under cProfile and print the top functions",
         "text": "small_text: a text file (default: Python's help() topics, 0.47 MB); its last 10% is val",
         "nanogpt": "small_text: a nanoGPT checkout, to run its CPU example beside ours at its wall time (else GPT-2's "
                    "recipe is the reference, at --budget)",

@@ -462,7 +462,8 @@ BAD_VALUES = {
     "cc_index_url": "file:///collinfo.json", "text_field": "", "filters": "some", "keep_metadata": "maybe",
     "tokenizer": "sentencepiece", "vocab_size": "0", "tokenizer_train_chars": "0",
     "shard_tokens": str(2 ** 31), "val_fraction": "1.5", "num_workers": "0", "name": "../elsewhere",
-    "out_dir": "a_file.txt", "languages": "English",
+    "out_dir": "a_file.txt", "languages": "English", "task": "-2", "tasks": "-1", "merge": "maybe",
+    "parts": "a_file.txt",
 }
 WEB_BAD_VALUES = {filters.FRACTION: "1.5", filters.COUNT: "-1", filters.POSITIVE: "0"}
 WEB_DEFAULTS, _, WEB_CHECKS = filters.settings_flags()
