@@ -8,6 +8,10 @@
     python bench.py --what=recipes --device=cuda --shape=config/train_gpt2_124m.py --recipes=modern_124m,gpt2_124m \
         --seeds=1 --budget=120   # the GPU check: both recipes at GPT-2 small's shape, compiled, ~7 minutes
     python bench.py --what=webfilters --mb=50     # the web filters on one core, 50 MB of text
+    python bench.py --what=small_text --nanogpt=../nanoGPT   # your own small text: ours against nanoGPT's char model
+    python bench.py --what=small_text --vocab_sizes=512,2048 --budget=150   # the vocabulary rule's measurement
+    python bench.py --what=prepare --mb=50        # prepare.py on a 50 MB WET file from a fake crawl
+    python bench.py --what=prepare --mb=20 --profile=true   # the same in one process, under cProfile
     python bench.py --help                        # every flag with its default
 
 Each measurement is a mode: a function of the settings, listed in MODES by its --what name.
@@ -17,14 +21,20 @@ alike; the table gives each run, the medians, and each recipe's ratio to the fir
 With --nanogpt, throughput runs nanoGPT's own train.py (its CPU example) first in each
 round, on the same text, and the ratios are to it.
 """
+import functools
+import gzip
+import http.server
 import json
+import math
 import pickle
+import pstats
 import random
 import re
 import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -100,6 +110,102 @@ def bench_webfilters(settings):
           f"(filters {filter_seconds:.1f} s, MinHash signatures {signature_seconds:.1f} s)")
 
 
+# ----------------------------------------------------------------------------- prepare
+
+BENCH_CRAWL = "CC-MAIN-2099-50"
+
+
+def wet_record(number, page, language="eng"):
+    """One conversion record, gzipped on its own as Common Crawl writes them."""
+    body = page.encode()
+    headers = (f"WARC/1.0\r\nWARC-Type: conversion\r\nWARC-Target-URI: https://site{number % 5000}.example.org/"
+               f"{number}\r\nWARC-Date: 2099-01-01T00:00:00Z\r\nWARC-Record-ID: <urn:uuid:{number:012d}>\r\n"
+               f"WARC-Identified-Content-Language: {language}\r\nContent-Type: text/plain\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n")
+    return gzip.compress(headers.encode() + body + b"\r\n\r\n", compresslevel=1)
+
+
+def web_like_pages(megabytes, seed=0):
+    """(page, language) pairs of about this many MB: mostly english_like_documents, and,
+    so that every filter has work, 1 in 10 a short page, 1 in 20 each a page in another
+    language, a spam page of one repeated line, an exact copy and a near copy (one word
+    changed) of an earlier page."""
+    rng = random.Random(seed)
+    pages = []
+    for page in english_like_documents(megabytes, seed):
+        roll = rng.random()
+        if roll < 0.10:
+            page = " ".join(page.split()[:30])
+        elif roll < 0.15:
+            pages.append((page, "deu"))
+            continue
+        elif roll < 0.20:
+            page = "\n".join([page.split("\n")[0]] * 20)
+        elif roll < 0.25 and pages:
+            page = rng.choice(pages)[0]
+        elif roll < 0.30 and pages:
+            words = rng.choice(pages)[0].split(" ")
+            words[len(words) // 2] = "different"
+            page = " ".join(words)
+        pages.append((page, "eng"))
+    return pages
+
+
+def fake_crawl(folder, megabytes):
+    """A crawl of one WET file of about this many MB of text in folder, as Common Crawl
+    lays it out (collinfo.json, crawl-data/<crawl>/wet.paths.gz, the WET file); made once."""
+    wet_path = f"crawl-data/{BENCH_CRAWL}/segments/0/wet/bench-{megabytes:g}mb.warc.wet.gz"
+    if not (folder / wet_path).exists():
+        (folder / wet_path).parent.mkdir(parents=True, exist_ok=True)
+        pages = web_like_pages(megabytes)
+        records = b"".join(wet_record(number, page, language) for number, (page, language) in enumerate(pages))
+        (folder / wet_path).write_bytes(records)
+    (folder / "collinfo.json").write_text(json.dumps([{"id": BENCH_CRAWL}]))
+    (folder / f"crawl-data/{BENCH_CRAWL}/wet.paths.gz").write_bytes(gzip.compress(wet_path.encode() + b"\n"))
+    return wet_path
+
+
+def bench_prepare(settings):
+    """The whole single-machine pipeline, `prepare.py --source=commoncrawl` (read, filter,
+    merge and dedup, BPE, tokenize, write), on one WET file of --mb MB of web-like text
+    served on 127.0.0.1: MB/s of WET text read, and the seconds of each stage. With
+    --profile=true it runs in one process under cProfile and prints the top functions."""
+    out_dir = Path(settings["out_dir"])
+    crawl_folder = out_dir / "fake_crawl"
+    fake_crawl(crawl_folder, settings["mb"])
+    handler = functools.partial(QuietFiles, directory=str(crawl_folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    prepare_flags = ["--source=commoncrawl", f"--crawl={BENCH_CRAWL}", f"--cc_base_url={url}",
+             f"--cc_index_url={url}collinfo.json", f"--out_dir={out_dir / 'web'}"]
+    profile = out_dir / "prepare.prof"
+    shutil.rmtree(out_dir / ".web.partial", ignore_errors=True)  # parts a failed run left would be reused
+    command = [sys.executable, *(["-m", "cProfile", "-o", str(profile)] if settings["profile"] else []), "prepare.py",
+               *prepare_flags, *(["--num_workers=1"] if settings["profile"] else [])]
+    start = time.perf_counter()
+    finished = subprocess.run(command, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    server.shutdown()
+    if finished.returncode != 0:
+        raise flags.UserError(f"{' '.join(command)} failed: {finished.stderr.strip().splitlines()[-1]}")
+    meta = json.loads((out_dir / "web" / "meta.json").read_text())
+    megabytes = meta["documents"]["bytes_read"] / 1e6
+    print(f"{megabytes:.1f} MB of WET text, {meta['documents']['read']:,} documents, {meta['documents']['kept']:,} "
+          f"kept, {meta['settings']['num_workers']} worker(s): {seconds:.1f} s, {megabytes / seconds:.2f} MB/s "
+          f"(the process's wall time, Python's start included)")
+    print("stages (s): " + ", ".join(f"{stage} {value:.1f}" for stage, value in meta["timings_s"].items()))
+    task_rate = meta["throughput"]["filter"]["mb_per_s"]  # stage one alone: what a cluster's task does
+    print(f"stage one (a task's work): {task_rate:.2f} MB/s, {task_rate * 3600 / 1000:.1f} GB of WET text per task-hour")
+    if settings["profile"]:
+        pstats.Stats(str(profile)).sort_stats("tottime").print_stats(15)
+
+
+class QuietFiles(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
 # ----------------------------------------------------------------------------- training recipes
 
 # The recipes, as train.py flags over the shape's config file. Each block trains at the rates
@@ -135,25 +241,28 @@ RECIPES = {
 
 
 def recipe_list(names):
-    unknown = [name for name in names if name not in RECIPES and not name.startswith("--")]
+    unknown = [name for name in names if name not in RECIPES]
     return f"recipes among {', '.join(RECIPES)}" if unknown else None
 
 
-def train_run(settings, recipe, seed, extra):
-    """One `python train.py` run; returns its last evaluation and its logged steps."""
-    out_dir = Path(settings["out_dir"]) / f"{recipe}_seed{seed}"
+def train_run(settings, name, seed, arguments):
+    """One `python train.py` run with these arguments; returns its evaluations (the last with
+    the peak memory) and its logged steps."""
+    out_dir = Path(settings["out_dir"]) / f"{name}_seed{seed}"
     shutil.rmtree(out_dir, ignore_errors=True)  # this run's folder from an earlier bench: train.py would refuse it
-    command = [sys.executable, "train.py", settings["shape"], f"--dataset={settings['dataset']}",
+    command = [sys.executable, "train.py", *settings["shape"].split(","), f"--dataset={settings['dataset']}",
                f"--out_dir={out_dir}", f"--seed={seed}", f"--device={settings['device']}", "--log_interval=10",
-               *RECIPES[recipe], *extra]
+               *arguments]
     finished = subprocess.run(command, capture_output=True, text=True)
     if finished.returncode != 0:
         raise flags.UserError(f"{' '.join(command)} failed: {finished.stderr.strip().splitlines()[-1]}")
+    (out_dir / "stdout.txt").write_text(finished.stdout)  # what the run said, for the record
     lines = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [line for line in lines if "tokens_per_s" in line]
     peak = re.search(r"peak memory ([\d.]+) GiB", finished.stdout)  # train.py's last line
-    evaluation = {**[line for line in lines if "val_bpb" in line][-1], "peak_gib": float(peak[1]) if peak else 0.0}
-    return evaluation, steps
+    evaluations = [line for line in lines if "val_bpb" in line]
+    evaluations[-1]["peak_gib"] = float(peak[1]) if peak else 0.0
+    return evaluations, steps
 
 
 def compare(settings, runs):
@@ -174,9 +283,11 @@ def compare(settings, runs):
 
 
 def recipe_runs(settings, extra, measure):
-    """compare's runs for the recipes: train.py with extra flags, measure(evaluation, steps) -> row."""
-    return {recipe: lambda seed, recipe=recipe: measure(*train_run(settings, recipe, seed, extra))
-            for recipe in settings["recipes"]}
+    """compare's runs for the recipes: train.py with extra flags, measure(last evaluation, steps) -> row."""
+    def run(recipe, seed):
+        evaluations, steps = train_run(settings, recipe, seed, [*RECIPES[recipe], *extra])
+        return measure(evaluations[-1], steps)
+    return {recipe: functools.partial(run, recipe) for recipe in settings["recipes"]}
 
 
 def bench_recipes(settings):
@@ -217,24 +328,17 @@ def bench_throughput(settings):
     compare(settings, {**nanogpt, **recipe_runs(settings, extra, measure)})
 
 
-# nanoGPT's CPU example, from its README (shakespeare_char on a MacBook), on the dataset that
-# nanogpt_dataset writes. log_interval=1 prints every iteration's time.
-NANOGPT_CPU_EXAMPLE = ["config/train_shakespeare_char.py", "--compile=False", "--eval_iters=20", "--log_interval=1",
-                       "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128",
-                       "--lr_decay_iters=2000", "--dropout=0.0"]
-
-
-def nanogpt_dataset(checkout, dataset):
-    """Our dataset's text in nanoGPT's character-level format (data/shakespeare_char's:
-    train.bin and val.bin of uint16 ids, meta.pkl with vocab_size) under the checkout's
-    data/owngpt_<name>: each distinct token is a character, so byte data becomes its text's
-    characters, as nanoGPT's prepare.py would number them. Returns the folder's name."""
-    folder = open_folder(dataset)
-    meta = read_meta(folder)
-    splits = {split: np.concatenate(read_split(folder, meta, split)) for split in SPLITS}
+def nanogpt_dataset(folder, dataset):
+    """Our dataset's text in nanoGPT's character-level format (train.bin and val.bin of uint16
+    ids, meta.pkl with vocab_size, as small_text_datasets writes them) in folder/data/<name>:
+    each distinct token is a character, so byte data becomes its text's characters. Returns
+    the name."""
+    source = open_folder(dataset)
+    meta = read_meta(source)
+    splits = {split: np.concatenate(read_split(source, meta, split)) for split in SPLITS}
     alphabet = np.unique(np.concatenate(list(splits.values())))
-    name = f"owngpt_{folder.resolve().name}"
-    out = Path(checkout) / "data" / name
+    name = source.resolve().name
+    out = folder / "data" / name
     out.mkdir(parents=True, exist_ok=True)
     for split, tokens in splits.items():
         np.searchsorted(alphabet, tokens).astype(np.uint16).tofile(out / f"{split}.bin")
@@ -243,51 +347,168 @@ def nanogpt_dataset(checkout, dataset):
 
 
 def nanogpt_runner(settings):
-    """run(seed) for compare: nanoGPT's train.py at its CPU example for --iters iterations;
+    """run(seed) for compare: nanoGPT's CPU example for --iters iterations on --dataset's text;
     tokens/s from the median of its per-iteration times (iteration 0, which evaluates, left
     out). nanoGPT has no seed flag: its runs differ only in the machine's noise."""
-    dataset = nanogpt_dataset(settings["nanogpt"], settings["dataset"])
-    tokens_per_iter = 12 * 64  # batch_size x block_size above
+    folder = Path(settings["out_dir"]).resolve() / "nanogpt"
+    dataset = nanogpt_dataset(folder, settings["dataset"])
+    tokens_per_iter = 12 * 64  # NANOGPT_CPU_EXAMPLE's batch_size x block_size
 
     def run(seed):
-        out_dir = Path(settings["out_dir"]).resolve() / f"nanogpt_seed{seed}"
-        command = [sys.executable, "train.py", *NANOGPT_CPU_EXAMPLE, f"--dataset={dataset}",
-                   f"--device={settings['device']}", f"--max_iters={settings['iters']}", f"--out_dir={out_dir}"]
-        finished = subprocess.run(command, cwd=settings["nanogpt"], capture_output=True, text=True)
-        if finished.returncode != 0:
-            raise flags.UserError(f"{' '.join(command)} in {settings['nanogpt']} failed: "
-                                  f"{(finished.stderr.strip().splitlines() or ['no output'])[-1]}")
-        ms = [float(time_ms) for time_ms in re.findall(r"^iter \d+: .*time ([\d.]+)ms", finished.stdout, re.M)]
+        said = nanogpt_train(settings["nanogpt"], folder, dataset,
+                             [f"--max_iters={settings['iters']}", f"--out_dir={folder / f'seed{seed}'}"])
+        ms = [float(time_ms) for time_ms in re.findall(r"^iter \d+: .*time ([\d.]+)ms", said, re.M)]
         return {"tokens/s": tokens_per_iter * 1000 / statistics.median(ms[1:])}
     return run
 
 
+# ----------------------------------------------------------------------------- own small text
+
+# nanoGPT's README example for a CPU (its shakespeare_char config at a laptop's size), which
+# trains a character model in ~2 minutes
+NANOGPT_CPU_EXAMPLE = ["--device=cpu", "--compile=False", "--eval_iters=20", "--log_interval=1", "--block_size=64",
+                       "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128", "--max_iters=2000",
+                       "--lr_decay_iters=2000", "--dropout=0.0"]
+
+
+def small_text_datasets(settings, folder):
+    """The text's first 90% for train and the rest for val, prepared as prepare.py does by
+    default (and at each --vocab_sizes), and as nanoGPT's characters (train.bin, val.bin,
+    meta.pkl: uint16 ids of the sorted set of characters, as its shakespeare_char/prepare.py
+    writes them). Returns {vocab label: dataset folder}, the characters' folder, and val's
+    bytes per character."""
+    text = Path(settings["text"]).read_text(encoding="utf-8") if settings["text"] else pydoc_topics_text()
+    cut = int(len(text) * 0.9)
+    splits = {"train": text[:cut], "val": text[cut:]}
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, part in splits.items():
+        (folder / f"{split}.txt").write_text(part, encoding="utf-8")
+    datasets = {}
+    for vocab_size in ("default", *settings["vocab_sizes"]):
+        out = folder / f"vocab_{vocab_size}"
+        command = [sys.executable, "prepare.py", "--source=files", f"--input={folder / 'train.txt'}",
+                   f"--val_input={folder / 'val.txt'}", f"--out_dir={out}",
+                   *([] if vocab_size == "default" else [f"--vocab_size={vocab_size}"])]
+        finished = subprocess.run(command, capture_output=True, text=True)
+        if finished.returncode != 0:
+            raise flags.UserError(f"{' '.join(command)} failed: {finished.stderr.strip().splitlines()[-1]}")
+        datasets[vocab_size] = out
+    chars = folder / "chars"
+    (chars / "data" / "text").mkdir(parents=True, exist_ok=True)
+    alphabet = sorted(set(text))
+    ids = {char: i for i, char in enumerate(alphabet)}
+    for split, part in splits.items():
+        np.array([ids[char] for char in part], dtype=np.uint16).tofile(chars / "data" / "text" / f"{split}.bin")
+    with open(chars / "data" / "text" / "meta.pkl", "wb") as file:
+        pickle.dump({"vocab_size": len(alphabet), "itos": dict(enumerate(alphabet)), "stoi": ids}, file)
+    return datasets, chars, len(splits["val"].encode()) / len(splits["val"])
+
+
+def pydoc_topics_text():
+    """Python's help() topics: 0.47 MB of English about the language, on every machine."""
+    from pydoc_data.topics import topics
+    return "\n\n".join(topics.values())
+
+
+def nanogpt_train(checkout, folder, dataset, arguments=()):
+    """nanoGPT's train.py at its CPU example on folder/data/<dataset>, then arguments; its stdout.
+    It runs in folder, so the checkout is left as it was."""
+    configurator = folder / "configurator.py"  # its train.py runs ./configurator.py and reads ./data/<dataset>
+    configurator.unlink(missing_ok=True)
+    configurator.symlink_to((Path(checkout) / "configurator.py").resolve())
+    finished = subprocess.run([sys.executable, str(Path(checkout) / "train.py"),
+                               str(Path(checkout) / "config" / "train_shakespeare_char.py"), f"--dataset={dataset}",
+                               *NANOGPT_CPU_EXAMPLE, *arguments], capture_output=True, text=True, cwd=folder)
+    if finished.returncode != 0:
+        raise flags.UserError(f"nanoGPT's train.py in {checkout} failed: {(finished.stderr or finished.stdout).strip()[-300:]}")
+    return finished.stdout
+
+
+def nanogpt_run(checkout, chars, bytes_per_char):
+    """nanoGPT's CPU example on the characters; (its val bits per byte, its wall seconds)."""
+    started = time.perf_counter()
+    said = nanogpt_train(checkout, chars, "text")
+    seconds = time.perf_counter() - started
+    val = re.findall(r"step \d+: train loss [\d.]+, val loss ([\d.]+)", said)
+    if not val:
+        raise flags.UserError(f"nanoGPT's train.py in {checkout} printed no evaluation: {said.strip()[-300:]}")
+    return float(val[-1]) / math.log(2) / bytes_per_char, seconds
+
+
+def bench_small_text(settings):
+    """The own-text scenario: the quick start's config on a small text prepared with default
+    flags, against nanoGPT's character model at nanoGPT's wall time when --nanogpt gives a
+    checkout; --vocab_sizes adds our runs at those vocabularies; with neither, GPT-2's recipe
+    at --budget is the reference. Runs in turn, seed by seed (A B A B); final and best val bits per byte."""
+    datasets, chars, bytes_per_char = small_text_datasets(settings, Path(settings["out_dir"]) / "small_text")
+    table = {}
+    for seed in range(1, settings["seeds"] + 1):
+        budget = settings["budget"]
+        if settings["nanogpt"]:
+            bpb, budget = nanogpt_run(settings["nanogpt"], chars, bytes_per_char)
+            table.setdefault("nanoGPT chars", []).append({"final bits/byte": bpb, "best bits/byte": bpb,
+                                                          "seconds": budget})
+            print(f"nanoGPT chars seed {seed}: {bpb:.4f} bits/byte in {budget:.0f} s", flush=True)
+        alone = not (settings["nanogpt"] or settings["vocab_sizes"])  # then GPT-2's recipe is the reference
+        runs = [("gpt2_recipe", "default", RECIPES["gpt2"])] if alone else []
+        runs += [(f"defaults_vocab_{vocab}", vocab, []) for vocab in datasets]
+        for name, vocab, arguments in runs:
+            run_settings = {**settings, "dataset": str(datasets[vocab].resolve()), "shape": "config/train_demo.py"}
+            evaluations, _ = train_run(run_settings, name, seed, [*arguments, f"--max_time={budget:.1f}"])
+            meta = json.loads((datasets[vocab] / "meta.json").read_text())
+            said = (Path(settings["out_dir"]) / f"{name}_seed{seed}" / "stdout.txt").read_text()
+            dropout = re.search(r"dropout=([\d.]+) \(set from the reads", said)  # train.py's data: line
+            row = {"vocab": meta["tokenizer"]["vocab_size"], "dropout": float(dropout[1]) if dropout else 0.0,
+                   "final bits/byte": evaluations[-1]["val_bpb"],
+                   "best bits/byte": min(line["val_bpb"] for line in evaluations[1:]),
+                   "seconds": evaluations[-1]["elapsed_s"]}
+            table.setdefault(name, []).append(row)
+            print(f"{name} seed {seed}: " + " | ".join(f"{key} {value:,.4g}" for key, value in row.items()), flush=True)
+    reference = next(iter(table))
+    first = statistics.median(row["final bits/byte"] for row in table[reference])
+    print(f"\nmedians over {settings['seeds']} seed(s); final bits/byte as a ratio to {reference}'s, and "
+          "final / best (above 1: the run ended worse than its best evaluation):")
+    for name, rows in table.items():
+        final, best = (statistics.median(row[key] for row in rows) for key in ("final bits/byte", "best bits/byte"))
+        print(f"{name:>24}: final {final:.4f} ({final / first:.3f}x) | best {best:.4f} | final/best {final / best:.3f}")
+
+
 # ----------------------------------------------------------------------------- command line
 
-MODES = {"recipes": bench_recipes, "throughput": bench_throughput, "webfilters": bench_webfilters}
+MODES = {"recipes": bench_recipes, "throughput": bench_throughput, "webfilters": bench_webfilters,
+         "small_text": bench_small_text, "prepare": bench_prepare}
 DEFAULTS = {"what": "recipes", "recipes": ("gpt2", "modern"), "seeds": 2, "budget": 90.0,
             "shape": "config/train_demo.py", "dataset": "python", "device": "cpu", "iters": 100, "eval_iters": 20,
-            "out_dir": "out/bench", "mb": 50.0, "nanogpt": ""}
+            "out_dir": "out/bench", "mb": 50.0, "profile": False, "text": "", "nanogpt": "", "vocab_sizes": ()}
 HELP = {"what": f"what to measure: {', '.join(MODES)}",
         "recipes": f"recipes: training runs to compare, the first is the reference ({', '.join(RECIPES)})",
         "seeds": "seeds per recipe (recipes and throughput)",
         "budget": "recipes: seconds of wall time per training run (train.py's max_time)",
-        "shape": "the config file that sets the model and batch shape (throughput: nanoGPT's CPU shape unless set)",
+        "shape": "the config file that sets the model and batch shape, or several, comma-separated, applied in order "
+                 "(throughput: nanoGPT's CPU shape unless set)",
         "dataset": "the dataset folder (throughput at nanoGPT's shape wants python_byte: prepare.py --tokenizer=byte "
                    "--name=python_byte)",
         "device": "cpu | cuda | mps",
         "iters": "throughput: iterations per run",
         "eval_iters": "recipes: batches in the final evaluation",
         "out_dir": "where the training runs write (one folder per run)",
-        "mb": "webfilters: megabytes of generated text to measure on",
-        "nanogpt": "throughput: a nanoGPT checkout (github.com/karpathy/nanoGPT) whose train.py runs its CPU example "
-                   "beside our recipes, on --dataset's text"}
+        "mb": "webfilters, prepare: megabytes of generated text to measure on",
+        "profile": "prepare: run it in one process under cProfile and print the top functions",
+        "text": "small_text: a text file (default: Python's help() topics, 0.47 MB); its last 10% is val",
+        "nanogpt": "a nanoGPT checkout (github.com/karpathy/nanoGPT) whose train.py runs its CPU example beside "
+                   "ours: small_text, at its wall time (else GPT-2's recipe is the reference, at --budget); "
+                   "throughput, for --iters on --dataset's text, the reference of the ratios",
+        "vocab_sizes": "small_text: also train on the text prepared at these vocabulary sizes (comma-separated)"}
 CHECKS = {"what": flags.one_of(*MODES), "recipes": recipe_list, "seeds": flags.at_least(1),
           "budget": lambda seconds: None if seconds > 0 else "a positive number of seconds",
-          "shape": lambda path: None if Path(path).is_file() else "a config file", "device": flags.one_of("cpu", "cuda", "mps"),
+          "shape": lambda paths: None if all(Path(path).is_file() for path in paths.split(",")) else "config files",
+          "device": flags.one_of("cpu", "cuda", "mps"),
           "iters": flags.at_least(2), "eval_iters": flags.at_least(1),
           "mb": lambda mb: None if mb > 0 else "a positive number of megabytes",
-          "nanogpt": lambda path: None if not path or (Path(path) / "train.py").is_file() else "a nanoGPT checkout"}
+          "text": lambda path: None if not path or Path(path).is_file() else "a text file",
+          "nanogpt": lambda path: None if not path or (Path(path) / "train.py").is_file() else "a nanoGPT checkout",
+          "vocab_sizes": lambda sizes: None if all(size.isdigit() and int(size) > 257 for size in sizes) else
+          "vocabulary sizes above 257"}
 
 
 def main(argv):

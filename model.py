@@ -411,6 +411,16 @@ class GPT(nn.Module):
         """Logits over the real vocabulary: the padded columns are cut off."""
         return self.lm_head(x)[..., : self.config.vocab_size]
 
+    def set_dropout(self, p: float):
+        """Every dropout layer's rate: train.py sets it from the data once it knows how many
+        times the run reads it (owngpt/epochs.py)."""
+        self.config.dropout = p
+        for module in self.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = p
+            elif isinstance(module, CausalSelfAttention):
+                module.dropout = p  # scaled_dot_product_attention's dropout_p
+
     def num_params(self) -> int:
         """All parameters, a tied head counted once, the padding rows of the vocabulary's tables not."""
         padding = (padded_vocab_size(self.config.vocab_size) - self.config.vocab_size) * self.config.n_embd

@@ -6,10 +6,17 @@
     python prepare.py --source=commoncrawl --crawl=latest --wet_files=4 --name=web
     python prepare.py --help                # every flag with its default
 
+Common Crawl on many machines (launch/ holds a Slurm and a Kubernetes file that do this):
+    python prepare.py --source=commoncrawl --crawl=CC-MAIN-2025-26 --wet_files=1000 \
+        --parts=/shared/parts --task=K --tasks=100   # stage one, K = 0..99, anywhere, any order
+    python prepare.py --source=commoncrawl --crawl=CC-MAIN-2025-26 --wet_files=1000 \
+        --parts=/shared/parts --merge=true           # stage two, once, when all are done
+
 The flow, one stage after another:
   sources   documents (id, text, metadata) from the stdlib, local files, URLs or Common Crawl
-  filter    each document is kept (maybe cleaned) or dropped with a reason, counted; then
-            duplicates of kept documents are dropped, in document order
+  filter    each document is kept (maybe cleaned) or dropped with a reason, counted; the kept
+            ones go to a part file with their dedup keys (one part per WET file)
+  merge     the parts, deduplicated in (part, record) order: the first copy is kept
   split     a hash of the document id puts a fixed fraction of documents in val
   tokenizer a byte-level BPE trained here on the kept train documents (or byte / gpt2)
   shards    documents tokenized on all cores, written as llm.c-style .bin shards
@@ -20,17 +27,21 @@ language, Gopher quality and repetition, C4 line cleanup, FineWeb's rules, exact
 MinHash near-duplicate removal, email/IP masking; each rule's switch and threshold is a
 flag. Other text gets only what suits any text: empty documents and exact copies go.
 
+On one machine, the filter stage is task 0 of 1 and the merge follows in the same run: the
+same code as on a hundred machines, so the dataset is byte for byte the same. Part i is WET
+file i's, named by i (owngpt/filtered.py), written whole or not at all, and a part already
+there with the same settings is not made again: a task rerun after a crash or preemption, or
+the same command after a failed run, only filters what is missing. --crawl=latest is
+resolved once and recorded in the parts folder, so every task reads the same crawl.
+
 The dataset is built in data/.<name>.partial/ and renamed into place when complete, so
-data/<name>/ is always the previous dataset or the new one. The filter stage keeps its
-documents there part by part (owngpt/filtered.py: one part per Common Crawl WET file). When a
-Common Crawl run fails (a server that keeps failing, Ctrl-C, a crash), the same command
-goes on with the next WET file, after replaying the kept documents into the
-deduplicator, so the shards come out byte for byte as an uninterrupted run writes them.
-Local sources are cheap to read again: their runs always start over.
+data/<name>/ is always the previous dataset or the new one. Local sources are cheap to read
+again: their runs always start over.
 
 The library in owngpt/ does the rest: dataset.py (shards, meta.json, report.md, atomic
 writes), tokenizer.py (the BPE), web/crawl.py (downloads, Common Crawl, WET records),
-web/filters.py, filtered.py, workers.py (all cores, a status line) and flags.py (--key=value).
+web/filters.py, filtered.py (the parts and the merge), workers.py (all cores, a status line)
+and flags.py (--key=value).
 """
 import dataclasses
 import glob
@@ -50,12 +61,13 @@ from pathlib import Path
 import numpy as np
 
 from owngpt import flags
-from owngpt.dataset import (META_FORMAT_VERSION, SPLITS, AtomicFile, ShardWriter, atomic_write, discard_build,
-                            folder_path, publish, report_markdown, start_build, token_dtype)
-from owngpt.filtered import (FilteredParts, Tally, check_splits, document_tails, key_from_json, kept_document, split_of,
-                             split_rule)
+from owngpt.dataset import (META_FORMAT_VERSION, SPLITS, AtomicFile, ShardWriter, atomic_write, build_folder,
+                            discard_build, folder_path, publish, report_markdown, start_build, token_dtype)
+from owngpt.filtered import (MergedParts, PartsFolder, Tally, check_splits, document_tails, kept_document, read_manifest,
+                             split_of, split_rule)
 from owngpt.flags import UserError, at_least, between, matches, one_of
-from owngpt.tokenizer import (TOKENIZERS, count_chunks, gpt2_encoding, load_tokenizer, reused_tokenizer, train_bpe,
+from owngpt.tokenizer import (BYTES_PER_VOCAB_ENTRY, SMALLEST_VOCAB, TOKENIZERS, count_chunks, gpt2_encoding,
+                              load_tokenizer, python_split_regex, reused_tokenizer, train_bpe, vocab_size_for,
                               write_tiktoken_file)
 from owngpt.web import crawl, filters
 from owngpt.web.crawl import Dropped
@@ -79,7 +91,8 @@ FLAGS = {
                         "newest one in --cc_index_url)"),
     "wet_files": (1, "commoncrawl: how many WET files to read, in the order of the crawl's "
                      "wet.paths.gz (one holds the text of tens of thousands of pages)"),
-    "max_docs": (0, "stop reading once this many documents are kept (0: no limit)"),
+    "max_docs": (0, "keep at most this many documents, the first in file order (0: no limit); "
+                    "every file is still read and filtered"),
     "cc_base_url": ("https://data.commoncrawl.org/", "commoncrawl: the server holding "
                     "crawl-data/<crawl>/wet.paths.gz and the WET files it lists"),
     "cc_index_url": ("https://index.commoncrawl.org/collinfo.json", "commoncrawl: the list "
@@ -95,8 +108,8 @@ FLAGS = {
                          "folder, out folder or tokenizer.tiktoken whose tokenizer to reuse (to "
                          "fine-tune a model on new text)"),
     "vocab_size": (8192, "bpe only: tokens in the vocabulary, counting the 256 bytes and "
-                         "the end-of-text token; without this flag a text too small for 8192 "
-                         "gets the largest vocabulary it supports"),
+                         "the end-of-text token; without this flag, one per 400 bytes of train "
+                         "text (a power of two from 512 up to 8192), or the most the text supports"),
     "tokenizer_train_chars": (20_000_000, "bpe only: train on at most this many characters "
                                           "of the train documents"),
     "shard_tokens": (100_000_000, "tokens per shard file (the last shard holds the rest)"),
@@ -105,6 +118,16 @@ FLAGS = {
                            "each document's text"),
     "num_workers": (_cpu_count(), "processes that filter and tokenize (the shards are the same "
                                   "for any number)"),
+    "task": (-1, "commoncrawl on several machines, stage one: filter the WET files whose index i "
+                 "in wet.paths.gz has i % tasks == task into --parts, then stop (-1: "
+                 "$SLURM_ARRAY_TASK_ID or $JOB_COMPLETION_INDEX when set)"),
+    "tasks": (0, "stage one: how many tasks share the WET files (0: $SLURM_ARRAY_TASK_COUNT when "
+                 "set; with no task given, this machine filters them all, then merges)"),
+    "merge": (False, "stage two, once every task is done: deduplicate the parts in --parts, train "
+                     "the tokenizer and write the dataset"),
+    "parts": ("", "the folder of filtered parts that the tasks write and --merge reads, shared by "
+                  "the machines (default: parts/ in the dataset's build folder, "
+                  "data/.<name>.partial/)"),
     "name": ("", "dataset name: writes data/<name>/ (default: the source's name)"),
     "out_dir": ("", "write the dataset to this folder instead of data/<name>/"),
 }
@@ -151,6 +174,9 @@ CHECKS = {
     "shard_tokens": between(1, 2 ** 31 - 1),  # the shard header's int32
     "val_fraction": lambda fraction: None if 0 <= fraction <= 1 else "a fraction between 0 and 1",
     "num_workers": at_least(1),
+    "task": lambda task: None if task >= -1 else "a task index from 0 (or -1: from the scheduler's environment)",
+    "tasks": at_least(0),
+    "parts": lambda path: "a folder, and this is a file" if os.path.isfile(path) else None,
     "name": matches(r"([A-Za-z0-9_-][A-Za-z0-9._-]*)?", "letters, digits, '.', '_' and '-' (or --out_dir)"),
     "out_dir": lambda path: "a folder, and this is a file" if os.path.isfile(path) else None,
 } | WEB_CHECKS
@@ -167,9 +193,14 @@ RELATIONS = (
     f"and end-of-text)" if s["tokenizer"] == "bpe" and s["vocab_size"] < 257 else None,
     lambda s: f"--val_fraction={s['val_fraction']}: expected a fraction strictly between 0 and 1 (0 and "
     f"1 only go with --val_input)" if s["val_fraction"] in (0, 1) and not s["val_input"] else None,
+    lambda s: "--task, --tasks, --merge and --parts go with --source=commoncrawl (other sources are read "
+    "on one machine)" if s["source"] != "commoncrawl" and (s["task"] != -1 or s["tasks"] or s["merge"] or s["parts"])
+    else None,
+    lambda s: "--merge runs on its own once the tasks are done: leave out --task and --tasks"
+    if s["merge"] and (s["task"] != -1 or s["tasks"]) else None,
 )
 
-FILTERED = "filtered"  # the build folder's kept documents (owngpt/filtered.py)
+PARTS = "parts"  # the build folder's filtered parts, unless --parts names a shared folder
 TOP_DOMAINS = 20  # domains listed in meta.json and report.md
 
 
@@ -349,26 +380,44 @@ def url_inputs(spec, downloads, previous_downloads):
     return inputs, sources
 
 
-def commoncrawl_inputs(settings):
+def commoncrawl_inputs(settings, crawl_id):
     """The first --wet_files WET files of the crawl, as inputs read while they download."""
     base_url = settings["cc_base_url"].rstrip("/") + "/"
-    crawl_id, paths_url, paths = crawl.wet_file_urls(settings["crawl"], settings["wet_files"], base_url,
-                                                       settings["cc_index_url"])
-    inputs = [InputFile(None, path, "wet", base_url + path) for path in paths]
-    return inputs, {"kind": "commoncrawl", "crawl": crawl_id, "wet_paths": paths_url, "wet_files": paths}
+    crawl_id, _, paths = crawl.wet_file_urls(crawl_id, settings["wet_files"], base_url, settings["cc_index_url"])
+    return crawl_id, [InputFile(None, path, "wet", base_url + path) for path in paths]
+
+
+def pinned_crawl(settings, folder):
+    """The crawl id: --crawl, or for --crawl=latest the crawl the parts folder already
+    records (latest moves once a month: every task and a rerun must read the same crawl),
+    or else the newest one now."""
+    recorded = read_manifest(folder)
+    if settings["crawl"] != "latest":
+        return settings["crawl"]
+    if recorded is not None and recorded["fingerprint"]["crawl"]:
+        return recorded["fingerprint"]["crawl"]
+    return crawl.crawl_ids(settings["cc_index_url"])[0]
+
+
+def crawl_source(settings, crawl_id, wet_paths):
+    """meta.json's sources entry for Common Crawl."""
+    base_url = settings["cc_base_url"].rstrip("/") + "/"
+    return {"kind": "commoncrawl", "crawl": crawl_id, "wet_paths": f"{base_url}crawl-data/{crawl_id}/wet.paths.gz",
+            "wet_files": wet_paths}
 
 
 # ----------------------------------------------------------------------------------------
-# Filter stage. Each document is kept (maybe cleaned) or dropped with a reason by the
-# worker processes. Deduplication needs every earlier document, so a worker computes a
-# key and the main process checks the keys in document order: the output is the same
-# for any number of workers. Kept documents go to the build folder's filtered/ parts,
-# which the tokenizer and the shards are made from.
+# Filter stage (stage one). Each document is kept (maybe cleaned) or dropped with a reason
+# by the worker processes, and the kept ones go to a part file with their dedup keys:
+# part i holds WET file i, so any number of tasks on any machines, each taking the files
+# i % tasks == task, make the same parts. Nothing here depends on another part, so a task
+# that fails or is killed redoes only the parts it had not finished.
 
-# Flags that only later stages read: changing them keeps the filtered parts of a failed
-# run (the base URLs only say where the same files are).
+# Flags that only the merge reads, or that only say where things are: changing them keeps
+# the parts. --crawl is in the fingerprint as the crawl id it resolved to.
 LATER_STAGE_FLAGS = ("tokenizer", "vocab_size", "tokenizer_train_chars", "shard_tokens", "num_workers",
-                     "name", "out_dir", "keep_metadata", "wet_files", "cc_base_url", "cc_index_url")
+                     "name", "out_dir", "keep_metadata", "wet_files", "cc_base_url", "cc_index_url",
+                     "max_docs", "task", "tasks", "merge", "parts", "crawl")
 
 
 def uses_web_filters(settings, inputs):
@@ -387,22 +436,26 @@ def _start_filter_worker(web_settings):
 
 
 def _filter_batch(batch):
-    """For each (split, document): (drop reason, None, None) or (None, kept text, dedup
-    signature). A record the reader could not read (a Dropped) keeps its reason."""
+    """For each (split, document): (drop reason, None) or (None, the kept document's line
+    for its part file, with its dedup key). A record the reader could not read (a Dropped)
+    keeps its reason. The JSON is made here, in the workers, not in the main process."""
     results = []
-    for _, document in batch:
+    for split, document in batch:
         if isinstance(document, Dropped):
-            results.append((document.reason, None, None))
-        elif _web_settings is None:
-            if document.text.strip():
-                results.append((None, document.text, filters.exact_signature(document.text)))
-            else:
-                results.append(("empty", None, None))
+            results.append((document.reason, None))
+            continue
+        if _web_settings is None:
+            text, reason = (document.text, None) if document.text.strip() else (None, "empty")
+            key = filters.exact_signature(text) if text is not None else None
         else:
             text, reason = filters.filter_document(document.text, document.metadata, _web_settings)
             key = filters.dedup_signature(text, _web_settings) if text is not None else None
-            results.append((reason, text, key))
+        results.append((reason, None if reason else json_line(kept_document(split, document, text, key))))
     return results
+
+
+def json_line(value):
+    return json.dumps(value, ensure_ascii=False).encode("utf-8", "surrogatepass") + b"\n"
 
 
 def labelled_documents(settings, inputs, val_inputs):
@@ -427,66 +480,66 @@ class Part:
     val_inputs: list = ()
 
 
-def filter_fingerprint(settings, web_settings):
-    """What the filtered parts depend on, as JSON: a run with another fingerprint starts over."""
+def filter_fingerprint(settings, web_settings, crawl_id):
+    """What the parts depend on, as JSON: parts made with another fingerprint are not used."""
     flags = {name: value for name, value in settings.items()
              if name in FLAGS and name not in LATER_STAGE_FLAGS}
     web = dataclasses.asdict(web_settings) if web_settings else None
-    return json.loads(json.dumps({"flags": flags, "web_filters": web}))
+    return json.loads(json.dumps({"flags": flags, "web_filters": web, "crawl": crawl_id}))
 
 
-def filter_stage(settings, parts, web_settings, build):
-    """Filters every part not yet finished into build/filtered/. Returns the FilteredParts,
-    the tally of all parts and the tally of those filtered by this run."""
-    resumable = settings["source"] == "commoncrawl"  # local text is cheap to read again
-    filtered = FilteredParts(build / FILTERED, filter_fingerprint(settings, web_settings),
-                             [part.name for part in parts], resumable)
-    # web text: normalised and near copies go; other text: only copies of the exact text
-    deduplicator = filters.Deduplicator(web_settings) if web_settings else filters.Deduplicator.exact_only()
-    for document in filtered.documents():  # what the earlier run kept, so its copies still go
-        deduplicator.check(key_from_json(document["key"]))
-    total, this_run = filtered.tally(), Tally()
-    progress = Progress("filter", "MB")
+def filter_stage(settings, parts, web_settings, parts_folder, task, tasks):
+    """Filters part i, for each i % tasks == task, into parts_folder, unless it is there
+    already. Returns how many parts it filtered now."""
+    mine = range(task, len(parts), tasks)
+    todo = [index for index in mine if not parts_folder.finished(index)]
+    if len(todo) < len(mine):
+        print(f"filter: {len(mine) - len(todo)} of this task's {len(mine)} parts are in {parts_folder.folder} "
+              f"already; filtering the other {len(todo)}", file=sys.stderr)
+    progress, total = Progress("filter", "MB"), Tally()
     with Workers(settings["num_workers"], _start_filter_worker, (web_settings,)) as workers:
-        for part in parts[len(filtered.parts):]:
-            if settings["max_docs"] and total.kept >= settings["max_docs"]:
-                break
-            tally, part_file = Tally(), filtered.new_part_file()
+        for done, index in enumerate(todo):
+            start, tally = time.perf_counter(), Tally()
+            part_file = parts_folder.new_part(index, parts[index].name)
             try:
-                filter_part(settings, part, workers, deduplicator, part_file, tally, total, progress)
+                filter_part(settings, parts[index], workers, part_file, tally, total, progress)
+                parts_folder.finish_part(part_file, tally, time.perf_counter() - start)
             except BaseException as error:
                 part_file.discard()
-                if resumable and isinstance(error, UserError):
-                    done = len(filtered.parts)
-                    raise PrepareError(f"{error}\n{done} of {len(parts)} WET files were filtered before this and "
-                                       f"are kept in {build}: run the same command again to go on from WET "
-                                       f"file {done + 1}.") from None
+                if settings["source"] == "commoncrawl" and isinstance(error, UserError):
+                    finished = len(mine) - len(todo) + done
+                    raise PrepareError(f"{error}\n{finished} of the {len(mine)} WET files of this task are "
+                                       f"filtered and kept in {parts_folder.folder}: run the same command again to "
+                                       f"go on with the others.") from None
                 raise
-            filtered.record(part.name, part_file, tally)
             total.add(tally)
-            this_run.add(tally)
-    progress.finish(total.bytes_read / 1e6, f"{total.documents_read:,} documents read, {total.kept:,} kept")
-    return filtered, total, this_run
+    progress.finish(total.bytes_read / 1e6, f"{total.documents_read:,} documents read")
+    return len(todo)
 
 
-def filter_part(settings, part, workers, deduplicator, part_file, tally, total, progress):
+def filter_part(settings, part, workers, part_file, tally, total, progress):
     """Filters one part's documents into part_file, counting them in tally."""
     batches = batches_of(labelled_documents(settings, part.inputs, part.val_inputs),
                          text_of=lambda item: "" if isinstance(item[1], Dropped) else item[1].text)
     for batch, results in workers.map(_filter_batch, batches):
-        for (split, document), (reason, text, key) in zip(batch, results):
+        for (_, document), (reason, line) in zip(batch, results):
             tally.read(document)
-            reason = reason or deduplicator.check(key)
             if reason:
-                tally.drop(reason, document)
-                continue
-            kept = kept_document(split, document, text, key)
-            part_file.file.write(json.dumps(kept, ensure_ascii=False).encode("utf-8", "surrogatepass") + b"\n")
-            tally.keep(split, text)
-            if settings["max_docs"] and total.kept + tally.kept >= settings["max_docs"]:
-                return
+                tally.drop(reason, None if isinstance(document, Dropped) else document.text)
+            else:
+                part_file.file.write(line)
         progress.update((total.bytes_read + tally.bytes_read) / 1e6,
-                        f"{total.kept + tally.kept:,} documents kept ({part.name})")
+                        f"{total.documents_read + tally.documents_read:,} documents read ({part.name})")
+
+
+def merge_parts(settings, parts_folder, count, web_settings):
+    """Stage two's start: every part there, deduplicated in (part, record) order."""
+    # web text: normalised and near copies go; other text: only copies of the exact text
+    deduplicator = filters.Deduplicator(web_settings) if web_settings else filters.Deduplicator.exact_only()
+    progress = Progress("merge", "parts", count)
+    merged = MergedParts(parts_folder, count, deduplicator, settings["max_docs"], progress)
+    progress.finish(count, f"{merged.tally().kept:,} documents kept")
+    return merged
 
 
 def check_kept(tally):
@@ -541,22 +594,35 @@ def build_tokenizer(settings, filtered, folder, timings):
     start = time.perf_counter()
     budget = settings["tokenizer_train_chars"]
     progress = Progress("bpe text", "M chars", min(budget, filtered.tally().kept_bytes) / 1e6)
-    chunk_counts = count_chunks(training_texts(filtered, budget, progress))
+    chunk_counts = Counter()
+    batches = batches_of(training_texts(filtered, budget, progress), text_of=lambda text: text)
+    with Workers(settings["num_workers"], python_split_regex, ()) as workers:
+        for _, counts in workers.map(count_chunks, batches):
+            chunk_counts.update(counts)  # in batch order: first seen first, as one process counts them
     chars = sum(len(chunk) * count for chunk, count in chunk_counts.items())  # chunks cover the text
     progress.finish(chars / 1e6, f"{len(chunk_counts):,} unique chunks")
     timings["tokenizer_count"] = time.perf_counter() - start
     start = time.perf_counter()
-    progress = Progress("bpe", "merges", settings["vocab_size"] - 257)
-    # without --vocab_size, a text too small for the default gets the largest vocabulary it supports
-    vocabulary = train_bpe(chunk_counts, settings["vocab_size"], progress, shrink=not settings["vocab_size_given"])
+    tally = filtered.tally()
+    vocab_size = (settings["vocab_size"] if settings["vocab_size_given"] else
+                  vocab_size_for(tally.kept_bytes - tally.kept_val_bytes, settings["vocab_size"]))
+    progress = Progress("bpe", "merges", vocab_size - 257)
+    # without --vocab_size, a text too small for its share gets the largest vocabulary it supports
+    vocabulary = train_bpe(chunk_counts, vocab_size, progress, shrink=not settings["vocab_size_given"])
     progress.finish(len(vocabulary) - 256)
     timings["tokenizer_merges"] = time.perf_counter() - start
     sha256 = write_tiktoken_file(folder / "tokenizer.tiktoken", vocabulary)
     info = {"kind": "bpe", "vocab_size": len(vocabulary) + 1, "eot_id": len(vocabulary),
             "file": "tokenizer.tiktoken", "sha256": sha256}
-    if info["vocab_size"] < settings["vocab_size"]:
+    if info["vocab_size"] < vocab_size:
         info["note"] = (f"this text supports {info['vocab_size']:,} tokens (past that no pair of tokens occurs "
-                        f"twice), fewer than the default --vocab_size={settings['vocab_size']}: using {info['vocab_size']:,}")
+                        f"twice), fewer than {vocab_size:,}: using {info['vocab_size']:,}")
+    elif vocab_size < settings["vocab_size"]:
+        info["note"] = (f"{vocab_size:,} tokens, not the default {settings['vocab_size']:,}: without --vocab_size a "
+                        f"text gets one per {BYTES_PER_VOCAB_ENTRY} bytes of train text (a power of two, at least "
+                        f"{SMALLEST_VOCAB}), so that each token occurs often enough to be learned from "
+                        f"({(tally.kept_bytes - tally.kept_val_bytes) / 1e6:.2f} MB here)")
+    if info.get("note"):
         print(f"bpe: {info['note']}", file=sys.stderr)
     return info
 
@@ -653,7 +719,7 @@ def tokens_summary(writers):
 # ----------------------------------------------------------------------------------------
 # Manifest and report
 
-def manifest(settings, web_settings, tokenizer_info, splits, summary, tally, this_run, sources, timings):
+def manifest(settings, web_settings, tokenizer_info, splits, summary, tally, sources, timings):
     tokens = sum(split["tokens"] - split["documents"] for split in splits.values())  # no eot
     text_bytes = sum(split["bytes"] for split in splits.values())
     filter_names = (["empty", *(name for name in filters.SWITCHES if getattr(web_settings, name))]
@@ -676,22 +742,23 @@ def manifest(settings, web_settings, tokenizer_info, splits, summary, tally, thi
         "kept_languages": dict(summary.languages.most_common()),
         "top_domains": dict(summary.domains.most_common(TOP_DOMAINS)),
         "timings_s": {stage: round(seconds, 3) for stage, seconds in timings.items()},
-        "throughput": throughput(this_run, text_bytes, splits, timings),
+        "throughput": throughput(tally, text_bytes, splits, timings),
     }
 
 
-def throughput(this_run, kept_bytes, splits, timings):
-    """Documents and megabytes of text per second: of the filter stage (what this run
-    read: a resumed run leaves out what the earlier one did), of tokenizing the kept
-    documents into shards, and of the whole run."""
+def throughput(tally, kept_bytes, splits, timings):
+    """Documents and megabytes of text per second: of filtering (per task: the parts'
+    seconds, over every task), of tokenizing the kept documents into shards, and of all
+    the stages as one machine would run them (the filtering counted in task-seconds)."""
     def rate(documents, text_bytes, seconds):
         seconds = max(seconds, 1e-6)
         return {"documents_per_s": round(documents / seconds, 1),
                 "mb_per_s": round(text_bytes / 1e6 / seconds, 3)}
     kept = sum(split["documents"] for split in splits.values())
-    return {"filter": rate(this_run.documents_read, this_run.bytes_read, timings["filter"]),
+    one_machine = timings["filter"] + timings["merge"] + timings["tokenizer"] + timings["shards"]
+    return {"filter": rate(tally.documents_read, tally.bytes_read, timings["filter"]),
             "shards": rate(kept, kept_bytes, timings["shards"]),
-            "total": rate(this_run.documents_read, this_run.bytes_read, timings["total"])}
+            "total": rate(tally.documents_read, tally.bytes_read, one_machine)}
 
 
 # ----------------------------------------------------------------------------------------
@@ -712,12 +779,8 @@ def dataset_folder(settings):
 
 
 def resolve_inputs(settings, build, final):
-    """The parts to filter (see Part), meta.json's sources list, and the web filters'
-    settings (None when the text is not web text)."""
-    if settings["source"] == "commoncrawl":
-        inputs, source = commoncrawl_inputs(settings)
-        parts = [Part(input_file.name, [input_file]) for input_file in inputs]
-        return parts, [source], settings["web_filters"] if uses_web_filters(settings, inputs) else None
+    """A local source as one part to filter (see Part), meta.json's sources list, and the
+    web filters' settings (None when the text is not web text)."""
     if settings["source"] == "python":
         inputs, source = python_inputs()
         sources = [source]
@@ -736,17 +799,102 @@ def resolve_inputs(settings, build, final):
     return [Part(settings["source"], inputs, val_inputs)], sources, web_settings
 
 
+def commoncrawl_web_settings(settings):
+    return None if settings["filters"] == "none" else settings["web_filters"]
+
+
+def parts_folder_of(settings, final):
+    """(the parts folder, whether it is the build folder's own)."""
+    if settings["parts"]:
+        return Path(settings["parts"]).resolve(), False
+    return build_folder(final) / PARTS, True
+
+
+def task_of(settings, environment):
+    """(task, tasks) when this run is one stage-one task, from the flags or else the
+    scheduler's environment (Slurm job arrays, Kubernetes indexed jobs); None when it
+    filters every part itself (or merges)."""
+    if settings["source"] != "commoncrawl" or settings["merge"]:
+        return None
+    task, tasks = settings["task"], settings["tasks"]
+    if task == -1:
+        for name in ("SLURM_ARRAY_TASK_ID", "JOB_COMPLETION_INDEX"):
+            if environment.get(name, "").isdigit():
+                task, task_from = int(environment[name]), f"${name}={environment[name]}"
+                break
+    if tasks == 0 and environment.get("SLURM_ARRAY_TASK_COUNT", "").isdigit():
+        tasks = int(environment["SLURM_ARRAY_TASK_COUNT"])
+    if task == -1 and tasks == 0:
+        return None
+    if task == -1:
+        raise PrepareError(f"--tasks={tasks}: which task is this? Give --task=K, K from 0 to {tasks - 1} (or run "
+                           f"it as a Slurm array task or a Kubernetes indexed job, which set it)")
+    given = f"--task={task}" if settings["task"] != -1 else task_from
+    if tasks == 0:
+        raise PrepareError(f"{given}: how many tasks share the WET files? Give --tasks=N")
+    if task >= tasks:
+        raise PrepareError(f"{given}: expected a task index from 0 to {tasks - 1} (--tasks={tasks}); a Slurm "
+                           f"array counts from 0: --array=0-{tasks - 1}")
+    return task, tasks
+
+
+def filter_crawl(settings, folder, private, task, tasks):
+    """Stage one on Common Crawl: the crawl pinned, this task's WET files filtered into
+    folder. Returns the PartsFolder, the crawl id, the web filters' settings and how many
+    WET files it filtered now."""
+    crawl_id, inputs = commoncrawl_inputs(settings, pinned_crawl(settings, folder))
+    web_settings = commoncrawl_web_settings(settings)
+    parts_folder = PartsFolder(folder, filter_fingerprint(settings, web_settings, crawl_id), private)
+    parts = [Part(input_file.name, [input_file]) for input_file in inputs]
+    filtered = filter_stage(settings, parts, web_settings, parts_folder, task, tasks)
+    return parts_folder, crawl_id, web_settings, filtered
+
+
+def crawl_parts_to_merge(settings, folder):
+    """--merge: the parts the tasks wrote, made with these settings. Returns the
+    PartsFolder, the crawl id and the web filters' settings."""
+    if read_manifest(folder) is None:
+        raise PrepareError(f"--merge: {folder} holds no parts: run the stage-one tasks first (the same "
+                           f"command with --task and --tasks, without --merge)")
+    web_settings = commoncrawl_web_settings(settings)
+    crawl_id = pinned_crawl(settings, folder)
+    parts_folder = PartsFolder(folder, filter_fingerprint(settings, web_settings, crawl_id), private=False)
+    return parts_folder, crawl_id, web_settings
+
+
+def run_task(settings, final, task, tasks):
+    """Stage one alone: this task's parts of the crawl."""
+    folder, private = parts_folder_of(settings, final)
+    _, crawl_id, _, filtered = filter_crawl(settings, folder, private, task, tasks)
+    print(f"task {task} of {tasks}: filtered {filtered} WET file(s) of crawl {crawl_id} into {folder}; once "
+          f"every task is done, run the same command with --merge=true (and no --task or --tasks)")
+
+
 def build_dataset(settings, build, final):
-    """Every stage in order; writes the dataset into build and returns its meta.json."""
+    """Every stage in order; writes the dataset into build and returns its meta.json. With
+    --merge, the parts are the tasks'; without, this run filters them all first, as one
+    task of one: the same parts, so the same dataset."""
     timings, start = {}, time.perf_counter()
-    parts, sources, web_settings = resolve_inputs(settings, build, final)
-    timings["inputs"] = time.perf_counter() - start
+    folder, private = parts_folder_of(settings, final)
+    if settings["source"] == "commoncrawl" and settings["merge"]:
+        parts_folder, crawl_id, web_settings = crawl_parts_to_merge(settings, folder)
+    elif settings["source"] == "commoncrawl":
+        parts_folder, crawl_id, web_settings, _ = filter_crawl(settings, folder, private, 0, 1)
+    else:
+        shutil.rmtree(folder, ignore_errors=True)  # local text is cheap to read again
+        parts, sources, web_settings = resolve_inputs(settings, build, final)
+        parts_folder = PartsFolder(folder, filter_fingerprint(settings, web_settings, None), private)
+        filter_stage(settings, parts, web_settings, parts_folder, 0, 1)
+    count = settings["wet_files"] if settings["source"] == "commoncrawl" else 1
+    timings["stage_one"] = time.perf_counter() - start  # this run's filtering, and listing the inputs
     stage_start = time.perf_counter()
-    filtered, tally, this_run = filter_stage(settings, parts, web_settings, build)
-    timings["filter"] = time.perf_counter() - stage_start
+    filtered = merge_parts(settings, parts_folder, count, web_settings)
+    tally = filtered.tally()
+    timings["merge"] = time.perf_counter() - stage_start
+    timings["filter"] = filtered.seconds  # seconds of the tasks that made the parts, all together
     check_kept(tally)
     if settings["source"] == "commoncrawl":
-        sources[0]["wet_files_read"] = len(filtered.parts)  # fewer than asked when --max_docs stopped it
+        sources = [crawl_source(settings, crawl_id, filtered.names)]
     stage_start = time.perf_counter()
     tokenizer_info = build_tokenizer(settings, filtered, build, timings)
     timings["tokenizer"] = time.perf_counter() - stage_start
@@ -756,11 +904,12 @@ def build_dataset(settings, build, final):
     splits, summary = write_shards(settings, filtered, build, tokenizer_info, rule)
     timings["shards"] = time.perf_counter() - stage_start
     timings["total"] = time.perf_counter() - start
-    meta = manifest(settings, web_settings, tokenizer_info, splits, summary, tally, this_run, sources, timings)
+    meta = manifest(settings, web_settings, tokenizer_info, splits, summary, tally, sources, timings)
     meta["split_rule"] = {"rule": rule, "why": why}
     atomic_write(build / "meta.json", lambda f: f.write(json.dumps(meta, indent=2).encode() + b"\n"))
     atomic_write(build / "report.md", lambda f: f.write(report_markdown(meta, final.name).encode()))
-    shutil.rmtree(build / FILTERED)  # the shards hold it now
+    if private:
+        shutil.rmtree(folder)  # the shards hold it now; a --parts folder is the user's to keep
     return meta
 
 
@@ -768,12 +917,16 @@ def main(argv):
     settings = read_settings(argv)
     settings["vocab_size_given"] = any(argument.startswith("--vocab_size=") for argument in argv)
     final = dataset_folder(settings)
-    build = start_build(final, keep=("downloads", FILTERED))  # what a failed run left for this one
+    task = task_of(settings, os.environ)
+    if task is not None:
+        run_task(settings, final, *task)
+        return
+    build = start_build(final, keep=("downloads", PARTS))  # what a failed run left for this one
     try:
         meta = build_dataset(settings, build, final)
     except BaseException:
-        resumable = settings["source"] == "commoncrawl" and any((build / FILTERED).glob("part_*.jsonl"))
-        discard_build(build, keep=("downloads", FILTERED) if resumable else ("downloads",))
+        resumable = settings["source"] == "commoncrawl" and any((build / PARTS).glob("part_*.jsonl"))
+        discard_build(build, keep=("downloads", PARTS) if resumable else ("downloads",))
         raise
     publish(build, final)
     train, val = meta["splits"]["train"], meta["splits"]["val"]

@@ -43,7 +43,8 @@ from owngpt.checkpoint import (MANIFEST_FILE, check_checkpoint_fits, check_free_
                                release_out_dirs, restore_training_state, rng_states, saved_before_embedding_lr,
                                write_checkpoint, write_sharded_checkpoint)
 from owngpt.dataset import SPLITS, dataset_errors, load_windows, open_folder, read_meta
-from owngpt.optimizers import OPTIMIZERS, build_optimizer, set_learning_rates
+from owngpt.epochs import DATA_DEFAULTS, epochs, reads_line
+from owngpt.optimizers import OPTIMIZERS, build_optimizer, cooldown_start, set_learning_rates
 from owngpt.parallel import PARALLELISMS, clip_gradients, gathered, states_to_save, wrap_model
 from owngpt.runlog import RunLog, StepTimer, duration, peak_memory
 from owngpt.runtime import available_devices, gather_from_ranks, install_stop_handlers, leave, setup_runtime
@@ -61,6 +62,7 @@ eval_interval = 250  # evaluate and save a checkpoint every this many iterations
 eval_iters = 20  # batches per evaluation, the same fixed batches every time
 eval_tasks = ()  # multiple-choice tasks scored at each evaluation and by eval_only: hellaswag and/or your .jsonl files (owngpt/tasks.py)
 eval_task_items = 0  # the first this many items of each task; 0 = all
+patience = 0  # stop after this many evaluations without a new best val loss (wsd: cool down first, then stop); 0 = never
 log_interval = 10  # a log line and a metrics.jsonl line every this many iterations
 sample_every_eval = True  # at each evaluation print and record a short sample (32 tokens of a fresh document)
 keep_last = 2  # checkpoints kept in out_dir, the newest valid one always among them
@@ -76,7 +78,7 @@ gradient_accumulation_steps = 1  # micro-steps per iteration, summed over all pr
 n_layer = 6  # transformer blocks
 n_head = 6  # attention heads per block
 n_embd = 384  # width of the residual stream
-dropout = 0.0  # 0 for pretraining; 0.1-0.2 helps when the data is small and repeats
+dropout = 0.0  # unless set: from how many times the run reads the train split, 0 up to once, 0.1 up to 4 times, then 0.2 (owngpt/epochs.py)
 bias = False  # biases in Linear and LayerNorm layers, as GPT-2 had
 gradient_checkpointing = False  # recompute block activations in backward: less memory, ~1/3 more compute
 block = "modern"  # modern (RoPE, RMSNorm, QK-norm, ReLU^2, untied head) | gpt2 (learned positions, LayerNorm, GELU, tied head)
@@ -131,7 +133,7 @@ CHECKS = {
     "optimizer": flags.one_of(*OPTIMIZERS), "parallelism": flags.one_of(*PARALLELISMS),
     "lr_schedule": flags.one_of("cosine", "wsd"),
     **dict.fromkeys(("weight_decay", "grad_clip", "min_lr"), non_negative),
-    **dict.fromkeys(("warmup_iters", "lr_decay_iters", "eval_task_items"), flags.at_least(0)),
+    **dict.fromkeys(("warmup_iters", "lr_decay_iters", "eval_task_items", "patience"), flags.at_least(0)),
     "eval_tasks": tasks_problem,
     "device": lambda device: flags.one_of("auto", *available_devices())(device),  # what this machine has
     "dtype": flags.one_of("auto", "float32", "bfloat16", "float16"),
@@ -156,18 +158,19 @@ class TrainError(flags.UserError):
     """A run that cannot go on (failing steps, a failed save): one line, no traceback."""
 
 
-def read_config(argv):
-    """The defaults, then each config file in order, then each --key=value, checked: a namespace."""
+def read_config(argv, given=None):
+    """The defaults, then each config file in order, then each --key=value, checked: a namespace.
+    given, a set, receives the keys that a config file or a flag set."""
     return SimpleNamespace(**flags.parse(argv, DEFAULTS, HELP, CHECKS, program="train.py", config_files=True,
-                                         relations=RELATIONS))
+                                         relations=RELATIONS, given=given))
 
 
 # ----------------------------------------------------------------------------- the run
 @dataclasses.dataclass
 class Run:
-    """What the loop carries, made once by build_run. Only iter_num and best_val_loss (and
-    the budget's clock) change as the loop goes."""
-    cfg: SimpleNamespace  # the checked config (read_config); max_iters may be fitted to max_time
+    """What the loop carries, made once by build_run. Only iter_num, best_val_loss,
+    evals_since_best, the keys the run fits and the budget's clock change as the loop goes."""
+    cfg: SimpleNamespace  # the checked config (read_config); the run may fit some keys: `fitted`
     runtime: SimpleNamespace  # rank, world_size, is_main, device, dtype, autocast, peak_flops (owngpt/runtime.py)
     log: RunLog  # prints on rank 0; metrics.jsonl, curves.svg and wandb
     stop: object  # a threading.Event set by SIGTERM or SIGINT: finish the step, save, exit
@@ -181,15 +184,27 @@ class Run:
     timer: StepTimer = dataclasses.field(default_factory=StepTimer)  # step times between log lines
     iter_num: int = 0  # iterations done (optimizer steps, skipped ones included)
     best_val_loss: float = math.inf  # the lowest val loss so far: best.pt's
+    evals_since_best: int = 0  # evaluations since best_val_loss fell: patience's count
+    # the keys the run set itself (max_iters to max_time or to patience, dropout to the data):
+    # checkpoints carry them, so a resumed run goes on with them
+    fitted: dict = dataclasses.field(default_factory=dict)
+    data_keys: tuple = ()  # DATA_DEFAULTS' keys the user left to the data, until the run sets them
+
+    def fit(self, key, value):
+        """Set a key of the config as the run decided it, for the rest of the run and its resumes."""
+        setattr(self.cfg, key, value)
+        self.fitted[key] = value
+        if key == "dropout":
+            self.raw_model.set_dropout(value)
 
     @property
     def tokens_per_iter(self):  # over all micro-steps and processes
         return self.cfg.batch_size * self.cfg.block_size * self.cfg.gradient_accumulation_steps
 
 
-def build_run(cfg):
+def build_run(cfg, given=frozenset()):
     """Everything the loop needs: data, model, optimizer, and the restored state on resume.
-    Every check that can fail runs before out_dir is touched."""
+    Every check that can fail runs before out_dir is touched. given: the keys the user set."""
     budget = TimeBudget(cfg.max_time, cfg.max_iters)  # the clock starts now
     runtime = setup_runtime(cfg)
     stop = install_stop_handlers(runtime)
@@ -198,6 +213,11 @@ def build_run(cfg):
         meta = read_meta(folder)
     restarted = continue_after_restart(cfg, runtime)
     path, checkpoint = checkpoint_to_start(cfg, runtime)
+    resuming = cfg.init_from == "resume" and not cfg.eval_only
+    # a resumed run goes on with the values it fitted, but for a data default the user now sets
+    fitted = {key: value for key, value in checkpoint["fitted"].items()
+              if not (key in DATA_DEFAULTS and key in given)} if resuming else {}
+    vars(cfg).update(fitted)
     if restarted:
         check_same_run(checkpoint, path, cfg, DEFAULTS)
     vocab_size = meta["tokenizer"]["vocab_size"]
@@ -209,7 +229,6 @@ def build_run(cfg):
         windows = {split: load_windows(folder, meta, split, model_config.block_size) for split in SPLITS}
         encoding = load_tokenizer(folder, meta["tokenizer"])
     tasks = load_tasks(cfg.eval_tasks, cfg.eval_task_items, encoding, cfg.init_from, runtime)
-    resuming = cfg.init_from == "resume" and not cfg.eval_only
     if runtime.is_main and not cfg.eval_only:
         prepare_out_dir(Path(cfg.out_dir), folder, meta["tokenizer"], resuming)
 
@@ -224,6 +243,7 @@ def build_run(cfg):
     train_model, model = wrap_model(raw_model, cfg.parallelism, runtime, cfg.compile)  # owngpt/parallel.py
     data = SimpleNamespace(
         windows=windows, encoding=encoding, tokenizer_info=meta["tokenizer"], tasks=tasks,
+        train_tokens=meta["splits"]["train"]["tokens"],
         eval_batches={split: split_windows.fixed_batch_ids(cfg.eval_iters, cfg.batch_size)
                       for split, split_windows in windows.items()},
         byte_lengths=torch.tensor(token_byte_lengths(encoding), dtype=torch.int64, device=runtime.device),
@@ -233,13 +253,13 @@ def build_run(cfg):
                                 None if resuming and saved_before_embedding_lr(checkpoint) else cfg.embedding_lr)
     scaler = torch.amp.GradScaler(runtime.device.type) if runtime.dtype == torch.float16 else None
     run = Run(cfg=cfg, runtime=runtime, log=None, stop=stop, data=data, raw_model=raw_model, model=model,
-              train_model=train_model, optimizer=optimizer, scaler=scaler, budget=budget)
+              train_model=train_model, optimizer=optimizer, scaler=scaler, budget=budget, fitted=fitted,
+              data_keys=tuple(key for key in DATA_DEFAULTS if key not in given and key not in fitted))
     if resuming:
         run.iter_num, run.best_val_loss, elapsed_before = restore_training_state(
             checkpoint, path, raw_model, optimizer, cfg.optimizer, scaler, data.generator, runtime)
+        run.evals_since_best = checkpoint["evals_since_best"]
         budget.resumed(elapsed_before)
-        if cfg.max_time and run.iter_num >= TIMED_ITERATIONS[1]:
-            cfg.max_iters = checkpoint["config"]["max_iters"]  # fitted to max_time already: end where it would have
     run.log = RunLog(cfg, runtime, run.iter_num if resuming else None)
     return run
 
@@ -256,6 +276,11 @@ def train(run):
     """The loop: step, log, evaluate and checkpoint; stop on request or on repeated bad steps."""
     cfg, data = run.cfg, run.data
     run.log.plan(run.raw_model, cfg, run.runtime)
+    if cfg.max_time and run.iter_num < TIMED_ITERATIONS[1]:
+        run.log.print(f"data: {data.train_tokens:,} train tokens; how many times the run reads them is known "
+                      f"once iterations {TIMED_ITERATIONS[0] + 1}-{TIMED_ITERATIONS[1]} are timed")
+    else:
+        set_from_data(run)
     if run.iter_num == 0:
         run_evaluation(run)  # the starting point of the curves
     train_windows = data.windows["train"]
@@ -275,9 +300,11 @@ def train(run):
         run.timer.add(step_seconds)
         fitted = run.budget.fit(run.iter_num, step_seconds, cfg, run.runtime)  # max_time: rank 0's figure
         if fitted:
-            cfg.max_iters = fitted
+            run.fit("max_iters", fitted)
             run.log.print(f"max_time={cfg.max_time:g}s: {run.budget.seconds_per_iter * 1000:.0f} ms/iter and "
                           f"{run.budget.eval_seconds:.1f}s per evaluation fit max_iters={cfg.max_iters}")
+            if run.iter_num == TIMED_ITERATIONS[1]:  # the first fit: now the reads are known
+                set_from_data(run)
         bad_in_a_row = bad_in_a_row + 1 if skipped else 0
         skipped_total += skipped
         if skipped or stop or run.iter_num % cfg.log_interval == 0:
@@ -288,6 +315,9 @@ def train(run):
                              "nothing new was saved. Lower learning_rate, or resume from the last checkpoint")
         at_eval = run.iter_num % cfg.eval_interval == 0 or run.iter_num == cfg.max_iters
         improved = run_evaluation(run) if at_eval else False
+        if at_eval:
+            run.evals_since_best = 0 if improved else run.evals_since_best + 1
+            use_patience(run)
         if (at_eval or stop) and bad_in_a_row == 0:  # never save while steps are failing
             save_checkpoint(run, improved)
         if stop:
@@ -296,6 +326,36 @@ def train(run):
     run.log.print(f"done: iteration {run.iter_num} in {duration(run.budget.elapsed())}, "
                   f"{run.iter_num * run.tokens_per_iter:,} tokens seen, {skipped_total} steps skipped, "
                   f"peak memory {peak_memory()}")
+
+
+def set_from_data(run):
+    """Say how many times the run reads the train split, and set from it the keys the user
+    left to the data (owngpt/epochs.py)."""
+    reads = epochs(run.cfg.max_iters, run.tokens_per_iter, run.data.train_tokens)
+    chosen = {key: DATA_DEFAULTS[key](reads) for key in run.data_keys}
+    for key, value in chosen.items():
+        run.fit(key, value)
+    run.data_keys = ()
+    run.log.print(reads_line(reads, run.data.train_tokens, run.cfg.max_iters, run.tokens_per_iter, chosen))
+
+
+def use_patience(run):
+    """patience: after that many evaluations without a new best val loss, end the run here (its
+    last checkpoint is this evaluation's, best.pt the best). Under wsd the cooldown is where the
+    loss falls most: a run out of patience at its peak rate cools down first, as a run planned
+    to end then would have (the schedule then ends at iter_num / (1 - cooldown_fraction)), and
+    one already cooling down finishes."""
+    cfg = run.cfg
+    if not cfg.patience or run.evals_since_best < cfg.patience or run.iter_num >= cfg.max_iters:
+        return
+    said = f"patience={cfg.patience}: no new best val loss in {run.evals_since_best} evaluations"
+    if cfg.lr_schedule == "cosine":
+        run.fit("max_iters", run.iter_num)
+        run.log.print(f"{said}: stopping at iteration {run.iter_num} (best.pt holds val loss {run.best_val_loss:.4f})")
+    elif run.iter_num < cooldown_start(cfg):
+        run.fit("lr_decay_iters", 0)
+        run.fit("max_iters", max(run.iter_num, int(run.iter_num / (1 - cfg.cooldown_fraction))))
+        run.log.print(f"{said}: cooling down from iteration {run.iter_num} to {cfg.max_iters}, then stopping")
 
 
 def forward_backward(model, next_batch, micro_steps, autocast, scaler, is_ddp):
@@ -408,7 +468,7 @@ def save_checkpoint(run, is_best):
         "optimizer": optimizer_state, "scaler": run.scaler.state_dict() if run.scaler else None,
         "iter_num": run.iter_num, "best_val_loss": run.best_val_loss, "config": vars(run.cfg),
         "tokenizer": run.data.tokenizer_info, "rng": states, "data": {"world_size": run.runtime.world_size},
-        "elapsed_s": run.budget.elapsed(),
+        "elapsed_s": run.budget.elapsed(), "fitted": run.fitted, "evals_since_best": run.evals_since_best,
     }
     try:
         write = write_sharded_checkpoint if sharded else write_checkpoint
@@ -445,8 +505,9 @@ def log_step(run, loss, grad_norm, skipped, lr):
 def main(argv):
     """Read the config, build the run, train it (or evaluate it, with eval_only); one line on errors."""
     try:
-        cfg = read_config(argv)
-        run = build_run(cfg)
+        given = set()
+        cfg = read_config(argv, given)
+        run = build_run(cfg, given)
         if cfg.eval_only:
             val = evaluate(run.model, run.data.windows["val"], run.data.eval_batches["val"], run.data.byte_lengths,
                            run.runtime)

@@ -5,12 +5,13 @@ beside them: it is the one file every reader opens.
     flags        the --key=value and config-file parser, value checks, --help
     dataset      the dataset folder: llm.c token shards, meta.json, report.md, atomic writes
     tokenizer    the byte-level BPE trainer, the tokenizer.tiktoken file, the tokenizer loader
-    filtered     the documents a prepare.py run kept, stored part by part
+    filtered     what the filters kept, one part per WET file (any task may make it), and the merge
     workers      a stage of prepare.py on all cores, results in input order
     web/         web text: downloads and Common Crawl's WET files (crawl), the filters (filters)
     runtime      devices, dtype, the process group, stop signals, the GPU FLOPs table
     parallel     how processes share the model: DDP copies it, FSDP shards it; one checkpoint format
     budget       the run's clock and max_time
+    epochs       how many times a run reads its data, and the dropout that follows
     costs        what a run costs before it starts: memory per GPU, time, dollars (plan.py)
     checkpoint   the out folder: save, rotate, verify, load; which checkpoint a run starts from,
                  what it must agree on with the config, older checkpoints brought up to date

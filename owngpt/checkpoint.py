@@ -47,6 +47,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from owngpt.budget import TIMED_ITERATIONS
 from owngpt.dataset import atomic_write
 from owngpt.flags import UserError
 from owngpt.hf import HF_PREFIX, read_hf_folder
@@ -350,7 +351,8 @@ def newest_valid_checkpoint(out_dir, rows_later=False):
 # What a key meant before it existed: each was added with GPT-2's 2019 recipe as its behaviour,
 # and the modern recipe became the default later.
 OLDER_MODEL_CONFIG = {"block": "gpt2", "value_embeddings": False}
-OLDER_CONFIG = {"block": "gpt2", "value_embeddings": False, "optimizer": "adamw", "lr_schedule": "cosine"}
+OLDER_CONFIG = {"block": "gpt2", "value_embeddings": False, "optimizer": "adamw", "lr_schedule": "cosine",
+                "patience": 0}
 
 
 def upgrade(checkpoint):
@@ -359,6 +361,12 @@ def upgrade(checkpoint):
         for key, older in (("model_config", OLDER_MODEL_CONFIG), ("config", OLDER_CONFIG)):
             if isinstance(checkpoint.get(key), dict):
                 checkpoint[key] = {**older, **checkpoint[key]}
+        config = checkpoint.get("config")
+        if isinstance(config, dict) and "fitted" not in checkpoint:  # before the run recorded what it fitted:
+            timed = config.get("max_time") and checkpoint.get("iter_num", 0) >= TIMED_ITERATIONS[1]
+            checkpoint["fitted"] = {"dropout": config.get("dropout", 0.0),  # its dropout, not the data's
+                                    **({"max_iters": config["max_iters"]} if timed else {})}  # fitted to max_time
+            checkpoint.setdefault("evals_since_best", 0)
     return checkpoint
 
 
@@ -466,9 +474,9 @@ def checkpoint_to_start(cfg, runtime):
 def check_same_run(checkpoint, path, cfg, defaults):
     """A restart resumes only a checkpoint of this very command (the first attempt refuses to
     start over another run's checkpoints, so these may not be its own). out_dir may differ:
-    the run may have been moved, and a max_time run's max_iters was fitted by the run."""
+    the run may have been moved. cfg holds the values the run fitted (max_iters...) already."""
     for key, value in vars(cfg).items():
-        if key in ("init_from", "out_dir") or (key == "max_iters" and cfg.max_time):
+        if key in ("init_from", "out_dir"):
             continue
         if checkpoint["config"].get(key, defaults[key]) != value:
             raise CheckpointError(f"torchrun restart: {path} belongs to another run ({key} is "

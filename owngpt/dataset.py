@@ -293,10 +293,14 @@ def start_build(final, keep):
     if final.exists() and (not final.is_dir() or (any(final.iterdir()) and not (final / "meta.json").exists())):
         raise DatasetError(f"{final} exists and is not a dataset folder (no meta.json): "
                            f"refusing to replace it; choose another --name or --out_dir")
-    build = final.parent / f".{final.name}.partial"
+    build = build_folder(final)
     build.mkdir(parents=True, exist_ok=True)
     clear_build(build, keep)
     return build
+
+
+def build_folder(final):
+    return final.parent / f".{final.name}.partial"
 
 
 def clear_build(build, keep):

@@ -1,27 +1,31 @@
-"""filtered.py: the documents a prepare.py run kept, stored part by part so that a failed run
-can go on where it stopped, and how they divide into train and val.
+"""filtered.py: the documents prepare.py's filters kept, stored part by part, so that the
+filtering can run as many tasks on many machines, each writing its own parts, and a failed
+task can go on where it stopped; then merged, deduplicated, and divided into train and val.
 
-    parts = FilteredParts(build / "filtered", fingerprint, part_names, resumable=True)
-    part_file, tally = parts.new_part_file(), Tally()
-    ...                                    # write kept documents (JSON lines), count in tally
-    parts.record(name, part_file, tally)   # the part is finished: renamed into place, recorded
-    for document in parts.documents(): ... # every kept document, in order
+    parts = PartsFolder(folder, fingerprint, private=True)   # manifest.json: the settings
+    if not parts.finished(index):
+        part = parts.new_part(index, name)                 # a temporary file, its header written
+        ...                                                # kept documents, as JSON lines
+        parts.finish_part(part, tally, seconds)            # renamed into place: part_000017.jsonl
+    merged = MergedParts(parts, count, Deduplicator(settings), max_docs, progress)
+    for document in merged.documents(): ...               # what deduplication kept, in order
 
 A part is one Common Crawl WET file, or all the files of a local source. It is finished or
-absent, never half there: its file is renamed into place when complete and only then
-listed in state.json, with its Tally and the fingerprint of the settings that made it; a
-state written with another fingerprint is discarded.
+absent, never half there, and names the fingerprint of the settings that made it.
 
-    rule, why = split_rule(settings, parts.tally())  # whole documents to val, or their tails
-    documents = document_tails(parts.documents(), 0.05) if rule == "tails" else parts.documents()
+    rule, why = split_rule(settings, merged.tally())  # whole documents to val, or their tails
+    documents = document_tails(merged.documents(), 0.05) if rule == "tails" else merged.documents()
 """
 import hashlib
 import json
+import os
+import shutil
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from owngpt.dataset import AtomicFile, atomic_write
+from owngpt.dataset import AtomicFile
 from owngpt.flags import UserError
 from owngpt.web import filters
 from owngpt.web.crawl import Dropped
@@ -73,11 +77,12 @@ class Tally:
         if split == "val":
             self.kept_val, self.kept_val_bytes = self.kept_val + 1, self.kept_val_bytes + text_bytes
 
-    def drop(self, reason, document):
+    def drop(self, reason, text):
+        """text: the dropped document's, or None for a record that could not be read."""
         self.dropped[reason] += 1
         examples = self.examples.setdefault(reason.partition(":")[0], [])
-        if len(examples) < EXAMPLES and not isinstance(document, Dropped):
-            examples.append(snippet(document.text))
+        if len(examples) < EXAMPLES and text is not None:
+            examples.append(snippet(text))
 
     def add(self, other):
         for name in ("documents_read", "bytes_read", "invalid_utf8", "kept", "kept_bytes", "kept_val", "kept_val_bytes"):
@@ -101,61 +106,174 @@ def snippet(text, length=160):
     return line[:length] + ("..." if len(line) > length else "")
 
 
-class FilteredParts:
-    """build/filtered/: the kept documents, part_000000.jsonl, ... (a JSON object per
-    document: id, split, url, date, language, dedup key, text), and state.json, which
-    lists the finished parts, their tallies and the settings that made them. A part file
-    is renamed into place when complete, and only then recorded in state.json."""
+class PartsFolder:
+    """A folder of filtered parts: part_000000.jsonl, part_000001.jsonl, ... named by the
+    part's index (a WET file's in the crawl's wet.paths.gz), and manifest.json, which holds
+    the fingerprint of the settings every part there was made with.
 
-    def __init__(self, folder, fingerprint, part_names, resumable):
-        self.folder, self.fingerprint = folder, fingerprint
-        folder.mkdir(exist_ok=True)
-        self.parts = self._recorded(part_names) if resumable else []
-        files = {part["file"] for part in self.parts} | {"state.json"}
-        for entry in folder.iterdir():  # a part cut short by a crash, or another run's
-            if entry.name not in files:
-                entry.unlink()
-        self._write_state()
+    A part file is one JSON object per line: a header (the part's index, its name and the
+    fingerprint), then every document the filters kept, in record order (id, split, url,
+    date, language, dedup key, text), then its Tally and the seconds it took. It is written
+    under a temporary name and renamed into place when complete, so a part is there whole or
+    not at all, and tasks on several machines can share the folder."""
 
-    def _recorded(self, part_names):
+    def __init__(self, folder, fingerprint, private):
+        """private: a build folder's own parts, started over when the settings changed; a
+        folder given with --parts may hold other tasks' work, so a mismatch there is an error."""
+        self.folder, self.fingerprint = Path(folder), fingerprint
+        self.folder.mkdir(parents=True, exist_ok=True)
+        recorded = read_manifest(self.folder)
+        if recorded is not None and recorded["fingerprint"] != fingerprint:
+            if not private:
+                raise self._other_settings(recorded["fingerprint"])
+            print(f"filter: {self.folder} holds parts made with other settings; starting over", file=sys.stderr)
+            shutil.rmtree(self.folder)
+            self.folder.mkdir()
+            recorded = None
+        if recorded is None:
+            self._create_manifest()
+
+    def _create_manifest(self):
+        """Writes manifest.json unless another task got there first (a hard link fails
+        when the name exists, so of two tasks starting together exactly one writes it)."""
+        manifest = AtomicFile(self.folder / MANIFEST)
+        manifest.file.write(json.dumps({"fingerprint": self.fingerprint}, indent=1).encode() + b"\n")
+        manifest.file.flush()
+        os.fsync(manifest.file.fileno())
         try:
-            state = json.loads((self.folder / "state.json").read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return []
-        names = [part["name"] for part in state["parts"]]
-        if state["fingerprint"] != self.fingerprint or names != part_names[:len(names)]:
-            print(f"filter: {self.folder} holds parts made with other settings or files; "
-                  f"starting over", file=sys.stderr)
-            return []
-        if names:
-            print(f"filter: {len(names)} of {len(part_names)} parts were finished by an earlier "
-                  f"run; going on with part {len(names) + 1}", file=sys.stderr)
-        return state["parts"]
+            os.link(manifest.temporary, manifest.path)
+        except FileExistsError:
+            recorded = read_manifest(self.folder)["fingerprint"]
+            if recorded != self.fingerprint:
+                raise self._other_settings(recorded) from None
+        finally:
+            manifest.discard()
 
-    def _write_state(self):
-        state = {"fingerprint": self.fingerprint, "parts": self.parts}
-        atomic_write(self.folder / "state.json", lambda f: f.write(json.dumps(state, indent=1).encode()))
+    def _other_settings(self, recorded):
+        return UserError(f"{self.folder} holds parts made with other settings ({differences(recorded, self.fingerprint)}): "
+                         f"run with those, or give another --parts folder")
 
-    def new_part_file(self):
-        return AtomicFile(self.folder / f"part_{len(self.parts):06d}.jsonl")
+    def path(self, index):
+        return self.folder / f"part_{index:06d}.jsonl"
 
-    def record(self, name, part_file, tally):
-        part_file.commit()
-        self.parts.append({"name": name, "file": part_file.path.name, "tally": tally.as_json()})
-        self._write_state()
+    def finished(self, index):
+        """Whether part index is there, made with these settings."""
+        path = self.path(index)
+        if not path.exists():
+            return False
+        header = part_header(path)
+        if header["fingerprint"] != self.fingerprint:
+            raise UserError(f"{path} was made with other settings than {self.folder / MANIFEST} "
+                            f"({differences(header['fingerprint'], self.fingerprint)}): delete it to make it again")
+        return True
+
+    def new_part(self, index, name):
+        """An AtomicFile for part index with its header written; stale temporary files of
+        the same part (a task killed while writing it) are removed first."""
+        for stale in self.folder.glob(f".{self.path(index).name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+        part = AtomicFile(self.path(index))
+        write_json_line(part.file, {"part": index, "name": name, "fingerprint": self.fingerprint})
+        return part
+
+    @staticmethod
+    def finish_part(part, tally, seconds):
+        write_json_line(part.file, {"tally": tally.as_json(), "seconds": round(seconds, 3)})
+        part.commit()
+
+    def missing(self, count):
+        return [self.path(index).name for index in range(count) if not self.path(index).exists()]
+
+
+MANIFEST = "manifest.json"
+
+
+def read_manifest(folder):
+    try:
+        return json.loads((Path(folder) / MANIFEST).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+
+
+def differences(recorded, wanted):
+    """The settings two fingerprints disagree on, as "--flag=there (here: value)"."""
+    flat = lambda fingerprint: {**fingerprint["flags"], **(fingerprint["web_filters"] or {}),
+                                "crawl": fingerprint["crawl"], "web_filters": fingerprint["web_filters"] is not None}
+    there, here = flat(recorded), flat(wanted)
+    names = [name for name in sorted(there.keys() | here.keys()) if there.get(name) != here.get(name)]
+    return ", ".join(f"--{name}={there.get(name)} there, {here.get(name)} here" for name in names)
+
+
+def write_json_line(file, value):
+    file.write(json.dumps(value, ensure_ascii=False).encode("utf-8", "surrogatepass") + b"\n")
+
+
+def part_header(path):
+    with open(path, "rb") as lines:
+        return json.loads(lines.readline())
+
+
+def part_lines(path):
+    """The header, then each kept document, then the footer (tally, seconds), as dicts."""
+    with open(path, "rb") as lines:
+        for line in lines:
+            yield json.loads(line.decode("utf-8", "surrogatepass"))
+
+
+class MergedParts:
+    """The documents of parts 0..count-1 that survive deduplication, and the tally of all.
+
+    Deduplication runs over the parts in order (part index, then record), so the first copy
+    of a text in that order is the one kept: the same documents whatever the number of
+    tasks that made the parts. With max_docs, the documents the filters kept after the
+    max_docs-th one that deduplication kept are counted as dropped by "max_docs"."""
+
+    def __init__(self, parts, count, deduplicator, max_docs, progress):
+        missing = parts.missing(count)
+        if missing:
+            raise UserError(f"{len(missing)} of {count} parts are missing from {parts.folder}: "
+                            f"{', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}; run the "
+                            f"stage-one tasks that make them (the same command, with --task and --tasks)")
+        self.parts, self.count = parts, count
+        self.names, self.kept_lines, self.seconds = [], [], 0.0
+        self._tally = Tally()
+        dedup = Tally()  # the documents deduplication and max_docs dropped
+        for index in range(count):
+            path = parts.path(index)
+            lines = part_lines(path)
+            header = next(lines)
+            if header["fingerprint"] != parts.fingerprint:
+                raise UserError(f"{path} was made with other settings than {parts.folder / MANIFEST} "
+                                f"({differences(header['fingerprint'], parts.fingerprint)})")
+            self.names.append(header["name"])
+            kept = bytearray()  # one flag per document line of the part
+            for document in lines:
+                if "tally" in document:
+                    self._tally.add(Tally.from_json(document["tally"]))
+                    self.seconds += document["seconds"]
+                    break
+                reason = "max_docs" if max_docs and self._tally.kept >= max_docs else \
+                    deduplicator.check(key_from_json(document["key"]))
+                if reason:
+                    dedup.drop(reason, document["text"])
+                else:
+                    self._tally.keep(document["split"], document["text"])
+                kept.append(reason is None)
+            self.kept_lines.append(kept)
+            progress.update(index + 1, f"{self._tally.kept:,} documents kept")
+        self._tally.add(dedup)
 
     def tally(self):
-        total = Tally()
-        for part in self.parts:
-            total.add(Tally.from_json(part["tally"]))
-        return total
+        return self._tally
 
     def documents(self):
         """The kept documents (dicts), in order."""
-        for part in self.parts:
-            with open(self.folder / part["file"], "rb") as lines:
-                for line in lines:
-                    yield json.loads(line.decode("utf-8", "surrogatepass"))
+        for index, kept in enumerate(self.kept_lines):
+            lines = part_lines(self.parts.path(index))
+            next(lines)
+            for document, keep in zip(lines, kept):
+                if keep:
+                    yield document
 
 
 # ----------------------------------------------------------------------------- train and val

@@ -160,9 +160,10 @@ def check_values(settings, checks, source):
             raise UserError(f"{named}: expected {problem}")
 
 
-def parse(argv, defaults, helps, checks, *, program, config_files=False, relations=()):
+def parse(argv, defaults, helps, checks, *, program, config_files=False, relations=(), given=None):
     """Settings from argv (see the module docstring). `relations` are functions of the whole
-    settings dict that return a message when keys disagree (n_embd and n_head, say)."""
+    settings dict that return a message when keys disagree (n_embd and n_head, say). given, a
+    set, receives the keys a config file or a flag set (train.py leaves some to the data)."""
     settings, source = dict(defaults), {}
     for argument in argv:
         if argument in ("-h", "--help"):
@@ -182,6 +183,8 @@ def parse(argv, defaults, helps, checks, *, program, config_files=False, relatio
         else:
             raise UserError(f"expected --key=value, got {argument!r} (see --help)")
     check_values(settings, checks, source)
+    if given is not None:
+        given.update(source)
     for relation in relations:
         problem = relation(settings)
         if problem:

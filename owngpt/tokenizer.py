@@ -32,6 +32,23 @@ class TokenizerError(UserError):
     """A tokenizer that cannot be trained or loaded as described."""
 
 
+# prepare.py without --vocab_size: a vocabulary in proportion to the train text, one token per
+# BYTES_PER_VOCAB_ENTRY bytes rounded down to a power of two, from 512 up to the default. A small
+# text spread over a large vocabulary leaves each token too few occurrences to learn from: 0.42 MB
+# at 6,862 tokens (the most it supports) trains worse in the same time than at 1,024 (RESULTS.md:
+# A vocabulary for a small text).
+BYTES_PER_VOCAB_ENTRY = 400
+SMALLEST_VOCAB = 512
+
+
+def vocab_size_for(train_bytes, largest):
+    """The vocabulary size for train_bytes of text when the user names none (at most largest)."""
+    size = SMALLEST_VOCAB
+    while size * 2 <= min(largest, train_bytes / BYTES_PER_VOCAB_ENTRY):
+        size *= 2
+    return min(size, largest)
+
+
 # GPT-4's split pattern (tiktoken's cl100k_base). Text is cut into chunks (a word with its
 # leading space, up to 3 digits, a run of punctuation, whitespace) and BPE never merges
 # across chunks, so no token spans the end of one word and the start of the next.

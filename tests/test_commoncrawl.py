@@ -9,13 +9,22 @@ read (a gzip member cut short, a WARC header without a length). Every run is a r
 import gzip
 import http.server
 import json
+import os
 import random
+import re
+import shlex
+import signal
+import subprocess
+import sys
 import threading
+from collections import Counter
 
 import pytest
 
-from helpers import bin_files, kept_documents, run_prepare, send_body
+import prepare
+from helpers import ROOT, bin_files, kept_documents, run_prepare, send_body
 from owngpt import dataset, tokenizer
+from owngpt.flags import UserError
 from owngpt.web import crawl, filters
 
 GOOD = [
@@ -291,8 +300,10 @@ WET_PATHS = [f"crawl-data/{CRAWL}/segments/1/wet/CC-MAIN-0000{index}.warc.wet.gz
 class FakeCrawl(http.server.BaseHTTPRequestHandler):
     """Serves `files` (404 for other paths). `plans[path]` lists what the next requests
     get instead: an HTTP status, "broken" (the headers for the whole body, half of the
-    body, then hang up) or "failing" (503 with Retry-After: 0, every time from then on)."""
+    body, then hang up), "failing" (503 with Retry-After: 0, every time from then on) or
+    "stall" (half of the body, then `stalled` is set and the answer waits for `release`)."""
     files, plans, log = {}, {}, []
+    stalled, release = threading.Event(), threading.Event()
 
     def do_GET(self):
         path = self.path.lstrip("/")
@@ -309,6 +320,16 @@ class FakeCrawl(http.server.BaseHTTPRequestHandler):
             self.send_error(behaviour if isinstance(behaviour, int) else 404)
             return
         body = self.files[path]
+        if behaviour == "stall":
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body[:len(body) // 2])
+            self.wfile.flush()
+            self.stalled.set()
+            self.release.wait(timeout=120)
+            self.close_connection = True
+            return
         send_body(self, body, broken=behaviour == "broken")
 
     def log_message(self, *args):
@@ -324,6 +345,9 @@ def crawl_server():
         f"crawl-data/{CRAWL}/wet.paths.gz": gzip.compress("\n".join(WET_PATHS).encode() + b"\n"),
         WET_PATHS[0]: wet_file(PAGES[:half], filler_bytes=400_000),
         WET_PATHS[1]: wet_file(PAGES[half:], first_number=half + 1),
+        f"crawl-data/{TASKS_CRAWL}/wet.paths.gz": gzip.compress("\n".join(TASKS_WET_PATHS).encode() + b"\n"),
+        **{path: wet_file(pages, first_number=10 * index) for index, (path, pages) in
+           enumerate(zip(TASKS_WET_PATHS, TASKS_WET_FILES))},
     }
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeCrawl)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
@@ -386,17 +410,17 @@ def test_a_rerun_after_a_failed_run_goes_on_with_the_next_wet_file(crawl_server,
     assert failed.returncode == 1
     assert f"download failed after {crawl.DOWNLOAD_ATTEMPTS} tries" in failed.stderr
     assert "answered 503 Slow Down" in failed.stderr
-    assert "1 of 2 WET files were filtered before this and are kept in" in failed.stderr
-    assert "run the same command again to go on from WET file 2" in failed.stderr
+    assert "1 of the 2 WET files of this task are filtered and kept in" in failed.stderr
+    assert "run the same command again to go on with the others" in failed.stderr
     assert not (tmp_path / "data" / "web").exists()
-    state = json.loads((tmp_path / "data" / ".web.partial" / "filtered" / "state.json").read_text())
-    assert [part["name"] for part in state["parts"]] == WET_PATHS[:1]
+    parts = tmp_path / "data" / ".web.partial" / "parts"
+    assert sorted(path.name for path in parts.iterdir()) == ["manifest.json", "part_000000.jsonl"]
 
     FakeCrawl.plans = {}
     start = len(FakeCrawl.log)
     resumed = run_prepare(*crawl_flags(crawl_server, "--name=web"), cwd=tmp_path)
     assert [path for path, _, _ in requests_since(start) if path in WET_PATHS] == WET_PATHS[1:]
-    assert "1 of 2 parts were finished by an earlier run" in resumed.stderr
+    assert "1 of this task's 2 parts are in" in resumed.stderr
     assert bin_files(tmp_path / "data" / "web") == bin_files(reference)
     assert dataset.read_meta(tmp_path / "data" / "web")["dropped"] == dataset.read_meta(reference)["dropped"]
     assert sorted(path.name for path in (tmp_path / "data").iterdir()) == ["web"]
@@ -419,3 +443,235 @@ def test_a_crawl_id_that_does_not_exist_fails_saying_where_to_find_valid_ones(cr
     assert f"The newest crawls are {CRAWL}, CC-MAIN-2098-52; the closest to yours is {CRAWL}." in result.stderr
     assert f"{crawl_server}/collinfo.json" in result.stderr and "commoncrawl.org/get-started" in result.stderr
     assert not (tmp_path / "data").exists() or list((tmp_path / "data").iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------
+# Stage one as several tasks (--task, --tasks), then --merge, against one machine
+
+CHAIN_A = """The harbour committee met on Monday evening to discuss the future of the old fish market by the quay.
+Several members argued that the building should be restored and opened again as a covered market for local farmers.
+Others said the cost of repairing the roof and the sea wall would be far too high for a town of this size.
+A surveyor told the meeting that the timber frame was still sound, although the brick walls needed careful work.
+The mayor suggested that the town apply for a heritage grant, which could pay for half of the repairs.
+Fishermen who still land their catch at the quay asked that any new plan keep space for their boats and nets.
+A local school offered to help record the history of the market, with interviews of people who worked there.
+The committee agreed to publish the surveyor's report and to hold a public meeting in the town hall next month.
+Residents will be able to see drawings of the proposed changes and to leave comments before any decision is made.
+Most people at the meeting seemed pleased that the market might have a future after standing empty for ten years."""
+
+
+def with_word(text, line_numbers, word):
+    """text with the middle word of each of these lines replaced by word."""
+    lines = text.split("\n")
+    for number in line_numbers:
+        words = lines[number].split(" ")
+        words[len(words) // 2] = word
+        lines[number] = " ".join(words)
+    return "\n".join(lines)
+
+
+# B is A with two lines changed, C is B with two other lines changed: A~B and B~C share a
+# MinHash band, A and C do not (checked below). Deduplication in file order keeps A, drops
+# B as A's near copy, and keeps C, since B was dropped: a union of the pairs would drop C.
+CHAIN_B = with_word(CHAIN_A, [0, 1], "blue")
+CHAIN_C = with_word(CHAIN_B, [8, 9], "green")
+TASKS_CRAWL = "CC-MAIN-2099-05"
+PAGE = {reason: (url, language, text, reason) for url, language, text, reason in PAGES if reason != "kept"}
+TASKS_WET_FILES = [  # with --tasks=3, files 0, 1 and 2 (A, B and C) are each another task's
+    [PAGES[0], ("https://harbour.example.org/market", "eng", CHAIN_A, "kept"), PAGE["gopher_quality:word_count"],
+     PAGES[1]],
+    [("https://copy.example.org/market", "eng", CHAIN_B, "dedup:near"), PAGE["dedup:exact"], PAGES[2]],
+    [("https://other.example.org/market", "eng", CHAIN_C, "kept"), PAGE["dedup:near"], PAGES[3],
+     PAGE["language:header"]],
+    [PAGES[5], ("https://again.example.org/birds", "eng", GOOD[2], "dedup:exact"),
+     PAGE["gopher_repetition:dup_line_fraction"]],
+    [PAGES[6], PAGES[13], PAGES[14], PAGES[15]],
+]
+TASKS_WET_PATHS = [f"crawl-data/{TASKS_CRAWL}/segments/2/wet/CC-MAIN-1000{index}.warc.wet.gz"
+                   for index in range(len(TASKS_WET_FILES))]
+
+
+def tasks_flags(server, *extra):
+    return ["--source=commoncrawl", f"--crawl={TASKS_CRAWL}", f"--wet_files={len(TASKS_WET_PATHS)}",
+            f"--cc_base_url={server}/", f"--cc_index_url={server}/collinfo.json", "--vocab_size=300",
+            "--val_fraction=0.2", "--num_workers=1", *extra]
+
+
+def start_prepare(*flags, cwd):
+    """prepare.py started in its own process group (a scheduler stops a task's workers with it)."""
+    return subprocess.Popen([sys.executable, str(ROOT / "prepare.py"), *flags], cwd=cwd, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def finished(process):
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, f"prepare.py failed:\n{stderr}"
+    return stdout
+
+
+def dataset_files(folder):
+    """What must be the same, byte for byte, however the parts were made: the shards, the
+    tokenizer, report.md up to its timings, and meta.json less its timings and flags."""
+    meta = dataset.read_meta(folder)
+    for timed in ("timings_s", "throughput", "settings"):
+        meta.pop(timed)
+    report = (folder / "report.md").read_text().split("## Timings")[0]
+    return {**bin_files(folder), "report.md": report, "meta.json": meta}
+
+
+@pytest.fixture(scope="module")
+def one_machine(crawl_server, tmp_path_factory):
+    """The tasks' crawl prepared on one machine: no --task, no --tasks."""
+    FakeCrawl.plans = {}
+    folder = tmp_path_factory.mktemp("one_machine") / "web"
+    run_prepare(*tasks_flags(crawl_server, f"--out_dir={folder}"), cwd=folder.parent)
+    return folder
+
+
+def test_exact_and_near_copies_go_across_files_and_a_chain_keeps_its_first_and_last(one_machine):
+    band_keys = {name: set(enumerate(filters.dedup_signature(text).band_keys))
+                 for name, text in (("A", CHAIN_A), ("B", CHAIN_B), ("C", CHAIN_C))}
+    assert band_keys["A"] & band_keys["B"] and band_keys["B"] & band_keys["C"]
+    assert not band_keys["A"] & band_keys["C"]
+    pages = [page for pages in TASKS_WET_FILES for page in pages]
+    kept = [text for _, _, text, reason in pages if reason == "kept"]
+    assert sorted(kept_documents(one_machine)) == sorted(MASKED_PII if text == WITH_PII else text for text in kept)
+    dropped = Counter(reason for *_, reason in pages if reason != "kept")
+    unreadable = {reason: count * len(TASKS_WET_FILES) for reason, count in UNREADABLE.items()}
+    assert dataset.read_meta(one_machine)["dropped"] == {**dropped, **unreadable}
+    assert dropped["dedup:near"] == 2 and dropped["dedup:exact"] == 2
+
+
+@pytest.mark.slow
+def test_three_tasks_in_reverse_order_or_two_tasks_then_merge_give_the_one_machine_dataset(
+        crawl_server, one_machine, tmp_path):
+    FakeCrawl.plans = {}
+    shared = tmp_path / "shared_parts"
+    three = [start_prepare(*tasks_flags(crawl_server, f"--parts={shared}", f"--task={task}", "--tasks=3"),
+                           cwd=tmp_path) for task in (2, 1, 0)]
+    for task in three:
+        assert "once every task is done, run the same command with --merge=true" in finished(task)
+    assert sorted(path.name for path in shared.glob("part_*")) == [f"part_{i:06d}.jsonl" for i in range(5)]
+    run_prepare(*tasks_flags(crawl_server, f"--parts={shared}", "--merge=true", "--out_dir=three/web"), cwd=tmp_path)
+    assert dataset_files(tmp_path / "three" / "web") == dataset_files(one_machine)
+    assert shared.exists()  # a --parts folder is kept: another merge may read it
+
+    for task in (0, 1):  # the default parts folder, in the dataset's build folder
+        run_prepare(*tasks_flags(crawl_server, "--name=web", f"--task={task}", "--tasks=2"), cwd=tmp_path)
+    run_prepare(*tasks_flags(crawl_server, "--name=web", "--merge=true"), cwd=tmp_path)
+    assert dataset_files(tmp_path / "data" / "web") == dataset_files(one_machine)
+    assert sorted(path.name for path in (tmp_path / "data").iterdir()) == ["web"]
+
+
+@pytest.mark.slow
+def test_a_task_killed_mid_file_and_run_again_redoes_only_that_file(crawl_server, one_machine, tmp_path):
+    FakeCrawl.plans = {TASKS_WET_PATHS[3]: ["stall"]}  # task 1 of 2 reads files 1 and 3
+    FakeCrawl.stalled.clear()
+    FakeCrawl.release.clear()
+    parts = tmp_path / "parts"
+    flags = tasks_flags(crawl_server, f"--parts={parts}", "--out_dir=web")
+    task = start_prepare(*flags, "--task=1", "--tasks=2", cwd=tmp_path)
+    try:
+        assert FakeCrawl.stalled.wait(timeout=120), "task 1 never reached its second file"
+        os.killpg(task.pid, signal.SIGKILL)  # halfway through file 3, as a preemption would
+        task.wait(timeout=60)
+    finally:
+        FakeCrawl.release.set()
+    first_part = parts / "part_000001.jsonl"
+    before = first_part.read_bytes(), first_part.stat().st_mtime_ns
+    assert not (parts / "part_000003.jsonl").exists() and list(parts.glob(".part_000003.jsonl.*.tmp"))
+
+    rerun = run_prepare(*flags, "--task=1", "--tasks=2", cwd=tmp_path)
+    assert "1 of this task's 2 parts are in" in rerun.stderr
+    assert (first_part.read_bytes(), first_part.stat().st_mtime_ns) == before
+    assert not list(parts.glob(".*.tmp"))  # what the killed task was writing is gone
+    run_prepare(*flags, "--task=0", "--tasks=2", cwd=tmp_path)
+    run_prepare(*flags, "--merge=true", cwd=tmp_path)
+    assert dataset_files(tmp_path / "web") == dataset_files(one_machine)
+
+
+def test_merge_names_the_missing_parts_in_one_line(crawl_server, tmp_path):
+    FakeCrawl.plans = {}
+    flags = tasks_flags(crawl_server, f"--parts={tmp_path / 'parts'}", "--tokenizer=byte", "--out_dir=web")
+    nothing = run_prepare(*flags, "--merge=true", cwd=tmp_path, check=False)
+    assert nothing.returncode == 1
+    assert nothing.stderr.endswith("holds no parts: run the stage-one tasks first (the same command with --task "
+                                   "and --tasks, without --merge)\n")
+    run_prepare(*flags, "--task=0", "--tasks=1", cwd=tmp_path)
+    (tmp_path / "parts" / "part_000003.jsonl").unlink()
+    result = run_prepare(*flags, "--merge=true", cwd=tmp_path, check=False)
+    assert result.returncode == 1 and len(result.stderr.splitlines()) == 1
+    assert f"1 of 5 parts are missing from {tmp_path / 'parts'}: part_000003.jsonl;" in result.stderr
+    assert not (tmp_path / "web").exists()
+
+
+def test_parts_made_with_other_settings_are_refused_naming_the_setting(crawl_server, tmp_path):
+    FakeCrawl.plans = {}
+    flags = tasks_flags(crawl_server, f"--parts={tmp_path / 'parts'}", "--tokenizer=byte")
+    run_prepare(*flags, "--task=0", "--tasks=5", cwd=tmp_path)
+    result = run_prepare(*flags, "--gopher_min_words=20", "--task=1", "--tasks=5", cwd=tmp_path, check=False)
+    assert result.returncode == 1 and len(result.stderr.splitlines()) == 1
+    assert "holds parts made with other settings (--gopher_min_words=50 there, 20 here)" in result.stderr
+
+
+def test_latest_is_resolved_once_and_every_later_task_reads_the_same_crawl(crawl_server, tmp_path):
+    FakeCrawl.plans = {}
+    flags = ["--source=commoncrawl", "--crawl=latest", "--wet_files=2", f"--cc_base_url={crawl_server}/",
+             f"--cc_index_url={crawl_server}/collinfo.json", f"--parts={tmp_path / 'parts'}", "--tasks=2"]
+    run_prepare(*flags, "--task=0", cwd=tmp_path)
+    listing = FakeCrawl.files["collinfo.json"]
+    FakeCrawl.files["collinfo.json"] = json.dumps([{"id": TASKS_CRAWL}, {"id": CRAWL}]).encode()  # a new crawl
+    try:
+        start = len(FakeCrawl.log)
+        run_prepare(*flags, "--task=1", cwd=tmp_path)
+    finally:
+        FakeCrawl.files["collinfo.json"] = listing
+    assert [path for path, _, _ in requests_since(start)] == [f"crawl-data/{CRAWL}/wet.paths.gz", WET_PATHS[1]]
+    header = json.loads((tmp_path / "parts" / "part_000001.jsonl").read_text().splitlines()[0])
+    assert header["name"] == WET_PATHS[1] and header["fingerprint"]["crawl"] == CRAWL
+
+
+@pytest.mark.parametrize("flags, environment, expected", [
+    ([], {}, None),  # one machine: every part, then the merge
+    (["--task=2", "--tasks=3"], {}, (2, 3)),
+    ([], {"SLURM_ARRAY_TASK_ID": "4", "SLURM_ARRAY_TASK_COUNT": "10"}, (4, 10)),
+    (["--tasks=8"], {"JOB_COMPLETION_INDEX": "7"}, (7, 8)),
+    (["--task=1", "--tasks=2"], {"SLURM_ARRAY_TASK_ID": "4", "SLURM_ARRAY_TASK_COUNT": "10"}, (1, 2)),
+    (["--merge=true"], {"SLURM_ARRAY_TASK_ID": "4", "SLURM_ARRAY_TASK_COUNT": "10"}, None),
+    (["--task=3", "--tasks=3"], {}, "--task=3: expected a task index from 0 to 2 (--tasks=3)"),
+    ([], {"SLURM_ARRAY_TASK_ID": "10", "SLURM_ARRAY_TASK_COUNT": "10"},
+     "$SLURM_ARRAY_TASK_ID=10: expected a task index from 0 to 9 (--tasks=10); a Slurm array counts from 0"),
+    (["--task=1"], {}, "--task=1: how many tasks share the WET files? Give --tasks=N"),
+    ([], {"JOB_COMPLETION_INDEX": "3"}, "$JOB_COMPLETION_INDEX=3: how many tasks share the WET files?"),
+    (["--tasks=4"], {}, "--tasks=4: which task is this? Give --task=K, K from 0 to 3"),
+])
+def test_task_and_tasks_come_from_the_flags_or_the_schedulers_environment(flags, environment, expected):
+    settings = prepare.read_settings(["--source=commoncrawl", *flags])
+    if isinstance(expected, str):
+        with pytest.raises(UserError) as error:
+            prepare.task_of(settings, environment)
+        assert str(error.value).startswith(expected) and "\n" not in str(error.value)
+    else:
+        assert prepare.task_of(settings, environment) == expected
+
+
+def test_merge_and_tasks_do_not_mix_and_go_only_with_commoncrawl():
+    with pytest.raises(UserError, match="--merge runs on its own once the tasks are done"):
+        prepare.read_settings(["--source=commoncrawl", "--merge=true", "--tasks=2"])
+    with pytest.raises(UserError, match="--task, --tasks, --merge and --parts go with --source=commoncrawl"):
+        prepare.read_settings(["--tasks=2", "--task=0"])
+
+
+def test_the_launch_files_run_stage_one_then_the_merge_with_flags_prepare_accepts():
+    for name in ("prepare_slurm.sbatch", "prepare_k8s.yaml"):
+        text = (ROOT / "launch" / name).read_text()
+        shared = shlex.split(re.search(r'FLAGS[=:] *"([^"]*)"', text)[1])
+        commands = [shared + shlex.split(extra) for extra in re.findall(r"prepare\.py \$FLAGS([^\"\n]*)", text)]
+        assert len(commands) == 2, name
+        stage_one, merge = sorted((prepare.read_settings(command) for command in commands),
+                                  key=lambda settings: settings["merge"])
+        assert not stage_one["merge"] and merge["merge"], name
+        assert stage_one["source"] == "commoncrawl" and stage_one["parts"] and stage_one["crawl"] != "latest", name
+    k8s = (ROOT / "launch" / "prepare_k8s.yaml").read_text()
+    completions = re.search(r"completions: (\d+)", k8s)[1]
+    assert f"--tasks={completions}" in k8s  # one task per completion index

@@ -462,7 +462,8 @@ BAD_VALUES = {
     "cc_index_url": "file:///collinfo.json", "text_field": "", "filters": "some", "keep_metadata": "maybe",
     "tokenizer": "sentencepiece", "vocab_size": "0", "tokenizer_train_chars": "0",
     "shard_tokens": str(2 ** 31), "val_fraction": "1.5", "num_workers": "0", "name": "../elsewhere",
-    "out_dir": "a_file.txt", "languages": "English",
+    "out_dir": "a_file.txt", "languages": "English", "task": "-2", "tasks": "-1", "merge": "maybe",
+    "parts": "a_file.txt",
 }
 WEB_BAD_VALUES = {filters.FRACTION: "1.5", filters.COUNT: "-1", filters.POSITIVE: "0"}
 WEB_DEFAULTS, _, WEB_CHECKS = filters.settings_flags()
@@ -519,9 +520,8 @@ def test_one_text_file_is_cut_into_a_train_head_and_a_val_tail(tmp_path):
     assert meta["split_rule"]["rule"] == "tails"
     report = (folder / "report.md").read_text()
     assert "Val is the last 5% of each document's text: the hash of the document ids put 0 of 1" in report
-    # the default --vocab_size=8192 is more than this text supports: the largest it supports instead
-    vocab_size = meta["tokenizer"]["vocab_size"]
-    assert 300 < vocab_size < 8192 and f"This text supports {vocab_size:,} tokens" in report
+    # without --vocab_size, a text this small gets the smallest vocabulary of the rule, and the report says why
+    assert meta["tokenizer"]["vocab_size"] == 512 and "512 tokens, not the default 8,192" in report
 
 
 def test_an_explicit_vocab_size_the_text_cannot_support_stays_an_error(tmp_path):

@@ -7,7 +7,7 @@ that prepare.py runs in worker processes:
 
     text, reason = filter_document(text, headers, settings)   # one document, any process
     signature = dedup_signature(text, settings)               # any process
-    reason = deduplicator.check(signature)                    # main process, in order
+    reason = deduplicator.check(signature)                    # one process, in document order
 
 A dropped document gets exactly one reason, the first rule that drops it, in this order
 (FineWeb's order, then ours for what FineWeb did elsewhere):
@@ -20,6 +20,15 @@ A dropped document gets exactly one reason, the first rule that drops it, in thi
     fineweb:*              FineWeb's own three rules (Penedo et al. 2024)
     dedup:exact            same normalised text as a document kept earlier in the run
     dedup:near             MinHash LSH match with a document kept earlier in the run
+
+Deliberate differences from FineWeb's pipeline (Penedo et al. 2024, section 3): it
+extracts text from the WARC files' HTML with trafilatura (a dependency; the paper found it
+better than the WET text read here); its URL blocklist is not here (a list to fetch and
+keep up to date); its language filter is fastText's identifier, English at a score of at
+least 0.65 (a model file), here the WET header's CLD2 label; its MinHash deduplication ran
+per crawl and kept one document per cluster of matches, here it runs over everything
+prepared together and keeps the first copy in file order, the same for any number of
+tasks (Deduplicator); exact deduplication is ours.
 
 Every reason is "filter:rule" (DROP_REASONS lists them all), so a report can count both
 per filter (the part before ":") and per rule. Kept documents then get their email
@@ -244,8 +253,9 @@ def split_words(text):
 
 def language_reason(words, headers, settings):
     """The WET header's first language (Common Crawl's CLD2 guess, most likely first) must
-    be wanted. Without a header only English can be recognised: a document is English when
-    at least language_min_stop_word_ratio of its words are English stop words."""
+    be wanted (FineWeb ran fastText's identifier instead: see the module's docstring).
+    Without a header only English can be recognised: a document is English when at least
+    language_min_stop_word_ratio of its words are English stop words."""
     header = _header(headers, LANGUAGE_HEADER)
     if header:
         first_language = header.split(",")[0].strip().lower()
@@ -472,9 +482,11 @@ def fineweb_reason(lines, settings):
 
 # ----------------------------------------------------------------------------- PII
 
-# Replacements that look like the text they replace, so the model still reads ordinary
-# prose, and that are reserved for exactly this use (example.com: RFC 2606; 0.0.0.0: "this
-# host", not routable), so masking twice changes nothing.
+# FineWeb masked emails and public IPv4 addresses too (Penedo et al. 2024; datatrove's
+# PIIFormatter, which cycles through a tuple of replacements). Here one fixed replacement
+# each, which looks like the text it replaces, so the model still reads ordinary prose,
+# and is reserved for exactly this use (example.com: RFC 2606; 0.0.0.0: "this host", not
+# routable), so masking twice changes nothing.
 EMAIL_PLACEHOLDER = "email@example.com"
 IP_PLACEHOLDER = "0.0.0.0"
 # At most 64 characters before the @ (RFC 5321's limit) keeps the scan linear on long
@@ -607,10 +619,13 @@ def minhash_band_keys(signature, bands):
 
 
 class Deduplicator:
-    """Remembers the documents kept so far in a run. Call check() in the main process in
-    document order, so the first copy is the one kept, whatever the number of workers.
-    Memory: a Python int in a set per band and document, about 14 * 60 bytes per document;
-    like FineWeb's LSH, a shared band is taken as a duplicate without a second check."""
+    """Remembers the documents kept so far in a run. Call check() in document order, so
+    the first copy is the one kept, whatever the number of workers or tasks. Like FineWeb's
+    LSH, a shared band is taken as a duplicate without a second check. Unlike FineWeb's
+    clustering (datatrove's union-find over every matching pair), a dropped document is not
+    remembered: in a chain A~B~C where only neighbours match, A is kept, B dropped and C
+    kept, as C copies nothing in the dataset. Memory: a Python int in a set per band and
+    document, about 14 * 60 bytes per document."""
 
     def __init__(self, settings=DEFAULT_SETTINGS, exact_reason="dedup:exact"):
         self.settings, self.exact_reason = settings, exact_reason

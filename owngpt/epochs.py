@@ -1,0 +1,37 @@
+"""How many times a run reads its train split, and the defaults that follow from it.
+
+    reads = epochs(max_iters, tokens_per_iter, train_tokens)   # 9.3: the run sees each token ~9 times
+    dropout_for(reads)                                         # 0.2
+
+A run that reads its text less than once cannot memorise it: every batch is new, and dropout
+only slows it down (the quick start reads 0.7 of data/python). A run that reads a small text
+many times does memorise it: the train loss falls on while the val loss turns and rises.
+Muennighoff et al. 2023 (Scaling Data-Constrained Language Models) found repeated tokens worth
+almost as much as new ones for up to ~4 epochs, and less and less after; dropout is the
+cheapest defence a small model has (RESULTS.md: Own small text). train.py sets the keys of
+DATA_DEFAULTS from the reads unless a config file or a flag sets them; with max_time, once
+the timed iterations say how many iterations the run will have.
+"""
+
+
+def epochs(iterations, tokens_per_iter, train_tokens):
+    """How many times `iterations` of `tokens_per_iter` read a train split of `train_tokens`."""
+    return iterations * tokens_per_iter / max(train_tokens, 1)
+
+
+def dropout_for(reads):
+    """No dropout for a run that reads its data at most once; 0.1 up to ~4 reads, where repeats
+    still teach almost as much as new text; 0.2 past that, as nanoGPT's small-text example uses."""
+    return 0.0 if reads <= 1 else 0.1 if reads <= 4 else 0.2
+
+
+# the keys train.py sets from the reads unless the user does: key -> its value for so many reads
+DATA_DEFAULTS = {"dropout": dropout_for}
+
+
+def reads_line(reads, train_tokens, iterations, tokens_per_iter, chosen):
+    """The plan's line: the reads, and what they set (chosen: key -> value)."""
+    settings = ", ".join(f"{key}={value:g}" for key, value in chosen.items())
+    return (f"data: {iterations:,} iterations of {tokens_per_iter:,} tokens read the {train_tokens:,} train tokens "
+            f"{reads:.2f} times" + (f": {settings} (set from the reads; a config file or flag overrides)"
+                                    if chosen else ""))
