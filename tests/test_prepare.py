@@ -1,4 +1,5 @@
-"""prepare.py: the BPE trainer, the tokenizer file, shards, sources and the command line.
+"""prepare.py and owngpt/sources.py: the BPE trainer, the tokenizer file, shards, sources and
+the command line.
 
 Everything runs offline on small data made here; the command line runs as a real
 subprocess and URLs are served by a real http.server on 127.0.0.1.
@@ -18,7 +19,7 @@ import pytest
 import tiktoken.load
 
 from helpers import bin_files, documents_in, kept_documents, make_text, run_prepare, send_body
-from owngpt import dataset, filtered, tokenizer
+from owngpt import dataset, filtered, sources, tokenizer
 from owngpt.flags import UserError
 from owngpt.web import crawl, filters
 import prepare
@@ -256,8 +257,8 @@ PAGES = [("https://example.org/a", "eng", "First page.\nWith two lines."),
 
 def test_wet_gz_with_one_gzip_member_per_record_parses_into_documents(tmp_path):
     make_wet_gz(tmp_path / "crawl.warc.wet.gz", PAGES)
-    (input_file,), _ = prepare.file_inputs(str(tmp_path / "crawl.warc.wet.gz"))
-    documents = list(prepare.read_documents(input_file, "text"))
+    (input_file,), _ = sources.file_inputs(str(tmp_path / "crawl.warc.wet.gz"))
+    documents = list(sources.read_documents(input_file, "text"))
     assert [document.text for document in documents] == [text for _, _, text in PAGES]
     assert [(document.metadata["WARC-Target-URI"], document.metadata["WARC-Identified-Content-Language"])
             for document in documents] == [(url, language) for url, language, _ in PAGES]
@@ -277,22 +278,22 @@ def test_warc_parser_reads_records_split_across_blocks_and_counts_a_cut_record()
 def test_jsonl_gives_one_document_per_line_from_text_field(tmp_path):
     path = tmp_path / "docs.jsonl"
     path.write_text('{"text": "one", "id": 1}\n\n{"text": "two ✓"}\n', encoding="utf-8")
-    (input_file,), _ = prepare.file_inputs(str(path))
-    documents = list(prepare.read_documents(input_file, "text"))
+    (input_file,), _ = sources.file_inputs(str(path))
+    documents = list(sources.read_documents(input_file, "text"))
     assert [(document.id, document.text) for document in documents] == [
         (f"{path.as_posix()}:1", "one"), (f"{path.as_posix()}:3", "two ✓")]
-    with pytest.raises(prepare.PrepareError, match=r"docs.jsonl:1: expected a JSON object with a string field 'body'"):
-        list(prepare.read_documents(input_file, "body"))
+    with pytest.raises(sources.SourceError, match=r"docs.jsonl:1: expected a JSON object with a string field 'body'"):
+        list(sources.read_documents(input_file, "body"))
 
 
 def test_python_source_is_the_stdlib_without_test_suites():
-    inputs, source = prepare.python_inputs()
+    inputs, source = sources.python_inputs()
     names = [input_file.name for input_file in inputs]
     assert "json/decoder.py" in names and "os.py" in names
     assert names[-1] == "pydoc_data/topics" and inputs[-1].kind == "pydoc_topics"
     assert not [name for name in names if {"test", "tests", "idlelib", "site-packages", "__pycache__"}
                 & set(name.split("/"))]
-    topics = list(prepare.read_documents(inputs[-1], "text"))
+    topics = list(sources.read_documents(inputs[-1], "text"))
     assert len(topics) > 50 and topics[0].id.startswith("pydoc_data/topics:")
     assert source["files"] == len(inputs)
 
