@@ -70,7 +70,8 @@ def padded_vocab_size(vocab_size: int) -> int:
 
 # oneDNN's matrix multiply, an operator of PyTorch's own (torch.compile's CPU backend runs
 # linear layers through it at inference); where a build lacks it, Linear is plain nn.Linear
-ONEDNN_LINEAR = platform.machine().lower() in ("x86_64", "amd64") and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+ONEDNN_LINEAR = (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+                 and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
 def onednn_matmul(a, b, bias=None):
@@ -91,7 +92,7 @@ class OneDNNLinearFunction(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         rows, grad_rows = x.reshape(-1, x.size(-1)), grad.reshape(-1, grad.size(-1))
-        grad_x = onednn_matmul(grad_rows, weight.t()).view(x.shape)  # grad W
+        grad_x = onednn_matmul(grad_rows, weight.t()).view(x.shape)  # grad @ W
         # grad^T x: oneDNN copies a transposed first operand into rows (its second it reads
         # as it lies), so the smaller transpose goes first: (x^T grad)^T when x is narrower
         if grad_rows.size(1) <= rows.size(1):
