@@ -347,7 +347,7 @@ def link_or_copy(source, target):
 
 def download(url, path, progress=None):
     """Fetches url into path through path.part; a .part left by an earlier run is resumed.
-    progress: anything with update(megabytes) and finish(megabytes), such as prepare.Progress."""
+    progress: anything with update(megabytes) and finish(megabytes), such as owngpt.workers.Progress."""
     partial = path.with_name(path.name + ".part")
     blocks = remote_blocks(url, offset=partial.stat().st_size if partial.exists() else 0)
     first = next(blocks, b"")  # no file is made before the server answers
