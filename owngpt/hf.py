@@ -183,7 +183,8 @@ def hf_config(model_config, eot_id):
         "layer_norm_epsilon": 1e-5,  # torch's LayerNorm default, which ours uses
         "scale_attn_weights": True,  # scores / sqrt(head_size), as scaled_dot_product_attention does
         "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
-        **dict.fromkeys(("resid_pdrop", "embd_pdrop", "attn_pdrop"), model_config.get("dropout", 0.0)),
+        **dict.fromkeys(("resid_pdrop", "embd_pdrop"), model_config.get("dropout", 0.0)),
+        "attn_pdrop": 0.0,  # our dropout leaves the attention weights alone
         "initializer_range": 0.02, "tie_word_embeddings": True, "use_cache": True,
         "bos_token_id": eot_id, "eos_token_id": eot_id, "torch_dtype": "float32",
     }
