@@ -13,8 +13,8 @@ for transformers: with them it learns more in the same time (RESULTS.md: value e
 and the quick start), and `--value_embeddings=True` turns them on.
 config/train_demo_gpt2.py, run after this file, is GPT-2's 2019 recipe at this shape.
 
-Expect about 900-1,100 iterations (2M tokens) on a quiet 2-core CPU, the val bits per byte
-falling from 3.6 (a uniform guess among 8192 tokens) to about 1.2. The samples turn into
+Expect about 1,700 iterations (3.5M tokens) on a quiet 2-core x86 CPU, the val bits per byte
+falling from 3.6 (a uniform guess among 8192 tokens) to about 1.1. The samples turn into
 recognisable Python: imports, indented methods, docstrings.
 """
 out_dir = "out/demo"
