@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from owngpt import dataset, tokenizer
+from owngpt import budget, dataset, tokenizer
 import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,6 +93,33 @@ def stop_during_iteration(patch, iteration):
         return real_forward_backward(*args, **kwargs)
 
     patch.setattr(train, "forward_backward", forward_backward)
+
+
+class SimulatedClock:
+    """time.time and time.perf_counter of a machine whose iterations cost what a test says:
+    max_time's arithmetic checked exactly, whatever the real machine is doing."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def time(self):
+        return self.now
+
+    perf_counter = time
+
+
+def simulate_machine(patch, clock, seconds_of_iteration):
+    """train.py and its budget read clock; each iteration advances it by seconds_of_iteration(i)."""
+    real_forward_backward, calls = train.forward_backward, []
+
+    def forward_backward(*args, **kwargs):
+        calls.append(None)
+        clock.now += seconds_of_iteration(len(calls))
+        return real_forward_backward(*args, **kwargs)
+
+    patch.setattr(train, "forward_backward", forward_backward)
+    patch.setattr(train, "time", clock)
+    patch.setattr(budget, "time", clock)
 
 
 def read_metrics(out_dir):

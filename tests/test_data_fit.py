@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import train
-from owngpt import budget, epochs
-from helpers import (GPT2_RECIPE, MODERN_RECIPE, make_text, read_metrics, run_prepare, stop_during_iteration,
-                     train_lines)
-from owngpt import dataset
+from helpers import (GPT2_RECIPE, MODERN_RECIPE, SimulatedClock, make_text, read_metrics, run_prepare,
+                     simulate_machine, stop_during_iteration, train_lines)
+from owngpt import dataset, epochs
 from owngpt.tokenizer import BYTES_PER_VOCAB_ENTRY, vocab_size_for
+
 
 # ----------------------------------------------------------------------------- the vocabulary
 def test_the_vocabulary_grows_with_the_text_in_powers_of_two_up_to_the_default():
@@ -100,7 +100,8 @@ def test_under_max_time_dropout_is_set_once_the_timed_iterations_fix_max_iters_a
     flags = [f"--dataset={tiny_dataset}", *MODERN_RECIPE, "--max_time=30", "--eval_interval=20", *QUIET]
     clock = SimulatedClock()
     with monkeypatch.context() as patch:
-        simulate_machine(patch, clock, stop_at=50)
+        simulate_machine(patch, clock, lambda iteration: 0.1)
+        stop_during_iteration(patch, 50)
         whole = train_here(*flags, f"--out_dir={tmp_path / 'whole'}")
     assert whole.returncode == 0, whole.stderr
     assert "how many times the run reads them is known once iterations 6-30 are timed" in whole.stdout
@@ -109,38 +110,13 @@ def test_under_max_time_dropout_is_set_once_the_timed_iterations_fix_max_iters_a
     assert saved(tmp_path / "whole")["model_config"]["dropout"] == 0.2
     for stop_at in (10, 40, 50):  # before the fit, after it, then on to where the whole run stopped
         with monkeypatch.context() as patch:
-            simulate_machine(patch, clock, stop_at=stop_at - trained(tmp_path / "halves"))
+            simulate_machine(patch, clock, lambda iteration: 0.1)
+            stop_during_iteration(patch, stop_at - trained(tmp_path / "halves"))
             resumed = train_here(*flags, f"--out_dir={tmp_path / 'halves'}",
                                  *(["--init_from=resume"] if stop_at > 10 else []))
         assert resumed.returncode == 0, resumed.stderr
     losses = lambda out: [(line["iter"], line["loss"]) for line in train_lines(out)]
     assert losses(tmp_path / "halves") == losses(tmp_path / "whole")
-
-
-class SimulatedClock:
-    """time.time and time.perf_counter of a machine whose iterations take 0.1 s each."""
-
-    def __init__(self):
-        self.now = 1000.0
-
-    def time(self):
-        return self.now
-
-    perf_counter = time
-
-
-def simulate_machine(patch, clock, stop_at):
-    """Each iteration advances clock by 0.1 s; SIGTERM arrives during this run's stop_at-th."""
-    stop_during_iteration(patch, stop_at)
-    stopping_forward_backward = train.forward_backward
-
-    def forward_backward(*args, **kwargs):
-        clock.now += 0.1
-        return stopping_forward_backward(*args, **kwargs)
-
-    patch.setattr(train, "forward_backward", forward_backward)
-    patch.setattr(train, "time", clock)
-    patch.setattr(budget, "time", clock)
 
 
 def trained(out_dir):

@@ -18,10 +18,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from helpers import (GPT2_RECIPE, MODERN_RECIPE, RECIPES, ROOT, TINY_MODEL, read_metrics, run_train,
-                     stop_during_iteration, train_lines)
+from helpers import (GPT2_RECIPE, MODERN_RECIPE, RECIPES, ROOT, TINY_MODEL, SimulatedClock, read_metrics, run_train,
+                     simulate_machine, stop_during_iteration, train_lines)
 from model import GPT, GPTConfig
-from owngpt import budget, checkpoint, dataset, flags, optimizers, runlog, tokenizer
+from owngpt import checkpoint, dataset, flags, optimizers, runlog, tokenizer
 from owngpt.optimizers import build_optimizer
 import train
 
@@ -437,33 +437,6 @@ def test_a_max_time_run_resumed_inside_the_timed_iterations_times_the_rest_of_th
     assert f"iter 31/{fitted}:" in resumed.stdout
     saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert saved["iter_num"] == 31 and saved["config"]["max_iters"] == fitted
-
-
-class SimulatedClock:
-    """time.time and time.perf_counter of a machine whose iterations cost what a test says:
-    max_time's arithmetic checked exactly, whatever the real machine is doing."""
-
-    def __init__(self):
-        self.now = 1000.0
-
-    def time(self):
-        return self.now
-
-    perf_counter = time
-
-
-def simulate_machine(patch, clock, seconds_of_iteration):
-    """train.py and its budget read clock; each iteration advances it by seconds_of_iteration(i)."""
-    real_forward_backward, calls = train.forward_backward, []
-
-    def forward_backward(*args, **kwargs):
-        calls.append(None)
-        clock.now += seconds_of_iteration(len(calls))
-        return real_forward_backward(*args, **kwargs)
-
-    patch.setattr(train, "forward_backward", forward_backward)
-    patch.setattr(train, "time", clock)
-    patch.setattr(budget, "time", clock)
 
 
 def busy_then_quiet(iteration):
