@@ -44,7 +44,7 @@ from owngpt.checkpoint import (MANIFEST_FILE, check_checkpoint_fits, check_free_
                                write_checkpoint, write_sharded_checkpoint)
 from owngpt.dataset import SPLITS, dataset_errors, load_windows, open_folder, read_meta
 from owngpt.epochs import DATA_DEFAULTS, epochs, reads_line
-from owngpt.optimizers import OPTIMIZERS, build_optimizer, cooldown_start, set_learning_rates
+from owngpt.optimizers import OPTIMIZERS, build_optimizer, patience_ending, set_learning_rates
 from owngpt.parallel import PARALLELISMS, clip_gradients, gathered, states_to_save, wrap_model
 from owngpt.runlog import RunLog, StepTimer, duration, peak_memory
 from owngpt.runtime import available_devices, gather_from_ranks, install_stop_handlers, leave, setup_runtime
@@ -317,7 +317,11 @@ def train(run):
         improved = run_evaluation(run) if at_eval else False
         if at_eval:
             run.evals_since_best = 0 if improved else run.evals_since_best + 1
-            use_patience(run)
+            ending = patience_ending(cfg, run.iter_num, run.evals_since_best, run.best_val_loss)
+            if ending:  # patience ran out: fit the run's end (owngpt/optimizers.py)
+                for key, value in ending[0].items():
+                    run.fit(key, value)
+                run.log.print(ending[1])
         if (at_eval or stop) and bad_in_a_row == 0:  # never save while steps are failing
             save_checkpoint(run, improved)
         if stop:
@@ -337,25 +341,6 @@ def set_from_data(run):
         run.fit(key, value)
     run.data_keys = ()
     run.log.print(reads_line(reads, run.data.train_tokens, run.cfg.max_iters, run.tokens_per_iter, chosen))
-
-
-def use_patience(run):
-    """patience: after that many evaluations without a new best val loss, end the run here (its
-    last checkpoint is this evaluation's, best.pt the best). Under wsd the cooldown is where the
-    loss falls most: a run out of patience at its peak rate cools down first, as a run planned
-    to end then would have (the schedule then ends at iter_num / (1 - cooldown_fraction)), and
-    one already cooling down finishes."""
-    cfg = run.cfg
-    if not cfg.patience or run.evals_since_best < cfg.patience or run.iter_num >= cfg.max_iters:
-        return
-    said = f"patience={cfg.patience}: no new best val loss in {run.evals_since_best} evaluations"
-    if cfg.lr_schedule == "cosine":
-        run.fit("max_iters", run.iter_num)
-        run.log.print(f"{said}: stopping at iteration {run.iter_num} (best.pt holds val loss {run.best_val_loss:.4f})")
-    elif run.iter_num < cooldown_start(cfg):
-        run.fit("lr_decay_iters", 0)
-        run.fit("max_iters", max(run.iter_num, int(run.iter_num / (1 - cfg.cooldown_fraction))))
-        run.log.print(f"{said}: cooling down from iteration {run.iter_num} to {cfg.max_iters}, then stopping")
 
 
 def forward_backward(model, next_batch, micro_steps, autocast, scaler, is_ddp):

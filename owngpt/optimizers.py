@@ -167,6 +167,26 @@ def cooldown_start(cfg):
     return decay_end(cfg) * (1 - cfg.cooldown_fraction)
 
 
+def patience_ending(cfg, iteration, evals_since_best, best_val_loss):
+    """patience: after that many evaluations without a new best val loss, the run ends. Returns
+    (the keys to fit, what to say), or None while patience lasts. Under cosine it ends at this
+    iteration (its last checkpoint is this evaluation's, best.pt the best). Under wsd the
+    cooldown is where the loss falls most: a run out of patience at its peak rate cools down
+    first, as a run planned to end then would have (the schedule then ends at iteration /
+    (1 - cooldown_fraction)), and one already cooling down finishes."""
+    if not cfg.patience or evals_since_best < cfg.patience or iteration >= cfg.max_iters:
+        return None
+    said = f"patience={cfg.patience}: no new best val loss in {evals_since_best} evaluations"
+    if cfg.lr_schedule == "cosine":
+        return {"max_iters": iteration}, (f"{said}: stopping at iteration {iteration} "
+                                          f"(best.pt holds val loss {best_val_loss:.4f})")
+    if iteration < cooldown_start(cfg):
+        end = max(iteration, int(iteration / (1 - cfg.cooldown_fraction)))
+        return {"lr_decay_iters": 0, "max_iters": end}, (f"{said}: cooling down from iteration {iteration} "
+                                                         f"to {end}, then stopping")
+    return None
+
+
 def learning_rate_at(iteration, cfg):
     """AdamW's learning rate at this iteration (from 0); every parameter group's rate is its
     own peak scaled alike. Linear warmup, then either a cosine decay to min_lr at decay_end
