@@ -18,7 +18,8 @@ iteration), and a resumed run given another rate, can set every group's rate fro
 import math
 
 import torch
-from torch.distributed.tensor import DTensor, distribute_tensor
+
+from owngpt.parallel import distribute_like, is_dtensor
 
 OPTIMIZERS = ("adamw", "muon")
 
@@ -51,10 +52,9 @@ def orthogonalise_rows(update, steps=5):
     rows. Exact (the same numbers as one process), at world_size times the Newton-Schulz work
     and one all-gather per matrix; a rank that owned whole matrices (Dion's all-to-all) would
     share that work."""
-    if not isinstance(update, DTensor):
+    if not is_dtensor(update):
         return orthogonalise(update, steps)
-    whole = orthogonalise(update.full_tensor(), steps)
-    return distribute_tensor(whole, update.device_mesh, update.placements, src_data_rank=None)
+    return distribute_like(orthogonalise(update.full_tensor(), steps), update)
 
 
 class Muon(torch.optim.Optimizer):

@@ -21,15 +21,28 @@ whole CPU tensor, so the model and optimizer states rank 0 writes are those of o
 loaded whole state back into this rank's rows.
 """
 import contextlib
+import sys
 import warnings
 
 import torch
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
 PARALLELISMS = ("ddp", "fsdp")
+
+
+# torch.distributed.fsdp and torch.distributed.tensor are imported by wrap_model only: at
+# import they cost a process ~0.6 s (sympy, DTensor's operator tables), which every train.py,
+# sample.py and export.py would pay. Until a run has imported them, nothing can be theirs.
+def is_dtensor(value):
+    """Whether value is a DTensor: a tensor of which this rank holds some rows (FSDP)."""
+    tensor = sys.modules.get("torch.distributed.tensor")
+    return tensor is not None and isinstance(value, tensor.DTensor)
+
+
+def distribute_like(whole, like):
+    """whole (the same on every rank), cut to this rank's rows of the DTensor like. No communication."""
+    from torch.distributed.tensor import distribute_tensor
+    return distribute_tensor(whole, like.device_mesh, like.placements, src_data_rank=None)
 
 
 def wrap_model(model, parallelism, runtime, compile=False):
@@ -47,6 +60,8 @@ def wrap_model(model, parallelism, runtime, compile=False):
     # GPT.forward returns the logits as a view (the padded vocabulary cut off); nothing here
     # changes them in place, which is what FSDP warns about at every run
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(runtime.device.type, (runtime.world_size,))
     policy = MixedPrecisionPolicy(param_dtype=runtime.dtype, reduce_dtype=torch.float32)
     for block in model.transformer.h:
@@ -61,7 +76,7 @@ def clip_gradients(params, max_norm):
     """Clip the gradients' global norm to max_norm; return the norm before clipping, a plain
     tensor (FSDP's is a DTensor, each rank holding its rows' share: full_tensor reduces it)."""
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+    return norm.full_tensor() if is_dtensor(norm) else norm
 
 
 @contextlib.contextmanager
@@ -69,7 +84,8 @@ def gathered(model):
     """Whole weights on every rank while inside, for evaluation and sampling: these may run a
     different number of forwards on each rank (or on rank 0 alone), which FSDP's per-forward
     all-gathers cannot. Outside FSDP it does nothing."""
-    units = [module for module in model.modules() if isinstance(module, FSDPModule)]
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    units = [module for module in model.modules() if fsdp and isinstance(module, fsdp.FSDPModule)]
     for unit in units:
         unit.set_reshard_after_forward(False, recurse=False)
         unit.unshard()
@@ -91,7 +107,7 @@ def full_state(state):
         if all(items[key] is state[key] for key in keys):
             return state
         return items if isinstance(state, dict) else list(items.values())
-    return state.full_tensor().cpu() if isinstance(state, DTensor) else state
+    return state.full_tensor().cpu() if is_dtensor(state) else state
 
 
 def full_model_state(model):
@@ -118,7 +134,7 @@ def shard_optimizer_state(optimizer):
     No communication: every rank loaded the whole. Outside FSDP it does nothing."""
     for part in getattr(optimizer, "parts", {"": optimizer}).values():  # MuonAndAdamW's, or the optimizer
         for param, values in part.state.items():
-            if isinstance(param, DTensor):
+            if is_dtensor(param):
                 for key, value in values.items():
-                    if torch.is_tensor(value) and not isinstance(value, DTensor) and value.shape == param.shape:
-                        values[key] = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
+                    if torch.is_tensor(value) and not is_dtensor(value) and value.shape == param.shape:
+                        values[key] = distribute_like(value, param)
