@@ -44,7 +44,7 @@ class GPTConfig:
     n_embd: int = 384
     dropout: float = 0.0
     bias: bool = False  # biases in Linear and LayerNorm (GPT-2 had them; without is a bit faster); gpt2 block only
-    gradient_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
+    gradient_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/4 more compute
     block: str = "modern"  # modern | gpt2 (see the module docstring); the defaults are train.py's
     value_embeddings: bool = False  # modern block: each layer adds its own table's vector of the token to the values
 
@@ -431,13 +431,14 @@ class GPT(nn.Module):
 
         PaLM (Chowdhery et al. 2022), appendix B: every weight does a multiply-add
         (2 FLOPs) forward and twice that backward (6N), plus the attention scores and their
-        weighted sum over a context of T (12 L C T). N counts the weights that multiply:
-        the head, not the lookups of the token, value and position embeddings.
+        weighted sum over a context of T (12 L C T). N counts the weights that multiply: the
+        matrices, the head with the padding rows it computes, not the lookups of the token,
+        value and position embeddings, nor the norms' gains and the biases, which add.
         """
         c = self.config
-        lookups = (1 + len(self.value_tables())) * c.vocab_size * c.n_embd if self.modern else c.block_size * c.n_embd
-        n_matmul = self.num_params() - lookups
-        return 6 * n_matmul + 12 * c.n_layer * c.n_embd * c.block_size
+        lookups = [self.transformer.wte.weight, *self.value_tables()] if self.modern else [self.transformer.wpe.weight]
+        multiplied = sum(p.numel() for p in self.parameters() if p.dim() == 2 and not any(p is t for t in lookups))
+        return 6 * multiplied + 12 * c.n_layer * c.n_embd * c.block_size
 
     def value_tables(self):
         """The value embeddings' weights: one per layer, or none."""

@@ -80,7 +80,7 @@ n_head = 6  # attention heads per block
 n_embd = 384  # width of the residual stream
 dropout = 0.0  # unless set: from how many times the run reads the train split, 0 up to 4 times, then 0.2 (owngpt/epochs.py)
 bias = False  # biases in Linear and LayerNorm layers, as GPT-2 had
-gradient_checkpointing = False  # recompute block activations in backward: less memory, ~1/3 more compute
+gradient_checkpointing = False  # recompute block activations in backward: less memory, ~1/4 more compute
 block = "modern"  # modern (RoPE, RMSNorm, QK-norm, ReLU^2, untied head) | gpt2 (learned positions, LayerNorm, GELU, tied head)
 value_embeddings = False  # modern block: a table per layer adding a vector of the token to its attention values (n_layer x vocab x n_embd more parameters)
 # optimizer

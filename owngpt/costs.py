@@ -204,11 +204,23 @@ def optimizer_flops(model, optimizer):
     return sum(NS_STEPS * (4 * m * m * n + 2 * m**3) for m, n in shapes)
 
 
+def recomputed_flops_per_token(model):
+    """What gradient checkpointing adds: the blocks' forward again, in backward. torch's
+    non-reentrant checkpoint stops once the last tensor backward needs is recomputed, so each
+    block's last multiply (the MLP's output projection, a third of a gpt2 block's weights) is
+    not redone; the attention's scores and weighted sum are (4 C T per token and layer)."""
+    c = model.config
+    blocks = model.transformer.h
+    multiplied = sum(p.numel() for p in blocks.parameters() if p.dim() == 2)
+    not_redone = sum(block.mlp.c_proj.weight.numel() for block in blocks)
+    return 2 * (multiplied - not_redone) + 4 * c.n_layer * c.n_embd * c.block_size
+
+
 def flops_per_iter(model, tokens_per_process, optimizer, gradient_checkpointing=False):
-    """One process's FLOPs per iteration: 6N + attention per token (model.flops_per_token), a
-    second forward pass of the blocks under checkpointing (about 4/3 of it), the optimizer."""
-    recompute = 4 / 3 if gradient_checkpointing else 1
-    return model.flops_per_token() * tokens_per_process * recompute + optimizer_flops(model, optimizer)
+    """One process's FLOPs per iteration: 6N + attention per token (model.flops_per_token), the
+    blocks' recomputed forward under checkpointing, the optimizer's."""
+    per_token = model.flops_per_token() + (recomputed_flops_per_token(model) if gradient_checkpointing else 0)
+    return per_token * tokens_per_process + optimizer_flops(model, optimizer)
 
 
 def evaluations(max_iters, eval_interval, start=0):

@@ -311,8 +311,9 @@ def test_gpt2_small_has_its_published_124_million_parameters():
     with torch.device("meta"):  # shapes only, no memory
         model = GPT(config)
     assert model.num_params() == 124_439_808  # the count of the released GPT-2 small
-    # PaLM's 6N + 12 L C T, with N leaving out the position embeddings
-    n_matmul = 124_439_808 - 1024 * 768
+    # PaLM's 6N + 12 L C T, N the matrices that multiply: 12 C^2 per block and the head
+    # (tied to the token embedding) at its padded 50304 rows
+    n_matmul = 12 * 12 * 768**2 + 50304 * 768
     assert model.flops_per_token() == 6 * n_matmul + 12 * 12 * 768 * 1024
 
 
