@@ -20,7 +20,7 @@ from helpers import TINY_MODEL, make_text, send_body  # noqa: E402
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "slow: several train.py or prepare.py processes, torchrun, the README and WORKSHOP commands, "
-                   "or a long run; `python -m pytest -q -m \"not slow\" tests` leaves them out (about a minute)")
+                   "or a long run; `-m \"not slow\"` leaves them out (under a minute in 2 processes)")
 
 
 @pytest.fixture(scope="session")
