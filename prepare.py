@@ -60,8 +60,8 @@ import numpy as np
 from owngpt import flags
 from owngpt.dataset import (META_FORMAT_VERSION, SPLITS, AtomicFile, ShardWriter, atomic_write, build_folder,
                             discard_build, folder_path, publish, report_markdown, start_build, token_dtype)
-from owngpt.filtered import (MergedParts, PartsFolder, Tally, check_splits, document_tails, kept_document, read_manifest,
-                             split_of, split_rule)
+from owngpt.filtered import (MergedParts, PartsFolder, Tally, check_splits, document_tails, json_line, kept_document,
+                             read_manifest, split_of, split_rule)
 from owngpt.flags import UserError, at_least, between, matches, one_of
 from owngpt.sources import commoncrawl_inputs, file_inputs, python_inputs, read_documents, split_list, url_inputs
 from owngpt.tokenizer import (BYTES_PER_VOCAB_ENTRY, SMALLEST_VOCAB, TOKENIZERS, count_chunks, gpt2_encoding,
@@ -271,10 +271,6 @@ def _filter_batch(batch):
             key = filters.dedup_signature(text, _web_settings) if text is not None else None
         results.append((reason, None if reason else json_line(kept_document(split, document, text, key))))
     return results
-
-
-def json_line(value):
-    return json.dumps(value, ensure_ascii=False).encode("utf-8", "surrogatepass") + b"\n"
 
 
 def labelled_documents(settings, inputs, val_inputs):

@@ -161,11 +161,14 @@ class PartsFolder:
         path = self.path(index)
         if not path.exists():
             return False
-        header = part_header(path)
+        self.check_header(path, part_header(path))
+        return True
+
+    def check_header(self, path, header):
+        """A part made with other settings than the folder's is an error, wherever it is met."""
         if header["fingerprint"] != self.fingerprint:
             raise UserError(f"{path} was made with other settings than {self.folder / MANIFEST} "
                             f"({differences(header['fingerprint'], self.fingerprint)}): delete it to make it again")
-        return True
 
     def new_part(self, index, name):
         """An AtomicFile for part index with its header written; stale temporary files of
@@ -173,12 +176,12 @@ class PartsFolder:
         for stale in self.folder.glob(f".{self.path(index).name}.*.tmp"):
             stale.unlink(missing_ok=True)
         part = AtomicFile(self.path(index))
-        write_json_line(part.file, {"part": index, "name": name, "fingerprint": self.fingerprint})
+        part.file.write(json_line({"part": index, "name": name, "fingerprint": self.fingerprint}))
         return part
 
     @staticmethod
     def finish_part(part, tally, seconds):
-        write_json_line(part.file, {"tally": tally.as_json(), "seconds": round(seconds, 3)})
+        part.file.write(json_line({"tally": tally.as_json(), "seconds": round(seconds, 3)}))
         part.commit()
 
     def missing(self, count):
@@ -204,8 +207,9 @@ def differences(recorded, wanted):
     return ", ".join(f"--{name}={there.get(name)} there, {here.get(name)} here" for name in names)
 
 
-def write_json_line(file, value):
-    file.write(json.dumps(value, ensure_ascii=False).encode("utf-8", "surrogatepass") + b"\n")
+def json_line(value):
+    """A part file's line: JSON, UTF-8, a lone surrogate of the text kept as it was read."""
+    return json.dumps(value, ensure_ascii=False).encode("utf-8", "surrogatepass") + b"\n"
 
 
 def part_header(path):
@@ -242,9 +246,7 @@ class MergedParts:
             path = parts.path(index)
             lines = part_lines(path)
             header = next(lines)
-            if header["fingerprint"] != parts.fingerprint:
-                raise UserError(f"{path} was made with other settings than {parts.folder / MANIFEST} "
-                                f"({differences(header['fingerprint'], parts.fingerprint)})")
+            parts.check_header(path, header)
             self.names.append(header["name"])
             kept = bytearray()  # one flag per document line of the part
             for document in lines:
