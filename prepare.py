@@ -582,9 +582,11 @@ def throughput(tally, kept_bytes, splits, timings):
 def read_settings(argv):
     """The run's settings from its --key=value flags (owngpt/flags.py), every value checked; the
     web filter flags become settings["web_filters"], a filters.WebFilterSettings."""
-    values = flags.parse(argv, DEFAULTS, HELP, CHECKS, program="prepare.py", relations=RELATIONS)
+    given = set()
+    values = flags.parse(argv, DEFAULTS, HELP, CHECKS, program="prepare.py", relations=RELATIONS, given=given)
     settings = {name: values[name] for name in FLAGS}
     settings["web_filters"] = filters.WebFilterSettings(**{name: values[name] for name in WEB_DEFAULTS})
+    settings["vocab_size_given"] = "vocab_size" in given  # else the text's size picks it (vocab_size_for)
     return settings
 
 
@@ -730,7 +732,6 @@ def build_dataset(settings, build, final):
 
 def main(argv):
     settings = read_settings(argv)
-    settings["vocab_size_given"] = any(argument.startswith("--vocab_size=") for argument in argv)
     final = dataset_folder(settings)
     task = task_of(settings, os.environ)
     if task is not None:
