@@ -610,7 +610,7 @@ def test_on_cpu_a_freed_large_tensor_comes_back_without_the_kernel_faulting_its_
     # fault in and zero every page of the next step's. Counted in page faults, not time.
     # With the heap kept, a freed tensor's chunk can still lose a few bytes to a small
     # allocation made before the next tensor, which then no longer fits and grows the heap;
-    # how many rounds that takes varies from process to process (1 to 6 seen in 30 runs),
+    # how many rounds that takes varies from process to process (1 to 6 in 80 processes),
     # after which two chunks take turns. So: 24 rounds, and the last 8 must reuse memory.
     code = textwrap.dedent("""
         import resource, torch
