@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from owngpt import budget, dataset, tokenizer
 import train
@@ -50,6 +51,15 @@ def send_body(handler, body, broken=False):
         handler.close_connection = True
     else:
         handler.wfile.write(body[start:])
+
+
+def cannot_run_here(reason):
+    """A test whose machinery is missing here (root for a mount, a Slurm cluster) skips with
+    the reason on a developer's machine, and fails in CI, where .ci/run sets OWNGPT_NO_SKIP=1:
+    there every test must have run."""
+    if os.environ.get("OWNGPT_NO_SKIP") == "1":
+        pytest.fail(f"cannot run here, and OWNGPT_NO_SKIP=1 says it must: {reason}", pytrace=False)
+    pytest.skip(reason)
 
 
 def wait_until(condition, timeout=60, interval=0.05):
