@@ -25,7 +25,6 @@ Example:
         ...                                     # token: (B,), one per step, as it is made
 """
 import math
-import platform
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -66,61 +65,6 @@ def padded_vocab_size(vocab_size: int) -> int:
     are never sampled, add nothing to the loss, and never receive a gradient.
     """
     return (vocab_size + 63) // 64 * 64
-
-
-# oneDNN's matrix multiply, an operator of PyTorch's own (torch.compile's CPU backend runs
-# linear layers through it at inference); where a build lacks it, Linear is plain nn.Linear
-ONEDNN_LINEAR = (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
-                 and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
-
-
-def onednn_matmul(a, b, bias=None):
-    """a @ b.T (+ bias) for 2-D float32 CPU tensors, transposed views included, through oneDNN."""
-    return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
-
-
-class OneDNNLinearFunction(torch.autograd.Function):
-    """y = x W^T + b with its backward, every product a oneDNN matrix multiply."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return onednn_matmul(x.reshape(-1, x.size(-1)), weight, bias).view(*x.shape[:-1], weight.size(0))
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        rows, grad_rows = x.reshape(-1, x.size(-1)), grad.reshape(-1, grad.size(-1))
-        grad_x = onednn_matmul(grad_rows, weight.t()).view(x.shape)  # grad @ W
-        # grad^T x: oneDNN copies a transposed first operand into rows (its second it reads
-        # as it lies), so the smaller transpose goes first: (x^T grad)^T when x is narrower
-        if grad_rows.size(1) <= rows.size(1):
-            grad_weight = onednn_matmul(grad_rows.t(), rows.t())
-        else:
-            grad_weight = onednn_matmul(rows.t(), grad_rows.t()).t().contiguous()
-        return grad_x, grad_weight, grad_rows.sum(0) if ctx.has_bias else None
-
-
-class Linear(nn.Linear):
-    """nn.Linear, multiplying through oneDNN on an x86 CPU in float32.
-
-    PyTorch multiplies float32 matrices on a CPU with MKL, which on this project's AMD EPYC
-    (Zen 5) runs them at less than half the speed oneDNN, also inside PyTorch, gets from the
-    same core (MKL keeps its fastest kernels for Intel processors); at nanoGPT's CPU shape
-    these products are three quarters of a training step (RESULTS.md: oneDNN matmuls on
-    CPU). The arithmetic is the same float32, summed in another order: results agree to
-    float32 rounding. Without gradients (evaluation; sampling, one token at a time, where
-    each call's fixed cost counts more than its arithmetic and oneDNN's is the larger), on
-    GPUs, under autocast and under torch.compile (which fuses its own) it is nn.Linear.
-    """
-
-    def forward(self, x):
-        if (ONEDNN_LINEAR and torch.is_grad_enabled() and x.device.type == "cpu"
-                and x.dtype == self.weight.dtype == torch.float32
-                and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
-            return OneDNNLinearFunction.apply(x, self.weight, self.bias)
-        return super().forward(x)
 
 
 class KVCache:
@@ -192,8 +136,8 @@ class CausalSelfAttention(nn.Module):
         assert config.n_embd % config.n_head == 0, "n_embd must be a multiple of n_head"
         self.n_head = config.n_head
         # one matrix for query, key and value: one large multiply instead of three small ones
-        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.is_residual_projection = True
         self.resid_dropout = nn.Dropout(config.dropout)
 
@@ -241,8 +185,8 @@ class MLP(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.is_residual_projection = True
         self.dropout = nn.Dropout(config.dropout)
 
@@ -320,7 +264,7 @@ class GPT(nn.Module):
         # checkpoints load as they were.
         self.value_embeds = nn.ModuleList(nn.Embedding(padded_vocab_size(config.vocab_size), config.n_embd)
                                           for _ in range(config.n_layer if config.value_embeddings else 0))
-        self.lm_head = Linear(config.n_embd, padded_vocab_size(config.vocab_size), bias=False)
+        self.lm_head = nn.Linear(config.n_embd, padded_vocab_size(config.vocab_size), bias=False)
         if not self.modern:
             # Weight tying (Press & Wolf 2017): reading a token and predicting it use one
             # matrix, which saves vocab_size * n_embd parameters and trains at least as well.
@@ -374,10 +318,18 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):  # a value embedding
             nn.init.zeros_(module.weight)
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, loss_chunk_rows=0):
         """idx, targets: (B, T) token ids. Returns logits (B, T, vocab_size) and the mean
-        cross-entropy over the targets that are not -1, or None without targets."""
-        logits = self.head(self.hidden_states(idx))
+        cross-entropy over the targets that are not -1, or None without targets.
+
+        With loss_chunk_rows, training's way: the loss is computed that many rows at a time
+        (ChunkedCrossEntropy) and the logits, never whole, are returned as None."""
+        hidden = self.hidden_states(idx)
+        if targets is not None and loss_chunk_rows:
+            rows = hidden.reshape(-1, hidden.size(-1))
+            return None, ChunkedCrossEntropy.apply(rows, targets.reshape(-1), self.head, loss_chunk_rows,
+                                                   *self.lm_head.parameters())
+        logits = self.head(hidden)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
@@ -500,6 +452,42 @@ class GPT(nn.Module):
         cache, only the tokens of window it does not hold yet are read."""
         new_tokens = window if kv_cache is None else window[:, kv_cache.length:]
         return self.head(self.hidden_states(new_tokens, kv_cache)[:, -1])
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """The mean cross-entropy of head(hidden) against targets (-1: not counted), computed
+    chunk_rows rows at a time: each piece's logits become its loss and the gradients of its
+    rows and of the head's weights, and are dropped before the next piece is made. The whole
+    logits (rows x vocabulary floats, the step's largest tensor) never exist, and a piece
+    stays in the cache while its softmax is read and written (RESULTS.md: the loss in pieces).
+
+    The gradients are taken here, in forward, where each piece is at hand, through the head's
+    own forward and backward; backward only scales them by the gradient of the loss. The same
+    sums as F.cross_entropy's mean, added in pieces."""
+
+    @staticmethod
+    def forward(ctx, hidden, targets, head, chunk_rows, *weights):
+        hidden_grad = torch.empty_like(hidden)
+        weight_grads = [torch.zeros_like(weight) for weight in weights]
+        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.size(0), chunk_rows):
+            piece = slice(start, start + chunk_rows)
+            with torch.enable_grad():
+                rows = hidden[piece].detach().requires_grad_()
+                loss = F.cross_entropy(head(rows).float(), targets[piece], ignore_index=-1, reduction="sum")
+            rows_grad, *grads = torch.autograd.grad(loss, [rows, *weights])
+            hidden_grad[piece] = rows_grad
+            for total, grad in zip(weight_grads, grads):
+                total += grad
+            loss_sum += loss.detach()
+        counted = (targets != -1).sum()  # none counted: 0 / 0, NaN, as F.cross_entropy gives
+        ctx.save_for_backward(hidden_grad / counted, *(grad / counted for grad in weight_grads))
+        return loss_sum / counted
+
+    @staticmethod
+    def backward(ctx, loss_grad):
+        hidden_grad, *weight_grads = ctx.saved_tensors
+        return hidden_grad * loss_grad, None, None, None, *(grad * loss_grad for grad in weight_grads)
 
 
 def check_sampling_options(temperature, top_k, top_p):

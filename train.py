@@ -36,7 +36,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from model import BLOCKS, GPT, GPTConfig
-from owngpt import flags
+from owngpt import cpu, flags
 from owngpt.budget import TIMED_ITERATIONS, TimeBudget
 from owngpt.checkpoint import (MANIFEST_FILE, check_checkpoint_fits, check_free_space, check_same_run,
                                checkpoint_to_start, continue_after_restart, init_from_problem, prepare_out_dir,
@@ -46,7 +46,7 @@ from owngpt.dataset import SPLITS, dataset_errors, load_windows, open_folder, re
 from owngpt.epochs import DATA_DEFAULTS, epochs, reads_line
 from owngpt.optimizers import OPTIMIZERS, build_optimizer, patience_ending, set_learning_rates
 from owngpt.parallel import PARALLELISMS, clip_gradients, gathered, states_to_save, wrap_model
-from owngpt.runlog import RunLog, StepTimer, duration, peak_memory
+from owngpt.runlog import RunLog, StepTimer, duration, log_step, peak_memory
 from owngpt.runtime import available_devices, gather_from_ranks, install_stop_handlers, leave, setup_runtime
 from owngpt.tasks import evaluate_tasks, load_tasks, task_metrics, tasks_line, tasks_problem
 from owngpt.tokenizer import load_tokenizer, token_byte_lengths
@@ -104,6 +104,7 @@ min_lr = 1e-4  # floor of the schedule (set it to learning_rate for a constant r
 device = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:1 | mps
 dtype = "auto"  # auto (bfloat16 on GPUs that have it, else float16; float32 on CPU) | float32 | bfloat16 | float16
 compile = False  # torch.compile the model: faster on GPUs after a minute of compiling
+matmul = "auto"  # CPU, float32: auto (time MKL and oneDNN at the run's layer shapes, take the faster per product) | mkl | onednn
 parallelism = "ddp"  # under torchrun: ddp (every process holds the whole model) | fsdp (each holds 1/N of the weights, gradients and optimizer state: for models ddp cannot fit)
 seed = 1337  # seeds model init (the same in every process), batches and dropout (process k uses seed + k)
 # reliability
@@ -137,6 +138,7 @@ CHECKS = {
     "eval_tasks": tasks_problem,
     "device": lambda device: flags.one_of("auto", *available_devices())(device),  # what this machine has
     "dtype": flags.one_of("auto", "float32", "bfloat16", "float16"),
+    "matmul": cpu.matmul_problem,
     "seed": flags.between(0, 2**31 - 1),  # numpy takes 32-bit seeds, and process k adds k
 }
 RELATIONS = (  # rules between keys: each returns what is wrong, or None
@@ -189,6 +191,7 @@ class Run:
     # checkpoints carry them, so a resumed run goes on with them
     fitted: dict = dataclasses.field(default_factory=dict)
     data_keys: tuple = ()  # DATA_DEFAULTS' keys the user left to the data, until the run sets them
+    loss_chunk_rows: int = 0  # the training loss takes this many rows at a time (0: all): a CPU's cache
 
     def fit(self, key, value):
         """Set a key of the config as the run decided it, for the rest of the run and its resumes."""
@@ -240,6 +243,7 @@ def build_run(cfg, given=frozenset()):
         raw_model.load_state_dict(checkpoint["model"])
     if runtime.is_main and not cfg.eval_only:
         check_free_space(Path(cfg.out_dir), raw_model, cfg.keep_last)
+    matmul, loss_chunk_rows = cpu.speed_up(raw_model, cfg, runtime)  # on a CPU, what times faster (owngpt/cpu.py)
     train_model, model = wrap_model(raw_model, cfg.parallelism, runtime, cfg.compile)  # owngpt/parallel.py
     data = SimpleNamespace(
         windows=windows, encoding=encoding, tokenizer_info=meta["tokenizer"], tasks=tasks,
@@ -254,7 +258,10 @@ def build_run(cfg, given=frozenset()):
     scaler = torch.amp.GradScaler(runtime.device.type) if runtime.dtype == torch.float16 else None
     run = Run(cfg=cfg, runtime=runtime, log=None, stop=stop, data=data, raw_model=raw_model, model=model,
               train_model=train_model, optimizer=optimizer, scaler=scaler, budget=budget, fitted=fitted,
-              data_keys=tuple(key for key in DATA_DEFAULTS if key not in given and key not in fitted))
+              data_keys=tuple(key for key in DATA_DEFAULTS if key not in given and key not in fitted),
+              loss_chunk_rows=loss_chunk_rows)
+    if cfg.matmul == "auto":
+        run.fit("matmul", matmul)  # a resumed run multiplies as this one does
     if resuming:
         run.iter_num, run.best_val_loss, elapsed_before = restore_training_state(
             checkpoint, path, raw_model, optimizer, cfg.optimizer, scaler, data.generator, runtime)
@@ -275,7 +282,9 @@ def batch(windows, window_ids, device):
 def train(run):
     """The loop: step, log, evaluate and checkpoint; stop on request or on repeated bad steps."""
     cfg, data = run.cfg, run.data
-    run.log.plan(run.raw_model, cfg, run.runtime)
+    on_cpu = run.runtime.device.type == "cpu"
+    run.log.plan(run.raw_model, cfg, run.runtime, run.loss_chunk_rows,
+                 cpu.plan_line(cfg.matmul, "matmul" in run.fitted, run.loss_chunk_rows) if on_cpu else None)
     if cfg.max_time and run.iter_num < TIMED_ITERATIONS[1]:
         run.log.print(f"data: {data.train_tokens:,} train tokens; how many times the run reads them is known "
                       f"once iterations {TIMED_ITERATIONS[0] + 1}-{TIMED_ITERATIONS[1]} are timed")
@@ -293,7 +302,7 @@ def train(run):
         lr = set_learning_rates(run.optimizer, run.iter_num, cfg)
         started = time.perf_counter()
         loss = forward_backward(run.train_model, next_batch, micro_steps, run.runtime.autocast, run.scaler,
-                                isinstance(run.train_model, DistributedDataParallel))
+                                isinstance(run.train_model, DistributedDataParallel), run.loss_chunk_rows)
         loss, grad_norm, skipped, stop = optimizer_step(run, loss, run.stop.is_set())
         run.iter_num += 1
         step_seconds = time.perf_counter() - started
@@ -343,7 +352,7 @@ def set_from_data(run):
     run.log.print(reads_line(reads, run.data.train_tokens, run.cfg.max_iters, run.tokens_per_iter, chosen))
 
 
-def forward_backward(model, next_batch, micro_steps, autocast, scaler, is_ddp):
+def forward_backward(model, next_batch, micro_steps, autocast, scaler, is_ddp, loss_chunk_rows=0):
     """Accumulate the gradients of micro_steps batches; return their mean loss (a tensor).
     DDP averages gradients across processes in backward; no_sync skips that on all but the last
     micro-step. FSDP reduce-scatters them at every one, so each rank keeps only its share."""
@@ -353,7 +362,7 @@ def forward_backward(model, next_batch, micro_steps, autocast, scaler, is_ddp):
         sync = not is_ddp or micro_step == micro_steps - 1
         with nullcontext() if sync else model.no_sync():
             with autocast:
-                _, loss = model(inputs, targets)
+                _, loss = model(inputs, targets, loss_chunk_rows=loss_chunk_rows)
             loss = loss / micro_steps
             (scaler.scale(loss) if scaler else loss).backward()
         total_loss = total_loss + loss.detach()
@@ -462,29 +471,6 @@ def save_checkpoint(run, is_best):
         raise TrainError(f"saving iteration {run.iter_num} into {run.cfg.out_dir} failed: {error.strerror or error}. "
                          f"The checkpoints recorded in {MANIFEST_FILE} are intact: make room, then continue "
                          "with --init_from=resume") from None
-
-
-def log_step(run, loss, grad_norm, skipped, lr):
-    """A log line and a metrics.jsonl record: loss, rate, speed, MFU (on GPUs it knows), ETA."""
-    ms_per_iter = run.timer.take_ms()
-    tokens_per_s = run.tokens_per_iter / (ms_per_iter / 1000)
-    record = {"iter": run.iter_num, "tokens": run.iter_num * run.tokens_per_iter, "elapsed_s": run.budget.elapsed(),
-              "loss": loss, "lr": lr, "grad_norm": grad_norm, "ms_per_iter": ms_per_iter,
-              "tokens_per_s": tokens_per_s, "skipped": skipped}
-    text = (f"iter {run.iter_num}/{run.cfg.max_iters}: loss {loss:.4f} | lr {lr:.2e} | {ms_per_iter:.0f} ms/iter | "
-            f"{tokens_per_s:,.0f} tokens/s")
-    if run.runtime.peak_flops:
-        peak_flops = run.runtime.peak_flops * run.runtime.world_size
-        record["mfu"] = run.raw_model.flops_per_token() * tokens_per_s / peak_flops
-        text += f" | MFU {record['mfu']:.1%}"
-    eta = run.budget.eta(run.iter_num, run.cfg.max_iters, run.cfg.eval_interval, ms_per_iter)
-    run.log.print(text + f" | ETA {duration(eta)}" + (" | SKIPPED: loss or gradient not finite" if skipped else ""))
-    run.log.write(record)
-    if run.timer.timed_steps >= 5 and not run.timer.estimated:  # once, after 5 timed steps
-        run.timer.estimated = True
-        run.log.print(f"estimated wall time of the whole run on {run.runtime.device}: "
-                      f"{duration(run.budget.elapsed() + eta)} ({ms_per_iter:.0f} ms/iter, "
-                      f"{run.budget.eval_seconds:.1f}s per evaluation)")
 
 
 def main(argv):

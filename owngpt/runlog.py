@@ -5,6 +5,7 @@ a short sample of text at each evaluation.
     log.print("eval at iter 100: ...")            # rank 0 prints
     log.write({"iter": 100, "val_loss": 3.9})     # one JSON object a line (and wandb)
     log.draw_curves()                             # rewrites out_dir/curves.svg (curves.py)
+    log_step(run, loss, grad_norm, skipped, lr)   # train.py's line of a step, and its record
     seconds = log.sample(model, encoding, seed=1337, device=torch.device("cpu"), iteration=100, elapsed=clock)
 
 A resumed run first drops the lines past the checkpoint it resumes, so every iteration is
@@ -78,12 +79,14 @@ class RunLog:
         if self.wandb:
             self.wandb.log(record, step=record["iter"])
 
-    def plan(self, model, cfg, runtime):
+    def plan(self, model, cfg, runtime, loss_chunk_rows, speed=None):
         """The cost of the run before it starts: parameters, tokens, FLOPs, memory per process,
-        and on a GPU of the card table the time at costs.MFU (owngpt/costs.py, as plan.py prints)."""
+        and on a GPU of the card table the time at costs.MFU (owngpt/costs.py, as plan.py prints);
+        speed: what the run does to be faster on this device, and why."""
         kinds = ("ddp", "fsdp") if runtime.world_size > 1 else ("ddp",)  # one process shards nothing
         memory = {kind: costs.memory_per_gpu(model, cfg.batch_size, cfg.optimizer, runtime.dtype != torch.float32,
-                                             cfg.gradient_checkpointing, runtime.world_size, kind) for kind in kinds}
+                                             cfg.gradient_checkpointing, runtime.world_size, kind, loss_chunk_rows)
+                  for kind in kinds}
         lines = costs.run_summary(model, cfg, runtime.world_size)
         for kind, parts in memory.items():
             lines.append(f"      memory per process ~{costs.memory_text(parts['total'])} at its peak"
@@ -97,7 +100,8 @@ class RunLog:
         if runtime.peak_flops:
             seconds = costs.predicted_seconds(model, cfg, runtime.world_size, runtime.peak_flops, costs.MFU)[1]
             lines.append(f"      ~{duration(seconds)} at {costs.MFU:.0%} MFU, evaluations included")
-        lines.append(f"      device {runtime.device}, {str(runtime.dtype).removeprefix('torch.')}, compile={cfg.compile}")
+        lines.append(f"      device {runtime.device}, {str(runtime.dtype).removeprefix('torch.')}, compile={cfg.compile}"
+                     + (f"; {speed}" if speed else ""))
         self.print("\n".join(lines))
 
     def sample(self, model, encoding, seed, device, iteration, elapsed):
@@ -124,6 +128,30 @@ class RunLog:
         """out_dir/curves.svg from every line so far: rank 0 draws it at each evaluation."""
         if self.enabled:
             curves.write(self.path.with_name(CURVES_FILE), [(self.run_name, curves.read_metrics(self.path.parent))])
+
+
+def log_step(run, loss, grad_norm, skipped, lr):
+    """train.py's log line and metrics.jsonl record of a step: loss, rate, speed, MFU (on GPUs it
+    knows), ETA; once, after 5 timed steps, the whole run's estimated wall time. run: train.Run."""
+    ms_per_iter = run.timer.take_ms()
+    tokens_per_s = run.tokens_per_iter / (ms_per_iter / 1000)
+    record = {"iter": run.iter_num, "tokens": run.iter_num * run.tokens_per_iter, "elapsed_s": run.budget.elapsed(),
+              "loss": loss, "lr": lr, "grad_norm": grad_norm, "ms_per_iter": ms_per_iter,
+              "tokens_per_s": tokens_per_s, "skipped": skipped}
+    text = (f"iter {run.iter_num}/{run.cfg.max_iters}: loss {loss:.4f} | lr {lr:.2e} | {ms_per_iter:.0f} ms/iter | "
+            f"{tokens_per_s:,.0f} tokens/s")
+    if run.runtime.peak_flops:
+        peak_flops = run.runtime.peak_flops * run.runtime.world_size
+        record["mfu"] = run.raw_model.flops_per_token() * tokens_per_s / peak_flops
+        text += f" | MFU {record['mfu']:.1%}"
+    eta = run.budget.eta(run.iter_num, run.cfg.max_iters, run.cfg.eval_interval, ms_per_iter)
+    run.log.print(text + f" | ETA {duration(eta)}" + (" | SKIPPED: loss or gradient not finite" if skipped else ""))
+    run.log.write(record)
+    if run.timer.timed_steps >= 5 and not run.timer.estimated:  # once, after 5 timed steps
+        run.timer.estimated = True
+        run.log.print(f"estimated wall time of the whole run on {run.runtime.device}: "
+                      f"{duration(run.budget.elapsed() + eta)} ({ms_per_iter:.0f} ms/iter, "
+                      f"{run.budget.eval_seconds:.1f}s per evaluation)")
 
 
 # The sample at each evaluation: a few dozen tokens show the text taking shape, and cost a

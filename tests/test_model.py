@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from model import GPT, ONEDNN_LINEAR, GPTConfig, Linear, padded_vocab_size, sample_next_token
+from model import GPT, GPTConfig, padded_vocab_size, sample_next_token
 from owngpt.checkpoint import upgrade
 from owngpt.optimizers import build_optimizer
 from owngpt.runtime import available_devices, peak_flops, peak_flops_of_card, pick_device
@@ -78,6 +78,28 @@ def test_targets_of_minus_one_are_left_out_of_the_loss():
     logits, loss = model(idx, masked)
     expected = torch.nn.functional.cross_entropy(logits[:, :8].reshape(-1, 300), targets[:, :8].reshape(-1))
     torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("chunk_rows", [1, 7, 64, 1000])
+def test_the_loss_in_pieces_equals_the_whole_loss_and_its_gradients(chunk_rows, block):
+    """7 does not divide the 64 rows, 1000 holds them all; a quarter of the targets are -1,
+    and GPT-2's head is tied to its token embedding."""
+    model = without_zero_weights(tiny_model(**BLOCKS[block]))
+    idx, targets = torch.randint(0, 300, (2, 4, 16))
+    targets[torch.rand(targets.shape, generator=torch.Generator().manual_seed(1)) < 0.25] = -1
+    results = []
+    for rows in (0, chunk_rows):
+        model.zero_grad(set_to_none=True)
+        logits, loss = model(idx, targets, loss_chunk_rows=rows)
+        (0.5 * loss).backward()  # a gradient of the loss other than 1 reaches every parameter scaled
+        results.append((logits, loss, [p.grad for p in model.parameters()]))
+    (whole_logits, whole_loss, whole_grads), (no_logits, loss, grads) = results
+    assert whole_logits is not None and no_logits is None
+    torch.testing.assert_close(loss, whole_loss, rtol=1e-6, atol=0)  # float32 sums in another order
+    for name, whole_grad, grad in zip([name for name, _ in model.named_parameters()], whole_grads, grads):
+        assert whole_grad is not None and grad is not None, name
+        torch.testing.assert_close(grad, whole_grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
 @pytest.mark.parametrize("changed_position", [1, 7, 15])
@@ -285,25 +307,6 @@ def test_invalid_sampling_options_are_refused(options):
     model = tiny_model()
     with pytest.raises(ValueError, match=next(iter(options))):
         next(model.generate(torch.zeros(1, 1, dtype=torch.long), 1, **options))
-
-
-@pytest.mark.skipif(not ONEDNN_LINEAR, reason="this PyTorch build has no oneDNN matmul")
-@pytest.mark.parametrize("bias", [False, True])
-def test_linear_through_onednn_equals_nn_linear_values_and_gradients(bias):
-    torch.manual_seed(0)
-    layer = Linear(32, 96, bias=bias)
-    x = torch.randn(3, 5, 32, requires_grad=True)
-    upstream = torch.randn(3, 5, 96)
-    results = []
-    for forward in (layer, lambda x: torch.nn.functional.linear(x, layer.weight, layer.bias)):
-        x.grad = None
-        layer.zero_grad(set_to_none=True)
-        y = forward(x)
-        y.backward(upstream)
-        results.append([y, x.grad, *(p.grad for p in layer.parameters())])
-    assert len(results[0]) == (4 if bias else 3)
-    for ours, reference in zip(*results):
-        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)  # float32 sums in another order
 
 
 def test_gpt2_small_has_its_published_124_million_parameters():

@@ -1,0 +1,121 @@
+"""owngpt/cpu.py: the library each linear layer's products go through on a CPU, chosen by
+timing at the run's shapes, kept by a resumed run, and equal to nn.Linear's arithmetic."""
+import itertools
+
+import pytest
+import torch
+
+from helpers import cannot_run_here, read_metrics, stop_during_iteration, train_lines
+from model import GPT, GPTConfig
+from owngpt import cpu
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# a model whose block products are large enough to be timed (512 rows x 128 x 128 and wider),
+# with a head too small to be (512 rows x 128 x 64 padded columns)
+TIMED_SHAPE = dict(vocab_size=64, block_size=64, n_layer=1, n_head=4, n_embd=128)
+TIMED_ROWS = 8 * 64
+TIMED = {"128x384", "128x128", "128x512", "512x128"}
+
+
+@pytest.fixture
+def onednn():
+    if not cpu.onednn_available():
+        cannot_run_here("this PyTorch build has no oneDNN matrix multiply (an x86 build has)")
+
+
+@pytest.mark.usefixtures("onednn")
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("libraries", list(itertools.product(cpu.LIBRARIES, repeat=3)), ids="/".join)
+def test_every_choice_of_libraries_gives_nn_linears_values_and_gradients(libraries, bias):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(48, 96, bias=bias)
+    x = torch.randn(3, 5, 48, requires_grad=True)
+    upstream = torch.randn(3, 5, 96)
+    results = []
+    for chosen in (None, libraries):
+        if chosen:
+            cpu.use_matmuls(layer, {"48x96": chosen})
+            assert type(layer) is (torch.nn.Linear if chosen == ("mkl",) * 3 else cpu.ChosenLinear)
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+        y = layer(x)
+        y.backward(upstream)
+        results.append([y, x.grad, *(p.grad for p in layer.parameters())])
+    assert len(results[0]) == (4 if bias else 3)
+    for ours, reference in zip(*results):
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)  # float32 sums in another order
+
+
+@pytest.mark.usefixtures("onednn")
+def test_chosen_libraries_keep_the_parameters_and_the_state_dict():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TIMED_SHAPE))
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    parameters = list(model.parameters())
+    cpu.use_matmuls(model, {"128x384": ("onednn", "mkl", "mkl"), "512x128": ("mkl", "mkl", "onednn")})
+    assert [type(model.transformer.h[0].attn.c_attn), type(model.transformer.h[0].mlp.c_proj)] == [cpu.ChosenLinear] * 2
+    assert model.transformer.h[0].attn.c_attn.libraries == ("onednn", "mkl", "mkl")
+    assert type(model.transformer.h[0].mlp.c_fc) is torch.nn.Linear  # a shape the choice does not name
+    assert list(model.parameters()) == parameters
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+    assert model.state_dict().keys() == before.keys()
+
+
+@pytest.mark.usefixtures("onednn")
+def test_only_products_large_enough_are_timed_and_onednn_takes_those_it_beats(monkeypatch):
+    model = GPT(GPTConfig(**TIMED_SHAPE))
+    timed = []
+    real_time_products = cpu.time_products
+    monkeypatch.setattr(cpu, "time_products", lambda *shape: timed.append(shape) or real_time_products(*shape))
+    monkeypatch.setattr(cpu, "FASTER_BY", 100.0)  # oneDNN wins every timed product
+    assert cpu.choose_matmuls(model, TIMED_ROWS) == {shape: ("onednn",) * 3 for shape in TIMED}
+    assert {f"{inputs}x{outputs}" for inputs, outputs, _ in timed} == TIMED and len(timed) == len(TIMED)
+    monkeypatch.setattr(cpu, "FASTER_BY", 0.0)  # and none
+    assert cpu.choose_matmuls(model, TIMED_ROWS) == "mkl"
+    assert cpu.choose_matmuls(GPT(GPTConfig(**{**TIMED_SHAPE, "n_embd": 32})), TIMED_ROWS) == "mkl"  # none timed
+
+
+def test_the_loss_takes_pieces_of_about_four_mib_of_logits():
+    assert cpu.loss_chunk_rows(8192) == 128 and cpu.loss_chunk_rows(50304) == 20
+    assert cpu.loss_chunk_rows(320) == 3276  # the byte tokenizer's 257, padded: 3,276 rows of it are 4 MiB
+    assert cpu.loss_chunk_rows(10**8) == 16
+
+
+@pytest.mark.usefixtures("onednn")
+def test_a_resumed_run_multiplies_as_the_run_it_resumes_without_timing_again(tiny_dataset, tmp_path, train_here,
+                                                                             monkeypatch):
+    """The libraries chosen by timing are part of the run: the plan says them, the checkpoint
+    keeps them, and the resumed run goes on with them, so it ends exactly as the run that never
+    stopped (which, with oneDNN winning every timed product, chose the same)."""
+    monkeypatch.setattr(cpu, "FASTER_BY", 100.0)
+    flags = [f"--dataset={tiny_dataset}", "--n_layer=1", "--n_head=4", "--n_embd=128", "--block_size=64",
+             "--max_iters=6", "--eval_interval=3"]
+    whole = train_here(*flags, f"--out_dir={tmp_path / 'whole'}")
+    assert whole.returncode == 0, whole.stderr
+    assert ("matrix multiplies by oneDNN (D) where it timed faster than MKL (M) at this run's shapes, per layer "
+            "shape (output/input grad/weight grad): 128x384 D/D/D, 128x128 D/D/D, 128x512 D/D/D, 512x128 D/D/D; "
+            "the loss 2048 rows at a time") in whole.stdout
+    with monkeypatch.context() as patch:
+        stop_during_iteration(patch, 2)
+        assert train_here(*flags, f"--out_dir={tmp_path / 'halves'}").returncode == 0
+    saved = torch.load(tmp_path / "halves" / "ckpt.pt", weights_only=True)
+    assert saved["config"]["matmul"] == {shape: ("onednn",) * 3 for shape in TIMED}
+    monkeypatch.setattr(cpu, "time_products", lambda *shape: pytest.fail("a resumed run timed the products again"))
+    resumed = train_here(*flags, f"--out_dir={tmp_path / 'halves'}", "--init_from=resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "128x384 D/D/D, 128x128 D/D/D, 128x512 D/D/D, 512x128 D/D/D" in resumed.stdout
+    losses = [[line["loss"] for line in train_lines(tmp_path / run)] for run in ("whole", "halves")]
+    assert losses[0] == losses[1] and len(losses[0]) == 6
+
+
+def test_a_forced_library_is_used_untimed_and_an_unknown_one_is_refused(tiny_dataset, tmp_path, train_here,
+                                                                        monkeypatch):
+    monkeypatch.setattr(cpu, "time_products", lambda *shape: pytest.fail("matmul=mkl timed the products"))
+    forced = train_here(f"--dataset={tiny_dataset}", f"--out_dir={tmp_path}", "--max_iters=1", "--matmul=mkl")
+    assert forced.returncode == 0, forced.stderr
+    assert "matrix multiplies by MKL (matmul=mkl)" in forced.stdout
+    assert read_metrics(tmp_path)[0]["iter"] == 0
+    refused = train_here(f"--dataset={tiny_dataset}", f"--out_dir={tmp_path}", "--matmul=blas")
+    assert refused.returncode == 1
+    assert "matmul" in refused.stderr and "one of auto, mkl, onednn, got 'blas'" in refused.stderr
