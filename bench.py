@@ -5,6 +5,7 @@
     python bench.py --what=throughput             # tokens/s at nanoGPT's CPU example shape, byte data
     python bench.py --what=throughput --recipes=gpt2 --nanogpt=../nanoGPT   # and nanoGPT's train.py beside it
     python bench.py --what=throughput --device=cuda --shape=config/train_gpt2_124m.py   # a GPU: tokens/s, MFU
+    python bench.py --what=throughput --shape=config/train_demo.py --against=../before   # a change, before and after
     python bench.py --what=recipes --device=cuda --shape=config/train_gpt2_124m.py --recipes=modern_124m,gpt2_124m \
         --seeds=1 --budget=120   # the GPU check: both recipes at GPT-2 small's shape, compiled, ~7 minutes
     python bench.py --what=webfilters --mb=50     # the web filters on one core, 50 MB of text
@@ -19,7 +20,8 @@ Training runs are separate `python train.py` processes, run in turn (A B A B: se
 recipe, then seed 2, ...) so that a machine that slows down for a while hurts every recipe
 alike; the table gives each run, the medians, and each recipe's ratio to the first one.
 With --nanogpt, throughput runs nanoGPT's own train.py (its CPU example) first in each
-round, on the same text, and the ratios are to it.
+round, on the same text, and the ratios are to it. With --against, other checkouts of owngpt
+(`git worktree add ../before HEAD~1`) run each recipe first, the same way: before and after a change.
 """
 import functools
 import gzip
@@ -245,12 +247,13 @@ def recipe_list(names):
     return f"recipes among {', '.join(RECIPES)}" if unknown else None
 
 
-def train_run(settings, name, seed, arguments):
-    """One `python train.py` run with these arguments; returns its evaluations (the last with
-    the peak memory) and its logged steps."""
+def train_run(settings, name, seed, arguments, checkout="."):
+    """One `python train.py` run with these arguments, of this checkout of owngpt (run here, on
+    this folder's data); returns its evaluations (the last with the peak memory) and its logged steps."""
     out_dir = Path(settings["out_dir"]) / f"{name}_seed{seed}"
     shutil.rmtree(out_dir, ignore_errors=True)  # this run's folder from an earlier bench: train.py would refuse it
-    command = [sys.executable, "train.py", *settings["shape"].split(","), f"--dataset={settings['dataset']}",
+    command = [sys.executable, str(Path(checkout) / "train.py"), *settings["shape"].split(","),
+               f"--dataset={settings['dataset']}",
                f"--out_dir={out_dir}", f"--seed={seed}", f"--device={settings['device']}", "--log_interval=10",
                *arguments]
     finished = subprocess.run(command, capture_output=True, text=True)
@@ -283,11 +286,14 @@ def compare(settings, runs):
 
 
 def recipe_runs(settings, extra, measure):
-    """compare's runs for the recipes: train.py with extra flags, measure(last evaluation, steps) -> row."""
-    def run(recipe, seed):
-        evaluations, steps = train_run(settings, recipe, seed, [*RECIPES[recipe], *extra])
+    """compare's runs for the recipes: train.py with extra flags, measure(last evaluation, steps) -> row;
+    each recipe first by the --against checkouts (named recipe@folder), then by this one."""
+    def run(recipe, checkout, seed):
+        name = recipe if checkout == "." else f"{recipe}@{Path(checkout).name}"
+        evaluations, steps = train_run(settings, name, seed, [*RECIPES[recipe], *extra], checkout)
         return measure(evaluations[-1], steps)
-    return {recipe: functools.partial(run, recipe) for recipe in settings["recipes"]}
+    return {recipe if checkout == "." else f"{recipe}@{Path(checkout).name}": functools.partial(run, recipe, checkout)
+            for recipe in settings["recipes"] for checkout in (*settings["against"], ".")}
 
 
 def bench_recipes(settings):
@@ -479,7 +485,8 @@ MODES = {"recipes": bench_recipes, "throughput": bench_throughput, "webfilters":
          "small_text": bench_small_text, "prepare": bench_prepare}
 DEFAULTS = {"what": "recipes", "recipes": ("gpt2", "modern"), "seeds": 2, "budget": 90.0,
             "shape": "config/train_demo.py", "dataset": "python", "device": "cpu", "iters": 100, "eval_iters": 20,
-            "out_dir": "out/bench", "mb": 50.0, "profile": False, "text": "", "nanogpt": "", "vocab_sizes": ()}
+            "out_dir": "out/bench", "mb": 50.0, "profile": False, "text": "", "nanogpt": "", "vocab_sizes": (),
+            "against": ()}
 HELP = {"what": f"what to measure: {', '.join(MODES)}",
         "recipes": f"recipes: training runs to compare, the first is the reference ({', '.join(RECIPES)})",
         "seeds": "seeds per recipe (recipes and throughput)",
@@ -498,7 +505,9 @@ HELP = {"what": f"what to measure: {', '.join(MODES)}",
         "nanogpt": "a nanoGPT checkout (github.com/karpathy/nanoGPT) whose train.py runs its CPU example beside "
                    "ours: small_text, at its wall time (else GPT-2's recipe is the reference, at --budget); "
                    "throughput, for --iters on --dataset's text, the reference of the ratios",
-        "vocab_sizes": "small_text: also train on the text prepared at these vocabulary sizes (comma-separated)"}
+        "vocab_sizes": "small_text: also train on the text prepared at these vocabulary sizes (comma-separated)",
+        "against": "recipes, throughput: other owngpt checkouts (comma-separated) whose train.py runs each recipe "
+                   "too, first in each round: a change before and after"}
 CHECKS = {"what": flags.one_of(*MODES), "recipes": recipe_list, "seeds": flags.at_least(1),
           "budget": lambda seconds: None if seconds > 0 else "a positive number of seconds",
           "shape": lambda paths: None if all(Path(path).is_file() for path in paths.split(",")) else "config files",
@@ -508,7 +517,9 @@ CHECKS = {"what": flags.one_of(*MODES), "recipes": recipe_list, "seeds": flags.a
           "text": lambda path: None if not path or Path(path).is_file() else "a text file",
           "nanogpt": lambda path: None if not path or (Path(path) / "train.py").is_file() else "a nanoGPT checkout",
           "vocab_sizes": lambda sizes: None if all(size.isdigit() and int(size) > 257 for size in sizes) else
-          "vocabulary sizes above 257"}
+          "vocabulary sizes above 257",
+          "against": lambda paths: None if all((Path(path) / "train.py").is_file() for path in paths) else
+          "owngpt checkouts (folders with a train.py)"}
 
 
 def main(argv):
