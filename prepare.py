@@ -58,6 +58,7 @@ from pathlib import Path
 import numpy as np
 
 from owngpt import flags
+from owngpt.chat_dataset import CHAT_SOURCES, write_chat_dataset
 from owngpt.dataset import (META_FORMAT_VERSION, SPLITS, AtomicFile, ShardWriter, atomic_write, build_folder,
                             discard_build, folder_path, publish, report_markdown, start_build, token_dtype)
 from owngpt.filtered import (MergedParts, PartsFolder, Tally, check_splits, document_tails, json_line, kept_document,
@@ -66,7 +67,7 @@ from owngpt.flags import UserError, at_least, between, matches, one_of
 from owngpt.sources import commoncrawl_inputs, file_inputs, python_inputs, read_documents, split_list, url_inputs
 from owngpt.tokenizer import (BYTES_PER_VOCAB_ENTRY, SMALLEST_VOCAB, TOKENIZERS, count_chunks, gpt2_encoding,
                               load_tokenizer, python_split_regex, reused_tokenizer, train_bpe, vocab_size_for,
-                              write_tiktoken_file)
+                              with_chat_tokens, write_tiktoken_file)
 from owngpt.web import crawl, filters
 from owngpt.web.crawl import Dropped
 from owngpt.workers import Progress, Workers, batches_of
@@ -80,8 +81,10 @@ def _cpu_count():
 # filters.WebFilterSettings. `--help` lists them all.
 FLAGS = {
     "source": ("python", "where the text comes from: python (this Python's standard library, "
-                         "offline), files (--input), url (--url) or commoncrawl (--crawl)"),
-    "input": ("", "files source: comma-separated files, folders and globs of "
+                         "offline), files (--input), url (--url) or commoncrawl (--crawl); or "
+                         "conversations: chat (.jsonl files of {\"messages\": [...]}, --input) or "
+                         "stdlib_chat (questions about the standard library, offline)"),
+    "input": ("", "files and chat sources: comma-separated files, folders and globs of "
                   ".txt .md .rst .py .jsonl .warc.wet .warc.wet.gz"),
     "val_input": ("", "files whose documents form the val split (instead of --val_fraction)"),
     "url": ("", "url source: comma-separated http(s) URLs of plain text, .jsonl or .warc.wet.gz"),
@@ -133,7 +136,7 @@ WEB_DEFAULTS, WEB_HELP, WEB_CHECKS = filters.settings_flags()
 DEFAULTS = {name: default for name, (default, _) in FLAGS.items()} | WEB_DEFAULTS
 HELP = {name: help_text for name, (_, help_text) in FLAGS.items()} | WEB_HELP
 
-SOURCES = ("python", "files", "url", "commoncrawl")
+SOURCES = ("python", "files", "url", "commoncrawl", *CHAT_SOURCES)
 FILTER_MODES = ("auto", "web", "none")
 URL = r"https?://[^/\s]\S*"
 
@@ -177,8 +180,8 @@ CHECKS = {
 
 # Rules between flags: each returns what is wrong, or None.
 RELATIONS = (
-    lambda s: None if bool(s["input"]) == (s["source"] == "files") else
-    "--input is used with --source=files, and --source=files needs it",
+    lambda s: None if bool(s["input"]) == (s["source"] in ("files", "chat")) else
+    "--input is used with --source=files or chat, and those need it",
     lambda s: None if bool(s["url"]) == (s["source"] == "url") else
     "--url is used with --source=url, and --source=url needs it",
     lambda s: "--val_input does not go with --source=commoncrawl: its val split is --val_fraction of "
@@ -439,7 +442,7 @@ def build_tokenizer(settings, filtered, folder, timings):
                         f"({(tally.kept_bytes - tally.kept_val_bytes) / 1e6:.2f} MB here)")
     if info.get("note"):
         print(f"bpe: {info['note']}", file=sys.stderr)
-    return info
+    return with_chat_tokens(info)  # after the BPE's ids, so its tokens and end-of-text keep theirs
 
 
 # ----------------------------------------------------------------------------------------
@@ -691,6 +694,8 @@ def build_dataset(settings, build, final):
     """Every stage in order; writes the dataset into build and returns its meta.json. With
     --merge, the parts are the tasks'; without, this run filters them all first, as one
     task of one: the same parts, so the same dataset."""
+    if settings["source"] in CHAT_SOURCES:
+        return write_chat_dataset(settings, build, final.name)
     timings, start = {}, time.perf_counter()
     folder, private = parts_folder_of(settings, final)
     if settings["source"] == "commoncrawl" and settings["merge"]:

@@ -18,13 +18,10 @@ from pathlib import Path
 
 import torch
 
-from model import GPT, GPTConfig
 from owngpt import flags
-from owngpt.checkpoint import load_checkpoint_file
 from owngpt.dataset import EOT
-from owngpt.hf import HF_PREFIX, read_hf_folder, read_tokenizer_json
-from owngpt.runtime import available_devices, pick_device
-from owngpt.tokenizer import load_tokenizer
+from owngpt.inference import SAMPLING_CHECKS, load_trained
+from owngpt.runtime import pick_device
 
 _NAMES_BEFORE_DEFAULTS = set(globals())
 # ----------------------------------------------------------------------------- defaults
@@ -43,19 +40,9 @@ kv_cache = True  # False recomputes the whole context for every token (slower; f
 DEFAULTS = {name: value for name, value in globals().items()
             if name not in _NAMES_BEFORE_DEFAULTS and not name.startswith("_")}
 HELP = flags.comments_of(__file__)
-CHECKPOINT_FILES = {"best": "best.pt", "latest": "ckpt.pt"}
 # Every key but out_dir and start (free-form: a missing checkpoint or prompt file is named
 # when it is read) and kv_cache (a boolean) is checked before the model is loaded.
-CHECKS = {
-    "ckpt": flags.one_of(*CHECKPOINT_FILES),
-    "num_samples": flags.at_least(1),
-    "max_new_tokens": flags.at_least(1),
-    "temperature": flags.all_of(flags.finite, flags.at_least(0)),
-    "top_k": flags.at_least(0),
-    "top_p": lambda value: None if 0 < value <= 1 else "greater than 0 and at most 1",
-    "seed": flags.at_least(0),
-    "device": lambda device: flags.one_of("auto", *available_devices())(device),  # what this machine has
-}
+CHECKS = {**SAMPLING_CHECKS, "num_samples": flags.at_least(1)}
 SEPARATOR = "-" * 40
 
 
@@ -75,27 +62,6 @@ def read_prompt(start):
     except UnicodeDecodeError as error:
         raise SampleError(f"--start={start}: {path} is not UTF-8 text (byte 0x{error.object[error.start]:02x} "
                           f"at offset {error.start}); save it as UTF-8") from None
-
-
-def load_model(path, device):
-    """The GPT stored in the checkpoint at path, in eval mode, and the checkpoint."""
-    if not path.exists():  # a file, or a sharded checkpoint's folder
-        raise SampleError(f"{path} not found: train.py writes ckpt.pt (--ckpt=latest) and "
-                          f"best.pt (--ckpt=best) into its out_dir")
-    return model_of(load_checkpoint_file(path), path, device)
-
-
-def model_of(checkpoint, path, device):
-    """The GPT a checkpoint holds, in eval mode, and the checkpoint."""
-    missing = [key for key in ("model", "model_config", "tokenizer") if key not in checkpoint]
-    if missing:
-        raise SampleError(f"{path} lacks {', '.join(missing)}: not a checkpoint written by train.py")
-    try:
-        model = GPT(GPTConfig(**checkpoint["model_config"]))
-        model.load_state_dict(checkpoint["model"])
-    except (TypeError, RuntimeError) as error:
-        raise SampleError(f"{path}: its model does not match model.py's GPT: {error}") from None
-    return model.to(device).eval(), checkpoint
 
 
 def print_sample(model, tokenizer, prompt, settings, generator):
@@ -125,17 +91,7 @@ def print_sample(model, tokenizer, prompt, settings, generator):
 def sample(settings):
     settings["device"] = pick_device(settings["device"])
     prompt = read_prompt(settings["start"])
-    if settings["out_dir"].startswith(HF_PREFIX):
-        path = Path(settings["out_dir"].removeprefix(HF_PREFIX))
-        model, checkpoint = model_of(read_hf_folder(path), path, settings["device"])
-        tokenizer = read_tokenizer_json(path)
-    else:
-        path = Path(settings["out_dir"]) / CHECKPOINT_FILES[settings["ckpt"]]
-        model, checkpoint = load_model(path, settings["device"])
-        try:
-            tokenizer = load_tokenizer(settings["out_dir"], checkpoint["tokenizer"])
-        except (OSError, ValueError, KeyError) as error:
-            raise SampleError(f"{path}: cannot load its tokenizer: {error}") from None
+    model, tokenizer, _ = load_trained(settings["out_dir"], settings["ckpt"], settings["device"])
     generator = torch.Generator(device=settings["device"]).manual_seed(settings["seed"])
     generated, started = 0, time.perf_counter()
     for _ in range(settings["num_samples"]):

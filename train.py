@@ -38,10 +38,10 @@ from torch.nn.parallel import DistributedDataParallel
 from model import BLOCKS, GPT, GPTConfig
 from owngpt import cpu, flags
 from owngpt.budget import TIMED_ITERATIONS, TimeBudget
-from owngpt.checkpoint import (MANIFEST_FILE, check_checkpoint_fits, check_free_space, check_same_run,
-                               checkpoint_to_start, continue_after_restart, init_from_problem, prepare_out_dir,
-                               release_out_dirs, restore_training_state, rng_states, saved_before_embedding_lr,
-                               write_checkpoint, write_sharded_checkpoint)
+from owngpt.checkpoint import (MANIFEST_FILE, add_chat_tokens, check_checkpoint_fits, check_free_space, check_same_run,
+                               checkpoint_to_start, continue_after_restart, grown_weights, init_from_problem,
+                               prepare_out_dir, release_out_dirs, restore_training_state, rng_states,
+                               saved_before_embedding_lr, write_checkpoint, write_sharded_checkpoint)
 from owngpt.dataset import SPLITS, dataset_errors, load_windows, open_folder, read_meta
 from owngpt.epochs import DATA_DEFAULTS, epochs, reads_line
 from owngpt.optimizers import OPTIMIZERS, build_optimizer, patience_ending, set_learning_rates
@@ -227,6 +227,7 @@ def build_run(cfg, given=frozenset()):
     model_config = (GPTConfig(**checkpoint["model_config"]) if cfg.eval_only else
                     GPTConfig(**{key: getattr(cfg, key) for key in MODEL_KEYS}, vocab_size=vocab_size))
     if checkpoint is not None:
+        grown_from = None if cfg.eval_only else add_chat_tokens(checkpoint, path, meta["tokenizer"], runtime.is_main)
         check_checkpoint_fits(checkpoint, path, model_config, meta["tokenizer"], folder)
     with dataset_errors():
         windows = {split: load_windows(folder, meta, split, model_config.block_size) for split in SPLITS}
@@ -240,13 +241,14 @@ def build_run(cfg, given=frozenset()):
     for seed_with in (random.seed, np.random.seed) + ((torch.manual_seed,) if runtime.rank else ()):
         seed_with(cfg.seed + runtime.rank)  # dropout masks of its own; rank 0 draws on, as one process does
     if checkpoint is not None and "rows_from" not in checkpoint:  # else each rank reads its rows once sharded
-        raw_model.load_state_dict(checkpoint["model"])
+        raw_model.load_state_dict(grown_weights(checkpoint["model"], raw_model, grown_from) if grown_from
+                                  else checkpoint["model"])
     if runtime.is_main and not cfg.eval_only:
         check_free_space(Path(cfg.out_dir), raw_model, cfg.keep_last)
     matmul, loss_chunk_rows = cpu.speed_up(raw_model, cfg, runtime)  # on a CPU, what times faster (owngpt/cpu.py)
     train_model, model = wrap_model(raw_model, cfg.parallelism, runtime, cfg.compile)  # owngpt/parallel.py
     data = SimpleNamespace(
-        windows=windows, encoding=encoding, tokenizer_info=meta["tokenizer"], tasks=tasks,
+        windows=windows, encoding=encoding, tokenizer_info=meta["tokenizer"], tasks=tasks, chat=meta.get("chat"),
         train_tokens=meta["splits"]["train"]["tokens"],
         eval_batches={split: split_windows.fixed_batch_ids(cfg.eval_iters, cfg.batch_size)
                       for split, split_windows in windows.items()},
@@ -272,10 +274,11 @@ def build_run(cfg, given=frozenset()):
 
 
 def batch(windows, window_ids, device):
-    """Inputs and targets (len(window_ids), block_size), int64 on device."""
-    tokens = torch.from_numpy(windows.rows(window_ids))
-    tokens = tokens.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tokens.to(device)
-    return tokens[:, :-1], tokens[:, 1:]
+    """Inputs and targets (len(window_ids), block_size), int64 on device; a chat dataset's
+    targets are -1 where the loss does not count (all but the assistant's tokens)."""
+    arrays = (torch.from_numpy(np.ascontiguousarray(part)) for part in windows.inputs_and_targets(window_ids))
+    return [part.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else part.to(device)
+            for part in arrays]
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -290,6 +293,11 @@ def train(run):
                       f"once iterations {TIMED_ITERATIONS[0] + 1}-{TIMED_ITERATIONS[1]} are timed")
     else:
         set_from_data(run)
+    if data.chat:  # owngpt/dataset.py: ChatRows
+        rows = data.windows["train"]
+        run.log.print(f"chat: {rows.conversations:,} train conversations in {rows.count:,} rows of {cfg.block_size + 1} "
+                      f"tokens ({rows.filled:.0%} filled{f'; {rows.cut:,} longer than a row, cut' if rows.cut else ''}); "
+                      "the loss counts the assistant's tokens")
     if run.iter_num == 0:
         run_evaluation(run)  # the starting point of the curves
     train_windows = data.windows["train"]
@@ -404,16 +412,19 @@ def evaluate(model, windows, batch_ids, byte_lengths, runtime):
     """Mean loss, next-token accuracy and bits per byte over the fixed batches; each rank
     takes every world_size-th batch (FSDP gathers the whole weights first) and the sums are all-reduced."""
     model.eval()
-    totals = [0.0, 0.0, 0.0, 0.0]  # loss in nats (summed over tokens), correct, tokens, bytes
+    totals = [0.0, 0.0, 0.0, 0.0]  # loss in nats (summed over the counted targets), correct, targets, bytes
     with gathered(model):
         for ids in batch_ids[runtime.rank::runtime.world_size]:
             inputs, targets = batch(windows, ids, runtime.device)
             with runtime.autocast:
                 logits, loss = model(inputs, targets)
-            totals[0] += loss.item() * targets.numel()
-            totals[1] += (logits.argmax(dim=-1) == targets).sum().item()
-            totals[2] += targets.numel()
-            totals[3] += byte_lengths[targets].sum().item()
+            counted = targets[targets != -1]  # all but a chat dataset's untrained targets
+            if counted.numel() == 0:  # rows of conversations cut before the assistant's turn: nothing to score
+                continue
+            totals[0] += loss.item() * counted.numel()
+            totals[1] += (logits.argmax(dim=-1)[targets != -1] == counted).sum().item()
+            totals[2] += counted.numel()
+            totals[3] += byte_lengths[counted].sum().item()
     model.train()
     totals = torch.tensor(totals, dtype=torch.float64, device=runtime.device)
     if runtime.world_size > 1:
@@ -439,7 +450,7 @@ def run_evaluation(run):
                    "val_acc": val["acc"], "val_bpb": val["bpb"], "train_loss": on_train["loss"], **task_metrics(tasks)})
     if run.cfg.sample_every_eval and math.isfinite(val["loss"]):  # NaN weights cannot sample
         run.budget.eval_seconds += run.log.sample(run.raw_model, run.data.encoding, run.cfg.seed, run.runtime.device,
-                                                  run.iter_num, run.budget.elapsed)
+                                                  run.iter_num, run.budget.elapsed, data.chat and data.chat["question"])
     run.log.draw_curves()
     improved = run.iter_num > 0 and val["loss"] < run.best_val_loss
     if improved:
@@ -463,6 +474,7 @@ def save_checkpoint(run, is_best):
         "iter_num": run.iter_num, "best_val_loss": run.best_val_loss, "config": vars(run.cfg),
         "tokenizer": run.data.tokenizer_info, "rng": states, "data": {"world_size": run.runtime.world_size},
         "elapsed_s": run.budget.elapsed(), "fitted": run.fitted, "evals_since_best": run.evals_since_best,
+        "chat": bool(run.data.chat),  # fine-tuned on conversations: chat.py talks to it
     }
     try:
         write = write_sharded_checkpoint if sharded else write_checkpoint

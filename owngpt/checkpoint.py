@@ -51,6 +51,7 @@ from owngpt.flags import UserError
 from owngpt.hf import HF_PREFIX, read_hf_folder
 from owngpt.parallel import shard_optimizer_state
 from owngpt.runtime import from_rank_0, restart_count
+from owngpt.tokenizer import with_chat_tokens
 
 MANIFEST_FILE = "checkpoints.json"
 LOCK_FILE = "run.lock"  # held by the run that uses the folder: see claim_out_dir
@@ -484,6 +485,41 @@ def check_same_run(checkpoint, path, cfg, defaults):
         if checkpoint["config"].get(key, defaults[key]) != value:
             raise CheckpointError(f"torchrun restart: {path} belongs to another run ({key} is "
                                   f"{checkpoint['config'].get(key)!r} there, {value!r} here): choose another out_dir")
+
+
+def add_chat_tokens(checkpoint, path, tokenizer_info, is_main):
+    """A checkpoint whose tokenizer is the dataset's but for the chat tokens (one trained
+    before they were reserved, GPT-2's, a Hugging Face folder's: owngpt/chat.py) is to fine-tune
+    on conversations with them: its tokenizer and vocab_size become the dataset's, and the old
+    vocabulary size is returned, for grown_weights. None when it has them, or is another tokenizer."""
+    trained_with = checkpoint["tokenizer"]
+    if "chat_tokens" in trained_with or "chat_tokens" not in tokenizer_info:
+        return None
+    grown = with_chat_tokens(trained_with)
+    if any(grown[field] != tokenizer_info.get(field) for field in ("kind", "vocab_size", "eot_id", "sha256")
+           if field in trained_with):
+        return None  # another tokenizer: check_checkpoint_fits says which field differs
+    rows = trained_with["vocab_size"]
+    checkpoint["tokenizer"] = grown
+    checkpoint["model_config"] = {**checkpoint["model_config"], "vocab_size": grown["vocab_size"]}
+    if is_main:
+        print(f"{path} has no chat tokens: {', '.join(grown['chat_tokens'])} are ids {rows}-{grown['vocab_size'] - 1}, "
+              f"and the token embedding and head grow from {rows:,} to {grown['vocab_size']:,} rows, the new ones "
+              "initialised as the rest", flush=True)
+    return rows
+
+
+def grown_weights(state, model, rows):
+    """A state dict for a vocabulary of rows tokens, for model, whose vocabulary has more after
+    them: every table of the vocabulary (token embedding, head, value embeddings) keeps its
+    first rows and takes the rest from the model's own initialisation."""
+    tables = ["transformer.wte.weight", "lm_head.weight", *(f"value_embeds.{layer}.weight"
+                                                            for layer in range(len(model.value_embeds)))]
+    grown, fresh = dict(state), model.state_dict()
+    for name in tables:
+        grown[name] = fresh[name].clone()
+        grown[name][:rows] = state[name][:rows]
+    return grown
 
 
 def check_checkpoint_fits(checkpoint, path, model_config, tokenizer_info, folder):

@@ -20,6 +20,7 @@ built in a hidden sibling folder (start_build) and renamed into place when compl
 so data/<name>/ is always the previous dataset or the new one; report.md is meta.json told
 for people (report_markdown).
 """
+import bisect
 import json
 import os
 import secrets
@@ -210,17 +211,19 @@ def read_meta(folder):
         raise DatasetError(f"{path} is not valid JSON: {error}") from None
 
 
-def read_split(folder, meta, split):
+def read_split(folder, meta, split, masks=False):
     """The split's shards, checked against meta.json: present, same dtype, same token count,
-    every token id below vocab_size (found here, not as a device assert mid-run)."""
-    info, vocab_size = meta["splits"][split], meta["tokenizer"]["vocab_size"]
+    every token id below vocab_size (found here, not as a device assert mid-run). masks=True:
+    a chat dataset's mask shards instead, one per token shard, 1 where the loss counts the token."""
+    info = meta["splits"][split]
+    vocab_size = 2 if masks else meta["tokenizer"]["vocab_size"]
     shards = []
-    for name in info["shards"]:
+    for name in info["masks" if masks else "shards"]:
         path = Path(folder) / name
         if not path.is_file():
             raise DatasetError(f"{folder}/meta.json lists {name}, which is missing")
         tokens = read_shard(path)
-        if tokens.dtype != np.dtype(meta["dtype"]):
+        if not masks and tokens.dtype != np.dtype(meta["dtype"]):
             raise DatasetError(f"{path} holds {tokens.dtype} tokens but meta.json says {meta['dtype']}")
         if len(tokens) and int(tokens.max()) >= vocab_size:
             raise DatasetError(f"{path} holds token id {int(tokens.max())}, but the tokenizer has only "
@@ -267,15 +270,75 @@ class TokenWindows:
             rows.append(self.shards[shard][start:start + self.block_size + 1])
         return np.stack(rows).astype(np.int64)
 
+    def inputs_and_targets(self, window_ids):
+        """(inputs, targets), each (len(window_ids), block_size) int64: a window and the same shifted by one."""
+        rows = self.rows(window_ids)
+        return rows[:, :-1], rows[:, 1:]
+
     def fixed_batch_ids(self, num_batches, batch_size):
         """num_batches batches of window ids spread evenly over the split: the same every time."""
         total = num_batches * batch_size
         return list((np.arange(total, dtype=np.int64) * self.count // total).reshape(num_batches, batch_size))
 
 
+class ChatRows(TokenWindows):
+    """A chat split's whole conversations packed into rows of block_size + 1 tokens.
+
+    Each row starts at a conversation's start; conversations are placed largest first, each in
+    the row it fills best (best-fit decreasing), so few positions are left over: those are
+    end-of-text tokens whose targets are -1, as are the targets the mask leaves out (all but the
+    assistant's). A conversation longer than a row is cut to its first block_size + 1 tokens
+    (`cut` counts them). Row ids number the rows as window ids number windows."""
+
+    def __init__(self, shards, masks, block_size, eot_id):
+        tokens = np.concatenate(shards) if shards else np.zeros(0, dtype=np.uint16)
+        trained = np.concatenate(masks).astype(bool) if masks else np.zeros(0, dtype=bool)
+        width = block_size + 1
+        starts = np.flatnonzero(tokens == eot_id)
+        ends = np.append(starts[1:], len(tokens))
+        lengths = np.minimum(ends - starts, width)
+        self.block_size, self.conversations, self.cut = block_size, len(starts), int(np.sum(ends - starts > width))
+        free, members = [], []  # free: sorted (room left, row); members[row]: its conversations
+        for index in sorted(range(len(starts)), key=lambda index: (-lengths[index], index)):
+            place = bisect.bisect_left(free, (int(lengths[index]), -1))
+            if place == len(free):
+                members.append([])
+                room, row = width, len(members) - 1
+            else:
+                room, row = free.pop(place)
+            members[row].append(index)
+            bisect.insort(free, (room - int(lengths[index]), row))
+        self.tokens = np.full((len(members), width), eot_id, dtype=np.int64)
+        self.trained = np.zeros((len(members), width), dtype=bool)
+        for row, indexes in enumerate(members):
+            position = 0
+            for index in indexes:
+                length, start = int(lengths[index]), int(starts[index])
+                self.tokens[row, position:position + length] = tokens[start:start + length]
+                self.trained[row, position:position + length] = trained[start:start + length]
+                position += length
+        self.count = len(members)
+        self.filled = float(lengths.sum() / max(self.tokens.size, 1))  # share of positions holding conversations
+
+    def rows(self, window_ids):
+        return self.tokens[window_ids]
+
+    def inputs_and_targets(self, window_ids):
+        """(inputs, targets) as TokenWindows gives them, targets -1 where the loss does not count."""
+        rows, trained = self.tokens[window_ids], self.trained[window_ids]
+        return rows[:, :-1], np.where(trained[:, 1:], rows[:, 1:], -1)
+
+
 def load_windows(folder, meta, split, block_size):
-    """The split's windows of block_size + 1 tokens (read_split checks the shards)."""
+    """The split's windows of block_size + 1 tokens (read_split checks the shards), or for a
+    chat dataset its rows of packed conversations."""
     shards = read_split(folder, meta, split)
+    if meta.get("chat"):
+        masks = read_split(folder, meta, split, masks=True)
+        rows = ChatRows(shards, masks, block_size, meta["tokenizer"]["eot_id"])
+        if rows.count == 0:
+            raise DatasetError(f"the {split} split of {folder} holds no conversations")
+        return rows
     windows = TokenWindows(shards, block_size)
     if windows.count == 0:
         longest = max((len(tokens) for tokens in shards), default=0)

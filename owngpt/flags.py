@@ -133,7 +133,7 @@ def config_file_values(path, settings=None):
     __builtins__, imported modules and helper functions."""
     if not Path(path).is_file():
         raise UserError(f"config file {path!r} not found (flags are written --key=value)")
-    namespace = dict(settings or {})
+    namespace = {**(settings or {}), "__file__": str(path)}  # a config may run a sibling: config/chat_demo.py
     try:
         # builtins.compile: train.py has a key named `compile`
         exec(builtins.compile(Path(path).read_text(), path, "exec"), namespace)

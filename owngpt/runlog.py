@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from owngpt import costs, curves
+from owngpt.chat import chat_token_ids, render_prompt
 from owngpt.dataset import atomic_write
 from owngpt.flags import UserError
 from owngpt.parallel import gathered
@@ -104,7 +105,7 @@ class RunLog:
                      + (f"; {speed}" if speed else ""))
         self.print("\n".join(lines))
 
-    def sample(self, model, encoding, seed, device, iteration, elapsed):
+    def sample(self, model, encoding, seed, device, iteration, elapsed, question=None):
         """Print and record a sample (draw_sample), so the text can be seen going from noise to
         structure; returns the seconds it took. Every rank calls it, rank 0 alone draws: generation
         is local (no collective), and the other ranks wait for rank 0 at the next step's
@@ -114,9 +115,10 @@ class RunLog:
         with gathered(model):
             if not self.is_main:
                 return 0.0
-            text = draw_sample(model, encoding, seed, device)
+            text = draw_sample(model, encoding, seed, device, question)
         seconds = time.perf_counter() - started
-        self.print(f'sample at iter {iteration}: "{one_line(text)}" | {seconds:.2f}s')
+        asked = f'{one_line(question[-1]["content"])} -> ' if question else ""
+        self.print(f'sample at iter {iteration}: {asked}"{one_line(text)}" | {seconds:.2f}s')
         self.write({"iter": iteration, "elapsed_s": elapsed(), "sample": text, "sample_s": seconds})
         return seconds
 
@@ -161,24 +163,27 @@ SAMPLE_TOKENS, SAMPLE_TEMPERATURE, SAMPLE_TOP_K = 32, 0.8, 40
 
 
 @torch.no_grad()
-def draw_sample(model, encoding, seed, device):
+def draw_sample(model, encoding, seed, device, question=None):
     """SAMPLE_TOKENS tokens of a fresh document (generated after end-of-text, as every
-    training document starts), decoded; fewer when the model ends the document first.
+    training document starts), decoded; fewer when the model ends the document first. With a
+    question (a chat dataset's messages, ending with the user's), the answer to it instead,
+    until the model ends its turn.
 
     It must leave the training exactly as it was: it draws from a generator of its own,
     seeded with seed every time (so successive samples differ by what the model has learned,
     not by the draw), never from the global random state; the model is in eval mode, so
     dropout draws nothing, and goes back to train mode after."""
     generator = torch.Generator(device=device).manual_seed(seed)
-    prompt = torch.tensor([[encoding.eot_token]], device=device)
+    prompt = render_prompt(question, encoding) if question else [encoding.eot_token]
+    stop = chat_token_ids(encoding)["end"] if question else encoding.eot_token
     model.eval()
     try:
-        tokens = [int(token) for token in model.generate(prompt, SAMPLE_TOKENS, temperature=SAMPLE_TEMPERATURE,
-                                                          top_k=SAMPLE_TOP_K, generator=generator,
-                                                          stop_token=encoding.eot_token)]
+        tokens = [int(token) for token in model.generate(torch.tensor([prompt], device=device), SAMPLE_TOKENS,
+                                                          temperature=SAMPLE_TEMPERATURE, top_k=SAMPLE_TOP_K,
+                                                          generator=generator, stop_token=stop)]
     finally:
         model.train()
-    return encoding.decode([token for token in tokens if token != encoding.eot_token])
+    return encoding.decode([token for token in tokens if token != stop])
 
 
 def one_line(text):

@@ -26,6 +26,9 @@ from owngpt.dataset import EOT, atomic_write, read_meta
 from owngpt.flags import UserError
 
 TOKENIZERS = ("bpe", "byte", "gpt2")
+# A chat's roles and the end of a turn (owngpt/chat.py), reserved after end-of-text in every BPE
+# prepare.py writes and added to any tokenizer a chat dataset uses: ids that text never encodes to.
+CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 
 
 class TokenizerError(UserError):
@@ -196,13 +199,13 @@ def load_tokenizer(folder, tokenizer_info=None):
     """The tiktoken.Encoding described by tokenizer_info (meta.json's "tokenizer" entry,
     read from folder/meta.json when None); a trained BPE's file is read from folder."""
     info = tokenizer_info if tokenizer_info is not None else read_meta(folder)["tokenizer"]
-    kind = info["kind"]
+    kind, chat_tokens = info["kind"], info.get("chat_tokens", {})
     if kind == "bpe":
-        encoder = _encoding("owngpt-bpe", read_tiktoken_file(Path(folder) / info["file"], info["sha256"]))
+        encoder = _encoding("owngpt-bpe", read_tiktoken_file(Path(folder) / info["file"], info["sha256"]), chat_tokens)
     elif kind == "byte":
-        encoder = _encoding("owngpt-byte", [bytes([value]) for value in range(256)])
+        encoder = _encoding("owngpt-byte", [bytes([value]) for value in range(256)], chat_tokens)
     elif kind == "gpt2":
-        encoder = gpt2_encoding()
+        encoder = gpt2_encoding(chat_tokens)
     else:
         raise TokenizerError(f"{folder}: unknown tokenizer kind {kind!r}, expected one of {TOKENIZERS}")
     if (encoder.n_vocab, encoder.eot_token) != (info["vocab_size"], info["eot_id"]):
@@ -226,28 +229,46 @@ def reused_tokenizer(path):
                                  f"meta.json), or an out folder or file with a tokenizer.tiktoken")
         sha256 = hashlib.sha256(file.read_bytes()).hexdigest()
         size = len(read_tiktoken_file(file, sha256))  # checks every line
-        info = {"kind": "bpe", "vocab_size": size + 1, "eot_id": size, "file": "tokenizer.tiktoken",
-                "sha256": sha256}
+        info = with_chat_tokens({"kind": "bpe", "vocab_size": size + 1, "eot_id": size, "file": "tokenizer.tiktoken",
+                                 "sha256": sha256})
     load_tokenizer(file.parent if file else path, {**info, "file": file.name if file else None})
     return info, file
 
 
-def _encoding(name, vocabulary):
-    """tiktoken encoding: the tokens in rank order, then the end-of-text special token."""
+def with_chat_tokens(tokenizer_info):
+    """meta.json's tokenizer entry with the chat tokens after its last id (as it is when it has
+    them): the ids of its tokens, end-of-text's among them, stay as they are."""
+    if "chat_tokens" in tokenizer_info:
+        return tokenizer_info
+    first = tokenizer_info["vocab_size"]
+    return {**tokenizer_info, "vocab_size": first + len(CHAT_TOKENS),
+            "chat_tokens": {token: first + index for index, token in enumerate(CHAT_TOKENS)}}
+
+
+def _encoding(name, vocabulary, chat_tokens=None):
+    """tiktoken encoding: the tokens in rank order, then the end-of-text special token, then
+    the chat tokens when given ({token: id}: owngpt/chat.py)."""
+    chat_tokens = chat_tokens or {}
     return tiktoken.Encoding(
-        f"{name}-{len(vocabulary) + 1}", pat_str=SPLIT_PATTERN,
+        f"{name}-{len(vocabulary) + 1 + len(chat_tokens)}", pat_str=SPLIT_PATTERN,
         mergeable_ranks={token: rank for rank, token in enumerate(vocabulary)},
-        special_tokens={EOT: len(vocabulary)})
+        special_tokens={EOT: len(vocabulary), **chat_tokens})
 
 
-def gpt2_encoding():
+def gpt2_encoding(chat_tokens=None):
+    """tiktoken's GPT-2 encoding, with the chat tokens ({token: id}) when given."""
     try:
-        return tiktoken.get_encoding("gpt2")
+        encoding = tiktoken.get_encoding("gpt2")
     except OSError as error:  # requests' errors are OSErrors
         raise TokenizerError(
             f"the gpt2 tokenizer needs the network the first time (tiktoken downloads its files "
             f"and caches them), and the download failed: {error}. Offline, use --tokenizer=bpe "
             f"or --tokenizer=byte.") from None
+    if not chat_tokens:
+        return encoding
+    return tiktoken.Encoding(f"gpt2-chat-{encoding.n_vocab + len(chat_tokens)}", pat_str=encoding._pat_str,
+                             mergeable_ranks=encoding._mergeable_ranks,
+                             special_tokens={**encoding._special_tokens, **chat_tokens})
 
 
 def read_tiktoken_file(path, sha256):
@@ -279,7 +300,9 @@ def write_tiktoken_file(path, vocabulary):
 
 
 def token_byte_lengths(encoding):
-    """Bytes of text each token id stands for (end-of-text counts 0: it is a boundary, not
-    text), so losses can be turned into bits per byte, which compares across tokenizers."""
-    return [0 if token == encoding.eot_token else len(encoding.decode_single_token_bytes(token))
+    """Bytes of text each token id stands for (end-of-text and the chat tokens count 0: they
+    are boundaries, not text), so losses can be turned into bits per byte, which compares
+    across tokenizers."""
+    special = {encoding.encode_single_token(token) for token in encoding.special_tokens_set}
+    return [0 if token in special else len(encoding.decode_single_token_bytes(token))
             for token in range(encoding.n_vocab)]

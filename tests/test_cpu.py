@@ -94,17 +94,17 @@ def test_a_resumed_run_multiplies_as_the_run_it_resumes_without_timing_again(tin
     whole = train_here(*flags, f"--out_dir={tmp_path / 'whole'}")
     assert whole.returncode == 0, whole.stderr
     assert ("matrix multiplies by oneDNN (D) where it timed faster than MKL (M) at this run's shapes, per layer "
-            "shape (output/input grad/weight grad): 128x384 D/D/D, 128x128 D/D/D, 128x512 D/D/D, 512x128 D/D/D; "
-            "the loss 2048 rows at a time") in whole.stdout
+            "shape (output/input grad/weight grad): 128x384 D/D/D, 128x128 D/D/D, 128x512 D/D/D, 512x128 D/D/D, "
+            "128x576 D/D/D; the loss 1820 rows at a time") in whole.stdout  # the head: 516 tokens, padded to 576
     with monkeypatch.context() as patch:
         stop_during_iteration(patch, 2)
         assert train_here(*flags, f"--out_dir={tmp_path / 'halves'}").returncode == 0
     saved = torch.load(tmp_path / "halves" / "ckpt.pt", weights_only=True)
-    assert saved["config"]["matmul"] == {shape: ("onednn",) * 3 for shape in TIMED}
+    assert saved["config"]["matmul"] == {shape: ("onednn",) * 3 for shape in TIMED | {"128x576"}}
     monkeypatch.setattr(cpu, "time_products", lambda *shape: pytest.fail("a resumed run timed the products again"))
     resumed = train_here(*flags, f"--out_dir={tmp_path / 'halves'}", "--init_from=resume")
     assert resumed.returncode == 0, resumed.stderr
-    assert "128x384 D/D/D, 128x128 D/D/D, 128x512 D/D/D, 512x128 D/D/D" in resumed.stdout
+    assert "128x384 D/D/D, 128x128 D/D/D, 128x512 D/D/D, 512x128 D/D/D, 128x576 D/D/D" in resumed.stdout
     losses = [[line["loss"] for line in train_lines(tmp_path / run)] for run in ("whole", "halves")]
     assert losses[0] == losses[1] and len(losses[0]) == 6
 

@@ -10,7 +10,7 @@ import train
 from helpers import (GPT2_RECIPE, MODERN_RECIPE, SimulatedClock, make_text, read_metrics, run_prepare,
                      simulate_machine, stop_during_iteration, train_lines)
 from owngpt import dataset, epochs
-from owngpt.tokenizer import BYTES_PER_VOCAB_ENTRY, vocab_size_for
+from owngpt.tokenizer import BYTES_PER_VOCAB_ENTRY, CHAT_TOKENS, vocab_size_for
 
 
 # ----------------------------------------------------------------------------- the vocabulary
@@ -29,7 +29,7 @@ def test_a_small_text_without_vocab_size_gets_its_share_and_the_report_says_why(
     run_prepare("--source=files", "--input=notes.txt", "--name=notes", cwd=tmp_path)
     folder = tmp_path / "data" / "notes"
     expected = vocab_size_for(len(text.encode()) * 0.95, 8192)
-    assert dataset.read_meta(folder)["tokenizer"]["vocab_size"] == expected
+    assert dataset.read_meta(folder)["tokenizer"]["vocab_size"] == expected + len(CHAT_TOKENS)
     report = (folder / "report.md").read_text()
     assert f"{expected:,} tokens, not the default 8,192: without --vocab_size a text gets one per " \
            f"{BYTES_PER_VOCAB_ENTRY} bytes of train text" in report
@@ -38,7 +38,7 @@ def test_a_small_text_without_vocab_size_gets_its_share_and_the_report_says_why(
 def test_a_text_too_small_for_its_share_gets_the_most_it_supports(tmp_path):
     (tmp_path / "note.txt").write_text(make_text(0), encoding="utf-8")  # 3 KB: fewer than 512 tokens occur twice
     run_prepare("--source=files", "--input=note.txt", "--name=note", cwd=tmp_path)
-    vocab_size = dataset.read_meta(tmp_path / "data" / "note")["tokenizer"]["vocab_size"]
+    vocab_size = dataset.read_meta(tmp_path / "data" / "note")["tokenizer"]["vocab_size"] - len(CHAT_TOKENS)
     report = (tmp_path / "data" / "note" / "report.md").read_text()
     assert vocab_size < 512 and f"This text supports {vocab_size:,} tokens" in report and "fewer than 512" in report
 

@@ -372,8 +372,10 @@ def test_meta_json_describes_the_tokenizer_drops_and_timings(built, corpus):
     folder, result = built
     meta = dataset.read_meta(folder)
     tokenizer = meta["tokenizer"]
-    assert tokenizer == {"kind": "bpe", "vocab_size": 400, "eot_id": 399, "file": "tokenizer.tiktoken",
-                         "sha256": hashlib.sha256((folder / "tokenizer.tiktoken").read_bytes()).hexdigest()}
+    # 399 BPE tokens, end-of-text, and the chat tokens after it (owngpt/chat.py)
+    assert tokenizer == {"kind": "bpe", "vocab_size": 404, "eot_id": 399, "file": "tokenizer.tiktoken",
+                         "sha256": hashlib.sha256((folder / "tokenizer.tiktoken").read_bytes()).hexdigest(),
+                         "chat_tokens": {"<|system|>": 400, "<|user|>": 401, "<|assistant|>": 402, "<|end|>": 403}}
     assert meta["format_version"] == 1
     assert meta["dropped"] == {"duplicate": 1, "empty": 1}
     assert meta["documents"]["read"] == len(expected_documents(corpus)) + 2
@@ -442,7 +444,7 @@ def test_a_file_that_is_not_utf8_is_decoded_with_replacement_and_counted(tmp_pat
     (["--vocab_size=lots"], "--vocab_size=lots: expected an integer"),
     (["--val_fraction=1.5"], "--val_fraction=1.5: expected a fraction between 0 and 1"),
     (["--source=web"], "--source=web: expected one of python, files, url"),
-    (["--source=files"], "--input is used with --source=files, and --source=files needs it"),
+    (["--source=files"], "--input is used with --source=files or chat, and those need it"),
     (["--source=files", "--input=nowhere/"], "--input: no such file or folder: nowhere/"),
     (["--source=files", "--input=*.nothing"], "--input: '*.nothing' matches no files"),
     (["--source=files", "--input=data.csv"], "data.csv is not a supported file type"),
@@ -522,7 +524,7 @@ def test_one_text_file_is_cut_into_a_train_head_and_a_val_tail(tmp_path):
     report = (folder / "report.md").read_text()
     assert "Val is the last 5% of each document's text: the hash of the document ids put 0 of 1" in report
     # without --vocab_size, a text this small gets the smallest vocabulary of the rule, and the report says why
-    assert meta["tokenizer"]["vocab_size"] == 512 and "512 tokens, not the default 8,192" in report
+    assert meta["tokenizer"]["vocab_size"] == 516 and "512 tokens, not the default 8,192" in report  # and 4 chat tokens
 
 
 def test_an_explicit_vocab_size_the_text_cannot_support_stays_an_error(tmp_path):

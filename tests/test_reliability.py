@@ -222,7 +222,7 @@ def fewer_tokens(folder):
 def token_beyond_vocabulary(folder):
     path = folder / "train_000001.bin"
     tokens = tokens_of(path)
-    tokens[5] = 600  # the tokenizer has 512 ids
+    tokens[5] = 600  # the tokenizer has 516 ids
     write_shard(path, tokens)
 
 
@@ -244,7 +244,7 @@ def emptied(folder):
     (bad_magic, r"train_000001.bin: bad magic number 12345"),
     (uint32_header, r"train_000001.bin holds uint32 tokens but meta.json says uint16"),
     (fewer_tokens, r"meta.json says the train split has [\d,]+ tokens, its shards hold [\d,]+"),
-    (token_beyond_vocabulary, r"train_000001.bin holds token id 600, but the tokenizer has only 512 ids"),
+    (token_beyond_vocabulary, r"train_000001.bin holds token id 600, but the tokenizer has only 516 ids"),
     (missing_shard, r"meta.json lists val_000000.bin, which is missing"),
     (meta_cut_short, r"meta.json is not valid JSON"),
     (emptied, r"has no meta.json: it is empty or was not made by prepare.py"),
@@ -335,7 +335,7 @@ def test_a_disk_too_small_for_the_checkpoints_is_refused_before_training(small_d
     disk = small_disk("1m")
     error = run_main(f"--dataset={tiny_dataset}", f"--out_dir={disk / 'out'}", "--max_iters=2", "--block=gpt2")  # sizes: the tied head
     # 4 checkpoints of ~0.5 MB: keep_last=2, best.pt and the one being written
-    assert re.fullmatch(r"error: \S+/out has 1.0 MB free, but its checkpoints will need 2.0 MB more \(4 of ~0.5 MB: "
+    assert re.fullmatch(r"error: \S+/out has 1.0 MB free, but its checkpoints will need 2.1 MB more \(4 of ~0.5 MB: "
                         r"keep_last=2, best.pt and the one being written\): make room, lower keep_last, or choose "
                         r"another out_dir", error), error
     assert not (disk / "out" / "metrics.jsonl").exists()
