@@ -75,8 +75,8 @@ def message_problem(messages):
     expected = ["user", "assistant"] * (len(turns) // 2 + 1)
     for index, (role, wanted) in enumerate(zip(turns, expected)):
         if role != wanted:
-            where = index + 1 + (roles[0] == "system")
-            return (f"message {where + 1} is from the {role}, expected the {wanted}: an optional system message, "
+            number = index + 1 + (roles[0] == "system")
+            return (f"message {number} is from the {role}, expected the {wanted}: an optional system message, "
                     "then user and assistant in turn")
     if "assistant" not in turns:
         return "no assistant turn: there is nothing to learn to answer"

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import train  # noqa: E402 (this import and the next need the root on sys.path)
-from helpers import TINY_MODEL, make_text, send_body  # noqa: E402
+from helpers import ONE_THREAD, TINY_MODEL, make_conversations, make_text, send_body, write_jsonl  # noqa: E402
 
 
 def pytest_configure(config):
@@ -41,6 +41,32 @@ def tiny_dataset(tmp_path_factory):
         capture_output=True, text=True, cwd=corpus.parent)
     assert result.returncode == 0, f"prepare.py failed:\n{result.stderr}"
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_dataset(tiny_dataset, tmp_path_factory):
+    """A chat dataset of 120 generated conversations (helpers.make_conversations), with the tiny
+    dataset's tokenizer and its chat tokens, as one fine-tunes a model trained on it."""
+    folder = tmp_path_factory.mktemp("tiny_chat")
+    write_jsonl(folder / "conversations.jsonl", make_conversations(120))
+    result = subprocess.run([sys.executable, str(ROOT / "prepare.py"), "--source=chat",
+                             "--input=conversations.jsonl", f"--tokenizer={tiny_dataset}", "--out_dir=chat",
+                             "--val_fraction=0.1"], capture_output=True, text=True, cwd=folder)
+    assert result.returncode == 0, f"prepare.py failed:\n{result.stderr}"
+    return folder / "chat"
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tiny_chat_dataset, tmp_path_factory):
+    """The out folder of the tiny model (helpers.TINY_MODEL) trained 30 iterations on
+    tiny_chat_dataset: a model chat.py talks to (what it says is of no interest)."""
+    out_dir = tmp_path_factory.mktemp("tiny_chat_model") / "out"
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY_MODEL, f"--dataset={tiny_chat_dataset}",
+                             f"--out_dir={out_dir}", "--max_iters=30", "--eval_interval=30", "--matmul=mkl"],
+                            capture_output=True, text=True, env=ONE_THREAD, timeout=300)
+    assert result.returncode == 0, f"train.py failed:\n{result.stderr}"
+    (out_dir / "stdout.txt").write_text(result.stdout)  # what the run said, for the tests that read it
+    return out_dir
 
 
 @pytest.fixture(scope="module")

@@ -69,6 +69,29 @@ def wait_until(condition, timeout=60, interval=0.05):
         time.sleep(interval)
 
 
+def make_conversations(count, seed=0):
+    """count conversations in the chat format, deterministic: a question about an invented word
+    and an answer made of its sentences, every fifth with a system message, every third with a
+    second exchange."""
+    rng = random.Random(seed)
+    conversations = []
+    for index in range(count):
+        word = WORD_LIST[index % len(WORD_LIST)]
+        messages = [{"role": "system", "content": "You answer in the island's words."}] if index % 5 == 0 else []
+        messages += [{"role": "user", "content": f"What is {word}?"},
+                     {"role": "assistant", "content": make_text(rng.randrange(10**6), sentences=2).strip()}]
+        if index % 3 == 0:
+            messages += [{"role": "user", "content": f"And {rng.choice(WORD_LIST)}?"},
+                         {"role": "assistant", "content": make_text(rng.randrange(10**6), sentences=1).strip()}]
+        conversations.append({"messages": messages})
+    return conversations
+
+
+def write_jsonl(path, records):
+    Path(path).write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+    return path
+
+
 # ----------------------------------------------------------------------------- train.py
 TINY_MODEL = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8", "--eval_iters=2",
               "--log_interval=1", "--warmup_iters=2", "--learning_rate=3e-3", "--min_lr=3e-4", "--device=cpu"]
