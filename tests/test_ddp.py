@@ -42,12 +42,14 @@ with torch.no_grad():  # the modern block's zero-initialised matrices would leav
             p.normal_(std=0.02)
 single, initial = copy.deepcopy(model), copy.deepcopy(model)
 tokens = torch.randint(100, (4, 3, 17), generator=torch.Generator().manual_seed(1))  # 4 micro-batches of 3
-batches = [(batch[:, :-1], batch[:, 1:]) for batch in tokens]
+# a third of the targets left out of the loss, as a chat dataset's mask does
+masked = torch.rand(4, 3, 16, generator=torch.Generator().manual_seed(2)) < 0.3
+batches = [(batch[:, :-1], batch[:, 1:].masked_fill(mask, -1)) for batch, mask in zip(tokens, masked)]
 optimizer_of = lambda model: build_optimizer(model, {optimizer!r}, 1e-3, 0.02, 0.1, (0.9, 0.95), "cpu")
 
 mine = iter(batches[runtime.rank::runtime.world_size])
 train.forward_backward(DistributedDataParallel(model), lambda: next(mine), micro_steps=2,
-                       autocast=runtime.autocast, scaler=None, is_ddp=True)
+                       autocast=runtime.autocast, scaler=None, is_ddp=True, loss_chunk_rows=5)  # the loss in pieces
 gradients = [p.grad.clone() for p in model.parameters()]
 optimizer_of(model).step()
 weights = torch.cat([p.detach().flatten() for p in model.parameters()])
@@ -58,7 +60,7 @@ dist.all_reduce(between_ranks, op=dist.ReduceOp.MAX)
 if runtime.rank == 0:
     everything = iter(batches)
     train.forward_backward(single, lambda: next(everything), micro_steps=4, autocast=runtime.autocast,
-                           scaler=None, is_ddp=False)
+                           scaler=None, is_ddp=False, loss_chunk_rows=5)
     difference = max((a - b.grad).abs().max().item() for a, b in zip(gradients, single.parameters()))
     largest = max(p.grad.abs().max().item() for p in single.parameters())
     optimizer_of(single).step()
@@ -95,8 +97,9 @@ def test_gradient_accumulation_that_does_not_divide_by_the_processes_is_refused(
 
 
 @pytest.mark.slow
-def test_a_preempted_two_process_run_saves_and_resumes_without_losing_an_iteration(tiny_dataset, tmp_path):
-    flags = [*TINY_MODEL, f"--dataset={tiny_dataset}", "--out_dir=out", "--gradient_accumulation_steps=2",
+def test_a_preempted_two_process_run_saves_and_resumes_without_losing_an_iteration(tiny_chat_dataset, tmp_path):
+    """On a chat dataset: the rows of packed conversations and their masks resume as windows do."""
+    flags = [*TINY_MODEL, f"--dataset={tiny_chat_dataset}", "--out_dir=out", "--gradient_accumulation_steps=2",
              "--eval_interval=1000"]
     out_dir, log = tmp_path / "out", tmp_path / "first.log"
     # torchrun passes SIGTERM on to both ranks, as a cluster scheduler's preemption does

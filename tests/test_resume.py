@@ -39,10 +39,12 @@ def assert_same(saved, other, where):
 
 
 @pytest.mark.parametrize("recipe", RECIPES.values(), ids=RECIPES.keys())
-def test_resume_continues_exactly_as_if_never_stopped(recipe, tiny_dataset, tmp_path, train_here, monkeypatch):
+@pytest.mark.parametrize("data", ["text", "chat"])
+def test_resume_continues_exactly_as_if_never_stopped(data, recipe, tiny_dataset, tiny_chat_dataset, tmp_path,
+                                                      train_here, monkeypatch):
     # dropout and gradient accumulation: the resumed run must redraw the same batches and masks.
     # Both runs plan 8 iterations (wsd's cooldown is placed by max_iters); SIGTERM stops one at 4
-    flags = [f"--dataset={tiny_dataset}", "--dropout=0.2", "--gradient_accumulation_steps=2", "--eval_interval=4",
+    flags = [f"--dataset={tiny_chat_dataset if data == 'chat' else tiny_dataset}", "--dropout=0.2", "--gradient_accumulation_steps=2", "--eval_interval=4",
              "--max_iters=8", *recipe]
     assert train_here(*flags, f"--out_dir={tmp_path / 'whole'}").returncode == 0
     with monkeypatch.context() as patch:
