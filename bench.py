@@ -13,6 +13,7 @@
     python bench.py --what=small_text --vocab_sizes=512,2048 --budget=150   # the vocabulary rule's measurement
     python bench.py --what=prepare --mb=50        # prepare.py on a 50 MB WET file from a fake crawl
     python bench.py --what=prepare --mb=20 --profile=true   # the same in one process, under cProfile
+    python bench.py --what=chat --dataset=stdlib_chat --seeds=2   # the chat demo: base against fine-tuned
     python bench.py --help                        # every flag with its default
 
 Each measurement is a mode: a function of the settings, listed in MODES by its --what name.
@@ -42,8 +43,13 @@ from pathlib import Path
 
 import numpy as np
 
-from owngpt import flags
+import torch
+
+from owngpt import flags, stdlib_chat
+from owngpt.chat import reply
 from owngpt.dataset import SPLITS, open_folder, read_meta, read_split
+from owngpt.filtered import split_of
+from owngpt.inference import load_trained
 from owngpt.web import filters
 
 
@@ -479,14 +485,101 @@ def bench_small_text(settings):
         print(f"{name:>24}: final {final:.4f} ({final / first:.3f}x) | best {best:.4f} | final/best {final / best:.3f}")
 
 
+# ----------------------------------------------------------------------------- chat
+
+def chat_choice_items(meta, path, seed=0):
+    """The multiple-choice check in chat form, written to path: for each held-out function of
+    the stdlib_chat dataset (the val split's), "What does NAME do?" and four answers, its
+    docstring's first paragraph and three other held-out functions', in a random order."""
+    fraction = meta["settings"]["val_fraction"]
+    held_out = [function for function in stdlib_chat.stdlib_functions() if split_of(function.name, fraction) == "val"]
+    rng = random.Random(seed)
+    lines = []
+    for function in held_out:
+        others = rng.sample([other.doc for other in held_out if other.doc != function.doc], 3)
+        label = rng.randrange(4)
+        answers = others[:label] + [function.doc] + others[label:]
+        lines.append(json.dumps({"messages": [{"role": "user", "content": f"What does {function.name} do?"}],
+                                 "endings": answers, "label": label}))
+    Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return held_out
+
+
+def chat_evaluation(settings, checkpoint, tasks):
+    """train.py --eval_only of checkpoint on the chat dataset's val split and the check: its figures."""
+    command = [sys.executable, "train.py", "config/chat_demo.py", f"--dataset={settings['dataset']}",
+               f"--init_from={checkpoint}", "--eval_only=True", f"--eval_iters={settings['eval_iters']}",
+               f"--eval_tasks={tasks}", f"--device={settings['device']}"]
+    finished = subprocess.run(command, capture_output=True, text=True)
+    if finished.returncode != 0:
+        raise flags.UserError(f"{' '.join(command)} failed: {finished.stderr.strip().splitlines()[-1]}")
+    figures = re.search(r"val loss ([\d.]+) .* ([\d.]+) bits/byte\n.*acc_norm ([\d.]+)%, acc ([\d.]+)%", finished.stdout)
+    return {"val loss": float(figures[1]), "val bits/byte": float(figures[2]), "choice acc_norm %": float(figures[3]),
+            "choice acc %": float(figures[4])}
+
+
+def greedy_answers(out_dir, checkpoint_name, functions):
+    """The model's greedy answer to "What does NAME do?" for each function."""
+    model, tokenizer, _ = load_trained(str(out_dir), checkpoint_name, torch.device("cpu"))
+    return ["".join(piece.text for piece in reply(model, tokenizer, [
+        {"role": "user", "content": f"What does {function.name} do?"}], 60)) for function in functions]
+
+
+def bench_chat(settings):
+    """The chat demo: the base model (--base) against the same fine-tuned by config/chat_demo.py
+    on the stdlib_chat dataset (--dataset), one fine-tuning per seed: val loss and bits per byte on
+    the answers about held-out functions, the multiple-choice check (chance 25%), the fine-tuning's
+    steps and seconds, and three held-out functions' greedy answers from each."""
+    if not Path(settings["base"]).is_file():
+        raise flags.UserError(f"--base={settings['base']}: no such checkpoint (the quick start writes out/demo/best.pt)")
+    meta = read_meta(open_folder(settings["dataset"]))
+    if not meta.get("chat"):
+        raise flags.UserError(f"--dataset={settings['dataset']} is not a chat dataset: make one with "
+                              "`python prepare.py --source=stdlib_chat --tokenizer=data/python`")
+    out_dir = Path(settings["out_dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tasks = out_dir / "chat_choice.jsonl"
+    held_out = chat_choice_items(meta, tasks)
+    print(f"{len(held_out)} held-out functions: the check's items are in {tasks}", flush=True)
+    rows = {"base": [chat_evaluation(settings, settings["base"], tasks)]}
+    print(f"base: {rows['base'][0]}", flush=True)
+    shown = held_out[::max(1, len(held_out) // 3)][:3]
+    for seed in range(1, settings["seeds"] + 1):
+        run = out_dir / f"chat_seed{seed}"
+        shutil.rmtree(run, ignore_errors=True)
+        command = [sys.executable, "train.py", "config/chat_demo.py", f"--dataset={settings['dataset']}",
+                   f"--init_from={settings['base']}", f"--out_dir={run}", f"--seed={seed}", f"--device={settings['device']}"]
+        finished = subprocess.run(command, capture_output=True, text=True)
+        if finished.returncode != 0:
+            raise flags.UserError(f"{' '.join(command)} failed: {finished.stderr.strip().splitlines()[-1]}")
+        (run / "stdout.txt").write_text(finished.stdout)
+        done = re.search(r"done: iteration (\d+) in (\S+),", finished.stdout)
+        row = chat_evaluation(settings, run / "best.pt", tasks)
+        row.update({"steps": int(done[1]), "seconds": json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+                    .get("elapsed_s", 0.0)})
+        rows.setdefault("fine-tuned", []).append(row)
+        print(f"fine-tuned seed {seed}: {row}", flush=True)
+    print("\nmedians:")
+    for name, runs in rows.items():
+        print(f"{name:>11}: " + " | ".join(f"{key} {statistics.median(run[key] for run in runs):,.4g}" for key in runs[0]))
+    print("\ngreedy answers about held-out functions (the base model asked in the same format):")
+    base_dir = Path(settings["base"])
+    answers = {"base": greedy_answers(base_dir.parent, base_dir.stem if base_dir.stem == "best" else "latest", shown),
+               "fine-tuned": greedy_answers(out_dir / "chat_seed1", "best", shown)}
+    for index, function in enumerate(shown):
+        print(f"\nWhat does {function.name} do?\n  docstring:  {function.doc}")
+        for name, said in answers.items():
+            print(f"  {name + ':':<11} {said}")
+
+
 # ----------------------------------------------------------------------------- command line
 
 MODES = {"recipes": bench_recipes, "throughput": bench_throughput, "webfilters": bench_webfilters,
-         "small_text": bench_small_text, "prepare": bench_prepare}
+         "small_text": bench_small_text, "prepare": bench_prepare, "chat": bench_chat}
 DEFAULTS = {"what": "recipes", "recipes": ("gpt2", "modern"), "seeds": 2, "budget": 90.0,
             "shape": "config/train_demo.py", "dataset": "python", "device": "cpu", "iters": 100, "eval_iters": 20,
             "out_dir": "out/bench", "mb": 50.0, "profile": False, "text": "", "nanogpt": "", "vocab_sizes": (),
-            "against": ()}
+            "against": (), "base": "out/demo/best.pt"}
 HELP = {"what": f"what to measure: {', '.join(MODES)}",
         "recipes": f"recipes: training runs to compare, the first is the reference ({', '.join(RECIPES)})",
         "seeds": "seeds per recipe (recipes and throughput)",
@@ -507,7 +600,8 @@ HELP = {"what": f"what to measure: {', '.join(MODES)}",
                    "throughput, for --iters on --dataset's text, the reference of the ratios",
         "vocab_sizes": "small_text: also train on the text prepared at these vocabulary sizes (comma-separated)",
         "against": "recipes, throughput: other owngpt checkouts (comma-separated) whose train.py runs each recipe "
-                   "too, first in each round: a change before and after"}
+                   "too, first in each round: a change before and after",
+        "base": "chat: the checkpoint config/chat_demo.py fine-tunes (the quick start's model)"}
 CHECKS = {"what": flags.one_of(*MODES), "recipes": recipe_list, "seeds": flags.at_least(1),
           "budget": lambda seconds: None if seconds > 0 else "a positive number of seconds",
           "shape": lambda paths: None if all(Path(path).is_file() for path in paths.split(",")) else "config files",

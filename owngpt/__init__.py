@@ -1,4 +1,4 @@
-"""owngpt's library: what the scripts at the root (prepare.py, train.py, sample.py, export.py,
+"""owngpt's library: what the scripts at the root (prepare.py, train.py, sample.py, chat.py, export.py,
 plot.py, plan.py, bench.py) are built from, one job per module. model.py, the GPT, stays at the root
 beside them: it is the one file every reader opens.
 
@@ -10,6 +10,7 @@ beside them: it is the one file every reader opens.
     workers      a stage of prepare.py on all cores, results in input order
     web/         web text: downloads and Common Crawl's WET files (crawl), the filters (filters)
     runtime      devices, dtype, the process group, stop signals, the GPU FLOPs table
+    cpu          what makes a step faster on the CPU that runs it: the matmul library per product, measured
     parallel     how processes share the model: DDP copies it, FSDP shards it; one checkpoint format
     budget       the run's clock and max_time
     epochs       how many times a run reads its data, and the dropout that follows
@@ -21,4 +22,8 @@ beside them: it is the one file every reader opens.
     tasks        multiple-choice evaluation: HellaSwag and your own .jsonl questions, acc and acc_norm
     curves       learning curves as a self-contained SVG
     hf           the Hugging Face format: safetensors, GPT-2's and NanoChat's names, tokenizer.json
+    chat         conversations: the format, checked; rendered with role tokens and a loss mask; answered
+    chat_dataset prepare.py's chat sources: conversations into token and mask shards, meta.json, report.md
+    stdlib_chat  conversations about the standard library, from its own docstrings (the offline demo)
+    inference    a trained model and its tokenizer loaded for sample.py and chat.py; the sampling flags' checks
 """

@@ -8,7 +8,9 @@ An item is a context and a few endings, one of them right. A file of your own ho
     {"context": "The capital of France is", "endings": [" Paris", " Rome", " a cat"], "label": 0}
 
 The model reads context + ending exactly as written: end the context without a space and start
-each ending with one where a word follows, as the text would be tokenised. Each ending is scored
+each ending with one where a word follows, as the text would be tokenised. A chat model's items
+ask in its format: "messages" (a conversation ending with the user's, owngpt/chat.py) in place of
+"context"; each ending is then an answer, scored with the <|end|> that closes it. Each ending is scored
 by the model's losses on its own tokens given the context, the way of llm.c's reference
 (karpathy/llm.c, dev/data/hellaswag.py): no end-of-text before the context, the ending's tokens
 encoded on their own. Two accuracies, the share of items whose right ending has the lowest
@@ -34,6 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from owngpt.chat import chat_token_ids, message_problem, render_prompt
 from owngpt.flags import UserError
 from owngpt.hf import HF_PREFIX, read_tokenizer_json
 from owngpt.parallel import gathered
@@ -116,7 +119,7 @@ def read_items(path, hellaswag):
         if problem:
             raise TaskError(f"{path}:{number}: {problem}; expected {expected}{damaged}")
         endings = [" " + ending for ending in item["endings"]] if hellaswag else item["endings"]
-        items.append((item[context_key], endings, item["label"]))
+        items.append((item.get("messages") or item[context_key], endings, item["label"]))
     if not items:
         raise TaskError(f"{path} holds no items; expected one a line: {expected}")
     return items
@@ -124,10 +127,15 @@ def read_items(path, hellaswag):
 
 def item_problem(item, context_key):
     """What is wrong with one parsed line, or None."""
+    if isinstance(item, dict) and "messages" in item and context_key == "context":  # a question in chat form
+        problem = message_problem(item["messages"] + [{"role": "assistant", "content": "an answer"}])
+        if problem:
+            return f"messages: {problem}"
+        context_key = "messages"
     if not isinstance(item, dict) or not {context_key, "endings", "label"} <= item.keys():
         return f"not an object with {context_key}, endings and label"
     context, endings, label = item[context_key], item["endings"], item["label"]
-    if not isinstance(context, str) or not context:
+    if context_key != "messages" and (not isinstance(context, str) or not context):
         return f"{context_key} is {context!r}, not a non-empty text"
     if not isinstance(endings, list) or len(endings) < 2 or not all(isinstance(e, str) and e for e in endings):
         return f"endings is {endings!r}, not a list of two or more non-empty texts"
@@ -138,6 +146,10 @@ def item_problem(item, context_key):
 
 def tokenised(item, encoding):
     context, endings, label = item
+    if isinstance(context, list):  # messages: the prompt the model answers, each answer closed by <|end|>
+        end = chat_token_ids(encoding)["end"]
+        return Item(render_prompt(context, encoding), [encoding.encode_ordinary(ending) + [end] for ending in endings],
+                    label)
     return Item(encoding.encode_ordinary(context), [encoding.encode_ordinary(ending) for ending in endings], label)
 
 
