@@ -241,3 +241,25 @@ def test_stdlib_conversations_are_thousands_the_same_every_time_and_val_asks_abo
     every = [message for function in functions for message in stdlib_chat.conversation(function)]
     assert not chat.message_problem(stdlib_chat.conversation(json_dumps))
     assert {message["content"] for message in every if message["role"] == "system"} == {stdlib_chat.SYSTEM}
+
+
+def test_multiple_choice_items_in_chat_form_score_each_answer_with_its_end_of_turn(tiny_chat_model, tiny_chat_dataset,
+                                                                                   encoding, tmp_path, train_here):
+    from owngpt import tasks
+    question = [{"role": "user", "content": "What is ka?"}]
+    items = tmp_path / "island_quiz.jsonl"
+    write_jsonl(items, [{"messages": question, "endings": ["Ka lo.", "Mi ne!", "Vo pe."], "label": 1}] * 3)
+    item = tasks.tokenised(tasks.read_items(items, hellaswag=False)[0], encoding)
+    end = encoding.encode_single_token("<|end|>")
+    assert item.context == chat.render_prompt(question, encoding)
+    assert item.endings == [encoding.encode("Ka lo.") + [end], encoding.encode("Mi ne!") + [end],
+                            encoding.encode("Vo pe.") + [end]]
+    scored = train_here(f"--init_from={tiny_chat_model / 'best.pt'}", f"--dataset={tiny_chat_dataset}",
+                        "--eval_only=True", f"--eval_tasks={items}")
+    assert scored.returncode == 0, scored.stderr
+    assert "island_quiz: acc_norm" in scored.stdout and "(3 items)" in scored.stdout
+    write_jsonl(items, [{"messages": question + [{"role": "assistant", "content": "x"}], "endings": ["a", "b"],
+                         "label": 0}])
+    # a question in chat form ends with the user's message: the answers are the endings
+    with pytest.raises(tasks.TaskError, match=r"island_quiz.jsonl:1: messages: message 3 is from the assistant"):
+        tasks.read_items(items, hellaswag=False)
