@@ -20,6 +20,7 @@ SHORTER = {
     "train.py": ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--max_iters=4",
                  "--eval_interval=2", "--eval_iters=1", "--log_interval=1", "--warmup_iters=1", "--device=cpu"],
     "sample.py": ["--max_new_tokens=8", "--device=cpu"],
+    "chat.py": ["--max_new_tokens=8", "--device=cpu"],
 }
 # Lines that cannot run here, and why.
 NOT_HERE = {
