@@ -3,6 +3,7 @@ plot.py, plan.py, bench.py) are built from, one job per module. model.py, the GP
 beside them: it is the one file every reader opens.
 
     flags        the --key=value and config-file parser, value checks, --help
+    train_checks what each of train.py's keys may be, and the rules between them
     sources      prepare.py's input files (stdlib, local files, URLs, WET files) read into documents
     dataset      the dataset folder: llm.c token shards, meta.json, report.md, atomic writes
     tokenizer    the byte-level BPE trainer, the tokenizer.tiktoken file, the tokenizer loader

@@ -157,8 +157,8 @@ class Piece:
 def reply(model, encoding, messages, max_new_tokens, temperature=0.0, top_k=None, top_p=None, generator=None):
     """The assistant's answer to messages (ending with the user's), made token by token through
     the KV cache: yields a Piece per token, the last with finish set. The conversation must fit
-    the context with max_new_tokens to spare (fitting_messages cuts it); the <|end|> that
-    stops the answer is not in its text."""
+    the context with max_new_tokens to spare (fit_context cuts it); the <|end|> that stops
+    the answer is not in its text."""
     import torch  # here: prepare.py reads and renders conversations without torch
     end = chat_token_ids(encoding)["end"]
     device = next(model.parameters()).device
@@ -171,7 +171,8 @@ def reply(model, encoding, messages, max_new_tokens, temperature=0.0, top_k=None
         if token == end:
             yield Piece([], decoder.decode(b"", final=True), "stop")
             return
-        text = decoder.decode(encoding.decode_single_token_bytes(token))
-        yield Piece([token], text, None if made < max_new_tokens else "length")
+        last = made == max_new_tokens
+        text = decoder.decode(encoding.decode_single_token_bytes(token), final=last)
+        yield Piece([token], text, "length" if last else None)
         if made == max_new_tokens:
             return

@@ -11,10 +11,11 @@ import pytest
 
 from helpers import ROOT
 from owngpt.runtime import available_devices
+import chat
 import sample
 import train
 
-SCRIPTS = {"train.py": train, "sample.py": sample}
+SCRIPTS = {"train.py": train, "sample.py": sample, "chat.py": chat}
 
 # The keys no check can fault, and why. A new key must be checked (CHECKS) or listed here.
 BOOLEAN = "a boolean: true or false is all it can be"
@@ -31,6 +32,10 @@ UNCHECKED = {
         "start": "any text, or FILE:path, whose problems are named when it is read",
         "kv_cache": BOOLEAN,
     },
+    "chat.py": {
+        "out_dir": "any folder: a missing checkpoint in it is named when it is read",
+        "prompt": "any text: the user's message", "system": "any text: the system message",
+    },
 }
 
 
@@ -40,7 +45,7 @@ def run_main(script, *argv):
         with pytest.raises(SystemExit) as stop:  # sys.exit("error: ...")
             train.main(list(argv))
         return 1, stop.value.code
-    return sample.main(list(argv)), None
+    return SCRIPTS[script].main(list(argv)), None
 
 
 def error_of(script, capsys, *argv):
