@@ -383,10 +383,13 @@ def oniguruma_pattern(pattern):
 def tokenizer_json(encoder):
     """tokenizer.json (the tokenizers library's format) for a tiktoken.Encoding: the same
     split regex, then byte-level BPE with the same vocabulary and merge order, and
-    end-of-text as a special token. ignore_merges: a chunk that is a token is that token,
-    as in tiktoken."""
+    end-of-text (and the chat tokens) as special tokens. ignore_merges: a chunk that is a token
+    is that token, as in tiktoken. The special tokens go in the order of their ids: the
+    tokenizers library gives each one that is not in the vocabulary the next free id, in the
+    order listed, whatever its "id" says."""
     spell = byte_to_char()
-    special = {text: encoder.encode_single_token(text) for text in encoder.special_tokens_set}
+    special = {text: encoder.encode_single_token(text)
+               for text in sorted(encoder.special_tokens_set, key=encoder.encode_single_token)}
     ranks = {encoder.decode_single_token_bytes(rank): rank for rank in range(encoder.n_vocab)
              if rank not in special.values()}
     as_text = lambda token: "".join(spell[byte] for byte in token)

@@ -127,14 +127,14 @@ def test_export_writes_the_folder_and_a_model_card(exported, tiny_dataset):
     card = (dest / "README.md").read_text()
     assert f"It is a {config['architectures'][0]}" in card
     if config["model_type"] == "gpt2":
-        assert (config["activation_function"], config["vocab_size"], config["n_positions"]) == ("gelu", 512, 32)
+        assert (config["activation_function"], config["vocab_size"], config["n_positions"]) == ("gelu", 516, 32)
         assert "lm_head.weight" not in stored  # tied: stored once
-        assert stored["transformer.wte.weight"].shape == (512, 32)  # the padding rows are not exported
+        assert stored["transformer.wte.weight"].shape == (516, 32)  # the padding rows are not exported
         assert not stored["transformer.h.0.attn.c_attn.bias"].any()  # bias=False: zero biases
     else:
-        assert (config["vocab_size"], config["max_position_embeddings"], config["intermediate_size"]) == (512, 32, 128)
+        assert (config["vocab_size"], config["max_position_embeddings"], config["intermediate_size"]) == (516, 32, 128)
         assert config["final_logit_softcapping"] is None and config["rms_norm_eps"] == torch.finfo(torch.float32).eps
-        assert stored["model.embed_tokens.weight"].shape == stored["lm_head.weight"].shape == (512, 32)  # untied
+        assert stored["model.embed_tokens.weight"].shape == stored["lm_head.weight"].shape == (516, 32)  # untied
     assert "tokens seen: 5,120" in card and "val loss" in card and "bits per byte" in card
     assert f"dataset: {tiny_dataset}" in card and "documents kept: 24" in card
 
@@ -203,10 +203,16 @@ def test_gpt2s_tanh_gelu_imports_with_a_note(tmp_path, capsys):
         assert 0 < (ours(ids)[0] - theirs(ids).logits).abs().max() < 1e-2
 
 
-def test_init_from_hf_evaluates_and_fine_tunes(tiny_dataset, tmp_path):
+def test_init_from_hf_evaluates_and_fine_tunes(tiny_dataset, tiny_chat_dataset, tmp_path):
+    """A GPT-2 folder with the tiny dataset's tokenizer but for its chat tokens (as exported before
+    they were reserved) evaluates on its text, which never holds them, as it is; not on
+    conversations, which do."""
     hf_gpt2(tmp_path / "gpt2")
     gpt2_shape = ["--bias=True", f"--dataset={tiny_dataset}", f"--init_from=hf:{tmp_path / 'gpt2'}"]
     assert run_train(*gpt2_shape, "--eval_only=True") is None
+    error = run_train("--bias=True", f"--dataset={tiny_chat_dataset}", f"--init_from=hf:{tmp_path / 'gpt2'}",
+                      "--eval_only=True")
+    assert "vocab_size is 512 there and 516 here" in error
     assert run_train(*gpt2_shape, f"--out_dir={tmp_path / 'out'}", "--max_iters=2", "--eval_interval=2") is None
     assert (tmp_path / "out" / "best.pt").is_file()
     error = run_train(*gpt2_shape[1:], f"--out_dir={tmp_path / 'out2'}", "--max_iters=2")
@@ -216,7 +222,7 @@ def test_init_from_hf_evaluates_and_fine_tunes(tiny_dataset, tmp_path):
 def test_init_from_hf_refuses_a_dataset_with_another_tokenizer(tiny_dataset, tmp_path):
     hf_gpt2(tmp_path, vocab_size=600)
     error = run_train("--bias=True", f"--dataset={tiny_dataset}", f"--init_from=hf:{tmp_path}", "--eval_only=True")
-    assert "vocab_size is 600 there and 512 here" in error and str(tmp_path) in error
+    assert "vocab_size is 600 there and 516 here" in error and str(tmp_path) in error
 
 
 def test_foreign_architecture_and_damaged_folders_are_clear_errors(tmp_path):
