@@ -50,9 +50,7 @@ class Chat:
         self.settings = settings
         device = pick_device(settings["device"])
         self.model, self.tokenizer, checkpoint = load_trained(settings["out_dir"], settings["ckpt"], device)
-        trained_on_chat = checkpoint.get("chat") or (settings["out_dir"].startswith("hf:") and
-                                                     "<|assistant|>" in self.tokenizer.special_tokens_set)
-        if not trained_on_chat:
+        if not checkpoint.get("chat"):  # train.py's on a chat dataset, or its export with the chat template
             raise ChatError(f"{settings['out_dir']} holds a model never fine-tuned on conversations: it continues "
                             f"text, it does not answer. Fine-tune one: {FINE_TUNE}")
         chat_token_ids(self.tokenizer)  # the chat tokens are there

@@ -6,10 +6,12 @@
 dest gets what AutoModelForCausalLM.from_pretrained and AutoTokenizer.from_pretrained read,
 without trust_remote_code: config.json (GPT2LMHeadModel for the gpt2 block, NanoChatForCausalLM
 for the modern one), model.safetensors, generation_config.json, tokenizer.json and
-tokenizer_config.json (our tokenizer as a fast tokenizer) and README.md, a model card with
-what the checkpoint records. owngpt/hf.py writes them. Each computes exactly what our model
-does; a model with value embeddings, which no transformers architecture has, is refused
-rather than exported as something that computes otherwise.
+tokenizer_config.json (our tokenizer as a fast tokenizer; for a model fine-tuned on
+conversations, with the chat template, so that apply_chat_template and generate talk to it as
+chat.py does) and README.md, a model card with what the checkpoint records. owngpt/hf.py
+writes them. Each computes exactly what our model does; a model with value embeddings, which
+no transformers architecture has, is refused rather than exported as something that computes
+otherwise.
 Flags are --key=value, checked like sample.py's; `python export.py --help` lists them.
 """
 import json
@@ -59,14 +61,21 @@ def dataset_summary(name):
         meta = read_meta(folder)
     except (DatasetError, OSError, ValueError):
         return [f"- dataset: {name} (its folder is not reachable from where this was exported)"]
+    tokenizer = meta["tokenizer"]
+    made = [f"- dataset: {name}, made by prepare.py from {', '.join(json.dumps(source) for source in meta['sources'])}"]
+    described = (f"- tokenizer: {tokenizer['kind']}, {tokenizer['vocab_size']:,} tokens, "
+                 f"end-of-text id {tokenizer['eot_id']}")
+    if "chat" in meta:  # conversations: no documents kept or dropped, each turn counted
+        return [*made, "- conversations: " + ", ".join(
+            f"{split} {summary['conversations']:,} ({summary['turns']:,} assistant turns, "
+            f"{summary['trained_tokens']:,} of {summary['tokens']:,} tokens trained)"
+            for split, summary in meta["splits"].items()), described]
     splits = ", ".join(f"{split} {summary['tokens']:,} tokens ({summary['documents']:,} documents)"
                        for split, summary in meta["splits"].items())
-    tokenizer = meta["tokenizer"]
-    return [f"- dataset: {name}, made by prepare.py from {', '.join(json.dumps(source) for source in meta['sources'])}",
+    return [*made,
             f"- documents kept: {meta['documents']['kept']:,} of {meta['documents']['read']:,} read "
             f"(dropped: {', '.join(f'{reason} {count:,}' for reason, count in meta['dropped'].items()) or 'none'})",
-            f"- splits: {splits}",
-            f"- tokenizer: {tokenizer['kind']}, {tokenizer['vocab_size']:,} tokens, end-of-text id {tokenizer['eot_id']}",
+            f"- splits: {splits}", described,
             "- the dataset folder's report.md tells what each filter dropped and why"]
 
 
@@ -77,29 +86,45 @@ ARCHITECTURES = {
 }
 
 
+# How to use the model, in the model card: a base model continues text, a chat model answers
+USAGE = {
+    False: ['# training documents start with <|endoftext|>, so prompts do too',
+            'ids = tokenizer("<|endoftext|>def f(x):", return_tensors="pt").input_ids',
+            "print(tokenizer.decode(model.generate(ids, max_new_tokens=50, do_sample=True)[0]))", "```", "",
+            "The tokenizer reads the literal text `<|endoftext|>` as the end-of-text token; owngpt's "
+            "tokenizer reads text as plain text (prepare.py encodes documents with disallowed_special=())."],
+    True: ['messages = [{"role": "user", "content": "Hello! What can you tell me?"}]',
+           'ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",',
+           '                                    return_dict=True).input_ids',
+           "answer = model.generate(ids, max_new_tokens=200)[0, ids.shape[1]:]  # greedy; it ends at <|end|>",
+           "print(tokenizer.decode(answer, skip_special_tokens=True))", "```", "",
+           "Fine-tuned on conversations: the chat template (tokenizer_config.json) gives the ids owngpt's "
+           "chat.py feeds the model, a message's text read as plain text (`<|end|>` in it too), and "
+           "generation_config.json ends an answer at `<|end|>`, as chat.py does. Outside a chat template, the "
+           "tokenizer reads the literal text of a special token (`<|endoftext|>`, `<|end|>`...) as that token."],
+}
+
+
 def model_card(checkpoint, out_dir, path, dest):
     """README.md: what the model is, how to load it, and what its checkpoint records."""
     config, model_config = checkpoint.get("config", {}), checkpoint["model_config"]
-    iteration = checkpoint.get("iter_num", 0)
+    iteration, chat = checkpoint.get("iter_num", 0), bool(checkpoint.get("chat"))
     evaluation = eval_record(out_dir, iteration) or {}
     tokens_per_iter = config.get("batch_size", 0) * config.get("block_size", 0) * config.get("gradient_accumulation_steps", 0)
     val_loss = evaluation.get("val_loss", checkpoint.get("best_val_loss"))
-    with_eval = [f"- val loss {val_loss:.4f} (perplexity {math.exp(min(val_loss, 700)):.2f})"] if val_loss else []
+    counted = "the assistant's answers in val conversations" if chat else "val text"
+    with_eval = [f"- val loss {val_loss:.4f} (perplexity {math.exp(min(val_loss, 700)):.2f})"
+                 + (f" on {counted}" if chat else "")] if val_loss else []
     if "val_bpb" in evaluation:
-        with_eval.append(f"- {evaluation['val_bpb']:.3f} bits per byte of val text")
+        with_eval.append(f"- {evaluation['val_bpb']:.3f} bits per byte of {counted}")
     parameters = GPT(GPTConfig(**model_config)).num_params()
     return "\n".join([
         f"# {Path(dest).name}", "",
-        "A small GPT trained from scratch with owngpt (train.py) and exported by export.py from "
-        f"`{path}`. {ARCHITECTURES[model_config['block']]}", "",
+        f"A small GPT trained from scratch with owngpt (train.py){', fine-tuned on conversations,' if chat else ''} "
+        f"and exported by export.py from `{path}`. {ARCHITECTURES[model_config['block']]}", "",
         "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
         f'model = AutoModelForCausalLM.from_pretrained("{dest}")',
-        f'tokenizer = AutoTokenizer.from_pretrained("{dest}")',
-        '# training documents start with <|endoftext|>, so prompts do too',
-        'ids = tokenizer("<|endoftext|>def f(x):", return_tensors="pt").input_ids',
-        "print(tokenizer.decode(model.generate(ids, max_new_tokens=50, do_sample=True)[0]))", "```", "",
-        "The tokenizer reads the literal text `<|endoftext|>` as the end-of-text token; owngpt's "
-        "tokenizer reads text as plain text (prepare.py encodes documents with disallowed_special=()).", "",
+        f'tokenizer = AutoTokenizer.from_pretrained("{dest}")', *USAGE[chat], "",
         "## Training", "", *dataset_summary(config.get("dataset", "?")),
         f"- iterations: {iteration:,}; tokens seen: {evaluation.get('tokens', iteration * tokens_per_iter):,}",
         *with_eval, "",

@@ -190,7 +190,7 @@ def build_run(cfg, given=frozenset()):
                     GPTConfig(**{key: getattr(cfg, key) for key in MODEL_KEYS}, vocab_size=vocab_size))
     if checkpoint is not None:
         grown_from = None if cfg.eval_only else add_chat_tokens(checkpoint, path, meta["tokenizer"], runtime.is_main)
-        check_checkpoint_fits(checkpoint, path, model_config, meta["tokenizer"], folder)
+        check_checkpoint_fits(checkpoint, path, model_config, meta["tokenizer"], folder, text="chat" not in meta)
     with dataset_errors():
         windows = {split: load_windows(folder, meta, split, model_config.block_size) for split in SPLITS}
         encoding = load_tokenizer(folder, meta["tokenizer"])

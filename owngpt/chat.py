@@ -21,7 +21,8 @@ End-of-text begins it as it begins every document; each message's content is enc
 assistant's content and its <|end|> count in the loss (nanochat: render_conversation): the model
 learns to answer and to stop, not to write the user's questions. To ask, the prompt ends with
 <|assistant|>, and the answer ends at the model's <|end|>. The chat template export.py writes
-(CHAT_TEMPLATE) renders the same text, so transformers feeds the model the same ids.
+(CHAT_TEMPLATE) gives the same ids through the exported tokenizer, so transformers feeds the model
+what chat.py feeds it.
 """
 import codecs
 import json
@@ -37,11 +38,23 @@ END = "<|end|>"
 assert CHAT_TOKENS == (*ROLE_TOKENS.values(), END)  # tokenizer.py reserves them in this order
 FORMAT = '{"messages": [{"role": "system" | "user" | "assistant", "content": "..."}, ...]}'
 
-# The Jinja template transformers' apply_chat_template runs (tokenizer_config.json's chat_template):
-# the same text as render, and with add_generation_prompt the <|assistant|> that render_prompt ends with.
-CHAT_TEMPLATE = (EOT + "{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '"
-                 + END + "' }}{% endfor %}{% if add_generation_prompt %}{{ '" + ROLE_TOKENS["assistant"]
-                 + "' }}{% endif %}")
+# The Jinja template transformers' apply_chat_template runs (tokenizer_config.json's chat_template),
+# so that it gives the ids render_prompt gives (with add_generation_prompt, the <|assistant|> it ends
+# with). apply_chat_template renders the conversation to one string and tokenizes it, reading every
+# "<|end|>" in it as the special token, where render encodes each content as plain text. So the
+# template writes each "<|" of a content as "<" ESCAPE "|", which no special token matches (and each
+# ESCAPE of a content doubled, so that none is ambiguous), and the tokenizer export.py writes undoes
+# it before encoding the content (owngpt/hf.py: tokenizer_json). ESCAPE is a Unicode noncharacter,
+# reserved for a program's own use, never in text people exchange.
+ESCAPE = "\ufdd0"
+CHAT_TEMPLATE = (
+    EOT + "{% for message in messages %}"
+    "{% if message['role'] not in " + repr(list(ROLES)) + " %}"
+    "{{ raise_exception('unknown role ' + message['role'] + ': expected system, user or assistant') }}{% endif %}"
+    "{{ '<|' + message['role'] + '|>' }}"
+    "{{ message['content'] | replace('" + ESCAPE + "', '" + 2 * ESCAPE + "') | replace('<|', '<" + ESCAPE + "|') }}"
+    "{{ '" + END + "' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '" + ROLE_TOKENS["assistant"] + "' }}{% endif %}")
 
 
 class ChatError(UserError):

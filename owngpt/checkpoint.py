@@ -522,9 +522,14 @@ def grown_weights(state, model, rows):
     return grown
 
 
-def check_checkpoint_fits(checkpoint, path, model_config, tokenizer_info, folder):
-    """The dataset must use the checkpoint's tokenizer and the config its architecture."""
-    trained_with = checkpoint["tokenizer"]
+def check_checkpoint_fits(checkpoint, path, model_config, tokenizer_info, folder, text=False):
+    """The dataset must use the checkpoint's tokenizer and the config its architecture. A text
+    dataset (text=True) never encodes to its tokenizer's chat tokens, so a model whose tokenizer
+    is the same but for them (one trained before they were reserved, its Hugging Face export)
+    fits it as it is."""
+    trained_with, chat_tokens = checkpoint["tokenizer"], len(tokenizer_info.get("chat_tokens", {}))
+    if text and trained_with.get("vocab_size") == tokenizer_info["vocab_size"] - chat_tokens:
+        tokenizer_info = {**tokenizer_info, "vocab_size": trained_with["vocab_size"]}
     for field in ("kind", "vocab_size", "eot_id", "sha256"):  # a Hugging Face folder tells only the middle two
         if field in trained_with and trained_with[field] != tokenizer_info.get(field):
             raise CheckpointError(f"{path} was trained with a different tokenizer than {folder} uses: {field} is "

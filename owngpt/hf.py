@@ -10,7 +10,7 @@ Each of our blocks has a transformers architecture that computes exactly what it
 the gpt2 block is GPT2LMHeadModel, the modern block (without value embeddings, which no
 transformers architecture has) is NanoChatForCausalLM (transformers 5.0 and later).
 
-export.py writes, train.py (init_from=hf:PATH) and sample.py (--out_dir=hf:PATH) read, with
+export.py writes, train.py (init_from=hf:PATH), sample.py and chat.py (--out_dir=hf:PATH) read, with
 no dependency beyond torch and tiktoken: the few formats involved are written out here.
 
 - model.safetensors: an 8-byte little-endian length, a JSON header giving each tensor's
@@ -26,6 +26,8 @@ no dependency beyond torch and tiktoken: the few formats involved are written ou
 - tokenizer.json: the tokenizers library's byte-level BPE. tiktoken keeps only ranks (merge
   order); the merges are rebuilt from them, and token bytes are spelt with GPT-2's
   byte-to-character table.
+- tokenizer_config.json: for a model fine-tuned on conversations, owngpt/chat.py's chat
+  template; generation_config.json then ends an answer at <|end|>, as chat.py does.
 """
 import json
 import re
@@ -37,6 +39,7 @@ import tiktoken
 import torch
 
 from model import GPT, GPTConfig, padded_vocab_size
+from owngpt.chat import CHAT_TEMPLATE, END, ESCAPE
 from owngpt.dataset import EOT, atomic_write
 from owngpt.flags import UserError
 
@@ -219,8 +222,9 @@ def model_config_from_hf(config, folder):
 
 def read_hf_folder(folder):
     """A local GPT-2 or NanoChat folder (config.json and model.safetensors, or
-    pytorch_model.bin) as a checkpoint like train.py's, with just model, model_config and
-    tokenizer (the vocabulary size and end-of-text id config.json declares)."""
+    pytorch_model.bin) as a checkpoint like train.py's, with just model, model_config,
+    tokenizer (the vocabulary size and end-of-text id config.json declares) and chat (whether
+    its tokenizer has the chat template export.py writes for a model fine-tuned on conversations)."""
     folder = Path(folder)
     try:
         config = json.loads((folder / "config.json").read_text())
@@ -243,7 +247,8 @@ def read_hf_folder(folder):
     if isinstance(config.get("eos_token_id"), int):
         tokenizer["eot_id"] = config["eos_token_id"]
     state_dict = (modern_from_hf if nanochat else gpt2_from_hf)(tensors, model_config, folder)
-    return {"model": state_dict, "model_config": model_config, "tokenizer": tokenizer}
+    return {"model": state_dict, "model_config": model_config, "tokenizer": tokenizer,
+            "chat": has_our_chat_template(folder)}
 
 
 # ----------------------------------------------------------------------------- NanoChat (the modern block)
@@ -380,13 +385,18 @@ def oniguruma_pattern(pattern):
     return re.sub(r"(\\p\{\w+\}|\[[^\]]*\])(\{\d+(?:,\d*)?\})\+", r"(?>\1\2)", pattern)
 
 
-def tokenizer_json(encoder):
+def tokenizer_json(encoder, chat=False):
     """tokenizer.json (the tokenizers library's format) for a tiktoken.Encoding: the same
     split regex, then byte-level BPE with the same vocabulary and merge order, and
-    end-of-text as a special token. ignore_merges: a chunk that is a token is that token,
-    as in tiktoken."""
+    end-of-text (and the chat tokens) as special tokens. ignore_merges: a chunk that is a token
+    is that token, as in tiktoken. The special tokens go in the order of their ids: the
+    tokenizers library gives each one that is not in the vocabulary the next free id, in the
+    order listed, whatever its "id" says. chat: a normalizer undoes CHAT_TEMPLATE's escape
+    (owngpt/chat.py) in the text between special tokens, which are found before it runs
+    ("normalized": false), so that a message's text is plain text, as it is to us."""
     spell = byte_to_char()
-    special = {text: encoder.encode_single_token(text) for text in encoder.special_tokens_set}
+    special = {text: encoder.encode_single_token(text)
+               for text in sorted(encoder.special_tokens_set, key=encoder.encode_single_token)}
     ranks = {encoder.decode_single_token_bytes(rank): rank for rank in range(encoder.n_vocab)
              if rank not in special.values()}
     as_text = lambda token: "".join(spell[byte] for byte in token)
@@ -394,7 +404,9 @@ def tokenizer_json(encoder):
         "version": "1.0", "truncation": None, "padding": None,
         "added_tokens": [{"id": token_id, "content": text, "single_word": False, "lstrip": False, "rstrip": False,
                           "normalized": False, "special": True} for text, token_id in special.items()],
-        "normalizer": None,
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "Replace", "pattern": {"String": f"<{ESCAPE}|"}, "content": "<|"},
+            {"type": "Replace", "pattern": {"String": 2 * ESCAPE}, "content": ESCAPE}]} if chat else None,
         "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
             {"type": "Split", "pattern": {"Regex": oniguruma_pattern(encoder._pat_str)}, "behavior": "Isolated", "invert": False},
             {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
@@ -432,12 +444,24 @@ def read_tokenizer_json(folder):
         raise HFError(f"{path} is not a byte-level BPE tokenizer: {type(error).__name__}: {error}") from None
 
 
-def tokenizer_config(block_size):
+def tokenizer_config(block_size, chat=False):
     """tokenizer_config.json: the fast tokenizer, end-of-text as bos and eos, nothing added
-    to the text (we start documents with end-of-text ourselves) and decoding left exact."""
+    to the text (we start documents with end-of-text ourselves) and decoding left exact; a
+    model fine-tuned on conversations gets the chat template, which starts them the same way."""
     return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": EOT, "eos_token": EOT, "unk_token": EOT,
             "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
-            "model_max_length": block_size}
+            "model_max_length": block_size, **({"chat_template": CHAT_TEMPLATE} if chat else {})}
+
+
+def has_our_chat_template(folder):
+    """Whether a folder's tokenizer says it talks as chat.py does: the chat template export.py
+    writes, in tokenizer_config.json or in the chat_template.jinja transformers saves it to."""
+    config, jinja = Path(folder) / "tokenizer_config.json", Path(folder) / "chat_template.jinja"
+    try:
+        template = json.loads(config.read_text(encoding="utf-8")).get("chat_template") if config.is_file() else None
+    except (ValueError, AttributeError) as error:
+        raise HFError(f"{config} is not a JSON object: {type(error).__name__}: {error}") from None
+    return (jinja.read_text(encoding="utf-8") if jinja.is_file() else template) == CHAT_TEMPLATE
 
 
 # ----------------------------------------------------------------------------- the folder
@@ -451,12 +475,14 @@ def write_hf_folder(dest, checkpoint, encoder, model_card):
         raise HFError(f"cannot export to a transformers architecture: {'; '.join(problems)}")
     dest.mkdir(parents=True, exist_ok=True)
     eot_id = encoder.eot_token
-    modern = model_config["block"] == "modern"
+    modern, chat = model_config["block"] == "modern", bool(checkpoint.get("chat"))
     files = {
         "config.json": (nanochat_config if modern else hf_config)(model_config, eot_id),
-        "generation_config.json": {"bos_token_id": eot_id, "eos_token_id": eot_id},
-        "tokenizer.json": tokenizer_json(encoder),
-        "tokenizer_config.json": tokenizer_config(model_config["block_size"]),
+        # generate stops where chat.py's answer stops: at the end of the assistant's turn
+        "generation_config.json": {"bos_token_id": eot_id,
+                                   "eos_token_id": encoder.encode_single_token(END) if chat else eot_id},
+        "tokenizer.json": tokenizer_json(encoder, chat),
+        "tokenizer_config.json": tokenizer_config(model_config["block_size"], chat),
         "special_tokens_map.json": {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT},
     }
     for name, content in files.items():

@@ -11,15 +11,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jinja2
 import pytest
 import torch
 
 import export
 from helpers import ROOT
 from model import GPT, GPTConfig
-from owngpt import hf
+from owngpt import chat, hf
 from owngpt.checkpoint import load_checkpoint_file
-from owngpt.tokenizer import load_tokenizer, python_split_regex
+from owngpt.tokenizer import CHAT_TOKENS, load_tokenizer, python_split_regex
 import train
 
 transformers = pytest.importorskip("transformers", reason="checking an export needs transformers "
@@ -127,16 +128,21 @@ def test_export_writes_the_folder_and_a_model_card(exported, tiny_dataset):
     card = (dest / "README.md").read_text()
     assert f"It is a {config['architectures'][0]}" in card
     if config["model_type"] == "gpt2":
-        assert (config["activation_function"], config["vocab_size"], config["n_positions"]) == ("gelu", 512, 32)
+        assert (config["activation_function"], config["vocab_size"], config["n_positions"]) == ("gelu", 516, 32)
         assert "lm_head.weight" not in stored  # tied: stored once
-        assert stored["transformer.wte.weight"].shape == (512, 32)  # the padding rows are not exported
+        assert stored["transformer.wte.weight"].shape == (516, 32)  # the padding rows are not exported
         assert not stored["transformer.h.0.attn.c_attn.bias"].any()  # bias=False: zero biases
     else:
-        assert (config["vocab_size"], config["max_position_embeddings"], config["intermediate_size"]) == (512, 32, 128)
+        assert (config["vocab_size"], config["max_position_embeddings"], config["intermediate_size"]) == (516, 32, 128)
         assert config["final_logit_softcapping"] is None and config["rms_norm_eps"] == torch.finfo(torch.float32).eps
-        assert stored["model.embed_tokens.weight"].shape == stored["lm_head.weight"].shape == (512, 32)  # untied
+        assert stored["model.embed_tokens.weight"].shape == stored["lm_head.weight"].shape == (516, 32)  # untied
     assert "tokens seen: 5,120" in card and "val loss" in card and "bits per byte" in card
     assert f"dataset: {tiny_dataset}" in card and "documents kept: 24" in card
+    # a model that continues text: no chat template, generation ends at end-of-text, chat.py refuses it
+    assert "chat_template" not in json.loads((dest / "tokenizer_config.json").read_text())
+    assert json.loads((dest / "generation_config.json").read_text())["eos_token_id"] == 511
+    assert json.loads((dest / "tokenizer.json").read_text())["normalizer"] is None
+    assert hf.read_hf_folder(dest)["chat"] is False
 
 
 def test_safetensors_written_here_read_by_the_safetensors_library(tmp_path):
@@ -203,10 +209,16 @@ def test_gpt2s_tanh_gelu_imports_with_a_note(tmp_path, capsys):
         assert 0 < (ours(ids)[0] - theirs(ids).logits).abs().max() < 1e-2
 
 
-def test_init_from_hf_evaluates_and_fine_tunes(tiny_dataset, tmp_path):
+def test_init_from_hf_evaluates_and_fine_tunes(tiny_dataset, tiny_chat_dataset, tmp_path):
+    """A GPT-2 folder with the tiny dataset's tokenizer but for its chat tokens (as exported before
+    they were reserved) evaluates on its text, which never holds them, as it is; not on
+    conversations, which do."""
     hf_gpt2(tmp_path / "gpt2")
     gpt2_shape = ["--bias=True", f"--dataset={tiny_dataset}", f"--init_from=hf:{tmp_path / 'gpt2'}"]
     assert run_train(*gpt2_shape, "--eval_only=True") is None
+    error = run_train("--bias=True", f"--dataset={tiny_chat_dataset}", f"--init_from=hf:{tmp_path / 'gpt2'}",
+                      "--eval_only=True")
+    assert "vocab_size is 512 there and 516 here" in error
     assert run_train(*gpt2_shape, f"--out_dir={tmp_path / 'out'}", "--max_iters=2", "--eval_interval=2") is None
     assert (tmp_path / "out" / "best.pt").is_file()
     error = run_train(*gpt2_shape[1:], f"--out_dir={tmp_path / 'out2'}", "--max_iters=2")
@@ -216,7 +228,7 @@ def test_init_from_hf_evaluates_and_fine_tunes(tiny_dataset, tmp_path):
 def test_init_from_hf_refuses_a_dataset_with_another_tokenizer(tiny_dataset, tmp_path):
     hf_gpt2(tmp_path, vocab_size=600)
     error = run_train("--bias=True", f"--dataset={tiny_dataset}", f"--init_from=hf:{tmp_path}", "--eval_only=True")
-    assert "vocab_size is 600 there and 512 here" in error and str(tmp_path) in error
+    assert "vocab_size is 600 there and 516 here" in error and str(tmp_path) in error
 
 
 def test_foreign_architecture_and_damaged_folders_are_clear_errors(tmp_path):
@@ -273,3 +285,99 @@ def test_a_nanochat_folder_imports_with_the_same_logits_and_a_variant_we_do_not_
     config.save_pretrained(tmp_path / "nanochat")
     with pytest.raises(hf.HFError, match=r"not our modern block: final_logit_softcapping=15.0 \(ours: None\)"):
         hf.read_hf_folder(tmp_path / "nanochat")
+
+
+# ----------------------------------------------------------------------------- a chat model
+ESCAPE = chat.ESCAPE
+CONVERSATIONS = [  # (messages so far, the assistant's answer)
+    ([{"role": "user", "content": "What is ka?"}], "Ka lo."),
+    ([{"role": "system", "content": "Hi.\n"}, {"role": "user", "content": " ka?"},
+      {"role": "assistant", "content": "Lo 🙂"}, {"role": "user", "content": "mi?\n"}], "Mi ne!"),
+    # the text of special tokens, and of the template's escape, is plain text in a message
+    ([{"role": "user", "content": "a <|end|><|assistant|> b<|endoftext|>"}], "<|user|>x<|end|"),
+    ([{"role": "system", "content": ESCAPE}, {"role": "user", "content": f"<{ESCAPE}|end|>"}],
+     f"<|{ESCAPE}{ESCAPE}<{ESCAPE}{ESCAPE}|<"),
+]
+
+
+@pytest.fixture(scope="module")
+def exported_chat(tiny_chat_model, tmp_path_factory):
+    """The tiny chat model (train.py's default block, modern: NanoChatForCausalLM), taught to end
+    its answers, and its export. Returns (out_dir, dest). Thirty iterations teach it to repeat a
+    token, never to stop: its head's <|end|> row becomes the repeated token's, scaled so that
+    <|end|> loses to the answer's first token and wins wherever the repeated token would."""
+    out_dir, dest = tmp_path_factory.mktemp("export_chat") / "out", tmp_path_factory.mktemp("export_chat") / "hf"
+    shutil.copytree(tiny_chat_model, out_dir)
+    checkpoint = load_checkpoint_file(out_dir / "best.pt")
+    model, encoder = our_model(out_dir)
+    answer = [token for piece in chat.reply(model, encoder, CONVERSATIONS[0][0], 16) for token in piece.token_ids]
+    first, repeated = answer[0], answer[-1]
+    with torch.no_grad():
+        logits = model(torch.tensor([chat.render_prompt(CONVERSATIONS[0][0], encoder)]))[0][0, -1]
+    assert first != repeated and 0 < logits[repeated] < logits[first], "the tiny chat model answers otherwise"
+    head = checkpoint["model"]["lm_head.weight"]
+    head[encoder.encode_single_token(chat.END)] = head[repeated] * (1 + logits[first] / logits[repeated]) / 2
+    torch.save(checkpoint, out_dir / "best.pt")
+    assert export.main([f"--out_dir={out_dir}", f"--dest={dest}"]) == 0
+    return out_dir, dest
+
+
+def test_the_chat_template_gives_the_ids_chat_py_feeds_the_model(exported_chat, tmp_path):
+    """apply_chat_template renders one string and tokenizes it, reading the text of a special token
+    anywhere in it as that token, where chat.render encodes a message's text as plain text: so the
+    template escapes "<|" in a message, and the exported tokenizer's normalizer undoes the escape.
+    Outside the template, the tokenizer reads "<|end|>" as the token (as it reads <|endoftext|>),
+    and the escape's noncharacter, doubled or between "<" and "|", as the normalizer reads it."""
+    out_dir, dest = exported_chat
+    _, encoder = our_model(out_dir)
+    theirs = transformers.AutoTokenizer.from_pretrained(dest)
+    assert [theirs.convert_tokens_to_ids(token) for token in CHAT_TOKENS] == [512, 513, 514, 515]
+    for messages, answer in CONVERSATIONS:
+        asked = theirs.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+        assert asked == chat.render_prompt(messages, encoder)
+        whole = messages + [{"role": "assistant", "content": answer}]
+        assert theirs.apply_chat_template(whole, return_dict=True)["input_ids"] == chat.render(whole, encoder)[0]
+    with pytest.raises(jinja2.TemplateError, match="unknown role tool: expected system, user or assistant"):
+        theirs.apply_chat_template([{"role": "tool", "content": "{}"}])  # render's ChatError, in Jinja
+    assert theirs("a<|end|>").input_ids == encoder.encode("a<|end|>", allowed_special="all") == [97, 515]
+    assert theirs(f"x{ESCAPE}{ESCAPE}").input_ids == encoder.encode(f"x{ESCAPE}") != encoder.encode(f"x{ESCAPE * 2}")
+    assert hf.read_hf_folder(dest)["chat"] is True
+    theirs.save_pretrained(tmp_path)  # transformers moves the template to chat_template.jinja
+    assert hf.has_our_chat_template(tmp_path) and (tmp_path / "chat_template.jinja").is_file()
+    card = (dest / "README.md").read_text()
+    assert "apply_chat_template" in card and "conversations: train" in card
+
+
+def test_generate_answers_as_chat_py_does(exported_chat):
+    """Greedy, transformers' generate makes chat.reply's tokens and stops where it stops, at
+    <|end|> (generation_config.json's eos_token_id)."""
+    out_dir, dest = exported_chat
+    ours, encoder = our_model(out_dir)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(dest).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(dest)
+    finishes, answers = [], []
+    for messages, _ in CONVERSATIONS[:2]:
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                               return_dict=True)["input_ids"]
+        room = ours.config.block_size - prompt.shape[1]
+        pieces = list(chat.reply(ours, encoder, messages, room, temperature=0))
+        finishes.append(pieces[-1].finish)
+        our_tokens = [token for piece in pieces for token in piece.token_ids]
+        answers.append(our_tokens)
+        with torch.no_grad():
+            their_tokens = theirs.generate(prompt, max_new_tokens=room, do_sample=False)[0, prompt.shape[1]:].tolist()
+        assert their_tokens == our_tokens + ([encoder.encode_single_token(chat.END)] if finishes[-1] == "stop" else [])
+        assert tokenizer.decode(their_tokens, skip_special_tokens=True) == "".join(piece.text for piece in pieces)
+    assert finishes == ["stop", "stop"] and all(answers)  # each a token or more, then <|end|>
+
+
+@pytest.mark.slow
+def test_chat_reads_an_exported_chat_model_as_it_reads_the_out_folder(exported_chat):
+    out_dir, dest = exported_chat
+    talks = [subprocess.run([sys.executable, str(ROOT / "chat.py"), f"--out_dir={source}", "--temperature=0",
+                             "--max_new_tokens=8", "--system=Hi.", "--device=cpu"],
+                            input="What is ka?\n<|end|> mi?\n", capture_output=True, text=True, encoding="utf-8",
+                            cwd=ROOT, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+             for source in (out_dir, f"hf:{dest}")]
+    assert [talk.returncode for talk in talks] == [0, 0], talks[1].stderr
+    assert talks[0].stdout == talks[1].stdout and talks[0].stdout.count("model> ") == 2

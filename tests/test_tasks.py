@@ -259,9 +259,9 @@ def test_train_py_scores_tasks_at_each_evaluation_and_eval_only_scores_a_checkpo
 def test_eval_only_scores_a_hugging_face_folder_with_its_tokenizer_as_the_model_itself_scores(
         tiny_dataset, tmp_path, train_here):
     torch.manual_seed(0)
-    config = GPTConfig(vocab_size=512, block_size=32, n_layer=2, n_head=2, n_embd=32, block="gpt2")
-    model = GPT(config).eval()
     bpe = load_tokenizer(tiny_dataset)
+    config = GPTConfig(vocab_size=bpe.n_vocab, block_size=32, n_layer=2, n_head=2, n_embd=32, block="gpt2")
+    model = GPT(config).eval()
     hf.write_hf_folder(tmp_path / "hf", {"model": model.state_dict(), "model_config": dataclasses.asdict(config)},
                          bpe, "a test model")
     rng = random.Random(3)
