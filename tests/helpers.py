@@ -5,7 +5,9 @@ sys.path before it imports this module; no test module imports another."""
 import json
 import os
 import random
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from owngpt import budget, dataset, tokenizer
 import train
@@ -60,6 +63,12 @@ def cannot_run_here(reason):
     if os.environ.get("OWNGPT_NO_SKIP") == "1":
         pytest.fail(f"cannot run here, and OWNGPT_NO_SKIP=1 says it must: {reason}", pytrace=False)
     pytest.skip(reason)
+
+
+def free_port():
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        return listener.getsockname()[1]
 
 
 def wait_until(condition, timeout=60, interval=0.05):
@@ -155,6 +164,29 @@ def simulate_machine(patch, clock, seconds_of_iteration):
     patch.setattr(budget, "time", clock)
 
 
+TIMING_KEYS = {"elapsed_s", "ms_per_iter", "tokens_per_s", "sample_s"}
+
+
+def without_timings(lines):
+    return [{key: value for key, value in line.items() if key not in TIMING_KEYS} for line in lines]
+
+
+def assert_same(saved, other, where):
+    """Equal tensors, bit for bit, at every place of two nested dicts and lists."""
+    if isinstance(saved, torch.Tensor):
+        assert torch.equal(saved, other), where
+    elif isinstance(saved, dict):
+        assert saved.keys() == other.keys(), where
+        for key in saved:
+            assert_same(saved[key], other[key], f"{where}[{key!r}]")
+    elif isinstance(saved, (list, tuple)):
+        assert len(saved) == len(other), where
+        for index, (item, other_item) in enumerate(zip(saved, other)):
+            assert_same(item, other_item, f"{where}[{index}]")
+    else:
+        assert saved == other, where
+
+
 def read_metrics(out_dir):
     return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
 
@@ -166,6 +198,17 @@ def train_lines(out_dir):
 def trained_iterations(out_dir):
     path = out_dir / "metrics.jsonl"
     return len(train_lines(out_dir)) if path.exists() else 0
+
+
+def checkout(folder):
+    """A copy of the scripts, owngpt/ and launch/ in folder, as a user's clone: the launch
+    files run from it, so their logs stay out of this checkout. Returns folder."""
+    folder.mkdir(parents=True)
+    for name in ("prepare.py", "train.py", "model.py"):
+        shutil.copy(ROOT / name, folder)
+    for name in ("owngpt", "launch"):
+        shutil.copytree(ROOT / name, folder / name, ignore=shutil.ignore_patterns("__pycache__"))
+    return folder
 
 
 # ----------------------------------------------------------------------------- prepare.py

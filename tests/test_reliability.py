@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,7 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import ONE_THREAD, ROOT, TINY_MODEL, make_text, read_metrics, train_lines, trained_iterations, wait_until
+from helpers import (ONE_THREAD, ROOT, TINY_MODEL, free_port, make_text, read_metrics, train_lines, trained_iterations,
+                     wait_until)
 from owngpt import checkpoint, dataset
 from owngpt.web import crawl
 import prepare
@@ -29,12 +29,6 @@ import train
 
 
 # ----------------------------------------------------------------------------- restarts
-def free_port():
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        return listener.getsockname()[1]
-
-
 def worker_pid(torchrun_pid, rank):
     """The pid of the child of torchrun's agent that runs the given rank (read from /proc)."""
     for entry in os.listdir("/proc"):
@@ -178,12 +172,15 @@ def run_copy(saved_run, tmp_path):
     return out_dir
 
 
-def test_a_restart_over_another_runs_checkpoints_is_refused_naming_the_difference(run_copy, tiny_dataset, monkeypatch):
+@pytest.mark.parametrize("variable, restart", [("TORCHELASTIC_RESTART_COUNT", "torchrun restart 1"),
+                                               ("SLURM_RESTART_COUNT", "Slurm requeue 1")])
+def test_a_restart_over_another_runs_checkpoints_is_refused_naming_the_difference(variable, restart, run_copy,
+                                                                                   tiny_dataset, monkeypatch):
     # the first attempt of this command refused to start over them; the restart must not resume them either
-    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    monkeypatch.setenv(variable, "1")
     before = contents(run_copy)
     message = run_main(f"--dataset={tiny_dataset}", f"--out_dir={run_copy}", "--max_iters=3")
-    assert "torchrun restart: " in message and "ckpt_0000002.pt belongs to another run (max_iters is 2 there, 3 here)" in message
+    assert f"{restart}: " in message and "ckpt_0000002.pt belongs to another run (max_iters is 2 there, 3 here)" in message
     assert contents(run_copy) == before
 
 
