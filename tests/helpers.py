@@ -7,7 +7,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -63,12 +62,6 @@ def cannot_run_here(reason):
     if os.environ.get("OWNGPT_NO_SKIP") == "1":
         pytest.fail(f"cannot run here, and OWNGPT_NO_SKIP=1 says it must: {reason}", pytrace=False)
     pytest.skip(reason)
-
-
-def free_port():
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        return listener.getsockname()[1]
 
 
 def wait_until(condition, timeout=60, interval=0.05):

@@ -1,7 +1,7 @@
 """launch/: the Slurm batch file trains under a real one-node Slurm (slurm_cluster.py), and a
 job requeued mid-run ends as an uninterrupted run does; the Kubernetes manifests are read into
 the kubernetes client's models of their kinds; the SkyPilot task is read by SkyPilot's own
-loader, and its run script trains and, run again as a recovered spot job is, resumes.
+loader.
 prepare_slurm.sbatch runs under Slurm in test_commoncrawl.py, against its fake crawl."""
 import json
 import os
@@ -19,8 +19,9 @@ from kubernetes import client
 
 import prepare
 import train
-from helpers import (ONE_THREAD, ROOT, TINY_MODEL, assert_same, checkout, free_port, read_metrics, trained_iterations,
-                     wait_until, without_timings)
+from owngpt.checkpoint import MANIFEST_FILE
+from helpers import (ONE_THREAD, ROOT, TINY_MODEL, assert_same, checkout, read_metrics, trained_iterations, wait_until,
+                     without_timings)
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
@@ -146,7 +147,7 @@ def test_the_kubernetes_training_job_runs_one_torchrun_per_pod_meeting_at_pod_0(
     # restarts: the container in place, and a group whose process failed; each resumes
     assert pod.restart_policy == "OnFailure" and spec.backoff_limit > 0 and int(option(script, "--max-restarts")) > 0
     environment = {variable.name: variable.value for variable in container.env}
-    assert 'if [ -f "$OUT_DIR/checkpoints.json" ]; then resume=--init_from=resume; fi' in script
+    assert f'if [ -f "$OUT_DIR/{MANIFEST_FILE}" ]; then resume=--init_from=resume; fi' in script
     assert 'train.py $TRAIN_ARGS --out_dir="$OUT_DIR" $resume' in script
     mounts = {mount.name: mount.mount_path for mount in container.volume_mounts}
     claims = {volume.name for volume in pod.volumes if volume.persistent_volume_claim}
@@ -197,6 +198,13 @@ def sky_task(tmp_path_factory):
 def test_the_skypilot_task_trains_on_spot_gpus_with_the_data_and_checkpoints_in_a_bucket(sky_task, monkeypatch):
     assert sky_task["num_nodes"] >= 2 and sky_task["use_spot"] and sky_task["accelerators"] == {"H100": 8}
     assert sky_task["workdir"] == "." and "pip install -r requirements.txt" in sky_task["setup"]
+    checked = subprocess.run(["bash", "-n", "-c", sky_task["run"]], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr
+    # a recovered spot job runs the same script again: it resumes once out_dir holds a checkpoint
+    assert f'if [ -f "$OUT_DIR/{MANIFEST_FILE}" ]; then resume=--init_from=resume; fi' in sky_task["run"]
+    assert 'train.py $TRAIN_ARGS --dataset="$DATASET" --out_dir="$OUT_DIR" $resume' in sky_task["run"]
+    for variable in ("NUM_NODES", "NUM_GPUS_PER_NODE", "NODE_RANK", "NODE_IPS"):  # what SkyPilot sets on each node
+        assert f"$SKYPILOT_{variable}" in sky_task["run"]
     (bucket, mode), = sky_task["mounts"].items()
     assert mode == "MOUNT_CACHED"
     envs = sky_task["envs"]
@@ -204,25 +212,3 @@ def test_the_skypilot_task_trains_on_spot_gpus_with_the_data_and_checkpoints_in_
     assert prepare.read_settings(shlex.split(envs["PREPARE_ARGS"]))["source"] == "commoncrawl"
     monkeypatch.chdir(ROOT)
     train.read_config([*shlex.split(envs["TRAIN_ARGS"]), f"--dataset={envs['DATASET']}", f"--out_dir={envs['OUT_DIR']}"])
-
-
-@pytest.mark.slow
-def test_the_skypilot_run_script_prepares_once_trains_and_run_again_resumes(sky_task, tmp_path):
-    # a one-node cluster of one CPU process, as SkyPilot's variables describe it; the second
-    # run is a recovered spot job's: the same script and variables, the dataset and out_dir kept
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    (corpus / "notes.txt").write_text("".join(f"Line {number} of a small text to train on.\n" for number in range(400)))
-    environment = {**ONE_THREAD, "SKYPILOT_NODE_RANK": "0", "SKYPILOT_NODE_IPS": "127.0.0.1\n",
-                   "SKYPILOT_NUM_NODES": "1", "SKYPILOT_NUM_GPUS_PER_NODE": "1", "DATASET": str(tmp_path / "data"),
-                   "OUT_DIR": str(tmp_path / "out"), "PREPARE_ARGS": f"--source=files --input={corpus} --tokenizer=byte",
-                   "TRAIN_ARGS": shlex.join([*TINY_MODEL, "--max_iters=2", "--eval_interval=2"]),
-                   "PET_MASTER_PORT": str(free_port())}  # torchrun's --master-port (29500 unless given)
-    runs = [subprocess.run(["bash", "-c", sky_task["run"]], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                           env=environment) for _ in range(2)]
-    for run in runs:
-        assert run.returncode == 0, run.stderr
-    first, second = (run.stdout + run.stderr for run in runs)
-    assert first.count(f"wrote {tmp_path / 'data'}:") == 1 and "wrote " not in second  # prepared once
-    assert "done: iteration 2" in first
-    assert f"resuming from {tmp_path / 'out' / 'ckpt_0000002.pt'} at iteration 2, exactly" in second

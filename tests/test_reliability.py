@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -19,8 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import (ONE_THREAD, ROOT, TINY_MODEL, free_port, make_text, read_metrics, train_lines, trained_iterations,
-                     wait_until)
+from helpers import ONE_THREAD, ROOT, TINY_MODEL, make_text, read_metrics, train_lines, trained_iterations, wait_until
 from owngpt import checkpoint, dataset
 from owngpt.web import crawl
 import prepare
@@ -29,6 +29,12 @@ import train
 
 
 # ----------------------------------------------------------------------------- restarts
+def free_port():
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        return listener.getsockname()[1]
+
+
 def worker_pid(torchrun_pid, rank):
     """The pid of the child of torchrun's agent that runs the given rank (read from /proc)."""
     for entry in os.listdir("/proc"):
