@@ -3,13 +3,13 @@
 munged runs with a key, socket and pid file of its own (a system munged, if any, is left
 alone); slurmctld and slurmd run as root in the foreground, children of the test process,
 with SLURM_CONF pointing at the folder's slurm.conf, their own state, spool and log folders
-and free ports. Every pytest-xdist worker that needs one starts its own, so two never share
-a port, a folder or a job id, and each runs its jobs beside the other worker's tests, as any
+and free ports. Every pytest-xdist worker that needs one starts its own, so two never share a
+port, a folder or a queue, and each runs its jobs beside the other worker's tests, as any
 other test does. Needs Debian's slurm-wlm and munge packages (Slurm 22.05), and root.
 
     cluster = SlurmCluster(folder)    # started; cluster.stop() cancels every job and ends it
-    job = cluster.submit("launch/train_slurm.sbatch", "--max_iters=10", options=["--ntasks=2"])
-    cluster.wait_for_end(job)         # "COMPLETED", "FAILED", "CANCELLED"...
+    job = cluster.submit("launch/train_slurm.sbatch", "--max_iters=10", options=["--ntasks=2"], cwd=clone)
+    cluster.wait_for_end(job)         # {"7": ("COMPLETED", "None")}: each job's state and reason
 """
 import fcntl
 import getpass
@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch")
+PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch")
 NODE = "localhost"  # resolves everywhere, as a real cluster's node names do on its nodes
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
          "DEADLINE")
@@ -66,13 +66,14 @@ KillWait=30
 MinJobAge=3600
 NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory} State=UNKNOWN
 PartitionName=main Nodes={node} Default=YES MaxTime=INFINITE State=UP
+# a partition whose time limit no launch file's job fits in
 PartitionName=short Nodes={node} MaxTime=00:01:00 State=UP
 """
 
 
 def missing_machinery():
     """Why a cluster cannot start here, or None."""
-    absent = [name for name in DAEMONS if shutil.which(name) is None]
+    absent = [name for name in PROGRAMS if shutil.which(name) is None]
     if absent:
         return f"{', '.join(absent)} not installed (apt-get install slurm-wlm munge)"
     if os.geteuid() != 0:
@@ -124,6 +125,7 @@ class SlurmCluster:
                      f"--log-file={munge}/munged.log")
         self._wait(lambda: (munge / "munge.socket").exists(), "munged's socket")
         cpus = os.cpu_count()
+        # less than slurmd finds: a node with less memory than slurm.conf says is drained
         memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2**20 * 9 // 10
         # ports are chosen and taken under one lock, so that clusters started at once (two
         # pytest-xdist workers, two checkouts' test runs) never choose the same ones
@@ -187,9 +189,11 @@ class SlurmCluster:
 
     def stop(self):
         """Cancels every job, waits for their processes to end, and stops the daemons."""
-        if len(self.daemons) == 3:
-            self.run("scancel", f"--user={getpass.getuser()}", check=False)
-            self._wait(lambda: not self.run("squeue", "-h", check=False).strip(), "every job to end")
-        for daemon in reversed(self.daemons):
-            daemon.terminate()
-            daemon.wait(timeout=60)
+        try:
+            if len(self.daemons) == 3:
+                self.run("scancel", f"--user={getpass.getuser()}", check=False)
+                self._wait(lambda: not self.run("squeue", "-h", check=False).strip(), "every job to end")
+        finally:
+            for daemon in reversed(self.daemons):
+                daemon.terminate()
+                daemon.wait(timeout=60)
