@@ -3,6 +3,7 @@
     python plan.py config/train_gpt2_124m.py                         # the run a config describes
     python plan.py config/train_gpt2_124m.py --mfu=0.5 --card=H100 --usd_per_gpu_hour=2.1
     python plan.py config/train_gpt2_124m.py --budget_usd=100 --card=H100 --gpus=8   # the model $100 trains
+    python plan.py config/train_gpt2_124m.py --card=H100 --gpus=16   # ... and the lines that launch it
 
 It reads train.py's keys and config files as train.py does (the defaults from train.py's text),
 and the keys below. Nothing trains and no data is read but the dataset's meta.json, for the
@@ -10,6 +11,7 @@ vocabulary. The arithmetic is owngpt/costs.py's, which train.py's own plan line 
 """
 import dataclasses
 import math
+import shlex
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -166,6 +168,26 @@ def budget_lines(cfg, vocab):
     return lines
 
 
+GPUS_PER_NODE = 8  # what a cloud's or a cluster's largest nodes have
+# SkyPilot's names of the cards whose name in the table is not theirs less its spaces
+SKY_ACCELERATORS = {"H100 PCIe": "H100", "A100 80GB": "A100-80GB", "A100 40GB": "A100"}
+
+
+def launch_lines(argv, cfg):
+    """The lines that start this run on cfg.gpus cards of cfg.card: a SkyPilot managed job on
+    whichever cloud has them, and a Slurm job (launch/), nodes of up to 8 GPUs."""
+    per_node = min(cfg.gpus, GPUS_PER_NODE)
+    if cfg.gpus % per_node:
+        return [f"launch: {cfg.gpus} GPUs do not fill nodes of {per_node}: ask for a multiple of {per_node}"]
+    card = costs.card_named(cfg.card)
+    train_args = shlex.join(argument for argument in argv
+                            if argument.split("=")[0].removeprefix("--") not in PLAN_DEFAULTS)
+    return ["launch (README.md: On a cluster or a cloud):",
+            f"  sky jobs launch launch/sky.yaml --gpus {SKY_ACCELERATORS.get(card.name, card.name.replace(' ', ''))}:"
+            f"{per_node} --num-nodes {cfg.gpus // per_node} --env TRAIN_ARGS={shlex.quote(train_args)}",
+            f"  sbatch --nodes={cfg.gpus // per_node} --gpus-per-node={per_node} launch/train_slurm.sbatch {train_args}"]
+
+
 def main(argv):
     try:
         cfg = read_config(argv)
@@ -177,6 +199,8 @@ def main(argv):
                  *memory_table(model, cfg, gpu_counts), "", *time_table(model, cfg, cards, gpu_counts)]
         if cfg.budget_usd or cfg.budget_hours:
             lines += ["", *budget_lines(cfg, vocab)]
+        elif cfg.card and cfg.gpus:
+            lines += ["", *launch_lines(argv, cfg)]
         print("\n".join(lines))
     except flags.UserError as error:
         sys.exit(f"error: {error}")

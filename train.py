@@ -18,8 +18,8 @@ it needs: data, model, optimizer, and on resume the checkpoint's state.
 SIGTERM or Ctrl-C finishes the step, saves and exits 0; `--init_from=resume` continues the
 run exactly: same batches, dropout masks and losses (bit for bit on CPU; on GPUs some kernels
 add in a varying order). A step whose loss or gradient is not finite is skipped; max_bad_steps
-in a row stop the run. Under `torchrun --max-restarts=N` a restarted group goes on from its
-newest checkpoint by itself.
+in a row stop the run. Started again by `torchrun --max-restarts=N` or a Slurm requeue, a run
+goes on from its newest checkpoint by itself.
 """
 import dataclasses
 import math

@@ -19,7 +19,7 @@ torch and CUDA generator states, its batch sampler's included: rng_states), data
 ({"world_size"}: the rng list is exact for this many processes) and elapsed_s. A crash at any
 moment leaves the previous checkpoint recorded and intact.
 
-Below those: which checkpoint a run starts from (init_from, torchrun restarts), what a
+Below those: which checkpoint a run starts from (init_from, restarts), what a
 checkpoint must agree on with the config and the dataset before it is used, and the one place
 where checkpoints of older versions are brought up to date (upgrade), so that every reader
 (train.py, sample.py, export.py) sees today's keys.
@@ -50,7 +50,7 @@ from owngpt.dataset import atomic_write
 from owngpt.flags import UserError
 from owngpt.hf import HF_PREFIX, read_hf_folder
 from owngpt.parallel import shard_optimizer_state
-from owngpt.runtime import from_rank_0, restart_count
+from owngpt.runtime import from_rank_0, restarted
 from owngpt.tokenizer import with_chat_tokens
 
 MANIFEST_FILE = "checkpoints.json"
@@ -446,14 +446,15 @@ def release_out_dirs():
 
 def continue_after_restart(cfg, runtime):
     """torchrun --max-restarts=N starts the whole group again, with the same command, when a
-    process fails. A restarted group goes on from the newest valid checkpoint in out_dir, which
-    the failed attempt wrote, instead of starting over: init_from becomes resume. Returns
-    whether it did (with no checkpoint yet, the group starts as configured)."""
-    restarts = restart_count()
-    if not restarts or cfg.eval_only or cfg.init_from == "resume" or not read_manifest(Path(cfg.out_dir)):
+    process fails, and Slurm runs a requeued job's script again (launch/train_slurm.sbatch). A
+    restarted run goes on from the newest valid checkpoint in out_dir, which the attempt before
+    wrote, instead of starting over: init_from becomes resume. Returns whether it did (with no
+    checkpoint yet, the run starts as configured)."""
+    restart = restarted()
+    if not restart or cfg.eval_only or cfg.init_from == "resume" or not read_manifest(Path(cfg.out_dir)):
         return False
     if runtime.is_main:
-        print(f"torchrun restart {restarts}: continuing from the newest valid checkpoint in {cfg.out_dir}", flush=True)
+        print(f"{restart}: continuing from the newest valid checkpoint in {cfg.out_dir}", flush=True)
     cfg.init_from = "resume"
     return True
 
@@ -483,7 +484,7 @@ def check_same_run(checkpoint, path, cfg, defaults):
         if key in ("init_from", "out_dir"):
             continue
         if checkpoint["config"].get(key, defaults[key]) != value:
-            raise CheckpointError(f"torchrun restart: {path} belongs to another run ({key} is "
+            raise CheckpointError(f"{restarted()}: {path} belongs to another run ({key} is "
                                   f"{checkpoint['config'].get(key)!r} there, {value!r} here): choose another out_dir")
 
 

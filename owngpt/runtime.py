@@ -141,9 +141,15 @@ def join_process_group(backend, rank, world_size):
                             rank=rank, world_size=world_size)
 
 
-def restart_count():
-    """How often torchrun --max-restarts=N has started this group again (0 at first)."""
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+def restarted():
+    """What started this run again, as the log says it: "torchrun restart N" (torchrun
+    --max-restarts started the group again after a process failed) or "Slurm requeue N" (a
+    preempted or requeued Slurm job runs its script again); None on a first start."""
+    for variable, what in (("TORCHELASTIC_RESTART_COUNT", "torchrun restart"), ("SLURM_RESTART_COUNT", "Slurm requeue")):
+        count = os.environ.get(variable, "0")
+        if count not in ("", "0"):
+            return f"{what} {count}"
+    return None
 
 
 def gather_from_ranks(value, runtime):

@@ -14,7 +14,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import train  # noqa: E402 (this import and the next need the root on sys.path)
-from helpers import ONE_THREAD, TINY_MODEL, make_conversations, make_text, send_body, write_jsonl  # noqa: E402
+from helpers import (ONE_THREAD, TINY_MODEL, cannot_run_here, make_conversations, make_text, send_body,  # noqa: E402
+                     write_jsonl)
+from slurm_cluster import SlurmCluster, missing_machinery  # noqa: E402
 
 
 def pytest_configure(config):
@@ -119,3 +121,15 @@ def book_server():
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}/book.txt", book
     server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """A real one-node Slurm cluster (slurm_cluster.py), started the first time a test of this
+    process asks for it and stopped at the end: each pytest-xdist worker has its own."""
+    missing = missing_machinery()
+    if missing:
+        cannot_run_here(f"no Slurm cluster can start here: {missing}")
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    yield cluster
+    cluster.stop()

@@ -5,6 +5,7 @@ sys.path before it imports this module; no test module imports another."""
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from owngpt import budget, dataset, tokenizer
 import train
@@ -155,6 +157,29 @@ def simulate_machine(patch, clock, seconds_of_iteration):
     patch.setattr(budget, "time", clock)
 
 
+TIMING_KEYS = {"elapsed_s", "ms_per_iter", "tokens_per_s", "sample_s"}
+
+
+def without_timings(lines):
+    return [{key: value for key, value in line.items() if key not in TIMING_KEYS} for line in lines]
+
+
+def assert_same(saved, other, where):
+    """Equal tensors, bit for bit, at every place of two nested dicts and lists."""
+    if isinstance(saved, torch.Tensor):
+        assert torch.equal(saved, other), where
+    elif isinstance(saved, dict):
+        assert saved.keys() == other.keys(), where
+        for key in saved:
+            assert_same(saved[key], other[key], f"{where}[{key!r}]")
+    elif isinstance(saved, (list, tuple)):
+        assert len(saved) == len(other), where
+        for index, (item, other_item) in enumerate(zip(saved, other)):
+            assert_same(item, other_item, f"{where}[{index}]")
+    else:
+        assert saved == other, where
+
+
 def read_metrics(out_dir):
     return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
 
@@ -166,6 +191,17 @@ def train_lines(out_dir):
 def trained_iterations(out_dir):
     path = out_dir / "metrics.jsonl"
     return len(train_lines(out_dir)) if path.exists() else 0
+
+
+def checkout(folder):
+    """A copy of the scripts, owngpt/ and launch/ in folder, as a user's clone: the launch
+    files run from it, so their logs stay out of this checkout. Returns folder."""
+    folder.mkdir(parents=True)
+    for name in ("prepare.py", "train.py", "model.py"):
+        shutil.copy(ROOT / name, folder)
+    for name in ("owngpt", "launch"):
+        shutil.copytree(ROOT / name, folder / name, ignore=shutil.ignore_patterns("__pycache__"))
+    return folder
 
 
 # ----------------------------------------------------------------------------- prepare.py

@@ -12,7 +12,6 @@ import json
 import os
 import random
 import re
-import shlex
 import signal
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from collections import Counter
 import pytest
 
 import prepare
-from helpers import ROOT, bin_files, kept_documents, run_prepare, send_body
+from helpers import ROOT, bin_files, checkout, kept_documents, run_prepare, send_body
 from owngpt import dataset, tokenizer
 from owngpt.flags import UserError
 from owngpt.web import crawl, filters
@@ -662,16 +661,42 @@ def test_merge_and_tasks_do_not_mix_and_go_only_with_commoncrawl():
         prepare.read_settings(["--tasks=2", "--task=0"])
 
 
-def test_the_launch_files_run_stage_one_then_the_merge_with_flags_prepare_accepts():
-    for name in ("prepare_slurm.sbatch", "prepare_k8s.yaml"):
-        text = (ROOT / "launch" / name).read_text()
-        shared = shlex.split(re.search(r'FLAGS[=:] *"([^"]*)"', text)[1])
-        commands = [shared + shlex.split(extra) for extra in re.findall(r"prepare\.py \$FLAGS([^\"\n]*)", text)]
-        assert len(commands) == 2, name
-        stage_one, merge = sorted((prepare.read_settings(command) for command in commands),
-                                  key=lambda settings: settings["merge"])
-        assert not stage_one["merge"] and merge["merge"], name
-        assert stage_one["source"] == "commoncrawl" and stage_one["parts"] and stage_one["crawl"] != "latest", name
-    k8s = (ROOT / "launch" / "prepare_k8s.yaml").read_text()
-    completions = re.search(r"completions: (\d+)", k8s)[1]
-    assert f"--tasks={completions}" in k8s  # one task per completion index
+@pytest.mark.slow
+def test_under_slurm_the_array_and_merge_make_the_one_machine_dataset_and_a_cancelled_task_redoes_only_its_files(
+        slurm, crawl_server, one_machine, tmp_path):
+    # launch/prepare_slurm.sbatch as shipped, in a clone, with 2 tasks: task 1 (files 1 and 3)
+    # is cancelled halfway through file 3, and the merge with it; submitted again, the tasks
+    # redo file 3 alone, and the merge makes the dataset the one machine made
+    clone, parts, web = checkout(tmp_path / "owngpt"), tmp_path / "parts", tmp_path / "web"
+    flags = tasks_flags(crawl_server, f"--parts={parts}", f"--out_dir={web}")
+
+    def submit():
+        submitted = subprocess.run(["bash", "launch/prepare_slurm.sbatch", "2", *flags], cwd=clone, capture_output=True,
+                                   text=True, timeout=120, env=slurm.env)
+        assert submitted.returncode == 0, submitted.stderr
+        return re.fullmatch(r"stage one: job array (\d+) \(2 tasks\); the merge: job (\d+), once every task has "
+                            r"succeeded\n", submitted.stdout).groups()
+
+    FakeCrawl.plans = {TASKS_WET_PATHS[3]: ["stall"]}
+    FakeCrawl.stalled.clear()
+    FakeCrawl.release.clear()
+    array, merge = submit()
+    try:
+        assert FakeCrawl.stalled.wait(timeout=300), "task 1 never reached its second file"
+        slurm.run("scancel", f"{array}_1")
+        slurm.wait_for_end(array)
+    finally:
+        FakeCrawl.release.set()
+    assert slurm.wait_for_end(f"{array},{merge}") == {f"{array}_0": ("COMPLETED", "None"),
+                                                       f"{array}_1": ("CANCELLED", "None"),
+                                                       merge: ("CANCELLED", "DependencyNeverSatisfied")}
+    assert sorted(path.name for path in parts.glob("part_*")) == [f"part_{i:06d}.jsonl" for i in (0, 1, 2, 4)]
+    first_part = parts / "part_000001.jsonl"
+    before, start = first_part.stat().st_mtime_ns, len(FakeCrawl.log)
+
+    array, merge = submit()
+    assert set(slurm.wait_for_end(f"{array},{merge}").values()) == {("COMPLETED", "None")}
+    assert [path for path, _, _ in requests_since(start) if path in TASKS_WET_PATHS] == [TASKS_WET_PATHS[3]]
+    assert "1 of this task's 2 parts are in" in (clone / "logs" / f"owngpt-prepare_{array}_1.log").read_text()
+    assert first_part.stat().st_mtime_ns == before
+    assert dataset_files(web) == dataset_files(one_machine)

@@ -3,6 +3,7 @@ FLOPs against torch's FLOP counter, GPT-2 small's figures against its config's d
 the plan's text."""
 import json
 import re
+import shlex
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -141,6 +142,19 @@ def test_the_plan_of_the_demo_gives_memory_time_and_example_prices_for_every_car
         assert re.search(rf"^  {re.escape(card.name)} ", text, re.MULTILINE), card.name
     assert "not quotes" in text and "Apple M-series" in text
     assert "8 GPUs need gradient_accumulation_steps=1 to be a multiple of 8" in text
+
+
+def test_with_a_card_and_a_gpu_count_the_plan_prints_the_skypilot_and_slurm_lines_that_launch_the_run(capsys,
+                                                                                                      monkeypatch):
+    monkeypatch.chdir(ROOT)
+    plan.main(["config/train_gpt2_124m.py", "--card=A100 80GB", "--gpus=16", "--vocab_size=50257", "--max_iters=100"])
+    sky, slurm = capsys.readouterr().out.splitlines()[-2:]
+    train_args = "config/train_gpt2_124m.py --max_iters=100"  # plan.py's own keys left out
+    assert sky == f"  sky jobs launch launch/sky.yaml --gpus A100-80GB:8 --num-nodes 2 --env TRAIN_ARGS='{train_args}'"
+    assert slurm == f"  sbatch --nodes=2 --gpus-per-node=8 launch/train_slurm.sbatch {train_args}"
+    assert train.read_config(shlex.split(train_args)).max_iters == 100
+    plan.main(["config/train_gpt2_124m.py", "--card=H100", "--gpus=12"])
+    assert capsys.readouterr().out.endswith("launch: 12 GPUs do not fill nodes of 8: ask for a multiple of 8\n")
 
 
 def test_the_plan_refuses_an_unknown_card_naming_those_it_knows():

@@ -178,12 +178,15 @@ def run_copy(saved_run, tmp_path):
     return out_dir
 
 
-def test_a_restart_over_another_runs_checkpoints_is_refused_naming_the_difference(run_copy, tiny_dataset, monkeypatch):
+@pytest.mark.parametrize("variable, restart", [("TORCHELASTIC_RESTART_COUNT", "torchrun restart 1"),
+                                               ("SLURM_RESTART_COUNT", "Slurm requeue 1")])
+def test_a_restart_over_another_runs_checkpoints_is_refused_naming_the_difference(variable, restart, run_copy,
+                                                                                   tiny_dataset, monkeypatch):
     # the first attempt of this command refused to start over them; the restart must not resume them either
-    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    monkeypatch.setenv(variable, "1")
     before = contents(run_copy)
     message = run_main(f"--dataset={tiny_dataset}", f"--out_dir={run_copy}", "--max_iters=3")
-    assert "torchrun restart: " in message and "ckpt_0000002.pt belongs to another run (max_iters is 2 there, 3 here)" in message
+    assert f"{restart}: " in message and "ckpt_0000002.pt belongs to another run (max_iters is 2 there, 3 here)" in message
     assert contents(run_copy) == before
 
 

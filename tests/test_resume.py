@@ -11,32 +11,9 @@ import time
 import pytest
 import torch
 
-from helpers import (ONE_THREAD, RECIPES, ROOT, TINY_MODEL, read_metrics, run_train, stop_during_iteration,
-                     train_lines, trained_iterations, wait_until)
+from helpers import (ONE_THREAD, RECIPES, ROOT, TINY_MODEL, assert_same, read_metrics, run_train,
+                     stop_during_iteration, train_lines, trained_iterations, wait_until, without_timings)
 from owngpt import checkpoint
-
-TIMING_KEYS = {"elapsed_s", "ms_per_iter", "tokens_per_s", "sample_s"}
-
-
-def without_timings(lines):
-    return [{key: value for key, value in line.items() if key not in TIMING_KEYS} for line in lines]
-
-
-def assert_same(saved, other, where):
-    """Equal tensors, bit for bit, at every place of two nested dicts and lists."""
-    if isinstance(saved, torch.Tensor):
-        assert torch.equal(saved, other), where
-    elif isinstance(saved, dict):
-        assert saved.keys() == other.keys(), where
-        for key in saved:
-            assert_same(saved[key], other[key], f"{where}[{key!r}]")
-    elif isinstance(saved, (list, tuple)):
-        assert len(saved) == len(other), where
-        for index, (item, other_item) in enumerate(zip(saved, other)):
-            assert_same(item, other_item, f"{where}[{index}]")
-    else:
-        assert saved == other, where
-
 
 @pytest.mark.parametrize("recipe", RECIPES.values(), ids=RECIPES.keys())
 @pytest.mark.parametrize("data", ["text", "chat"])
