@@ -21,4 +21,5 @@ beside them: it is the one file every reader opens.
     tasks        multiple-choice evaluation: HellaSwag and your own .jsonl questions, acc and acc_norm
     curves       learning curves as a self-contained SVG
     hf           the Hugging Face format: safetensors, GPT-2's and NanoChat's names, tokenizer.json
+    serve        a chat model behind OpenAI's chat-completions API, and a chat page (chat.py --serve)
 """
