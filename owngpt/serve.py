@@ -298,8 +298,8 @@ class Handler(BaseHTTPRequestHandler):
 class ChatServer(ThreadingHTTPServer):
     """An HTTP server holding one chat model: a thread for each request, one generation at a time."""
     daemon_threads = True  # a client that never finishes its request does not keep the process alive
-    # connections the kernel holds until they are accepted: socketserver's 5 had some of 16 clients
-    # connecting at once refused or reset
+    # connections the kernel holds until they are accepted: a room's clients connect at once, and
+    # socketserver's 5 has the rest reset (RESULTS.md: Serving a chat model)
     request_queue_size = 128
 
     def __init__(self, address, name, model, encoding, generator, settings):
