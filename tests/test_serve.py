@@ -289,6 +289,7 @@ def test_sixteen_clients_at_once_all_get_their_whole_answers(served):
 
 
 # ----------------------------------------------------------------------------- chat.py --serve
+@pytest.mark.slow  # a chat.py process: Python, torch and the model loaded anew
 def test_chat_py_serve_says_where_it_listens_and_that_the_network_reaches_it_and_stops_on_ctrl_c(tiny_chat_model):
     server = subprocess.Popen([sys.executable, str(ROOT / "chat.py"), f"--out_dir={tiny_chat_model}", "--serve",
                                "--host=0.0.0.0", "--port=0", "--temperature=0", "--max_new_tokens=8",
