@@ -4,6 +4,7 @@ import fcntl
 import json
 import os
 import select
+import shlex
 import shutil
 import signal
 import socket
@@ -247,8 +248,7 @@ def test_a_client_that_goes_away_mid_stream_stops_its_generation(served, client,
 
 
 def test_a_client_that_goes_away_while_it_waits_is_not_answered(served, client, capsys):
-    server, said = served[0], []
-    steps = []
+    server, said, steps = served[0], [], []
     hook = server.model.transformer.wte.register_forward_pre_hook(lambda module, inputs: steps.append(None))
     try:
         with server.lock:  # another generation holds the model
@@ -324,8 +324,8 @@ class Browser:
         # Chromium's ends, numbered apart from 3 and 4, which bash makes copies of them
         ends = [fcntl.fcntl(end, fcntl.F_DUPFD, 10) for end in (commands_read, answers_write)]
         chromium = ("exec chromium --headless --no-sandbox --disable-gpu --no-first-run --window-size=900,700 "
-                    f"--user-data-dir={profile} --remote-debugging-pipe about:blank 3<&{ends[0]} 4>&{ends[1]} "
-                    f"{ends[0]}<&- {ends[1]}>&-")
+                    f"--user-data-dir={shlex.quote(str(profile))} --remote-debugging-pipe about:blank "
+                    f"3<&{ends[0]} 4>&{ends[1]} {ends[0]}<&- {ends[1]}>&-")
         self.process = subprocess.Popen(["bash", "-c", chromium], pass_fds=ends, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL)
         for end in (commands_read, answers_write, *ends):
