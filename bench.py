@@ -14,6 +14,7 @@
     python bench.py --what=prepare --mb=50        # prepare.py on a 50 MB WET file from a fake crawl
     python bench.py --what=prepare --mb=20 --profile=true   # the same in one process, under cProfile
     python bench.py --what=chat --dataset=stdlib_chat --seeds=2   # the chat demo: base against fine-tuned
+    python bench.py --what=serve --model=out/chat  # chat.py --serve: tokens/s and first tokens, 1 and 16 clients
     python bench.py --help                        # every flag with its default
 
 Each measurement is a mode: a function of the settings, listed in MODES by its --what name.
@@ -26,6 +27,7 @@ round, on the same text, and the ratios are to it. With --against, other checkou
 """
 import functools
 import gzip
+import http.client
 import http.server
 import json
 import math
@@ -34,6 +36,7 @@ import pstats
 import random
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -571,15 +574,88 @@ def bench_chat(settings):
         for name, said in answers.items():
             print(f"  {name + ':':<11} {said}")
 
+# ----------------------------------------------------------------------------- serving
+
+def ask_streaming(port, question):
+    """One streamed chat completion from chat.py --serve on this machine's port: its seconds to the
+    first token and to the end, its tokens, and whether it arrived whole (a finish, then [DONE])."""
+    sent = time.perf_counter()
+    first, finish, tokens, whole = None, None, 0, False
+    connection = http.client.HTTPConnection("127.0.0.1", port)
+    try:
+        connection.request("POST", "/v1/chat/completions", json.dumps(
+            {"messages": [{"role": "user", "content": question}], "stream": True}), {"Content-Type": "application/json"})
+        for line in connection.getresponse():  # an error's body has no events: not whole
+            if line == b"data: [DONE]\n":
+                whole = finish is not None
+                break
+            if line.startswith(b"data: "):
+                event = json.loads(line.removeprefix(b"data: "))
+                if first is None and event["choices"][0]["delta"].get("content"):
+                    first = time.perf_counter()
+                finish = event["choices"][0]["finish_reason"]
+                tokens = event["usage"]["completion_tokens"] if finish else tokens
+    except OSError:
+        pass  # lost
+    finally:
+        connection.close()
+    done = time.perf_counter()
+    return {"first_s": (first or done) - sent, "seconds": done - sent, "tokens": tokens, "whole": whole}
+
+
+def bench_serve(settings):
+    """`python chat.py --serve` on --model's chat model, in a process of its own: for each count of
+    --clients, that many clients at once each stream --requests answers in turn to questions about
+    the standard library (greedy, so every run asks and answers the same): the tokens/s of the
+    whole server, each answer's time to its first token, and the requests answered and lost."""
+    from owngpt.stdlib_chat import stdlib_functions
+    functions = stdlib_functions()
+    server = subprocess.Popen([sys.executable, "chat.py", f"--out_dir={settings['model']}", "--serve", "--port=0",
+                               "--temperature=0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        start = server.stdout.readline()
+        if not start.startswith("serving "):
+            raise flags.UserError(f"chat.py --serve --out_dir={settings['model']} did not start: run it to see why")
+        port = int(re.search(r"http://[\d.]+:(\d+)", start).group(1))
+        for clients in map(int, settings["clients"]):
+            count = clients * settings["requests"]
+            questions = [f"What does {functions[index * len(functions) // count].name} do?" for index in range(count)]
+            answers = [None] * count
+
+            def client(number):
+                for index in range(number, count, clients):
+                    answers[index] = ask_streaming(port, questions[index])
+
+            began = time.perf_counter()
+            threads = [threading.Thread(target=client, args=(number,)) for number in range(clients)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            seconds = time.perf_counter() - began
+            whole = [answer for answer in answers if answer["whole"]]
+            firsts = sorted(answer["first_s"] for answer in whole)
+            tokens = sum(answer["tokens"] for answer in whole)
+            print(f"{clients} client(s) x {settings['requests']} requests: {len(whole)} answered, "
+                  f"{count - len(whole)} lost; {tokens:,} tokens in {seconds:.1f} s, {tokens / seconds:.1f} tokens/s "
+                  f"served; first token after {statistics.median(firsts):.2f} s (median), "
+                  f"{firsts[int(0.9 * (len(firsts) - 1))]:.2f} s (90th percentile), {firsts[-1]:.2f} s (most)",
+                  flush=True)
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait()
+
 
 # ----------------------------------------------------------------------------- command line
 
 MODES = {"recipes": bench_recipes, "throughput": bench_throughput, "webfilters": bench_webfilters,
-         "small_text": bench_small_text, "prepare": bench_prepare, "chat": bench_chat}
+         "small_text": bench_small_text, "prepare": bench_prepare, "chat": bench_chat,
+         "serve": bench_serve}
 DEFAULTS = {"what": "recipes", "recipes": ("gpt2", "modern"), "seeds": 2, "budget": 90.0,
             "shape": "config/train_demo.py", "dataset": "python", "device": "cpu", "iters": 100, "eval_iters": 20,
             "out_dir": "out/bench", "mb": 50.0, "profile": False, "text": "", "nanogpt": "", "vocab_sizes": (),
-            "against": (), "base": "out/demo/best.pt"}
+            "against": (), "base": "out/demo/best.pt", "model": "out/chat", "clients": ("1", "16"),
+            "requests": 8}
 HELP = {"what": f"what to measure: {', '.join(MODES)}",
         "recipes": f"recipes: training runs to compare, the first is the reference ({', '.join(RECIPES)})",
         "seeds": "seeds per recipe (recipes and throughput)",
@@ -601,7 +677,10 @@ HELP = {"what": f"what to measure: {', '.join(MODES)}",
         "vocab_sizes": "small_text: also train on the text prepared at these vocabulary sizes (comma-separated)",
         "against": "recipes, throughput: other owngpt checkouts (comma-separated) whose train.py runs each recipe "
                    "too, first in each round: a change before and after",
-        "base": "chat: the checkpoint config/chat_demo.py fine-tunes (the quick start's model)"}
+        "base": "chat: the checkpoint config/chat_demo.py fine-tunes (the quick start's model)",
+        "model": "serve: the chat model's out folder (chat.py --out_dir)",
+        "clients": "serve: how many clients ask at once, each count in turn (comma-separated)",
+        "requests": "serve: the questions each client asks, one after another"}
 CHECKS = {"what": flags.one_of(*MODES), "recipes": recipe_list, "seeds": flags.at_least(1),
           "budget": lambda seconds: None if seconds > 0 else "a positive number of seconds",
           "shape": lambda paths: None if all(Path(path).is_file() for path in paths.split(",")) else "config files",
@@ -613,7 +692,9 @@ CHECKS = {"what": flags.one_of(*MODES), "recipes": recipe_list, "seeds": flags.a
           "vocab_sizes": lambda sizes: None if all(size.isdigit() and int(size) > 257 for size in sizes) else
           "vocabulary sizes above 257",
           "against": lambda paths: None if all((Path(path) / "train.py").is_file() for path in paths) else
-          "owngpt checkouts (folders with a train.py)"}
+          "owngpt checkouts (folders with a train.py)",
+          "clients": lambda counts: None if all(count.isdigit() and int(count) > 0 for count in counts) else
+          "positive counts of clients", "requests": flags.at_least(1)}
 
 
 def main(argv):

@@ -3,6 +3,7 @@
     python chat.py --out_dir=out/chat                                      # a conversation
     python chat.py --out_dir=out/chat --prompt="What does json.dumps do?"  # one answer, for scripts
     python chat.py --out_dir=out/chat --system="You answer in one sentence." --temperature=0
+    python chat.py --out_dir=out/chat --serve                              # OpenAI's API and a page, on :8000
 
 Make such a model first (config/chat_demo.py): `python prepare.py --source=stdlib_chat
 --tokenizer=data/python`, then `python train.py config/chat_demo.py --init_from=out/demo/best.pt`.
@@ -12,6 +13,10 @@ The conversation is kept: each answer reads every earlier turn. The model reads 
 block_size tokens, so when the conversation with room for an answer outgrows them, the oldest
 exchanges are dropped (a line says so; the system message stays). Type /reset to start over
 and /quit (or Ctrl-D) to leave. The sampling flags are sample.py's; `--help` lists them all.
+
+With --serve the model answers over HTTP instead, as OpenAI's chat-completions API does, at
+http://127.0.0.1:8000/v1 for programs and / for a person in a browser (owngpt/serve.py); the
+flags are the defaults of what a request leaves out.
 """
 import sys
 
@@ -21,6 +26,7 @@ from owngpt import flags
 from owngpt.chat import ChatError, chat_token_ids, fit_context, reply
 from owngpt.inference import SAMPLING_CHECKS, load_trained
 from owngpt.runtime import pick_device
+from owngpt.serve import serve_model
 
 _NAMES_BEFORE_DEFAULTS = set(globals())
 # ----------------------------------------------------------------------------- defaults
@@ -34,11 +40,14 @@ top_k = 50  # draw only from the k likeliest tokens; 0 for all
 top_p = 1.0  # draw only from the smallest set of tokens whose probability reaches p; 1.0 for all
 seed = 1337  # the same model, conversation, flags and seed give the same answers
 device = "auto"  # auto (cuda, then mps, then cpu), or a torch device: cpu, cuda, cuda:1, mps
+serve = False  # answer over HTTP (OpenAI's chat-completions API, and a chat page at /) instead of in the terminal
+host = "127.0.0.1"  # serve: the address to listen on; 0.0.0.0 makes the model reachable from the network
+port = 8000  # serve: the port to listen on (0: a free one, named in the start line)
 # -----------------------------------------------------------------------------
 DEFAULTS = {name: value for name, value in globals().items()
             if name not in _NAMES_BEFORE_DEFAULTS and not name.startswith("_")}
 HELP = flags.comments_of(__file__)
-CHECKS = SAMPLING_CHECKS
+CHECKS = {**SAMPLING_CHECKS, "port": flags.between(0, 65535)}
 FINE_TUNE = ("python prepare.py --source=stdlib_chat --tokenizer=data/python && "
              "python train.py config/chat_demo.py --init_from=out/demo/best.pt")
 
@@ -110,7 +119,9 @@ def converse(chat):
 
 def run(settings):
     chat = Chat(settings)
-    if settings["prompt"]:
+    if settings["serve"]:
+        serve_model(settings["out_dir"], chat.model, chat.tokenizer, chat.generator, settings)
+    elif settings["prompt"]:
         note = chat.answer(settings["prompt"], write_out)
         write_out("\n")
         if note:

@@ -27,4 +27,5 @@ beside them: it is the one file every reader opens.
     chat_dataset prepare.py's chat sources: conversations into token and mask shards, meta.json, report.md
     stdlib_chat  conversations about the standard library, from its own docstrings (the offline demo)
     inference    a trained model and its tokenizer loaded for sample.py and chat.py; the sampling flags' checks
+    serve        a chat model behind OpenAI's chat-completions API, and a chat page (chat.py --serve)
 """

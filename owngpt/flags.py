@@ -9,7 +9,7 @@ valid, raised as UserError, which the scripts print without a traceback:
     settings = flags.parse(sys.argv[1:], DEFAULTS, HELP, CHECKS, program="sample.py")
 
 Flag values are read by the type of the default: text for strings; true/false (also 1/0,
-yes/no) for booleans; 1e6, 1_000_000 or 1000000 for integers; any number for floats;
+yes/no) for booleans, and a bare --key for true; 1e6, 1_000_000 or 1000000 for integers; any number for floats;
 comma-separated items for tuples.
 """
 import ast
@@ -171,11 +171,11 @@ def parse(argv, defaults, helps, checks, *, program, config_files=False, relatio
             raise SystemExit(0)
         if argument.startswith("--"):
             key, equals, text = argument[2:].partition("=")
-            if not equals:
-                raise UserError(f"{argument}: flags are written --key=value (see --help)")
             if key not in defaults:
                 raise UserError(f"unknown flag --{key}{closest(key, defaults)} (see --help)")
-            settings[key], source[key] = flag_value(key, text, defaults[key]), "flag"
+            if not equals and type(defaults[key]) is not bool:
+                raise UserError(f"{argument}: flags are written --key=value (see --help)")
+            settings[key], source[key] = flag_value(key, text, defaults[key]) if equals else True, "flag"
         elif config_files:
             assigned = run_config_file(argument, settings)
             settings.update(assigned)

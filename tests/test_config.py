@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from helpers import ROOT
+from owngpt import flags
 from owngpt.runtime import available_devices
 import chat
 import sample
@@ -121,3 +122,13 @@ def test_every_model_setting_is_a_train_py_key_with_the_same_default():
     from model import GPTConfig
     fields = {field.name: field.default for field in dataclasses.fields(GPTConfig) if field.name != "vocab_size"}
     assert {key: train.DEFAULTS[key] for key in fields} == fields
+
+
+def test_a_bare_boolean_flag_means_true_and_any_other_bare_flag_asks_for_its_value():
+    settings = flags.parse(["--kv_cache=false", "--kv_cache"], sample.DEFAULTS, sample.HELP, sample.CHECKS,
+                           program="sample.py")
+    assert settings["kv_cache"] is True
+    with pytest.raises(flags.UserError, match=r"^--max_new_tokens: flags are written --key=value \(see --help\)$"):
+        flags.parse(["--max_new_tokens"], sample.DEFAULTS, sample.HELP, sample.CHECKS, program="sample.py")
+    with pytest.raises(flags.UserError, match=r"^unknown flag --kv_cach; did you mean 'kv_cache'\?"):
+        flags.parse(["--kv_cach"], sample.DEFAULTS, sample.HELP, sample.CHECKS, program="sample.py")

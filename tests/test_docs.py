@@ -34,6 +34,7 @@ NOT_HERE = {
     "train_gpt2_124m.py": "a 124M-parameter model",
     "python -c": "a multi-line Python snippet (tests/test_export.py runs the same)",
     "-m pytest": "the test command itself",
+    "--serve": "a server, which runs until stopped (tests/test_serve.py starts it)",
 }
 BOOK = "https://www.gutenberg.org/cache/epub/100/pg100.txt"
 
