@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import chat as chat_script
 import train
-from helpers import ONE_THREAD, ROOT, TINY_MODEL, make_conversations, run_prepare, write_jsonl
+from helpers import ONE_THREAD, ROOT, make_conversations, run_prepare, write_jsonl
 from model import GPT, GPTConfig
 from owngpt import chat, dataset, stdlib_chat
 from owngpt.checkpoint import load_checkpoint_file
@@ -50,7 +50,7 @@ def test_a_malformed_conversation_is_one_line_naming_file_and_line_and_nothing_i
     result = run_prepare("--source=chat", "--input=talks.jsonl", "--tokenizer=byte", cwd=tmp_path, check=False)
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
-    assert f"talks.jsonl:4: " in result.stderr and said in result.stderr, result.stderr
+    assert "talks.jsonl:4: " in result.stderr and said in result.stderr, result.stderr
     assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())
 
 
