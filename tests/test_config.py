@@ -1,4 +1,4 @@
-"""train.py's and sample.py's settings: every key with a value that can be wrong is checked
+"""train.py's, sample.py's and chat.py's settings: every key with a value that can be wrong is checked
 before any work starts, and a wrong one stops the script with one line naming the key; a
 broken config file is named by file and line; a device the machine lacks says which it has."""
 import dataclasses
@@ -36,6 +36,7 @@ UNCHECKED = {
     "chat.py": {
         "out_dir": "any folder: a missing checkpoint in it is named when it is read",
         "prompt": "any text: the user's message", "system": "any text: the system message",
+        "host": "any address: one it cannot listen on is named when the server starts", "serve": BOOLEAN,
     },
 }
 
