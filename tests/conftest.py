@@ -1,8 +1,6 @@
 """Shared test setup: make the project's top-level scripts importable, and the fixtures
 several modules use. Plain functions and constants they share are in helpers.py."""
 import http.server
-import signal
-import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -13,8 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import train  # noqa: E402 (this import and the next need the root on sys.path)
-from helpers import TINY_MODEL, make_text, send_body  # noqa: E402
+from helpers import make_text, run_prepare, send_body, train_in_process  # noqa: E402 (helpers needs the root on sys.path)
 
 
 def pytest_configure(config):
@@ -34,12 +31,8 @@ def tiny_dataset(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_dataset") / "tiny"
     # a relative --input: the document ids, and so the documents the hash puts in val, are the
     # same in every session
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "prepare.py"), "--source=files", f"--input={corpus.name}",
-         f"--out_dir={folder}", "--tokenizer=bpe", "--vocab_size=512", "--shard_tokens=4096",
-         "--val_fraction=0.2", "--num_workers=1"],
-        capture_output=True, text=True, cwd=corpus.parent)
-    assert result.returncode == 0, f"prepare.py failed:\n{result.stderr}"
+    run_prepare("--source=files", f"--input={corpus.name}", f"--out_dir={folder}", "--tokenizer=bpe",
+                "--vocab_size=512", "--shard_tokens=4096", "--val_fraction=0.2", "--num_workers=1", cwd=corpus.parent)
     return folder
 
 
@@ -56,20 +49,12 @@ def one_thread():
 
 
 @pytest.fixture
-def train_here(capsys, one_thread):
-    """train.main in this process, as `python train.py` with the tiny model runs it, minus the
-    seconds of starting Python and torch. Returns (exit status, stdout, stderr). The SIGTERM
-    and SIGINT handlers train.py installs are put back afterwards."""
+def train_here(capsys):
+    """train.main in this process (helpers.train_in_process), with what it printed: returns
+    (exit status, stdout, stderr)."""
     def run(*flags):
-        handlers = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            train.main([*TINY_MODEL, *flags])
-            status, message = 0, ""
-        except SystemExit as exit:  # sys.exit("error: ...") prints the message and exits with 1
-            status, message = (1, exit.code) if isinstance(exit.code, str) else (exit.code, "")
-        finally:
-            for number, handler in handlers.items():
-                signal.signal(number, handler)
+        code = train_in_process(*flags)
+        status, message = (1, code) if isinstance(code, str) else (code or 0, "")
         output = capsys.readouterr()
         return SimpleNamespace(returncode=status, stdout=output.out, stderr=output.err + message)
 

@@ -5,16 +5,13 @@ import json
 import re
 import signal
 import subprocess
-import sys
 
 import pytest
 import torch
 
-from helpers import ONE_THREAD, ROOT, TINY_MODEL, read_metrics, train_lines, wait_until
+from helpers import ONE_THREAD, ROOT, TINY_MODEL, TORCHRUN, read_metrics, run_train, train_lines, wait_until
 from owngpt import runtime
 import train
-
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 # Run under torchrun: each rank does its share of a global batch through train.py's own
 # forward_backward (DDP, no_sync on all but the last micro-step) and takes an optimizer
@@ -96,12 +93,11 @@ def test_gradient_accumulation_that_does_not_divide_by_the_processes_is_refused(
 
 @pytest.mark.slow
 def test_a_preempted_two_process_run_saves_and_resumes_without_losing_an_iteration(tiny_dataset, tmp_path):
-    flags = [*TINY_MODEL, f"--dataset={tiny_dataset}", "--out_dir=out", "--gradient_accumulation_steps=2",
-             "--eval_interval=1000"]
+    flags = [f"--dataset={tiny_dataset}", "--out_dir=out", "--gradient_accumulation_steps=2", "--eval_interval=1000"]
     out_dir, log = tmp_path / "out", tmp_path / "first.log"
     # torchrun passes SIGTERM on to both ranks, as a cluster scheduler's preemption does
-    first = subprocess.Popen([*TORCHRUN, str(ROOT / "train.py"), *flags, "--max_iters=100000"], cwd=tmp_path,
-                             stdout=open(log, "w"), stderr=subprocess.STDOUT, env=ONE_THREAD)
+    first = subprocess.Popen([*TORCHRUN, str(ROOT / "train.py"), *TINY_MODEL, *flags, "--max_iters=100000"],
+                             cwd=tmp_path, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=ONE_THREAD)
     wait_until(lambda: (out_dir / "metrics.jsonl").exists() and len(train_lines(out_dir)) >= 3, timeout=120)
     first.send_signal(signal.SIGTERM)
     first.wait(timeout=120)
@@ -110,9 +106,7 @@ def test_a_preempted_two_process_run_saves_and_resumes_without_losing_an_iterati
     assert checkpoint["iter_num"] == stopped_at and checkpoint["data"]["world_size"] == 2
     assert len(checkpoint["rng"]) == 2 and not torch.equal(checkpoint["rng"][0]["loader"], checkpoint["rng"][1]["loader"])
 
-    second = subprocess.run([*TORCHRUN, str(ROOT / "train.py"), *flags, f"--max_iters={stopped_at + 3}",
-                             "--init_from=resume"], cwd=tmp_path, capture_output=True, text=True, timeout=180,
-                            env=ONE_THREAD)
+    second = run_train(*flags, f"--max_iters={stopped_at + 3}", "--init_from=resume", cwd=tmp_path, torchrun=True)
     assert second.returncode == 0, second.stderr
     assert f"at iteration {stopped_at}, exactly" in second.stdout
     assert [line["iter"] for line in train_lines(out_dir)] == list(range(1, stopped_at + 4))
@@ -123,12 +117,11 @@ def test_a_preempted_two_process_run_saves_and_resumes_without_losing_an_iterati
 @pytest.mark.slow
 def test_rank_0_samples_alone_and_both_ranks_train_exactly_as_without_samples(tiny_dataset, tmp_path):
     # rank 0 generates while rank 1 goes on to the next step's all-reduce and waits for it there
-    flags = [*TINY_MODEL, f"--dataset={tiny_dataset}", "--gradient_accumulation_steps=2", "--dropout=0.1",
-             "--max_iters=4", "--eval_interval=2"]
+    flags = [f"--dataset={tiny_dataset}", "--gradient_accumulation_steps=2", "--dropout=0.1", "--max_iters=4",
+             "--eval_interval=2"]
     for sample in (True, False):
-        finished = subprocess.run([*TORCHRUN, str(ROOT / "train.py"), *flags, f"--out_dir={tmp_path / str(sample)}",
-                                   f"--sample_every_eval={sample}"], capture_output=True, text=True, timeout=180,
-                                  env=ONE_THREAD)
+        finished = run_train(*flags, f"--out_dir={tmp_path / str(sample)}", f"--sample_every_eval={sample}",
+                             torchrun=True)
         assert finished.returncode == 0, finished.stderr
         assert finished.stdout.count("sample at iter") == (3 if sample else 0)
     with_samples, without = read_metrics(tmp_path / "True"), read_metrics(tmp_path / "False")
