@@ -15,11 +15,12 @@ from pathlib import Path
 from contextlib import nullcontext
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
-from helpers import (GPT2_RECIPE, MODERN_RECIPE, RECIPES, ROOT, TINY_MODEL, SimulatedClock, read_metrics, run_train,
-                     simulate_machine, stop_during_iteration, train_lines)
+from helpers import (BYTE_TOKENIZER, GPT2_RECIPE, MODERN_RECIPE, RECIPES, ROOT, TINY_MODEL, SimulatedClock,
+                     read_metrics, run_train, simulate_machine, stop_during_iteration, train_lines)
 from model import GPT, GPTConfig
 from owngpt import checkpoint, dataset, flags, optimizers, runlog, tokenizer
 from owngpt.optimizers import build_optimizer
@@ -194,11 +195,33 @@ def test_metrics_lines_carry_iteration_time_and_the_documented_fields(trained_ru
     for line in eval_lines(out_dir):
         assert {"val_loss", "val_ppl", "val_acc", "val_bpb", "train_loss"} <= line.keys()
         assert line["val_ppl"] == pytest.approx(torch.tensor(line["val_loss"]).exp().item(), rel=1e-5)
-        # bits per byte = nats per token / ln 2 / bytes per token (the evenly spread eval windows
-        # have about the split's average bytes per token)
-        split = json.loads((trained_run[1] / "meta.json").read_text())["splits"]["val"]
-        expected = line["val_loss"] / math.log(2) / (split["bytes"] / split["tokens"])
-        assert line["val_bpb"] == pytest.approx(expected, rel=0.25)
+    # bits per byte: the val loss in bits over the bytes of text its fixed batches predict
+    tiny_dataset = trained_run[1]
+    windows = dataset.load_windows(tiny_dataset, dataset.read_meta(tiny_dataset), "val", block_size=32)
+    targets = windows.rows(np.concatenate(windows.fixed_batch_ids(2, 8)))[:, 1:]  # TINY_MODEL's eval batches
+    encoding = tokenizer.load_tokenizer(tiny_dataset)
+    text_bytes = sum(len(encoding.decode_single_token_bytes(token)) for token in targets.flat
+                     if token != encoding.eot_token)
+    for line in eval_lines(out_dir):
+        expected = line["val_loss"] * targets.size / math.log(2) / text_bytes
+        assert line["val_bpb"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_bits_per_byte_are_the_val_loss_in_bits_over_the_bytes_of_text_predicted(one_thread):
+    # A modern-block GPT starts with a zero head: every logit is 0, each of the byte tokenizer's
+    # 257 tokens as likely, so each target costs ln 257 nats. The window's 8 targets hold 7 bytes
+    # of text and an end-of-text, a boundary between documents that is no text. A model whose
+    # logits are all equal predicts token 0 (argmax takes the first), the NUL byte: 1 target of 8.
+    encoding = tokenizer.load_tokenizer(None, BYTE_TOKENIZER)
+    eot = encoding.eot_token
+    windows = dataset.TokenWindows([np.array([eot, *b"hi", eot, *b"abcd", 0], dtype=np.uint16)], block_size=8)
+    model = GPT(GPTConfig(vocab_size=257, block_size=8, n_layer=1, n_head=2, n_embd=16, block="modern"))
+    runtime = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"), autocast=nullcontext())
+    byte_lengths = torch.tensor(tokenizer.token_byte_lengths(encoding))
+    measured = train.evaluate(model, windows, windows.fixed_batch_ids(1, 1), byte_lengths, runtime)
+    assert measured["loss"] == pytest.approx(math.log(257), rel=1e-6)
+    assert measured["bpb"] == pytest.approx(8 * math.log2(257) / 7, rel=1e-6)
+    assert measured["acc"] == 1 / 8
 
 
 def test_checkpoints_load_with_weights_only_into_a_fresh_model(trained_run):
@@ -439,6 +462,18 @@ def test_a_max_time_run_resumed_inside_the_timed_iterations_times_the_rest_of_th
     assert saved["iter_num"] == 31 and saved["config"]["max_iters"] == fitted
 
 
+def test_each_log_line_gives_the_iterations_time_speed_and_the_time_left(train_here, monkeypatch, tiny_dataset,
+                                                                         tmp_path):
+    # every iteration takes 0.25 s of the simulated clock and the evaluations none: 8 x 32 tokens in 0.25 s
+    with monkeypatch.context() as patch:
+        simulate_machine(patch, SimulatedClock(), lambda iteration: 0.25)
+        finished = train_here(f"--dataset={tiny_dataset}", f"--out_dir={tmp_path}", "--max_iters=3",
+                              "--eval_interval=3", "--sample_every_eval=false")
+    assert finished.returncode == 0, finished.stderr
+    assert [(line["ms_per_iter"], line["tokens_per_s"]) for line in train_lines(tmp_path)] == [(250.0, 1024.0)] * 3
+    assert "iter 1/3: loss" in finished.stdout and "| 250 ms/iter | 1,024 tokens/s | ETA 0.5s" in finished.stdout
+
+
 def busy_then_quiet(iteration):
     return 0.5 if iteration <= 40 else 0.1  # a machine busy for its first 40 iterations
 
@@ -479,16 +514,23 @@ def test_under_cosine_max_iters_is_fitted_once(train_here, monkeypatch, tiny_dat
 
 
 # ----------------------------------------------------------------------------- accumulation and non-finite steps
-def test_accumulated_micro_batches_give_muon_the_step_of_the_whole_batch(one_thread):
+def test_accumulated_micro_batches_give_the_loss_gradients_and_muon_step_of_the_whole_batch(one_thread):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=100, block_size=16, n_layer=2, n_head=2, n_embd=32, block="modern"))
     whole = copy.deepcopy(model)
     tokens = torch.randint(100, (6, 17), generator=torch.Generator().manual_seed(1))
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     halves = iter([(inputs[:3], targets[:3]), (inputs[3:], targets[3:])])
+    losses, gradients = [], []
     for net, micro_steps, next_batch in ((model, 2, lambda: next(halves)), (whole, 1, lambda: (inputs, targets))):
-        train.forward_backward(net, next_batch, micro_steps, autocast=nullcontext(), scaler=None, is_ddp=False)
+        losses.append(train.forward_backward(net, next_batch, micro_steps, autocast=nullcontext(), scaler=None,
+                                             is_ddp=False))
+        gradients.append([p.grad.clone() for p in net.parameters()])
         build_optimizer(net, "muon", 1e-3, 0.02, 0.1, (0.9, 0.95), "cpu").step()
+    # the micro-batches' mean, not their sum: Muon's and AdamW's steps would hardly tell, the clipping would
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=1e-6)
+    for (name, _), micro, at_once in zip(model.named_parameters(), *gradients):
+        torch.testing.assert_close(micro, at_once, rtol=0, atol=1e-7, msg=name)
     for (name, p), q in zip(model.named_parameters(), whole.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)
 
