@@ -208,7 +208,7 @@ def fewer_tokens(folder):
 def token_beyond_vocabulary(folder):
     path = folder / "train_000001.bin"
     tokens = tokens_of(path)
-    tokens[5] = 600  # the tokenizer has 512 ids
+    tokens[5] = 512  # the tokenizer has 512 ids: 0 to 511
     write_shard(path, tokens)
 
 
@@ -230,7 +230,7 @@ def emptied(folder):
     (bad_magic, r"train_000001.bin: bad magic number 12345"),
     (uint32_header, r"train_000001.bin holds uint32 tokens but meta.json says uint16"),
     (fewer_tokens, r"meta.json says the train split has [\d,]+ tokens, its shards hold [\d,]+"),
-    (token_beyond_vocabulary, r"train_000001.bin holds token id 600, but the tokenizer has only 512 ids"),
+    (token_beyond_vocabulary, r"train_000001.bin holds token id 512, but the tokenizer has only 512 ids"),
     (missing_shard, r"meta.json lists val_000000.bin, which is missing"),
     (meta_cut_short, r"meta.json is not valid JSON"),
     (emptied, r"has no meta.json: it is empty or was not made by prepare.py"),
