@@ -307,12 +307,14 @@ def test_download_names_stay_inside_the_downloads_folder():
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """Generated .txt/.md files (one empty, one a duplicate, one holding the end-of-text
-    string) and a .jsonl of 400 short documents, so tokenizing takes several batches."""
+    """Generated .txt/.md files (one empty, one a duplicate, one the same text in capitals,
+    which is no duplicate outside web text, one holding the end-of-text string) and a .jsonl of
+    400 short documents, so tokenizing takes several batches."""
     folder = write_files(tmp_path_factory.mktemp("corpus") / "text", [make_text(seed) for seed in range(8)])
     (folder / "notes.md").write_text("# Notes\n\n" + "\n".join(UNICODE_SAMPLES), encoding="utf-8")
     (folder / "empty.txt").write_text("  \n", encoding="utf-8")
     (folder / "copy.txt").write_text(make_text(3), encoding="utf-8")
+    (folder / "shouted.txt").write_text(make_text(3).upper(), encoding="utf-8")
     (folder / "skipped.csv").write_text("a,b\n", encoding="utf-8")
     lines = [json.dumps({"text": make_text(1000 + index, sentences=2)}) for index in range(400)]
     (folder / "many.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -364,9 +366,8 @@ def test_shards_follow_the_llm_c_format_and_agree_with_meta(built):
 def test_meta_json_describes_the_tokenizer_drops_and_timings(built, corpus):
     folder, result = built
     meta = dataset.read_meta(folder)
-    tokenizer = meta["tokenizer"]
-    assert tokenizer == {"kind": "bpe", "vocab_size": 400, "eot_id": 399, "file": "tokenizer.tiktoken",
-                         "sha256": hashlib.sha256((folder / "tokenizer.tiktoken").read_bytes()).hexdigest()}
+    assert meta["tokenizer"] == {"kind": "bpe", "vocab_size": 400, "eot_id": 399, "file": "tokenizer.tiktoken",
+                                 "sha256": hashlib.sha256((folder / "tokenizer.tiktoken").read_bytes()).hexdigest()}
     assert meta["format_version"] == 1
     assert meta["dropped"] == {"duplicate": 1, "empty": 1}
     assert meta["documents"]["read"] == len(expected_documents(corpus)) + 2
@@ -374,7 +375,9 @@ def test_meta_json_describes_the_tokenizer_drops_and_timings(built, corpus):
     assert meta["settings"]["vocab_size"] == 400
     text_bytes = sum(len(text.encode()) for text in expected_documents(corpus))
     assert sum(split["bytes"] for split in meta["splits"].values()) == text_bytes
-    assert 1.5 < meta["bytes_per_token"] < 8
+    encoder = tokenizer.load_tokenizer(folder)
+    text_tokens = sum(len(encoder.encode_ordinary(text)) for text in expected_documents(corpus))
+    assert meta["bytes_per_token"] == round(text_bytes / text_tokens, 4)  # of the text: end-of-text is none
     assert {"tokenizer", "shards", "total"} <= set(meta["timings_s"])
     report = (folder / "report.md").read_text()
     assert "| dropped: empty | 1 |" in report and "| dropped: duplicate | 1 |" in report
