@@ -134,6 +134,15 @@ def test_meta_json_disagreeing_with_the_shards_is_refused(tiny_dataset):
         dataset.load_windows(tiny_dataset, meta, "train", 32)
 
 
+def test_windows_start_at_every_token_of_a_shard_that_leaves_room_for_a_whole_window():
+    # shards of 10 and 6 tokens, windows of block_size + 1 = 5 tokens: 6 in the first, 2 in the second
+    shards = [np.arange(10, dtype=np.uint16), np.arange(100, 106, dtype=np.uint16)]
+    windows = dataset.TokenWindows(shards, block_size=4)
+    assert windows.count == 8
+    starts = [*range(0, 6), 100, 101]
+    assert windows.rows(np.arange(8)).tolist() == [list(range(start, start + 5)) for start in starts]
+
+
 def test_fixed_eval_batches_are_the_same_every_time_and_random_ones_follow_the_seed(tiny_dataset):
     meta = json.loads((tiny_dataset / "meta.json").read_text())
     windows = dataset.load_windows(tiny_dataset, meta, "train", 32)
@@ -284,6 +293,21 @@ def test_resume_after_a_damaged_checkpoint_continues_from_the_previous_without_r
     assert f"resuming from {out_dir / 'ckpt_0000020.pt'} at iteration 20" in finished.stdout
     assert [line["iter"] for line in train_lines(out_dir)] == list(range(1, 35))
     assert torch.load(out_dir / "ckpt.pt", weights_only=True)["iter_num"] == 34
+
+
+def test_a_run_resumed_from_an_older_checkpoint_forgets_the_newer_ones(trained_run, tiny_dataset, tmp_path,
+                                                                        train_here):
+    # the newest (30) is damaged: the run goes back to 20 and saves 25, a run of its own from 20 on
+    out_dir = tmp_path / "out"
+    shutil.copytree(trained_run[0], out_dir)
+    newest = out_dir / "ckpt_0000030.pt"
+    newest.write_bytes(newest.read_bytes()[:-100])
+    finished = train_here(f"--dataset={tiny_dataset}", f"--out_dir={out_dir}", "--max_iters=25", "--eval_interval=10",
+                          "--dropout=0.1", "--init_from=resume")
+    assert finished.returncode == 0, finished.stderr
+    entries = json.loads((out_dir / "checkpoints.json").read_text())["checkpoints"]
+    assert [entry["iter"] for entry in entries] == [20, 25]
+    assert sorted(path.name for path in out_dir.glob("ckpt_*.pt")) == ["ckpt_0000020.pt", "ckpt_0000025.pt"]
 
 
 def test_eval_only_evaluates_a_checkpoint_and_writes_nothing(trained_run, tiny_dataset, train_here):
@@ -511,6 +535,27 @@ def test_under_cosine_max_iters_is_fitted_once(train_here, monkeypatch, tiny_dat
     assert finished.returncode == 0, finished.stderr
     assert fitted_max_iters(finished.stdout) == [120]  # every iteration's rate depends on it: no refit
     assert "done: iteration 120 " in finished.stdout
+
+
+def test_max_time_leaves_room_for_the_evaluations_the_iterations_bring(train_here, monkeypatch, tiny_dataset,
+                                                                        tmp_path):
+    # each iteration takes 0.1 s and each evaluation 1 s (val, then train: 0.5 s each). At iteration
+    # 30, 3 s of iterations and the evaluations at 0, 10 and 20 have taken 6 s: the 54.1 s left hold
+    # 270 iterations of 0.1 s and a tenth of an evaluation each (not 541 of 0.1 s)
+    clock, real_evaluate = SimulatedClock(), train.evaluate
+
+    def evaluate(*args):
+        clock.now += 0.5
+        return real_evaluate(*args)
+
+    with monkeypatch.context() as patch:
+        simulate_machine(patch, clock, lambda iteration: 0.1)
+        patch.setattr(train, "evaluate", evaluate)
+        stop_during_iteration(patch, 31)  # the fit is made at iteration 30
+        finished = train_here(f"--dataset={tiny_dataset}", f"--out_dir={tmp_path}", *GPT2_RECIPE, "--max_time=60.1",
+                              "--eval_interval=10", "--sample_every_eval=false")
+    assert finished.returncode == 0, finished.stderr
+    assert "100 ms/iter and 1.0s per evaluation fit max_iters=300" in finished.stdout
 
 
 # ----------------------------------------------------------------------------- accumulation and non-finite steps
