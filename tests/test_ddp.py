@@ -2,6 +2,7 @@
 Muon with AdamW) equal one process's on the same global batch, and a preempted two-process
 run saves and resumes without losing or repeating an iteration."""
 import json
+import math
 import re
 import signal
 import subprocess
@@ -109,7 +110,10 @@ def test_a_preempted_two_process_run_saves_and_resumes_without_losing_an_iterati
     second = run_train(*flags, f"--max_iters={stopped_at + 3}", "--init_from=resume", cwd=tmp_path, torchrun=True)
     assert second.returncode == 0, second.stderr
     assert f"at iteration {stopped_at}, exactly" in second.stdout
-    assert [line["iter"] for line in train_lines(out_dir)] == list(range(1, stopped_at + 4))
+    lines = train_lines(out_dir)
+    assert [line["iter"] for line in lines] == list(range(1, stopped_at + 4))
+    # the modern block's zero head guesses uniformly at first: ln 512 on each rank, and so their mean
+    assert lines[0]["loss"] == pytest.approx(math.log(512), rel=1e-6)
     evals = [line for line in read_metrics(out_dir) if "val_loss" in line]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"]
 
