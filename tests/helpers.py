@@ -198,6 +198,10 @@ def train_lines(out_dir):
     return [line for line in read_metrics(out_dir) if "loss" in line]
 
 
+def eval_lines(out_dir):
+    return [line for line in read_metrics(out_dir) if "val_loss" in line]
+
+
 def trained_iterations(out_dir):
     path = out_dir / "metrics.jsonl"
     return len(train_lines(out_dir)) if path.exists() else 0

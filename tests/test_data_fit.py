@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train
-from helpers import (GPT2_RECIPE, MODERN_RECIPE, SimulatedClock, make_text, read_metrics, run_prepare,
+from helpers import (GPT2_RECIPE, MODERN_RECIPE, SimulatedClock, eval_lines, make_text, run_prepare,
                      simulate_machine, stop_during_iteration, train_lines)
 from owngpt import dataset, epochs
 from owngpt.tokenizer import BYTES_PER_VOCAB_ENTRY, vocab_size_for
@@ -201,4 +201,4 @@ def test_patience_zero_never_stops_a_run(train_here, tiny_dataset, tmp_path, mon
         finished = train_here(f"--dataset={tiny_dataset}", f"--out_dir={tmp_path}", *GPT2_RECIPE, "--max_iters=80",
                               "--eval_interval=10", *QUIET)
     assert finished.returncode == 0 and "patience" not in finished.stdout and "done: iteration 80 " in finished.stdout
-    assert [line["iter"] for line in read_metrics(tmp_path) if "val_loss" in line][-1] == 80
+    assert eval_lines(tmp_path)[-1]["iter"] == 80

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 import torch
 
-from helpers import ONE_THREAD, ROOT, TINY_MODEL, TORCHRUN, read_metrics, run_train, train_lines, wait_until
+from helpers import ONE_THREAD, ROOT, TINY_MODEL, TORCHRUN, eval_lines, read_metrics, run_train, train_lines, wait_until
 from owngpt import runtime
 import train
 
@@ -114,7 +114,7 @@ def test_a_preempted_two_process_run_saves_and_resumes_without_losing_an_iterati
     assert [line["iter"] for line in lines] == list(range(1, stopped_at + 4))
     # the modern block's zero head guesses uniformly at first: ln 512 on each rank, and so their mean
     assert lines[0]["loss"] == pytest.approx(math.log(512), rel=1e-6)
-    evals = [line for line in read_metrics(out_dir) if "val_loss" in line]
+    evals = eval_lines(out_dir)
     assert evals[-1]["val_loss"] < evals[0]["val_loss"]
 
 

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from helpers import BYTE_TOKENIZER, ONE_THREAD, ROOT, TORCHRUN, read_metrics, send_body
+from helpers import BYTE_TOKENIZER, ONE_THREAD, ROOT, TORCHRUN, eval_lines, send_body
 from model import GPT, GPTConfig
 from owngpt import hf, tasks
 from owngpt.tokenizer import load_tokenizer
@@ -238,7 +238,7 @@ def test_train_py_scores_tasks_at_each_evaluation_and_eval_only_scores_a_checkpo
                           f"--eval_tasks={mine}", "--sample_every_eval=false")
     assert finished.returncode == 0, finished.stderr
     assert finished.stdout.count("  mine: acc_norm ") == 3
-    evals = [line for line in read_metrics(out_dir) if "val_loss" in line]
+    evals = eval_lines(out_dir)
     assert [line["iter"] for line in evals] == [0, 2, 4]
     assert all(0 <= line["task/mine/acc_norm"] <= 1 and 0 <= line["task/mine/acc"] <= 1 for line in evals)
     svg = ElementTree.parse(out_dir / "curves.svg").getroot()

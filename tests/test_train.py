@@ -20,15 +20,11 @@ import pytest
 import torch
 
 from helpers import (BYTE_TOKENIZER, GPT2_RECIPE, MODERN_RECIPE, RECIPES, ROOT, TINY_MODEL, SimulatedClock,
-                     read_metrics, run_train, simulate_machine, stop_during_iteration, train_lines)
+                     eval_lines, read_metrics, run_train, simulate_machine, stop_during_iteration, train_lines)
 from model import GPT, GPTConfig
 from owngpt import checkpoint, dataset, flags, optimizers, runlog, tokenizer
 from owngpt.optimizers import build_optimizer
 import train
-
-
-def eval_lines(out_dir):
-    return [line for line in read_metrics(out_dir) if "val_loss" in line]
 
 
 # ----------------------------------------------------------------------------- config
@@ -513,7 +509,7 @@ def test_under_wsd_a_run_slowed_for_its_first_iterations_still_spends_its_budget
     fits = fitted_max_iters(finished.stdout)
     assert fits[0] == 30 + int((60 - 30 * 0.5) / 0.5)  # from the busy iterations alone: 120, 28 s of 60
     assert len(fits) > 1 and f"done: iteration {fits[-1]} " in finished.stdout
-    last = [line for line in read_metrics(tmp_path / "whole") if "val_loss" in line][-1]
+    last = eval_lines(tmp_path / "whole")[-1]
     assert last["iter"] == fits[-1] and 0.95 * 60 <= last["elapsed_s"] <= 60
     # stopped in the cooldown and resumed, the run ends where the whole one did
     with monkeypatch.context() as patch:
