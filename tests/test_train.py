@@ -276,23 +276,8 @@ def test_a_damaged_newest_checkpoint_is_reported_and_the_previous_one_used(train
     assert "skipping damaged checkpoint" in capsys.readouterr().err
 
 
-def test_resume_after_a_damaged_checkpoint_continues_from_the_previous_without_repeating(
+def test_resume_after_a_damaged_checkpoint_continues_from_the_previous_and_forgets_the_newer_ones(
         trained_run, tiny_dataset, tmp_path, train_here):
-    out_dir = tmp_path / "out"
-    shutil.copytree(trained_run[0], out_dir)
-    newest = out_dir / "ckpt_0000030.pt"
-    newest.write_bytes(newest.read_bytes()[:-100])
-    finished = train_here(f"--dataset={tiny_dataset}", f"--out_dir={out_dir}", "--max_iters=34", "--eval_interval=10",
-                          "--dropout=0.1", "--init_from=resume")
-    assert finished.returncode == 0, finished.stderr
-    assert "skipping damaged checkpoint" in finished.stderr
-    assert f"resuming from {out_dir / 'ckpt_0000020.pt'} at iteration 20" in finished.stdout
-    assert [line["iter"] for line in train_lines(out_dir)] == list(range(1, 35))
-    assert torch.load(out_dir / "ckpt.pt", weights_only=True)["iter_num"] == 34
-
-
-def test_a_run_resumed_from_an_older_checkpoint_forgets_the_newer_ones(trained_run, tiny_dataset, tmp_path,
-                                                                        train_here):
     # the newest (30) is damaged: the run goes back to 20 and saves 25, a run of its own from 20 on
     out_dir = tmp_path / "out"
     shutil.copytree(trained_run[0], out_dir)
@@ -301,6 +286,10 @@ def test_a_run_resumed_from_an_older_checkpoint_forgets_the_newer_ones(trained_r
     finished = train_here(f"--dataset={tiny_dataset}", f"--out_dir={out_dir}", "--max_iters=25", "--eval_interval=10",
                           "--dropout=0.1", "--init_from=resume")
     assert finished.returncode == 0, finished.stderr
+    assert "skipping damaged checkpoint" in finished.stderr
+    assert f"resuming from {out_dir / 'ckpt_0000020.pt'} at iteration 20" in finished.stdout
+    assert [line["iter"] for line in train_lines(out_dir)] == list(range(1, 26))
+    assert torch.load(out_dir / "ckpt.pt", weights_only=True)["iter_num"] == 25
     entries = json.loads((out_dir / "checkpoints.json").read_text())["checkpoints"]
     assert [entry["iter"] for entry in entries] == [20, 25]
     assert sorted(path.name for path in out_dir.glob("ckpt_*.pt")) == ["ckpt_0000020.pt", "ckpt_0000025.pt"]
