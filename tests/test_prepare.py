@@ -105,9 +105,14 @@ def test_bpe_merges_equal_a_naive_reference_merge_for_merge():
     assert vocabulary == naive_bpe(chunk_counts, vocab_size=420)
 
 
-def test_bpe_refuses_a_vocabulary_larger_than_the_text_supports():
-    with pytest.raises(tokenizer.TokenizerError, match=r"--vocab_size=400 is more than this text supports.*at most --vocab_size=26\d"):
-        tokenizer.train_bpe(tokenizer.count_chunks(["the cat sat on the mat, the cat sat."]), vocab_size=400)
+def test_bpe_merges_only_pairs_that_occur_twice_and_refuses_a_vocabulary_larger_than_they_make():
+    chunk_counts = tokenizer.count_chunks(["the cat sat on the mat, the cat sat."])
+    # "at" occurs 5 times, "he" and "the" 3, " c", " s", " the", " cat" and " sat" twice; " on" and " mat" once
+    merges = [b"at", b"he", b"the", b" c", b" s", b" the", b" cat", b" sat"]
+    assert tokenizer.train_bpe(chunk_counts, vocab_size=400, shrink=True)[256:] == merges
+    with pytest.raises(tokenizer.TokenizerError, match=r"--vocab_size=400 is more than this text supports: after 8 "
+                                                       r"merges no pair of tokens occurs twice\. Use at most --vocab_size=265,"):
+        tokenizer.train_bpe(chunk_counts, vocab_size=400)
 
 
 @pytest.fixture(scope="module")
