@@ -232,8 +232,12 @@ def run_tests(copy, suite):
     try:
         output, _ = process.communicate(timeout=TIMEOUT_S[suite])
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
+        output = None
+    finally:  # timed out, or this script was interrupted (Ctrl-C): its own session ends with it
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    if output is None:
         return False, f"timed out after {TIMEOUT_S[suite]} s"
     if process.returncode == 0:
         return True, ""
