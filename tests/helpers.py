@@ -1,7 +1,8 @@
 """What several test modules share: the repository root, generated text and WET files, the
 tiny model's flags and the recipes, running train.py (in this process, as a subprocess or
-under torchrun), sample.py and prepare.py, and reading what a run or a dataset holds. Fixtures live in conftest.py, which puts the repository root on
-sys.path before it imports this module; no test module imports another."""
+under torchrun), sample.py and prepare.py, and reading what a run or a dataset holds.
+Fixtures live in conftest.py, which puts the repository root on sys.path before it imports
+this module; no test module imports another."""
 import gzip
 import json
 import os
