@@ -3,17 +3,20 @@ the tests notice. A mutation the tests miss is a bug they would let through.
 
     python tests/mutations.py                      # every mutation, each against the fast subset
     python tests/mutations.py --only bpb_bytes,sample_latest
-    python tests/mutations.py --all --only fsdp_resume_unsaved   # the whole suite: slow tests too
+    python tests/mutations.py --select tests       # the whole suite, slow tests too
+    python tests/mutations.py --only fsdp_resume_unsaved --select tests/test_fsdp.py
 
 The project's tracked files (git ls-files: no data or out folders) are copied to a temporary
 folder; the unchanged copy must pass first. Then each mutation replaces its snippet, which must
 occur exactly once in its file (else it "does not apply": the code moved on, update the
 snippet), the tests run there with -x (the first failure is enough), and the file is restored.
 It prints a table: caught (and by which test), missed, or does not apply. Each run of the fast
-subset takes about a minute on 2 cores. Not a test module: pytest collects test_*.py only.
+subset takes about a minute on 2 cores; a breakage only slow tests can see (several processes)
+needs --select. Not a test module: pytest collects test_*.py only.
 """
 import argparse
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -23,9 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-FAST = ["-m", "not slow"]
-# a hung suite has noticed too; these are far above a passing run's time on 2 busy cores
-TIMEOUT_S = {"fast": 900, "all": 1800}
+FAST_SUBSET = "-m 'not slow' tests"
+TIMEOUT_S = 1800  # a hung suite has noticed too; far above the whole suite's time on 2 busy cores
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,7 @@ MUTATIONS = [
              "if (at_eval or stop) and bad_in_a_row == 0:",
              "if (at_eval or stop) and bad_in_a_row == 0 and not (cfg.init_from == 'resume' "
              "and cfg.parallelism == 'fsdp'):",
-             "a resumed FSDP run saves no checkpoint (slow: FSDP runs under torchrun, --all)"),
+             "a resumed FSDP run saves no checkpoint (slow tests only: --select tests/test_fsdp.py)"),
     # ---- train.py
     Mutation("accuracy_of_inputs", "train.py",
              "totals[1] += (logits.argmax(dim=-1) == targets).sum().item()",
@@ -80,7 +82,7 @@ MUTATIONS = [
     Mutation("loss_not_averaged_over_ranks", "train.py",
              "return loss_sum / run.runtime.world_size, grad_norm.item()",
              "return loss_sum, grad_norm.item()",
-             "the logged loss is the sum over processes (one process cannot tell: --all)"),
+             "the logged loss is the sum over processes (slow tests only: --select tests/test_ddp.py)"),
     # ---- model.py
     Mutation("temperature_multiplies", "model.py",
              "logits = logits / temperature",
@@ -221,16 +223,16 @@ def tracked_copy(destination):
             shutil.copy2(source, destination / name)
 
 
-def run_tests(copy, suite):
-    """(passed, the first failing test's id or a note): the suite in copy, stopping at the first failure."""
+def run_tests(copy, selection):
+    """(passed, the first failing test's id or a note): the selected tests in copy, stopping at the first failure."""
     command = [sys.executable, "-m", "pytest", "-q", "-n", "2", "--dist", "worksteal", "-x", "-p", "no:cacheprovider",
-               *(FAST if suite == "fast" else []), "tests"]
+               *shlex.split(selection)]
     # no .pyc files: a mutation that keeps a file's size within the same second would load a stale one
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     process = subprocess.Popen(command, cwd=copy, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, start_new_session=True)
     try:
-        output, _ = process.communicate(timeout=TIMEOUT_S[suite])
+        output, _ = process.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
         output = None
     finally:  # timed out, or this script was interrupted (Ctrl-C): its own session ends with it
@@ -238,14 +240,14 @@ def run_tests(copy, suite):
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
     if output is None:
-        return False, f"timed out after {TIMEOUT_S[suite]} s"
+        return False, f"timed out after {TIMEOUT_S} s"
     if process.returncode == 0:
         return True, ""
     failed = [line.split()[1] for line in output.splitlines() if line.startswith(("FAILED ", "ERROR "))]
     return False, failed[0] if failed else output.strip().splitlines()[-1]
 
 
-def try_mutation(mutation, copy, suite):
+def try_mutation(mutation, copy, selection):
     """(result, detail) of one mutation: caught, missed or does not apply."""
     path = copy / mutation.file
     original = path.read_text(encoding="utf-8")
@@ -256,7 +258,7 @@ def try_mutation(mutation, copy, suite):
     compile(mutated, mutation.file, "exec")  # a mutation that breaks the syntax proves nothing
     path.write_text(mutated, encoding="utf-8")
     try:
-        passed, detail = run_tests(copy, suite)
+        passed, detail = run_tests(copy, selection)
     finally:
         path.write_text(original, encoding="utf-8")
     return ("missed", "") if passed else ("caught", detail)
@@ -265,23 +267,23 @@ def try_mutation(mutation, copy, suite):
 def main(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", default="", help="comma-separated mutation names (default: all)")
-    parser.add_argument("--all", action="store_true", help="run the whole suite, slow tests included")
+    parser.add_argument("--select", default=FAST_SUBSET, help="the tests to run, as pytest arguments (default: the "
+                        "fast subset, %(default)s; tests: the whole suite)")
     args = parser.parse_args(argv)
     names = [name for name in args.only.split(",") if name]
     unknown = sorted(set(names) - {mutation.name for mutation in MUTATIONS})
     if unknown:
         parser.error(f"unknown mutation {', '.join(unknown)}; known: {', '.join(m.name for m in MUTATIONS)}")
     chosen = [mutation for mutation in MUTATIONS if not names or mutation.name in names]
-    suite = "all" if args.all else "fast"
     with tempfile.TemporaryDirectory(prefix="owngpt-mutations-") as folder:
         copy = Path(folder)
         tracked_copy(copy)
-        passed, detail = run_tests(copy, suite)
+        passed, detail = run_tests(copy, args.select)
         if not passed:
             sys.exit(f"the unchanged project does not pass ({detail}): fix that first")
         results = []
         for mutation in chosen:
-            result, detail = try_mutation(mutation, copy, suite)
+            result, detail = try_mutation(mutation, copy, args.select)
             results.append((mutation, result, detail))
             print(f"{mutation.name}: {result} {detail}".rstrip(), flush=True)
     width = max(len(mutation.name) for mutation in chosen)
@@ -291,7 +293,7 @@ def main(argv):
         if detail:
             print(f"{'':<{width}}  {'':<14}  {detail}")
     caught = sum(result == "caught" for _, result, _ in results)
-    print(f"\n{caught} of {len(results)} caught ({suite} suite)")
+    print(f"\n{caught} of {len(results)} caught by pytest {args.select}")
     return 0
 
 
