@@ -1,8 +1,6 @@
 """Shared test setup: make the project's top-level scripts importable, and the fixtures
 several modules use. Plain functions and constants they share are in helpers.py."""
 import http.server
-import signal
-import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -13,9 +11,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import train  # noqa: E402 (this import and the next need the root on sys.path)
-from helpers import (ONE_THREAD, TINY_MODEL, cannot_run_here, make_conversations, make_text, send_body,  # noqa: E402
-                     write_jsonl)
+from helpers import (cannot_run_here, make_conversations, make_text, run_prepare, run_train, send_body,  # noqa: E402
+                     train_in_process, write_jsonl)  # (helpers and slurm_cluster need the root on sys.path)
 from slurm_cluster import SlurmCluster, missing_machinery  # noqa: E402
 
 
@@ -28,7 +25,7 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory):
     """A dataset folder built by `prepare.py` from 24 small generated text files:
-    a 512-token BPE, 4096-token shards, about 16k tokens in all (20 train documents in 4
+    a 512-token BPE (516 ids with the chat tokens), 4096-token shards, about 16k tokens in all (20 train documents in 4
     shards, 4 val documents in 1). Returns its Path."""
     corpus = tmp_path_factory.mktemp("tiny_corpus")
     for index in range(24):
@@ -36,12 +33,8 @@ def tiny_dataset(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_dataset") / "tiny"
     # a relative --input: the document ids, and so the documents the hash puts in val, are the
     # same in every session
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "prepare.py"), "--source=files", f"--input={corpus.name}",
-         f"--out_dir={folder}", "--tokenizer=bpe", "--vocab_size=512", "--shard_tokens=4096",
-         "--val_fraction=0.2", "--num_workers=1"],
-        capture_output=True, text=True, cwd=corpus.parent)
-    assert result.returncode == 0, f"prepare.py failed:\n{result.stderr}"
+    run_prepare("--source=files", f"--input={corpus.name}", f"--out_dir={folder}", "--tokenizer=bpe",
+                "--vocab_size=512", "--shard_tokens=4096", "--val_fraction=0.2", "--num_workers=1", cwd=corpus.parent)
     return folder
 
 
@@ -51,10 +44,8 @@ def tiny_chat_dataset(tiny_dataset, tmp_path_factory):
     dataset's tokenizer and its chat tokens, as one fine-tunes a model trained on it."""
     folder = tmp_path_factory.mktemp("tiny_chat")
     write_jsonl(folder / "conversations.jsonl", make_conversations(120))
-    result = subprocess.run([sys.executable, str(ROOT / "prepare.py"), "--source=chat",
-                             "--input=conversations.jsonl", f"--tokenizer={tiny_dataset}", "--out_dir=chat",
-                             "--val_fraction=0.1"], capture_output=True, text=True, cwd=folder)
-    assert result.returncode == 0, f"prepare.py failed:\n{result.stderr}"
+    run_prepare("--source=chat", "--input=conversations.jsonl", f"--tokenizer={tiny_dataset}", "--out_dir=chat",
+                "--val_fraction=0.1", cwd=folder)
     return folder / "chat"
 
 
@@ -63,9 +54,8 @@ def tiny_chat_model(tiny_chat_dataset, tmp_path_factory):
     """The out folder of the tiny model (helpers.TINY_MODEL) trained 30 iterations on
     tiny_chat_dataset: a model chat.py talks to (what it says is of no interest)."""
     out_dir = tmp_path_factory.mktemp("tiny_chat_model") / "out"
-    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY_MODEL, f"--dataset={tiny_chat_dataset}",
-                             f"--out_dir={out_dir}", "--max_iters=30", "--eval_interval=30", "--matmul=mkl"],
-                            capture_output=True, text=True, env=ONE_THREAD, timeout=300)
+    result = run_train(f"--dataset={tiny_chat_dataset}", f"--out_dir={out_dir}", "--max_iters=30",
+                       "--eval_interval=30", "--matmul=mkl", timeout=300)
     assert result.returncode == 0, f"train.py failed:\n{result.stderr}"
     (out_dir / "stdout.txt").write_text(result.stdout)  # what the run said, for the tests that read it
     return out_dir
@@ -84,20 +74,12 @@ def one_thread():
 
 
 @pytest.fixture
-def train_here(capsys, one_thread):
-    """train.main in this process, as `python train.py` with the tiny model runs it, minus the
-    seconds of starting Python and torch. Returns (exit status, stdout, stderr). The SIGTERM
-    and SIGINT handlers train.py installs are put back afterwards."""
+def train_here(capsys):
+    """train.main in this process (helpers.train_in_process), with what it printed: returns
+    (exit status, stdout, stderr)."""
     def run(*flags):
-        handlers = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            train.main([*TINY_MODEL, *flags])
-            status, message = 0, ""
-        except SystemExit as exit:  # sys.exit("error: ...") prints the message and exits with 1
-            status, message = (1, exit.code) if isinstance(exit.code, str) else (exit.code, "")
-        finally:
-            for number, handler in handlers.items():
-                signal.signal(number, handler)
+        code = train_in_process(*flags)
+        status, message = (1, code) if isinstance(code, str) else (code or 0, "")
         output = capsys.readouterr()
         return SimpleNamespace(returncode=status, stdout=output.out, stderr=output.err + message)
 

@@ -1,7 +1,9 @@
-"""What several test modules share: the repository root, generated text, the tiny model's
-flags and the recipes, running train.py and prepare.py as subprocesses, and reading what a
-run or a dataset holds. Fixtures live in conftest.py, which puts the repository root on
-sys.path before it imports this module; no test module imports another."""
+"""What several test modules share: the repository root, generated text and WET files, the
+tiny model's flags and the recipes, running train.py (in this process, as a subprocess or
+under torchrun), sample.py and prepare.py, and reading what a run or a dataset holds.
+Fixtures live in conftest.py, which puts the repository root on sys.path before it imports
+this module; no test module imports another."""
+import gzip
 import json
 import os
 import random
@@ -24,6 +26,10 @@ ROOT = Path(__file__).resolve().parent.parent
 SYLLABLES = "ka lo mi ne ru sa ti vo pe da gu hi ba zo fe wi an or el ist ing th qu".split()
 _word_rng = random.Random(0)
 WORD_LIST = ["".join(_word_rng.choices(SYLLABLES, k=1 + index % 3)) for index in range(400)]
+
+
+# meta.json's entry for the byte tokenizer: the 256 bytes and end-of-text, no file
+BYTE_TOKENIZER = {"kind": "byte", "vocab_size": 257, "eot_id": 256, "file": None, "sha256": None}
 
 
 def make_text(seed, sentences=60):
@@ -94,6 +100,35 @@ def write_jsonl(path, records):
     return path
 
 
+# ----------------------------------------------------------------------------- WET files
+def warc_record(headers, body):
+    """One WARC record: the version line, the headers as given (Content-Length among them,
+    or left out or wrong for a damaged record), a blank line, the body."""
+    lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    return f"WARC/1.0\r\n{lines}\r\n".encode() + body + b"\r\n\r\n"
+
+
+def warcinfo(filler=b""):
+    """The record a WET file starts with: what made it (filler: more bytes, for a longer file)."""
+    body = b"software: test\r\n" + filler
+    return warc_record({"WARC-Type": "warcinfo", "Content-Length": len(body)}, body)
+
+
+def conversion(number, url, language, text):
+    """A WET conversion record: the text of the page at url, with Common Crawl's headers."""
+    body = text.encode()
+    return warc_record({"WARC-Type": "conversion", "WARC-Target-URI": url,
+                        "WARC-Date": f"2025-06-{number % 28 + 1:02d}T12:00:00Z",
+                        "WARC-Record-ID": f"<urn:uuid:{number:08d}>",
+                        "WARC-Identified-Content-Language": language,
+                        "Content-Type": "text/plain", "Content-Length": len(body)}, body)
+
+
+def gzip_members(records):
+    """A .warc.wet.gz file's bytes as Common Crawl writes them: each record its own gzip member."""
+    return b"".join(gzip.compress(record) for record in records)
+
+
 # ----------------------------------------------------------------------------- train.py
 TINY_MODEL = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8", "--eval_iters=2",
               "--log_interval=1", "--warmup_iters=2", "--learning_rate=3e-3", "--min_lr=3e-4", "--device=cpu"]
@@ -108,12 +143,35 @@ RECIPES = {"gpt2_adamw_cosine": GPT2_RECIPE, "modern_muon_wsd": MODERN_RECIPE}
 # One thread per process: a tiny model gains nothing from two, and on a busy 2-core machine
 # two OpenMP threads that wait on each other can make each step 50x slower.
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
-def run_train(*flags, cwd, timeout=120):
-    """python train.py with the tiny model and these flags; the finished process."""
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY_MODEL, *flags], cwd=cwd,
+def run_train(*flags, cwd=None, torchrun=False, timeout=180):
+    """python train.py (or two processes of it under torchrun) with the tiny model and these
+    flags; the finished process."""
+    launcher = TORCHRUN if torchrun else [sys.executable]
+    return subprocess.run([*launcher, str(ROOT / "train.py"), *TINY_MODEL, *flags], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout, env=ONE_THREAD)
+
+
+def train_in_process(*flags):
+    """train.main in this process, as `python train.py` with the tiny model and these flags
+    runs it, minus the seconds of starting Python and torch, in one thread (ONE_THREAD's
+    reason). Returns what it exits with: the error line (sys.exit prints it, status 1), a
+    status (--help), or None when it finishes. The SIGTERM and SIGINT handlers train.py
+    installs are put back afterwards."""
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train.main([*TINY_MODEL, *flags])
+    except SystemExit as exit:
+        return exit.code
+    finally:
+        torch.set_num_threads(threads)
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+    return None
 
 
 def stop_during_iteration(patch, iteration):
@@ -188,6 +246,10 @@ def train_lines(out_dir):
     return [line for line in read_metrics(out_dir) if "loss" in line]
 
 
+def eval_lines(out_dir):
+    return [line for line in read_metrics(out_dir) if "val_loss" in line]
+
+
 def trained_iterations(out_dir):
     path = out_dir / "metrics.jsonl"
     return len(train_lines(out_dir)) if path.exists() else 0
@@ -202,6 +264,13 @@ def checkout(folder):
     for name in ("owngpt", "launch"):
         shutil.copytree(ROOT / name, folder / name, ignore=shutil.ignore_patterns("__pycache__"))
     return folder
+
+
+# ----------------------------------------------------------------------------- sample.py
+def run_sample(*flags, cwd=ROOT):
+    """python sample.py with these flags; the finished process, its output read as UTF-8."""
+    return subprocess.run([sys.executable, str(ROOT / "sample.py"), *flags], cwd=cwd, capture_output=True,
+                          text=True, encoding="utf-8", timeout=120, env=ONE_THREAD)
 
 
 # ----------------------------------------------------------------------------- prepare.py

@@ -21,7 +21,8 @@ from collections import Counter
 import pytest
 
 import prepare
-from helpers import ROOT, bin_files, checkout, kept_documents, run_prepare, send_body
+from helpers import (ROOT, bin_files, checkout, conversion, gzip_members, kept_documents, run_prepare, send_body,
+                     warc_record, warcinfo)
 from owngpt import dataset, tokenizer
 from owngpt.flags import UserError
 from owngpt.web import crawl, filters
@@ -119,27 +120,12 @@ DROPPED = {reason: 1 for *_, reason in PAGES if reason != "kept"}
 UNREADABLE = {"bad_record:gzip": 1, "bad_record:warc_header": 1}  # the two damaged records
 
 
-def warc_record(headers, body):
-    lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
-    return f"WARC/1.0\r\n{lines}\r\n".encode() + body + b"\r\n\r\n"
-
-
-def conversion(number, url, language, text):
-    body = text.encode()
-    return warc_record({"WARC-Type": "conversion", "WARC-Target-URI": url,
-                        "WARC-Date": f"2025-06-{number % 28 + 1:02d}T12:00:00Z",
-                        "WARC-Record-ID": f"<urn:uuid:{number:08d}>",
-                        "WARC-Identified-Content-Language": language,
-                        "Content-Type": "text/plain", "Content-Length": len(body)}, body)
-
-
 def wet_file(pages, first_number=1, filler_bytes=0):
     """A gzipped WET file: a warcinfo record (with filler_bytes of random text, to make the
     file longer than one 64 KiB download block), one gzip member per page, and after the
     third page a member cut short and a record whose header has no valid length."""
     filler = "".join(random.Random(0).choices("abcdefghij0123456789", k=filler_bytes)).encode()
-    members = [gzip.compress(warc_record({"WARC-Type": "warcinfo", "Content-Length": len(filler) + 16},
-                                         b"software: test\r\n" + filler))]
+    members = [gzip.compress(warcinfo(filler))]
     for number, (url, language, text, _) in enumerate(pages, start=first_number):
         members.append(gzip.compress(conversion(number, url, language, text)))
         if number == first_number + 2:
@@ -256,8 +242,8 @@ def test_max_docs_stops_once_that_many_are_kept(tmp_path):
 
 def test_zero_documents_left_names_the_filter_that_took_them(tmp_path):
     french = [page for page in PAGES if page[1] == "fra"] * 2
-    (tmp_path / "fr.warc.wet.gz").write_bytes(b"".join(gzip.compress(conversion(n, url, language, text))
-                                                       for n, (url, language, text, _) in enumerate(french)))
+    (tmp_path / "fr.warc.wet.gz").write_bytes(gzip_members(conversion(n, url, language, text)
+                                                           for n, (url, language, text, _) in enumerate(french)))
     result = run_prepare("--source=files", "--input=fr.warc.wet.gz", "--tokenizer=byte", "--name=fr",
                          cwd=tmp_path, check=False)
     assert result.returncode == 1

@@ -7,7 +7,7 @@ import xml.etree.ElementTree as ElementTree
 
 import pytest
 
-from helpers import ONE_THREAD, ROOT, TINY_MODEL, read_metrics
+from helpers import ROOT, read_metrics, run_train
 from owngpt import curves
 
 SVG = "{http://www.w3.org/2000/svg}"
@@ -30,9 +30,8 @@ def two_runs(tiny_dataset, tmp_path_factory):
     """Two short runs of the tiny model, one with a higher learning rate."""
     folder = tmp_path_factory.mktemp("curves")
     for name, rate in (("slow", "1e-3"), ("fast", "3e-3")):
-        result = subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY_MODEL, f"--dataset={tiny_dataset}",
-                                 f"--out_dir={name}", "--max_iters=6", "--eval_interval=2", f"--learning_rate={rate}",
-                                 "--min_lr=1e-4"], cwd=folder, capture_output=True, text=True, env=ONE_THREAD, timeout=120)
+        result = run_train(f"--dataset={tiny_dataset}", f"--out_dir={name}", "--max_iters=6", "--eval_interval=2",
+                           f"--learning_rate={rate}", "--min_lr=1e-4", cwd=folder)
         assert result.returncode == 0, result.stderr
     return folder
 
@@ -86,3 +85,30 @@ def test_steps_that_were_not_finite_are_left_out(tmp_path):
     by_class = {element.get("class"): element for element in group}
     assert points(by_class["train-loss"]) == [(64, 4.0)]
     assert points(by_class["val-loss"]) == [(0, 5.0), (128, 4.5)]
+
+
+def drawn(element, attribute="d"):
+    """The pixel coordinates of a path's points (d="M x,y L x,y ..."), y growing downwards as in SVG."""
+    return [tuple(float(value) for value in point[1:].split(",")) for point in element.get(attribute).split()]
+
+
+def test_each_series_is_drawn_where_its_values_lie_a_rising_loss_rising(tmp_path):
+    # losses from 1 to 3 span the loss panel (y 420 at its bottom up to 40 at its top), tokens
+    # from 0 to 200 its width (x 80 to 810); the rate, 0 to 1e-3, spans its own panel (y 545 to 460)
+    lines = [{"iter": 0, "tokens": 0, "val_loss": 3.0, "val_bpb": 1.5},
+             {"iter": 1, "tokens": 100, "loss": 1.0, "lr": 1e-3},
+             {"iter": 1, "tokens": 100, "val_loss": 1.0, "val_bpb": 0.5},
+             {"iter": 2, "tokens": 200, "loss": 3.0, "lr": 5e-4},
+             {"iter": 2, "tokens": 200, "val_loss": 2.0, "val_bpb": 1.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    curves.write(tmp_path / "curves.svg", [("run", curves.read_metrics(tmp_path))])
+    (group,) = run_groups(parse(tmp_path / "curves.svg")).values()
+    by_class = {element.get("class"): element for element in group}
+    train_loss = drawn(by_class["train-loss"])
+    assert train_loss == [(445.0, 420.0), (810.0, 40.0)]
+    assert train_loss[1][1] < train_loss[0][1]  # the loss rose: its line goes up the picture
+    assert drawn(by_class["val-loss"]) == [(80.0, 40.0), (445.0, 420.0), (810.0, 230.0)]
+    dots = [(float(dot.get("cx")), float(dot.get("cy"))) for dot in group if dot.tag == f"{SVG}circle" and dot.get("r") == "3"]
+    assert dots == drawn(by_class["val-loss"])
+    assert (float(by_class["best"].get("cx")), float(by_class["best"].get("cy"))) == (445.0, 420.0)  # val loss 1.0
+    assert drawn(by_class["lr"]) == [(445.0, 460.0), (810.0, 502.5)]

@@ -1,13 +1,15 @@
 """What the data decides: prepare.py's vocabulary size from the size of the text, a run's
 dropout from how many times it reads the train split (owngpt/epochs.py), and patience, which
 ends a run whose val loss stopped improving."""
+import random
 import re
+import string
 
 import pytest
 import torch
 
 import train
-from helpers import (GPT2_RECIPE, MODERN_RECIPE, SimulatedClock, make_text, read_metrics, run_prepare,
+from helpers import (GPT2_RECIPE, MODERN_RECIPE, SimulatedClock, eval_lines, make_text, run_prepare,
                      simulate_machine, stop_during_iteration, train_lines)
 from owngpt import dataset, epochs
 from owngpt.tokenizer import BYTES_PER_VOCAB_ENTRY, CHAT_TOKENS, vocab_size_for
@@ -23,16 +25,27 @@ def test_the_vocabulary_grows_with_the_text_in_powers_of_two_up_to_the_default()
     assert vocab_size_for(10**9, 8192) == 8192  # data/python's 10.6 MB keeps the quick start's 8192
 
 
-def test_a_small_text_without_vocab_size_gets_its_share_and_the_report_says_why(tmp_path):
-    text = "".join(make_text(seed) for seed in range(120))  # ~0.35 MB: 512 tokens by the rule
-    (tmp_path / "notes.txt").write_text(text, encoding="utf-8")
-    run_prepare("--source=files", "--input=notes.txt", "--name=notes", cwd=tmp_path)
+def random_words(size, seed):
+    """About size bytes of words of random letters: a text whose BPE supports thousands of tokens."""
+    rng = random.Random(seed)
+    words, length = [], -1  # the first word has no space before it
+    while length < size:
+        words.append("".join(rng.choices(string.ascii_lowercase, k=rng.randint(2, 9))))
+        length += len(words[-1]) + 1
+    return " ".join(words)
+
+
+@pytest.mark.parametrize("size, vocab_size", [(300_000, 512), (450_000, 1024)])
+def test_without_vocab_size_a_text_gets_one_token_per_400_bytes_and_the_report_says_why(size, vocab_size, tmp_path):
+    # 300 kB / 400 = 750 tokens, the power of two below: 512; 450 kB / 400 = 1125: 1024. The BPE
+    # trains on the first 100k characters, which support both; the rule counts the whole text
+    (tmp_path / "notes.txt").write_text(random_words(size, seed=size), encoding="utf-8")
+    run_prepare("--source=files", "--input=notes.txt", "--name=notes", "--tokenizer_train_chars=100000", cwd=tmp_path)
     folder = tmp_path / "data" / "notes"
-    expected = vocab_size_for(len(text.encode()) * 0.95, 8192)
-    assert dataset.read_meta(folder)["tokenizer"]["vocab_size"] == expected + len(CHAT_TOKENS)
-    report = (folder / "report.md").read_text()
-    assert f"{expected:,} tokens, not the default 8,192: without --vocab_size a text gets one per " \
-           f"{BYTES_PER_VOCAB_ENTRY} bytes of train text" in report
+    assert dataset.read_meta(folder)["tokenizer"]["vocab_size"] == vocab_size + len(CHAT_TOKENS)  # the chat tokens after it
+    assert f"{vocab_size:,} tokens, not the default 8,192: without --vocab_size a text gets one per 400 bytes of " \
+           f"train text (a power of two, at least 512), so that each token occurs often enough to be learned from " \
+           f"({size / 1e6:.2f} MB here)" in (folder / "report.md").read_text().replace("\n", " ")
 
 
 def test_a_text_too_small_for_its_share_gets_the_most_it_supports(tmp_path):
@@ -188,4 +201,4 @@ def test_patience_zero_never_stops_a_run(train_here, tiny_dataset, tmp_path, mon
         finished = train_here(f"--dataset={tiny_dataset}", f"--out_dir={tmp_path}", *GPT2_RECIPE, "--max_iters=80",
                               "--eval_interval=10", *QUIET)
     assert finished.returncode == 0 and "patience" not in finished.stdout and "done: iteration 80 " in finished.stdout
-    assert [line["iter"] for line in read_metrics(tmp_path) if "val_loss" in line][-1] == 80
+    assert eval_lines(tmp_path)[-1]["iter"] == 80

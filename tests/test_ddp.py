@@ -2,19 +2,17 @@
 Muon with AdamW) equal one process's on the same global batch, and a preempted two-process
 run saves and resumes without losing or repeating an iteration."""
 import json
+import math
 import re
 import signal
 import subprocess
-import sys
 
 import pytest
 import torch
 
-from helpers import ONE_THREAD, ROOT, TINY_MODEL, read_metrics, train_lines, wait_until
+from helpers import ONE_THREAD, ROOT, TINY_MODEL, TORCHRUN, eval_lines, read_metrics, run_train, train_lines, wait_until
 from owngpt import runtime
 import train
-
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 # Run under torchrun: each rank does its share of a global batch through train.py's own
 # forward_backward (DDP, no_sync on all but the last micro-step) and takes an optimizer
@@ -99,12 +97,12 @@ def test_gradient_accumulation_that_does_not_divide_by_the_processes_is_refused(
 @pytest.mark.slow
 def test_a_preempted_two_process_run_saves_and_resumes_without_losing_an_iteration(tiny_chat_dataset, tmp_path):
     """On a chat dataset: the rows of packed conversations and their masks resume as windows do."""
-    flags = [*TINY_MODEL, f"--dataset={tiny_chat_dataset}", "--out_dir=out", "--gradient_accumulation_steps=2",
+    flags = [f"--dataset={tiny_chat_dataset}", "--out_dir=out", "--gradient_accumulation_steps=2",
              "--eval_interval=1000"]
     out_dir, log = tmp_path / "out", tmp_path / "first.log"
     # torchrun passes SIGTERM on to both ranks, as a cluster scheduler's preemption does
-    first = subprocess.Popen([*TORCHRUN, str(ROOT / "train.py"), *flags, "--max_iters=100000"], cwd=tmp_path,
-                             stdout=open(log, "w"), stderr=subprocess.STDOUT, env=ONE_THREAD)
+    first = subprocess.Popen([*TORCHRUN, str(ROOT / "train.py"), *TINY_MODEL, *flags, "--max_iters=100000"],
+                             cwd=tmp_path, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=ONE_THREAD)
     wait_until(lambda: (out_dir / "metrics.jsonl").exists() and len(train_lines(out_dir)) >= 3, timeout=120)
     first.send_signal(signal.SIGTERM)
     first.wait(timeout=120)
@@ -113,25 +111,26 @@ def test_a_preempted_two_process_run_saves_and_resumes_without_losing_an_iterati
     assert checkpoint["iter_num"] == stopped_at and checkpoint["data"]["world_size"] == 2
     assert len(checkpoint["rng"]) == 2 and not torch.equal(checkpoint["rng"][0]["loader"], checkpoint["rng"][1]["loader"])
 
-    second = subprocess.run([*TORCHRUN, str(ROOT / "train.py"), *flags, f"--max_iters={stopped_at + 3}",
-                             "--init_from=resume"], cwd=tmp_path, capture_output=True, text=True, timeout=180,
-                            env=ONE_THREAD)
+    second = run_train(*flags, f"--max_iters={stopped_at + 3}", "--init_from=resume", cwd=tmp_path, torchrun=True)
     assert second.returncode == 0, second.stderr
     assert f"at iteration {stopped_at}, exactly" in second.stdout
-    assert [line["iter"] for line in train_lines(out_dir)] == list(range(1, stopped_at + 4))
-    evals = [line for line in read_metrics(out_dir) if "val_loss" in line]
+    lines = train_lines(out_dir)
+    assert [line["iter"] for line in lines] == list(range(1, stopped_at + 4))
+    # the modern block's zero head guesses uniformly at first: ln 516 (the BPE's 512 ids and the
+    # 4 chat tokens) on each rank, and so their mean
+    assert lines[0]["loss"] == pytest.approx(math.log(516), rel=1e-6)
+    evals = eval_lines(out_dir)
     assert evals[-1]["val_loss"] < evals[0]["val_loss"]
 
 
 @pytest.mark.slow
 def test_rank_0_samples_alone_and_both_ranks_train_exactly_as_without_samples(tiny_dataset, tmp_path):
     # rank 0 generates while rank 1 goes on to the next step's all-reduce and waits for it there
-    flags = [*TINY_MODEL, f"--dataset={tiny_dataset}", "--gradient_accumulation_steps=2", "--dropout=0.1",
-             "--max_iters=4", "--eval_interval=2"]
+    flags = [f"--dataset={tiny_dataset}", "--gradient_accumulation_steps=2", "--dropout=0.1", "--max_iters=4",
+             "--eval_interval=2"]
     for sample in (True, False):
-        finished = subprocess.run([*TORCHRUN, str(ROOT / "train.py"), *flags, f"--out_dir={tmp_path / str(sample)}",
-                                   f"--sample_every_eval={sample}"], capture_output=True, text=True, timeout=180,
-                                  env=ONE_THREAD)
+        finished = run_train(*flags, f"--out_dir={tmp_path / str(sample)}", f"--sample_every_eval={sample}",
+                             torchrun=True)
         assert finished.returncode == 0, finished.stderr
         assert finished.stdout.count("sample at iter") == (3 if sample else 0)
     with_samples, without = read_metrics(tmp_path / "True"), read_metrics(tmp_path / "False")

@@ -3,10 +3,9 @@
 transformers is a test-only dependency (.ci/run installs it): it is the judge of whether an
 exported folder loads and computes what our model computes.
 """
+import dataclasses
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,41 +15,23 @@ import pytest
 import torch
 
 import export
-from helpers import ROOT
+from helpers import BYTE_TOKENIZER, GPT2_RECIPE, MODERN_RECIPE, ONE_THREAD, ROOT, run_sample, train_in_process
 from model import GPT, GPTConfig
 from owngpt import chat, hf
 from owngpt.checkpoint import load_checkpoint_file
 from owngpt.tokenizer import CHAT_TOKENS, load_tokenizer, python_split_regex
-import train
 
 transformers = pytest.importorskip("transformers", reason="checking an export needs transformers "
                                    "(pip install transformers safetensors)")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-TINY_MODEL = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8", "--eval_iters=2",
-              "--log_interval=10", "--warmup_iters=2", "--learning_rate=3e-3", "--min_lr=3e-4", "--device=cpu",
-              "--block=gpt2", "--optimizer=adamw", "--lr_schedule=cosine"]  # GPT-2's recipe: the exportable one
 TRICKY_TEXT = "Hello wörld 🙂👍🏽 日本語のテキスト 中文 ok\n\n  x=1234567 <|endoftext|>def f(0x0010):\r\n\treturn"
-
-
-def run_train(*flags):
-    """train.main in this process; returns the error message, or None when it succeeded."""
-    handlers = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        train.main([*TINY_MODEL, *flags])
-        return None
-    except SystemExit as exit:
-        return exit.code
-    finally:
-        for number, handler in handlers.items():
-            signal.signal(number, handler)
 
 
 # Each block and the transformers architecture that computes what it does; the modern block's
 # recipe without value embeddings, which no transformers architecture has
 EXPORTED_AS = {"gpt2": "GPT2LMHeadModel", "modern": "NanoChatForCausalLM"}
-RECIPE_FLAGS = {"gpt2": [], "modern": ["--block=modern", "--optimizer=muon", "--lr_schedule=wsd",
-                                       "--value_embeddings=False"]}
+RECIPE_FLAGS = {"gpt2": GPT2_RECIPE, "modern": [*MODERN_RECIPE, "--value_embeddings=False"]}
 
 
 @pytest.fixture(scope="module", params=list(EXPORTED_AS))
@@ -59,8 +40,8 @@ def exported(tiny_dataset, tmp_path_factory, request):
     tiny dataset, and its export. Returns (out_dir, dest)."""
     folder = tmp_path_factory.mktemp(f"export_{request.param}")
     out_dir, dest = folder / "out", folder / "hf"
-    assert run_train(f"--dataset={tiny_dataset}", f"--out_dir={out_dir}", "--max_iters=20",
-                     "--eval_interval=10", *RECIPE_FLAGS[request.param]) is None
+    assert train_in_process(f"--dataset={tiny_dataset}", f"--out_dir={out_dir}", "--max_iters=20",
+                            "--eval_interval=10", *RECIPE_FLAGS[request.param]) is None
     assert export.main([f"--out_dir={out_dir}", f"--dest={dest}"]) == 0
     return out_dir, dest
 
@@ -145,6 +126,21 @@ def test_export_writes_the_folder_and_a_model_card(exported, tiny_dataset):
     assert hf.read_hf_folder(dest)["chat"] is False
 
 
+def test_latest_exports_ckpt_pt_and_its_card_counts_the_tokens_it_saw(tmp_path):
+    # two models: best.pt at iteration 10, ckpt.pt at 20, each of 4 sequences of 16 tokens in 2
+    # micro-steps; no metrics.jsonl, so the card counts the tokens from the checkpoint's config
+    config = GPTConfig(vocab_size=257, block_size=16, n_layer=1, n_head=2, n_embd=16, block="gpt2")
+    for name, iteration in (("best.pt", 10), ("ckpt.pt", 20)):
+        torch.manual_seed(iteration)
+        torch.save({"model": GPT(config).state_dict(), "model_config": dataclasses.asdict(config),
+                    "iter_num": iteration, "tokenizer": BYTE_TOKENIZER,
+                    "config": {"batch_size": 4, "block_size": 16, "gradient_accumulation_steps": 2}}, tmp_path / name)
+    assert export.main([f"--out_dir={tmp_path}", "--ckpt=latest", f"--dest={tmp_path / 'hf'}"]) == 0
+    exported, latest = hf.read_hf_folder(tmp_path / "hf"), torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert all(torch.equal(exported["model"][name], tensor) for name, tensor in latest["model"].items())
+    assert "- iterations: 20; tokens seen: 2,560" in (tmp_path / "hf" / "README.md").read_text()
+
+
 def test_safetensors_written_here_read_by_the_safetensors_library(tmp_path):
     from safetensors.torch import load_file
 
@@ -158,7 +154,7 @@ def test_value_embeddings_are_refused_naming_the_key(tmp_path, capsys):
     config = GPTConfig(vocab_size=257, block_size=16, n_layer=1, n_head=2, n_embd=16, block="modern",
                        value_embeddings=True)
     checkpoint = {"model": GPT(config).state_dict(), "model_config": vars(config),
-                  "tokenizer": {"kind": "byte", "vocab_size": 257, "eot_id": 256, "file": None, "sha256": None}}
+                  "tokenizer": BYTE_TOKENIZER}
     torch.save(checkpoint, tmp_path / "best.pt")
     assert export.main([f"--out_dir={tmp_path}", f"--dest={tmp_path / 'hf'}"]) == 1
     error = capsys.readouterr().err
@@ -214,20 +210,21 @@ def test_init_from_hf_evaluates_and_fine_tunes(tiny_dataset, tiny_chat_dataset, 
     they were reserved) evaluates on its text, which never holds them, as it is; not on
     conversations, which do."""
     hf_gpt2(tmp_path / "gpt2")
-    gpt2_shape = ["--bias=True", f"--dataset={tiny_dataset}", f"--init_from=hf:{tmp_path / 'gpt2'}"]
-    assert run_train(*gpt2_shape, "--eval_only=True") is None
-    error = run_train("--bias=True", f"--dataset={tiny_chat_dataset}", f"--init_from=hf:{tmp_path / 'gpt2'}",
-                      "--eval_only=True")
+    gpt2_shape = [*GPT2_RECIPE, f"--dataset={tiny_dataset}", f"--init_from=hf:{tmp_path / 'gpt2'}", "--bias=True"]
+    assert train_in_process(*gpt2_shape, "--eval_only=True") is None
+    error = train_in_process(*GPT2_RECIPE, "--bias=True", f"--dataset={tiny_chat_dataset}",
+                             f"--init_from=hf:{tmp_path / 'gpt2'}", "--eval_only=True")
     assert "vocab_size is 512 there and 516 here" in error
-    assert run_train(*gpt2_shape, f"--out_dir={tmp_path / 'out'}", "--max_iters=2", "--eval_interval=2") is None
+    assert train_in_process(*gpt2_shape, f"--out_dir={tmp_path / 'out'}", "--max_iters=2", "--eval_interval=2") is None
     assert (tmp_path / "out" / "best.pt").is_file()
-    error = run_train(*gpt2_shape[1:], f"--out_dir={tmp_path / 'out2'}", "--max_iters=2")
+    error = train_in_process(*gpt2_shape[:-1], f"--out_dir={tmp_path / 'out2'}", "--max_iters=2")
     assert "bias=True" in error  # the config must have GPT-2's shape, biases included
 
 
 def test_init_from_hf_refuses_a_dataset_with_another_tokenizer(tiny_dataset, tmp_path):
     hf_gpt2(tmp_path, vocab_size=600)
-    error = run_train("--bias=True", f"--dataset={tiny_dataset}", f"--init_from=hf:{tmp_path}", "--eval_only=True")
+    error = train_in_process(*GPT2_RECIPE, "--bias=True", f"--dataset={tiny_dataset}", f"--init_from=hf:{tmp_path}",
+                             "--eval_only=True")
     assert "vocab_size is 600 there and 516 here" in error and str(tmp_path) in error
 
 
@@ -255,11 +252,8 @@ def test_foreign_architecture_and_damaged_folders_are_clear_errors(tmp_path):
 @pytest.mark.slow
 def test_sample_reads_an_exported_folder_as_it_reads_the_out_folder(exported):
     out_dir, dest = exported
-    outputs = [subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--out_dir={source}", "--temperature=0",
-                               "--max_new_tokens=30", "--start=Kalo", "--device=cpu"], capture_output=True,
-                              text=True, encoding="utf-8", cwd=ROOT, timeout=120,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
-               for source in (out_dir, f"hf:{dest}")]
+    outputs = [run_sample(f"--out_dir={source}", "--temperature=0", "--max_new_tokens=30", "--start=Kalo",
+                          "--device=cpu") for source in (out_dir, f"hf:{dest}")]
     assert [result.returncode for result in outputs] == [0, 0], outputs[1].stderr
     assert outputs[0].stdout == outputs[1].stdout and len(outputs[0].stdout) > len("Kalo\n")
 
@@ -377,7 +371,7 @@ def test_chat_reads_an_exported_chat_model_as_it_reads_the_out_folder(exported_c
     talks = [subprocess.run([sys.executable, str(ROOT / "chat.py"), f"--out_dir={source}", "--temperature=0",
                              "--max_new_tokens=8", "--system=Hi.", "--device=cpu"],
                             input="What is ka?\n<|end|> mi?\n", capture_output=True, text=True, encoding="utf-8",
-                            cwd=ROOT, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            cwd=ROOT, timeout=120, env=ONE_THREAD)
              for source in (out_dir, f"hf:{dest}")]
     assert [talk.returncode for talk in talks] == [0, 0], talks[1].stderr
     assert talks[0].stdout == talks[1].stdout and talks[0].stdout.count("model> ") == 2

@@ -4,15 +4,12 @@ the one format every reader knows; a run stopped and resumed equals one that was
 import json
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
 
-from helpers import MODERN_RECIPE, ONE_THREAD, ROOT, TINY_MODEL, train_lines
-from owngpt.checkpoint import load_checkpoint_file
-
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+from helpers import MODERN_RECIPE, ONE_THREAD, ROOT, TORCHRUN, read_metrics, run_sample, run_train, train_lines
+from owngpt.checkpoint import MANIFEST_FILE, load_checkpoint_file
 
 # Run under torchrun: every rank builds the same model, shards it as train.py does and takes
 # 3 steps, each of 2 micro-steps through train.py's forward_backward (a reduce-scatter at
@@ -124,25 +121,24 @@ def tensors_of(state):
 @pytest.mark.slow
 @pytest.mark.parametrize("sharded", [False, True], ids=["whole", "sharded"])
 def test_an_fsdp_checkpoint_samples_and_resumes_exactly(sharded, tiny_dataset, tiny_chat_dataset, tmp_path):
-    # one uninterrupted run saves at iterations 3 and 6; a copy of its folder cut back to the
-    # save at 3 resumes from there and must end where it ended, bit for bit; the sharded case
-    # on a chat dataset
-    flags = [*TINY_MODEL, f"--dataset={tiny_chat_dataset if sharded else tiny_dataset}", "--parallelism=fsdp", "--gradient_accumulation_steps=4",
-             "--dropout=0.1", "--max_iters=6", "--eval_interval=3", "--sample_every_eval=false", *MODERN_RECIPE,
+    # one uninterrupted run saves at iterations 3 and 6; a folder holding only what it had
+    # written when it saved at 3 resumes from there and must end where it ended, bit for bit;
+    # the sharded case on a chat dataset
+    flags = [f"--dataset={tiny_chat_dataset if sharded else tiny_dataset}", "--parallelism=fsdp",
+             "--gradient_accumulation_steps=4", "--dropout=0.1", "--max_iters=6", "--eval_interval=3",
+             "--sample_every_eval=false", *MODERN_RECIPE,
              f"--sharded_checkpoint={sharded}"]
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    finished = subprocess.run([*TORCHRUN, str(ROOT / "train.py"), *flags, f"--out_dir={whole}"],
-                              capture_output=True, text=True, timeout=180, env=ONE_THREAD)
+    finished = run_train(*flags, f"--out_dir={whole}", torchrun=True)
     assert finished.returncode == 0, finished.stderr
-    cut_back_to_iteration_3(whole, resumed)
-    finished = subprocess.run([*TORCHRUN, str(ROOT / "train.py"), *flags, f"--out_dir={resumed}",
-                               "--init_from=resume"], capture_output=True, text=True, timeout=180, env=ONE_THREAD)
+    as_killed_after_iteration_3(whole, resumed)
+    finished = run_train(*flags, f"--out_dir={resumed}", "--init_from=resume", torchrun=True)
     assert finished.returncode == 0, finished.stderr
     assert "at iteration 3, exactly" in finished.stdout
 
     name = "ckpt_0000006" + (".dcp" if sharded else ".pt")
     assert (whole / name).is_dir() == sharded
-    ends = [load_checkpoint_file(folder / name) for folder in (whole, resumed)]
+    ends = [load_checkpoint_file(folder / name) for folder in (whole, resumed)]  # the resumed run's own save
     assert [(line["loss"], line["grad_norm"]) for line in train_lines(resumed)] == \
         [(line["loss"], line["grad_norm"]) for line in train_lines(whole)]
     for key in ("model", "optimizer"):
@@ -153,24 +149,28 @@ def test_an_fsdp_checkpoint_samples_and_resumes_exactly(sharded, tiny_dataset, t
     assert sorted(checkpoint["optimizer"]) == ["adamw", "muon"]
     muon_state = checkpoint["optimizer"]["muon"]["state"]
     assert sorted(muon_state) == list(range(len(muon_state)))
-    sampled = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--out_dir={whole}", "--ckpt=latest",
-                              "--max_new_tokens=8", "--device=cpu"], capture_output=True, text=True, timeout=60,
-                             env=ONE_THREAD)
+    sampled = run_sample(f"--out_dir={whole}", "--ckpt=latest", "--max_new_tokens=8", "--device=cpu")
     assert sampled.returncode == 0, sampled.stderr
     assert sampled.stdout.strip()
     if sharded:  # written by 2 processes, resumed by 1
         one = tmp_path / "one"
-        cut_back_to_iteration_3(whole, one)
-        finished = subprocess.run([sys.executable, str(ROOT / "train.py"), *flags, f"--out_dir={one}",
-                                   "--init_from=resume"], capture_output=True, text=True, timeout=180, env=ONE_THREAD)
+        as_killed_after_iteration_3(whole, one)
+        finished = run_train(*flags, f"--out_dir={one}", "--init_from=resume")
         assert finished.returncode == 0, finished.stderr
         assert "at iteration 3, with fresh random streams (saved by 2 processes, resumed by 1)" in finished.stdout
         assert [line["iter"] for line in train_lines(one)] == list(range(1, 7))
+        assert load_checkpoint_file(one / name)["iter_num"] == 6
 
 
-def cut_back_to_iteration_3(out_dir, copy):
-    """A copy of out_dir as if its run had stopped after saving iteration 3."""
-    shutil.copytree(out_dir, copy, symlinks=True)
-    manifest = json.loads((copy / "checkpoints.json").read_text())
-    assert manifest["checkpoints"][0]["iter"] == 3
-    (copy / "checkpoints.json").write_text(json.dumps({"checkpoints": manifest["checkpoints"][:1]}))
+def as_killed_after_iteration_3(out_dir, copy):
+    """A folder holding only what out_dir's run had written when it was killed right after
+    saving iteration 3: that checkpoint and its record, the tokenizer, the metrics so far."""
+    copy.mkdir()
+    [record] = [entry for entry in json.loads((out_dir / MANIFEST_FILE).read_text())["checkpoints"]
+                if entry["iter"] == 3]
+    (copy / MANIFEST_FILE).write_text(json.dumps({"checkpoints": [record]}))
+    saved = out_dir / record["file"]
+    (shutil.copytree if saved.is_dir() else shutil.copy2)(saved, copy / record["file"])
+    shutil.copy2(out_dir / "tokenizer.tiktoken", copy / "tokenizer.tiktoken")
+    lines = [line for line in read_metrics(out_dir) if line["iter"] <= 3]
+    (copy / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))

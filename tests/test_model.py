@@ -302,6 +302,16 @@ def test_temperature_zero_picks_the_likeliest_token():
     assert draws([0.1, 0.4, 0.05, 0.3, 0.15], n=10, temperature=0.0) == {1}
 
 
+@pytest.mark.parametrize("temperature, probabilities", [(0.5, [4 / 6, 1 / 6, 1 / 6]), (2.0, [0.414, 0.293, 0.293])])
+def test_temperature_raises_each_probability_to_the_power_1_over_temperature(temperature, probabilities):
+    # softmax(log p / T) is p^(1/T), renormalised: (1/2, 1/4, 1/4) sharpens to (4/6, 1/6, 1/6) at
+    # T = 1/2 and flattens to (0.414, 0.293, 0.293) at T = 2; seeded, 20,000 draws
+    logits = torch.tensor([0.5, 0.25, 0.25]).log().expand(20_000, -1)
+    tokens = sample_next_token(logits, temperature, generator=torch.Generator().manual_seed(0))
+    shares = torch.bincount(tokens, minlength=3) / len(tokens)
+    torch.testing.assert_close(shares, torch.tensor(probabilities), rtol=0, atol=0.01)
+
+
 @pytest.mark.parametrize("options", [dict(temperature=-1.0), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5)])
 def test_invalid_sampling_options_are_refused(options):
     model = tiny_model()
@@ -318,6 +328,16 @@ def test_gpt2_small_has_its_published_124_million_parameters():
     # (tied to the token embedding) at its padded 50304 rows
     n_matmul = 12 * 12 * 768**2 + 50304 * 768
     assert model.flops_per_token() == 6 * n_matmul + 12 * 12 * 768 * 1024
+
+
+def test_gpt2_init_gives_the_projections_into_the_residual_stream_a_smaller_spread():
+    # GPT-2 (its paper, 2.3): weights N(0, 0.02); the two projections each block adds to the
+    # residual stream N(0, 0.02 / sqrt(2 n_layer)): 0.005 for 8 layers
+    model = tiny_model(n_layer=8, n_embd=64)
+    for name, p in model.transformer.h.named_parameters():
+        if p.dim() == 2:
+            expected = 0.005 if name.endswith("c_proj.weight") else 0.02
+            assert p.std().item() == pytest.approx(expected, rel=0.1), name
 
 
 def test_optimizer_decays_matrices_but_not_gains_and_biases():

@@ -1,12 +1,13 @@
-"""optimizers.py: Muon's update is a near-orthogonal matrix of the gradient's directions, and
-Muon with AdamW saves and loads as one optimizer."""
+"""optimizers.py: Muon's update is a near-orthogonal matrix of the gradient's directions,
+Muon with AdamW saves and loads as one optimizer, and the cosine schedule's rates."""
 import io
 
 import pytest
 import torch
 
 from model import GPT, GPTConfig
-from owngpt.optimizers import Muon, build_optimizer, orthogonalise
+from owngpt.optimizers import Muon, build_optimizer, learning_rate_at, orthogonalise
+import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -105,3 +106,16 @@ def test_the_value_embeddings_learn_with_the_token_embedding_at_embedding_lr_wit
     assert (tables["lr"], tables["weight_decay"]) == (0.3, 0.0)
     assert head["params"] == [model.lm_head.weight] and not vectors["params"]
     assert len(muon["params"]) == 2 * 4  # each block's qkv, attention output, MLP in and out
+
+
+# ----------------------------------------------------------------------------- the schedule
+def test_cosine_warms_up_linearly_then_falls_along_half_a_cosine_to_min_lr():
+    cfg = train.read_config(["--lr_schedule=cosine", "--warmup_iters=4", "--learning_rate=1e-3", "--min_lr=1e-4",
+                             "--max_iters=104"])
+    rate = lambda iteration: learning_rate_at(iteration, cfg)
+    assert [rate(i) for i in range(5)] == pytest.approx([2e-4, 4e-4, 6e-4, 8e-4, 1e-3])  # (i + 1) / 5 of the peak
+    # from the peak at iteration 4 to min_lr at 104: a quarter of the way, (1 + cos(pi / 4)) / 2 of the range left
+    assert rate(29) == pytest.approx(1e-4 + 9e-4 * (1 + 2 ** -0.5) / 2)
+    assert rate(54) == pytest.approx(5.5e-4)  # halfway: the middle of the range
+    assert rate(79) == pytest.approx(1e-4 + 9e-4 * (1 - 2 ** -0.5) / 2)
+    assert rate(104) == rate(500) == 1e-4

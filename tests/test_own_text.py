@@ -1,18 +1,15 @@
 """A person's own text, end to end with default flags: one book served over HTTP (a real
 http.server on 127.0.0.1), prepared, trained for a few iterations and sampled; and a model
 trained on one corpus fine-tuned on another that reuses its tokenizer."""
-import subprocess
-import sys
-
 import pytest
 
-from helpers import ONE_THREAD, ROOT, make_text, run_prepare, run_train
+from helpers import make_text, run_prepare, run_sample, run_train
 from owngpt import dataset
 
 
-def run_sample(*flags, cwd):
-    result = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--device=cpu", "--max_new_tokens=20", *flags],
-                            cwd=cwd, capture_output=True, text=True, timeout=120, env=ONE_THREAD)
+def sampled(*flags, cwd):
+    """What sample.py prints for a few tokens of the model in cwd/out_dir."""
+    result = run_sample("--device=cpu", "--max_new_tokens=20", *flags, cwd=cwd)
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -27,7 +24,7 @@ def test_a_book_from_a_url_prepares_trains_and_samples_with_default_flags(book_s
     result = run_train("--dataset=book", "--out_dir=out", "--max_iters=3", "--eval_interval=3", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "val loss" in result.stdout
-    assert run_sample("--out_dir=out", "--start=Ka", cwd=tmp_path).strip()
+    assert sampled("--out_dir=out", "--start=Ka", cwd=tmp_path).strip()
 
 
 @pytest.mark.slow
@@ -50,7 +47,7 @@ def test_a_model_is_fine_tuned_on_new_text_prepared_with_its_tokenizer(tmp_path)
     result = run_train("--dataset=b", "--out_dir=out_b", "--init_from=out_a/ckpt.pt", "--max_iters=2",
                        "--eval_interval=2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert run_sample("--out_dir=out_b", "--start=Ka", cwd=tmp_path).strip()
+    assert sampled("--out_dir=out_b", "--start=Ka", cwd=tmp_path).strip()
     # a dataset folder works as the source of the tokenizer too
     run_prepare("--source=files", "--input=text_b", "--tokenizer=data/a", "--out_dir=b2", cwd=tmp_path)
     assert dataset.read_meta(tmp_path / "b2")["tokenizer"]["sha256"] == tokenizer_a["sha256"]

@@ -4,7 +4,6 @@ the command line.
 Everything runs offline on small data made here; the command line runs as a real
 subprocess and URLs are served by a real http.server on 127.0.0.1.
 """
-import gzip
 import hashlib
 import http.server
 import json
@@ -18,7 +17,8 @@ import numpy as np
 import pytest
 import tiktoken.load
 
-from helpers import bin_files, documents_in, kept_documents, make_text, run_prepare, send_body
+from helpers import (BYTE_TOKENIZER, bin_files, conversion, documents_in, gzip_members, kept_documents, make_text,
+                     run_prepare, send_body, warc_record, warcinfo)
 from owngpt import dataset, filtered, sources, tokenizer
 from owngpt.flags import UserError
 from owngpt.web import crawl, filters
@@ -105,9 +105,14 @@ def test_bpe_merges_equal_a_naive_reference_merge_for_merge():
     assert vocabulary == naive_bpe(chunk_counts, vocab_size=420)
 
 
-def test_bpe_refuses_a_vocabulary_larger_than_the_text_supports():
-    with pytest.raises(tokenizer.TokenizerError, match=r"--vocab_size=400 is more than this text supports.*at most --vocab_size=26\d"):
-        tokenizer.train_bpe(tokenizer.count_chunks(["the cat sat on the mat, the cat sat."]), vocab_size=400)
+def test_bpe_merges_only_pairs_that_occur_twice_and_refuses_a_vocabulary_larger_than_they_make():
+    chunk_counts = tokenizer.count_chunks(["the cat sat on the mat, the cat sat."])
+    # "at" occurs 5 times, "he" and "the" 3, " c", " s", " the", " cat" and " sat" twice; " on" and " mat" once
+    merges = [b"at", b"he", b"the", b" c", b" s", b" the", b" cat", b" sat"]
+    assert tokenizer.train_bpe(chunk_counts, vocab_size=400, shrink=True)[256:] == merges
+    with pytest.raises(tokenizer.TokenizerError, match=r"--vocab_size=400 is more than this text supports: after 8 "
+                                                       r"merges no pair of tokens occurs twice\. Use at most --vocab_size=265,"):
+        tokenizer.train_bpe(chunk_counts, vocab_size=400)
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +147,16 @@ def test_bpe_tokenizer_has_end_of_text_as_its_last_id(trained_bpe):
     assert 599 not in encoder.encode_ordinary(dataset.EOT)
 
 
+def test_a_documents_tokens_stand_for_its_bytes_and_end_of_text_for_none(trained_bpe):
+    # bits per byte divide by these lengths: end-of-text is a boundary between documents, not text
+    encoder = tokenizer.load_tokenizer(*trained_bpe)
+    lengths = tokenizer.token_byte_lengths(encoder)
+    assert len(lengths) == 600 and lengths[599] == 0 and lengths[:256] == [1] * 256
+    for text in UNICODE_SAMPLES:  # each document as the shards hold it: end-of-text, then its tokens
+        tokens = [encoder.eot_token, *encoder.encode_ordinary(text)]
+        assert sum(lengths[token] for token in tokens) == len(text.encode("utf-8"))
+
+
 def test_tokenizer_file_is_read_by_tiktokens_own_loader(trained_bpe, monkeypatch):
     folder, _ = trained_bpe
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")  # read the file itself, no cache copy
@@ -160,8 +175,7 @@ def test_load_tokenizer_rejects_a_changed_tokenizer_file(trained_bpe, tmp_path):
 
 
 def test_byte_tokenizer_is_256_bytes_and_end_of_text(tmp_path):
-    info = {"kind": "byte", "vocab_size": 257, "eot_id": 256, "file": None, "sha256": None}
-    encoder = tokenizer.load_tokenizer(tmp_path, info)
+    encoder = tokenizer.load_tokenizer(tmp_path, BYTE_TOKENIZER)
     assert encoder.encode_ordinary("hé") == [104, 0xC3, 0xA9]
     assert encoder.eot_token == 256
 
@@ -233,41 +247,25 @@ def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
 # ---------------------------------------------------------------------------------------
 # Sources
 
-def warc_record(headers, body):
-    lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
-    return (f"WARC/1.0\r\n{lines}Content-Length: {len(body)}\r\n\r\n").encode() + body + b"\r\n\r\n"
-
-
-def make_wet_gz(path, pages):
-    """A WET file as Common Crawl writes it: warcinfo, then one conversion record per
-    page, each record its own gzip member."""
-    records = [warc_record({"WARC-Type": "warcinfo", "WARC-Record-ID": "<urn:uuid:0>"}, b"software: test\r\n")]
-    for number, (url, language, text) in enumerate(pages, start=1):
-        records.append(warc_record({
-            "WARC-Type": "conversion", "WARC-Target-URI": url, "WARC-Date": f"2024-0{number}-01T00:00:00Z",
-            "WARC-Record-ID": f"<urn:uuid:{number}>", "WARC-Identified-Content-Language": language,
-            "Content-Type": "text/plain"}, text.encode()))
-    path.write_bytes(b"".join(gzip.compress(record) for record in records))
-
-
 PAGES = [("https://example.org/a", "eng", "First page.\nWith two lines."),
          ("https://example.org/b", "fra", "Deuxième page, café crème."),
          ("https://example.org/c", "jpn,eng", "三番目のページ 🙂")]
 
 
 def test_wet_gz_with_one_gzip_member_per_record_parses_into_documents(tmp_path):
-    make_wet_gz(tmp_path / "crawl.warc.wet.gz", PAGES)
+    records = [warcinfo(), *(conversion(number, *page) for number, page in enumerate(PAGES, start=1))]
+    (tmp_path / "crawl.warc.wet.gz").write_bytes(gzip_members(records))
     (input_file,), _ = sources.file_inputs(str(tmp_path / "crawl.warc.wet.gz"))
     documents = list(sources.read_documents(input_file, "text"))
     assert [document.text for document in documents] == [text for _, _, text in PAGES]
     assert [(document.metadata["WARC-Target-URI"], document.metadata["WARC-Identified-Content-Language"])
             for document in documents] == [(url, language) for url, language, _ in PAGES]
-    assert documents[1].metadata["WARC-Date"] == "2024-02-01T00:00:00Z"
+    assert documents[1].metadata["WARC-Date"] == "2025-06-03T12:00:00Z"
     assert len({document.id for document in documents}) == 3
 
 
 def test_warc_parser_reads_records_split_across_blocks_and_counts_a_cut_record():
-    data = warc_record({"WARC-Type": "conversion"}, "héllo".encode())
+    data = warc_record({"WARC-Type": "conversion", "Content-Length": 6}, "héllo".encode())
     blocks = [data[index:index + 3] for index in range(0, len(data), 3)]  # any split of the bytes
     assert list(crawl.warc_records(blocks, gzipped=False)) == [
         ({"WARC-Type": "conversion", "Content-Length": "6"}, "héllo".encode())]
@@ -314,12 +312,14 @@ def test_download_names_stay_inside_the_downloads_folder():
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """Generated .txt/.md files (one empty, one a duplicate, one holding the end-of-text
-    string) and a .jsonl of 400 short documents, so tokenizing takes several batches."""
+    """Generated .txt/.md files (one empty, one a duplicate, one the same text in capitals,
+    which is no duplicate outside web text, one holding the end-of-text string) and a .jsonl of
+    400 short documents, so tokenizing takes several batches."""
     folder = write_files(tmp_path_factory.mktemp("corpus") / "text", [make_text(seed) for seed in range(8)])
     (folder / "notes.md").write_text("# Notes\n\n" + "\n".join(UNICODE_SAMPLES), encoding="utf-8")
     (folder / "empty.txt").write_text("  \n", encoding="utf-8")
     (folder / "copy.txt").write_text(make_text(3), encoding="utf-8")
+    (folder / "shouted.txt").write_text(make_text(3).upper(), encoding="utf-8")
     (folder / "skipped.csv").write_text("a,b\n", encoding="utf-8")
     lines = [json.dumps({"text": make_text(1000 + index, sentences=2)}) for index in range(400)]
     (folder / "many.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -371,11 +371,10 @@ def test_shards_follow_the_llm_c_format_and_agree_with_meta(built):
 def test_meta_json_describes_the_tokenizer_drops_and_timings(built, corpus):
     folder, result = built
     meta = dataset.read_meta(folder)
-    tokenizer = meta["tokenizer"]
     # 399 BPE tokens, end-of-text, and the chat tokens after it (owngpt/chat.py)
-    assert tokenizer == {"kind": "bpe", "vocab_size": 404, "eot_id": 399, "file": "tokenizer.tiktoken",
-                         "sha256": hashlib.sha256((folder / "tokenizer.tiktoken").read_bytes()).hexdigest(),
-                         "chat_tokens": {"<|system|>": 400, "<|user|>": 401, "<|assistant|>": 402, "<|end|>": 403}}
+    assert meta["tokenizer"] == {"kind": "bpe", "vocab_size": 404, "eot_id": 399, "file": "tokenizer.tiktoken",
+                                 "sha256": hashlib.sha256((folder / "tokenizer.tiktoken").read_bytes()).hexdigest(),
+                                 "chat_tokens": {"<|system|>": 400, "<|user|>": 401, "<|assistant|>": 402, "<|end|>": 403}}
     assert meta["format_version"] == 1
     assert meta["dropped"] == {"duplicate": 1, "empty": 1}
     assert meta["documents"]["read"] == len(expected_documents(corpus)) + 2
@@ -383,7 +382,9 @@ def test_meta_json_describes_the_tokenizer_drops_and_timings(built, corpus):
     assert meta["settings"]["vocab_size"] == 400
     text_bytes = sum(len(text.encode()) for text in expected_documents(corpus))
     assert sum(split["bytes"] for split in meta["splits"].values()) == text_bytes
-    assert 1.5 < meta["bytes_per_token"] < 8
+    encoder = tokenizer.load_tokenizer(folder)
+    text_tokens = sum(len(encoder.encode_ordinary(text)) for text in expected_documents(corpus))
+    assert meta["bytes_per_token"] == round(text_bytes / text_tokens, 4)  # of the text: end-of-text is none
     assert {"tokenizer", "shards", "total"} <= set(meta["timings_s"])
     report = (folder / "report.md").read_text()
     assert "| dropped: empty | 1 |" in report and "| dropped: duplicate | 1 |" in report

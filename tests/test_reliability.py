@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import ONE_THREAD, ROOT, TINY_MODEL, make_text, read_metrics, train_lines, trained_iterations, wait_until
+from helpers import (ONE_THREAD, ROOT, TINY_MODEL, cannot_run_here, eval_lines, make_text, train_in_process,
+                     train_lines, trained_iterations, wait_until)
 from owngpt import checkpoint, dataset
 from owngpt.web import crawl
 import prepare
 import sample
-import train
 
 
 # ----------------------------------------------------------------------------- restarts
@@ -131,7 +131,7 @@ def test_a_rank_killed_mid_run_makes_torchrun_restart_the_group_which_resumes_fr
     # with the same batches and dropout masks: losses equal bit for bit
     after = {line["iter"]: line for line in train_lines(out_dir)}
     assert sorted(after) == list(range(1, ITERATIONS + 1)) and len(train_lines(out_dir)) == ITERATIONS
-    assert [line["iter"] for line in read_metrics(out_dir) if "val_loss" in line] == list(range(0, ITERATIONS + 1, 4))
+    assert [line["iter"] for line in eval_lines(out_dir)] == list(range(0, ITERATIONS + 1, 4))
     for line in before_crash:
         if "loss" in line:
             assert after[line["iter"]]["loss"] == line["loss"], line["iter"]
@@ -139,24 +139,10 @@ def test_a_rank_killed_mid_run_makes_torchrun_restart_the_group_which_resumes_fr
 
 
 # ----------------------------------------------------------------------------- train.py in this process
-RUN_FLAGS = [*TINY_MODEL, "--eval_interval=1"]
-
-
 def run_main(*flags):
-    """train.main in this process (torch is already imported here): the message it exits
-    with (sys.exit prints it and exits with status 1), or None when it finishes."""
-    handlers = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as ONE_THREAD does for subprocesses: a second thread stalls on shared cores
-    try:
-        train.main([*RUN_FLAGS, *flags])
-    except SystemExit as stop:
-        return stop.code
-    finally:
-        torch.set_num_threads(threads)
-        for number, handler in handlers.items():  # train.py installs its own
-            signal.signal(number, handler)
-    return None
+    """train.main in this process, evaluating and saving every iteration: the message it exits
+    with, or None when it finishes."""
+    return train_in_process("--eval_interval=1", *flags)
 
 
 def contents(folder):
@@ -225,7 +211,7 @@ def fewer_tokens(folder):
 def token_beyond_vocabulary(folder):
     path = folder / "train_000001.bin"
     tokens = tokens_of(path)
-    tokens[5] = 600  # the tokenizer has 516 ids
+    tokens[5] = 516  # the tokenizer has 516 ids: 0 to 515 (the BPE's 512 and the chat tokens)
     write_shard(path, tokens)
 
 
@@ -247,7 +233,7 @@ def emptied(folder):
     (bad_magic, r"train_000001.bin: bad magic number 12345"),
     (uint32_header, r"train_000001.bin holds uint32 tokens but meta.json says uint16"),
     (fewer_tokens, r"meta.json says the train split has [\d,]+ tokens, its shards hold [\d,]+"),
-    (token_beyond_vocabulary, r"train_000001.bin holds token id 600, but the tokenizer has only 516 ids"),
+    (token_beyond_vocabulary, r"train_000001.bin holds token id 516, but the tokenizer has only 516 ids"),
     (missing_shard, r"meta.json lists val_000000.bin, which is missing"),
     (meta_cut_short, r"meta.json is not valid JSON"),
     (emptied, r"has no meta.json: it is empty or was not made by prepare.py"),
@@ -307,7 +293,7 @@ def small_disk(tmp_path):
         result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)],
                                 capture_output=True, text=True)
         if result.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.strip()}")
+            cannot_run_here(f"cannot mount a tmpfs here (needs root): {result.stderr.strip()}")
         mounted.append(disk)
         return disk
 
@@ -348,7 +334,7 @@ def test_a_disk_too_small_for_the_checkpoints_is_refused_before_training(small_d
 def test_a_disk_that_fills_while_saving_stops_the_run_and_the_previous_checkpoint_survives(small_disk, tiny_dataset, tmp_path):
     disk = small_disk("4m")
     out_dir, log = disk / "out", tmp_path / "train.log"
-    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *RUN_FLAGS, f"--dataset={tiny_dataset}",
+    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *TINY_MODEL, f"--dataset={tiny_dataset}",
                                 f"--out_dir={out_dir}", "--eval_interval=3", "--max_iters=100000"],
                                stdout=open(log, "w"), stderr=subprocess.STDOUT, env=ONE_THREAD)
     try:

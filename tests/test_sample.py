@@ -1,21 +1,18 @@
 """sample.py on a real checkpoint: a tiny byte-level GPT that has learned one sentence."""
 import dataclasses
 import fractions
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from helpers import ROOT
+from helpers import BYTE_TOKENIZER, run_sample
 from model import GPT, GPTConfig
 from owngpt import flags
 from owngpt.optimizers import build_optimizer
 import sample
 
 SENTENCE = "¡hola señor! 3€ ünd 🙂 ok"  # 1- to 4-byte characters, each byte a token
-BYTE_TOKENIZER = {"kind": "byte", "vocab_size": 257, "eot_id": 256, "file": None, "sha256": None}
+OTHER_SENTENCE = "¡hola amiga, ¿qué tal?"  # what the latest checkpoint learned instead
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -28,12 +25,12 @@ def checkpoint_of(model):
             "tokenizer": BYTE_TOKENIZER, "rng": [], "data": {}, "elapsed_s": 1.0}
 
 
-def trained_on_sentence():
-    """A GPT that has memorised <end-of-text> SENTENCE, over and over."""
+def trained_on(sentence):
+    """A GPT that has memorised <end-of-text> sentence, over and over."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=257, block_size=32, n_layer=1, n_head=2, n_embd=32, block="gpt2"))
     optimizer = build_optimizer(model, "adamw", 1e-2, None, 0.0, (0.9, 0.99), "cpu")
-    stream = torch.tensor(([256] + list(SENTENCE.encode())) * 20)
+    stream = torch.tensor(([256] + list(sentence.encode())) * 20)
     windows = stream.unfold(0, 33, 1)
     for _ in range(100):
         batch = windows[torch.randint(0, len(windows), (16,))]
@@ -46,18 +43,11 @@ def trained_on_sentence():
 
 @pytest.fixture(scope="module")
 def out_dir(tmp_path_factory):
-    """best.pt: the trained model; ckpt.pt: an untrained one."""
+    """best.pt: a model that learned SENTENCE; ckpt.pt, the latest: one that learned OTHER_SENTENCE."""
     folder = tmp_path_factory.mktemp("out")
-    torch.save(checkpoint_of(trained_on_sentence()), folder / "best.pt")
-    torch.manual_seed(1)
-    torch.save(checkpoint_of(GPT(GPTConfig(vocab_size=257, block_size=32, n_layer=1, n_head=2, n_embd=32, block="gpt2"))),
-               folder / "ckpt.pt")
+    torch.save(checkpoint_of(trained_on(SENTENCE)), folder / "best.pt")
+    torch.save(checkpoint_of(trained_on(OTHER_SENTENCE)), folder / "ckpt.pt")
     return folder
-
-
-def run_sample(*flags):
-    return subprocess.run([sys.executable, str(ROOT / "sample.py"), *flags], capture_output=True, text=True,
-                          encoding="utf-8", cwd=ROOT, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def first_sample(stdout):
@@ -98,10 +88,17 @@ def test_prompt_is_read_from_a_file(out_dir, tmp_path, capsys):
     assert first_sample(capsys.readouterr().out) == SENTENCE
 
 
-def test_latest_reads_ckpt_pt(out_dir, capsys):
-    assert sample.main([f"--out_dir={out_dir}", "--ckpt=latest", "--start=¡hola", "--temperature=0",
-                        "--max_new_tokens=20", "--device=cpu"]) == 0
-    assert first_sample(capsys.readouterr().out) != SENTENCE  # the untrained model
+def test_latest_reads_ckpt_pt_and_best_reads_best_pt(out_dir, capsys):
+    for ckpt, learned in (("latest", OTHER_SENTENCE), ("best", SENTENCE)):
+        assert sample.main([f"--out_dir={out_dir}", f"--ckpt={ckpt}", "--start=¡hola", "--temperature=0",
+                            "--device=cpu"]) == 0
+        assert first_sample(capsys.readouterr().out) == learned, ckpt
+
+
+def test_an_empty_prompt_starts_a_fresh_document(out_dir, capsys):
+    # after end-of-text, where every training document starts, the model recites its sentence
+    assert sample.main([f"--out_dir={out_dir}", "--temperature=0", "--device=cpu"]) == 0
+    assert first_sample(capsys.readouterr().out) == SENTENCE
 
 
 def test_non_utf8_prompt_file_is_a_clear_error(tmp_path, capsys):

@@ -7,7 +7,6 @@ import http.server
 import json
 import random
 import subprocess
-import sys
 import threading
 import xml.etree.ElementTree as ElementTree
 from contextlib import nullcontext
@@ -16,13 +15,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from helpers import ONE_THREAD, ROOT, read_metrics, send_body
+from helpers import BYTE_TOKENIZER, ONE_THREAD, ROOT, TORCHRUN, eval_lines, send_body
 from model import GPT, GPTConfig
 from owngpt import hf, tasks
 from owngpt.tokenizer import load_tokenizer
 from owngpt.web import crawl
 
-BYTES = load_tokenizer(None, {"kind": "byte", "vocab_size": 257, "eot_id": 256})
+BYTES = load_tokenizer(None, BYTE_TOKENIZER)
 ONE_PROCESS = SimpleNamespace(rank=0, world_size=1, is_main=True, device=torch.device("cpu"), autocast=nullcontext())
 
 # Lines in the exact format of rowanz/hellaswag's data/hellaswag_val.jsonl (the first is the
@@ -239,7 +238,7 @@ def test_train_py_scores_tasks_at_each_evaluation_and_eval_only_scores_a_checkpo
                           f"--eval_tasks={mine}", "--sample_every_eval=false")
     assert finished.returncode == 0, finished.stderr
     assert finished.stdout.count("  mine: acc_norm ") == 3
-    evals = [line for line in read_metrics(out_dir) if "val_loss" in line]
+    evals = eval_lines(out_dir)
     assert [line["iter"] for line in evals] == [0, 2, 4]
     assert all(0 <= line["task/mine/acc_norm"] <= 1 and 0 <= line["task/mine/acc"] <= 1 for line in evals)
     svg = ElementTree.parse(out_dir / "curves.svg").getroot()
@@ -315,8 +314,7 @@ def test_two_processes_count_what_one_process_counts(hellaswag_server, tmp_path)
     script, result = tmp_path / "score.py", tmp_path / "result.json"
     script.write_text(DDP_SCRIPT.format(root=str(ROOT), work=str(tmp_path), url=tasks.HELLASWAG_URL, mine=str(mine),
                                         result=str(result)))
-    finished = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                               str(script)], capture_output=True, text=True, timeout=180, env=ONE_THREAD)
+    finished = subprocess.run([*TORCHRUN, str(script)], capture_output=True, text=True, timeout=180, env=ONE_THREAD)
     assert finished.returncode == 0, finished.stderr
     outcome = json.loads(result.read_text())
     assert outcome["shared"] == outcome["alone"]

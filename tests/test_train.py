@@ -15,19 +15,16 @@ from pathlib import Path
 from contextlib import nullcontext
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
-from helpers import (GPT2_RECIPE, MODERN_RECIPE, RECIPES, ROOT, TINY_MODEL, SimulatedClock, read_metrics, run_train,
-                     simulate_machine, stop_during_iteration, train_lines)
+from helpers import (BYTE_TOKENIZER, GPT2_RECIPE, MODERN_RECIPE, RECIPES, ROOT, TINY_MODEL, SimulatedClock,
+                     eval_lines, read_metrics, run_train, simulate_machine, stop_during_iteration, train_lines)
 from model import GPT, GPTConfig
 from owngpt import checkpoint, dataset, flags, optimizers, runlog, tokenizer
 from owngpt.optimizers import build_optimizer
 import train
-
-
-def eval_lines(out_dir):
-    return [line for line in read_metrics(out_dir) if "val_loss" in line]
 
 
 # ----------------------------------------------------------------------------- config
@@ -133,6 +130,15 @@ def test_meta_json_disagreeing_with_the_shards_is_refused(tiny_dataset):
         dataset.load_windows(tiny_dataset, meta, "train", 32)
 
 
+def test_windows_start_at_every_token_of_a_shard_that_leaves_room_for_a_whole_window():
+    # shards of 10 and 6 tokens, windows of block_size + 1 = 5 tokens: 6 in the first, 2 in the second
+    shards = [np.arange(10, dtype=np.uint16), np.arange(100, 106, dtype=np.uint16)]
+    windows = dataset.TokenWindows(shards, block_size=4)
+    assert windows.count == 8
+    starts = [*range(0, 6), 100, 101]
+    assert windows.rows(np.arange(8)).tolist() == [list(range(start, start + 5)) for start in starts]
+
+
 def test_fixed_eval_batches_are_the_same_every_time_and_random_ones_follow_the_seed(tiny_dataset):
     meta = json.loads((tiny_dataset / "meta.json").read_text())
     windows = dataset.load_windows(tiny_dataset, meta, "train", 32)
@@ -194,11 +200,33 @@ def test_metrics_lines_carry_iteration_time_and_the_documented_fields(trained_ru
     for line in eval_lines(out_dir):
         assert {"val_loss", "val_ppl", "val_acc", "val_bpb", "train_loss"} <= line.keys()
         assert line["val_ppl"] == pytest.approx(torch.tensor(line["val_loss"]).exp().item(), rel=1e-5)
-        # bits per byte = nats per token / ln 2 / bytes per token (the evenly spread eval windows
-        # have about the split's average bytes per token)
-        split = json.loads((trained_run[1] / "meta.json").read_text())["splits"]["val"]
-        expected = line["val_loss"] / math.log(2) / (split["bytes"] / split["tokens"])
-        assert line["val_bpb"] == pytest.approx(expected, rel=0.25)
+    # bits per byte: the val loss in bits over the bytes of text its fixed batches predict
+    tiny_dataset = trained_run[1]
+    windows = dataset.load_windows(tiny_dataset, dataset.read_meta(tiny_dataset), "val", block_size=32)
+    targets = windows.rows(np.concatenate(windows.fixed_batch_ids(2, 8)))[:, 1:]  # TINY_MODEL's eval batches
+    encoding = tokenizer.load_tokenizer(tiny_dataset)
+    text_bytes = sum(len(encoding.decode_single_token_bytes(token)) for token in targets.flat
+                     if token != encoding.eot_token)
+    for line in eval_lines(out_dir):
+        expected = line["val_loss"] * targets.size / math.log(2) / text_bytes
+        assert line["val_bpb"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_bits_per_byte_are_the_val_loss_in_bits_over_the_bytes_of_text_predicted(one_thread):
+    # A modern-block GPT starts with a zero head: every logit is 0, each of the byte tokenizer's
+    # 257 tokens as likely, so each target costs ln 257 nats. The window's 8 targets hold 7 bytes
+    # of text and an end-of-text, a boundary between documents that is no text. A model whose
+    # logits are all equal predicts token 0 (argmax takes the first), the NUL byte: 1 target of 8.
+    encoding = tokenizer.load_tokenizer(None, BYTE_TOKENIZER)
+    eot = encoding.eot_token
+    windows = dataset.TokenWindows([np.array([eot, *b"hi", eot, *b"abcd", 0], dtype=np.uint16)], block_size=8)
+    model = GPT(GPTConfig(vocab_size=257, block_size=8, n_layer=1, n_head=2, n_embd=16, block="modern"))
+    runtime = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"), autocast=nullcontext())
+    byte_lengths = torch.tensor(tokenizer.token_byte_lengths(encoding))
+    measured = train.evaluate(model, windows, windows.fixed_batch_ids(1, 1), byte_lengths, runtime)
+    assert measured["loss"] == pytest.approx(math.log(257), rel=1e-6)
+    assert measured["bpb"] == pytest.approx(8 * math.log2(257) / 7, rel=1e-6)
+    assert measured["acc"] == 1 / 8
 
 
 def test_checkpoints_load_with_weights_only_into_a_fresh_model(trained_run):
@@ -248,19 +276,23 @@ def test_a_damaged_newest_checkpoint_is_reported_and_the_previous_one_used(train
     assert "skipping damaged checkpoint" in capsys.readouterr().err
 
 
-def test_resume_after_a_damaged_checkpoint_continues_from_the_previous_without_repeating(
+def test_resume_after_a_damaged_checkpoint_continues_from_the_previous_and_forgets_the_newer_ones(
         trained_run, tiny_dataset, tmp_path, train_here):
+    # the newest (30) is damaged: the run goes back to 20 and saves 25, a run of its own from 20 on
     out_dir = tmp_path / "out"
     shutil.copytree(trained_run[0], out_dir)
     newest = out_dir / "ckpt_0000030.pt"
     newest.write_bytes(newest.read_bytes()[:-100])
-    finished = train_here(f"--dataset={tiny_dataset}", f"--out_dir={out_dir}", "--max_iters=34", "--eval_interval=10",
+    finished = train_here(f"--dataset={tiny_dataset}", f"--out_dir={out_dir}", "--max_iters=25", "--eval_interval=10",
                           "--dropout=0.1", "--init_from=resume")
     assert finished.returncode == 0, finished.stderr
     assert "skipping damaged checkpoint" in finished.stderr
     assert f"resuming from {out_dir / 'ckpt_0000020.pt'} at iteration 20" in finished.stdout
-    assert [line["iter"] for line in train_lines(out_dir)] == list(range(1, 35))
-    assert torch.load(out_dir / "ckpt.pt", weights_only=True)["iter_num"] == 34
+    assert [line["iter"] for line in train_lines(out_dir)] == list(range(1, 26))
+    assert torch.load(out_dir / "ckpt.pt", weights_only=True)["iter_num"] == 25
+    entries = json.loads((out_dir / "checkpoints.json").read_text())["checkpoints"]
+    assert [entry["iter"] for entry in entries] == [20, 25]
+    assert sorted(path.name for path in out_dir.glob("ckpt_*.pt")) == ["ckpt_0000020.pt", "ckpt_0000025.pt"]
 
 
 def test_eval_only_evaluates_a_checkpoint_and_writes_nothing(trained_run, tiny_dataset, train_here):
@@ -439,6 +471,18 @@ def test_a_max_time_run_resumed_inside_the_timed_iterations_times_the_rest_of_th
     assert saved["iter_num"] == 31 and saved["config"]["max_iters"] == fitted
 
 
+def test_each_log_line_gives_the_iterations_time_speed_and_the_time_left(train_here, monkeypatch, tiny_dataset,
+                                                                         tmp_path):
+    # every iteration takes 0.25 s of the simulated clock and the evaluations none: 8 x 32 tokens in 0.25 s
+    with monkeypatch.context() as patch:
+        simulate_machine(patch, SimulatedClock(), lambda iteration: 0.25)
+        finished = train_here(f"--dataset={tiny_dataset}", f"--out_dir={tmp_path}", "--max_iters=3",
+                              "--eval_interval=3", "--sample_every_eval=false")
+    assert finished.returncode == 0, finished.stderr
+    assert [(line["ms_per_iter"], line["tokens_per_s"]) for line in train_lines(tmp_path)] == [(250.0, 1024.0)] * 3
+    assert "iter 1/3: loss" in finished.stdout and "| 250 ms/iter | 1,024 tokens/s | ETA 0.5s" in finished.stdout
+
+
 def busy_then_quiet(iteration):
     return 0.5 if iteration <= 40 else 0.1  # a machine busy for its first 40 iterations
 
@@ -454,7 +498,7 @@ def test_under_wsd_a_run_slowed_for_its_first_iterations_still_spends_its_budget
     fits = fitted_max_iters(finished.stdout)
     assert fits[0] == 30 + int((60 - 30 * 0.5) / 0.5)  # from the busy iterations alone: 120, 28 s of 60
     assert len(fits) > 1 and f"done: iteration {fits[-1]} " in finished.stdout
-    last = [line for line in read_metrics(tmp_path / "whole") if "val_loss" in line][-1]
+    last = eval_lines(tmp_path / "whole")[-1]
     assert last["iter"] == fits[-1] and 0.95 * 60 <= last["elapsed_s"] <= 60
     # stopped in the cooldown and resumed, the run ends where the whole one did
     with monkeypatch.context() as patch:
@@ -478,17 +522,45 @@ def test_under_cosine_max_iters_is_fitted_once(train_here, monkeypatch, tiny_dat
     assert "done: iteration 120 " in finished.stdout
 
 
+def test_max_time_leaves_room_for_the_evaluations_the_iterations_bring(train_here, monkeypatch, tiny_dataset,
+                                                                        tmp_path):
+    # each iteration takes 0.1 s and each evaluation 1 s (val, then train: 0.5 s each). At iteration
+    # 30, 3 s of iterations and the evaluations at 0, 10 and 20 have taken 6 s: the 54.1 s left hold
+    # 270 iterations of 0.1 s and a tenth of an evaluation each (not 541 of 0.1 s)
+    clock, real_evaluate = SimulatedClock(), train.evaluate
+
+    def evaluate(*args):
+        clock.now += 0.5
+        return real_evaluate(*args)
+
+    with monkeypatch.context() as patch:
+        simulate_machine(patch, clock, lambda iteration: 0.1)
+        patch.setattr(train, "evaluate", evaluate)
+        stop_during_iteration(patch, 31)  # the fit is made at iteration 30
+        finished = train_here(f"--dataset={tiny_dataset}", f"--out_dir={tmp_path}", *GPT2_RECIPE, "--max_time=60.1",
+                              "--eval_interval=10", "--sample_every_eval=false")
+    assert finished.returncode == 0, finished.stderr
+    assert "100 ms/iter and 1.0s per evaluation fit max_iters=300" in finished.stdout
+
+
 # ----------------------------------------------------------------------------- accumulation and non-finite steps
-def test_accumulated_micro_batches_give_muon_the_step_of_the_whole_batch(one_thread):
+def test_accumulated_micro_batches_give_the_loss_gradients_and_muon_step_of_the_whole_batch(one_thread):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=100, block_size=16, n_layer=2, n_head=2, n_embd=32, block="modern"))
     whole = copy.deepcopy(model)
     tokens = torch.randint(100, (6, 17), generator=torch.Generator().manual_seed(1))
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     halves = iter([(inputs[:3], targets[:3]), (inputs[3:], targets[3:])])
+    losses, gradients = [], []
     for net, micro_steps, next_batch in ((model, 2, lambda: next(halves)), (whole, 1, lambda: (inputs, targets))):
-        train.forward_backward(net, next_batch, micro_steps, autocast=nullcontext(), scaler=None, is_ddp=False)
+        losses.append(train.forward_backward(net, next_batch, micro_steps, autocast=nullcontext(), scaler=None,
+                                             is_ddp=False))
+        gradients.append([p.grad.clone() for p in net.parameters()])
         build_optimizer(net, "muon", 1e-3, 0.02, 0.1, (0.9, 0.95), "cpu").step()
+    # the micro-batches' mean, not their sum: Muon's and AdamW's steps would hardly tell, the clipping would
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=1e-6)
+    for (name, _), micro, at_once in zip(model.named_parameters(), *gradients):
+        torch.testing.assert_close(micro, at_once, rtol=0, atol=1e-7, msg=name)
     for (name, p), q in zip(model.named_parameters(), whole.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)
 
