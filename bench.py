@@ -2,8 +2,8 @@
 
     python bench.py --what=recipes                # training recipes at equal wall time on data/python
     python bench.py --what=recipes --budget=270 --recipes=gpt2,modern --seeds=2
-    python bench.py --what=throughput             # tokens/s at nanoGPT's CPU example shape, byte data
-    python bench.py --what=throughput --recipes=gpt2 --nanogpt=../nanoGPT   # and nanoGPT's train.py beside it
+    python bench.py --what=throughput --shape=nanogpt --dataset=python_byte   # tokens/s at nanoGPT's CPU example shape
+    python bench.py --what=throughput --shape=nanogpt --dataset=python_byte --recipes=gpt2 --nanogpt=../nanoGPT  # beside it
     python bench.py --what=throughput --device=cuda --shape=config/train_gpt2_124m.py   # a GPU: tokens/s, MFU
     python bench.py --what=throughput --shape=config/train_demo.py --against=../before   # a change, before and after
     python bench.py --what=recipes --device=cuda --shape=config/train_gpt2_124m.py --recipes=modern_124m,gpt2_124m \
@@ -326,9 +326,11 @@ NANOGPT_CPU_SHAPE = ["--n_layer=4", "--n_head=4", "--n_embd=128", "--block_size=
 
 
 def bench_throughput(settings):
-    """Training tokens/s (and MFU on a GPU train.py knows) over --iters iterations: at
-    nanoGPT's CPU shape by default, or at --shape's config."""
-    shape = NANOGPT_CPU_SHAPE if settings["shape"] == DEFAULTS["shape"] else []
+    """Training tokens/s (and MFU on a GPU train.py knows) over --iters iterations at --shape's
+    config, or at nanoGPT's CPU shape (--shape=nanogpt, over the quick start's config)."""
+    shape = []
+    if settings["shape"] == "nanogpt":
+        settings, shape = {**settings, "shape": DEFAULTS["shape"]}, NANOGPT_CPU_SHAPE
     extra = [*shape, f"--max_iters={settings['iters']}", "--max_time=0", "--eval_interval=100000", "--eval_iters=1"]
     if settings["device"] == "cuda":
         extra += ["--compile=True", "--dtype=bfloat16"]
@@ -661,7 +663,7 @@ HELP = {"what": f"what to measure: {', '.join(MODES)}",
         "seeds": "seeds per recipe (recipes and throughput)",
         "budget": "recipes: seconds of wall time per training run (train.py's max_time)",
         "shape": "the config file that sets the model and batch shape, or several, comma-separated, applied in order "
-                 "(throughput: nanoGPT's CPU shape unless set)",
+                 "(throughput: nanogpt for nanoGPT's CPU example shape)",
         "dataset": "the dataset folder (throughput at nanoGPT's shape wants python_byte: prepare.py --tokenizer=byte "
                    "--name=python_byte)",
         "device": "cpu | cuda | mps",
@@ -683,7 +685,8 @@ HELP = {"what": f"what to measure: {', '.join(MODES)}",
         "requests": "serve: the questions each client asks, one after another"}
 CHECKS = {"what": flags.one_of(*MODES), "recipes": recipe_list, "seeds": flags.at_least(1),
           "budget": lambda seconds: None if seconds > 0 else "a positive number of seconds",
-          "shape": lambda paths: None if all(Path(path).is_file() for path in paths.split(",")) else "config files",
+          "shape": lambda paths: None if paths == "nanogpt" or all(Path(path).is_file() for path in paths.split(","))
+          else "config files, or nanogpt",
           "device": flags.one_of("cpu", "cuda", "mps"),
           "iters": flags.at_least(2), "eval_iters": flags.at_least(1),
           "mb": lambda mb: None if mb > 0 else "a positive number of megabytes",
