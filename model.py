@@ -318,18 +318,10 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):  # a value embedding
             nn.init.zeros_(module.weight)
 
-    def forward(self, idx, targets=None, loss_chunk_rows=0):
+    def forward(self, idx, targets=None):
         """idx, targets: (B, T) token ids. Returns logits (B, T, vocab_size) and the mean
-        cross-entropy over the targets that are not -1, or None without targets.
-
-        With loss_chunk_rows, training's way: the loss is computed that many rows at a time
-        (ChunkedCrossEntropy) and the logits, never whole, are returned as None."""
-        hidden = self.hidden_states(idx)
-        if targets is not None and loss_chunk_rows:
-            rows = hidden.reshape(-1, hidden.size(-1))
-            return None, ChunkedCrossEntropy.apply(rows, targets.reshape(-1), self.head, loss_chunk_rows,
-                                                   *self.lm_head.parameters())
-        logits = self.head(hidden)
+        cross-entropy over the targets that are not -1, or None without targets."""
+        logits = self.head(self.hidden_states(idx))
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
@@ -452,42 +444,6 @@ class GPT(nn.Module):
         cache, only the tokens of window it does not hold yet are read."""
         new_tokens = window if kv_cache is None else window[:, kv_cache.length:]
         return self.head(self.hidden_states(new_tokens, kv_cache)[:, -1])
-
-
-class ChunkedCrossEntropy(torch.autograd.Function):
-    """The mean cross-entropy of head(hidden) against targets (-1: not counted), computed
-    chunk_rows rows at a time: each piece's logits become its loss and the gradients of its
-    rows and of the head's weights, and are dropped before the next piece is made. The whole
-    logits (rows x vocabulary floats, the step's largest tensor) never exist, and a piece
-    stays in the cache while its softmax is read and written (RESULTS.md: the loss in pieces).
-
-    The gradients are taken here, in forward, where each piece is at hand, through the head's
-    own forward and backward; backward only scales them by the gradient of the loss. The same
-    sums as F.cross_entropy's mean, added in pieces."""
-
-    @staticmethod
-    def forward(ctx, hidden, targets, head, chunk_rows, *weights):
-        hidden_grad = torch.empty_like(hidden)
-        weight_grads = [torch.zeros_like(weight) for weight in weights]
-        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, hidden.size(0), chunk_rows):
-            piece = slice(start, start + chunk_rows)
-            with torch.enable_grad():
-                rows = hidden[piece].detach().requires_grad_()
-                loss = F.cross_entropy(head(rows).float(), targets[piece], ignore_index=-1, reduction="sum")
-            rows_grad, *grads = torch.autograd.grad(loss, [rows, *weights])
-            hidden_grad[piece] = rows_grad
-            for total, grad in zip(weight_grads, grads):
-                total += grad
-            loss_sum += loss.detach()
-        counted = (targets != -1).sum()  # none counted: 0 / 0, NaN, as F.cross_entropy gives
-        ctx.save_for_backward(hidden_grad / counted, *(grad / counted for grad in weight_grads))
-        return loss_sum / counted
-
-    @staticmethod
-    def backward(ctx, loss_grad):
-        hidden_grad, *weight_grads = ctx.saved_tensors
-        return hidden_grad * loss_grad, None, None, None, *(grad * loss_grad for grad in weight_grads)
 
 
 def check_sampling_options(temperature, top_k, top_p):

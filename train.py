@@ -153,7 +153,6 @@ class Run:
     # checkpoints carry them, so a resumed run goes on with them
     fitted: dict = dataclasses.field(default_factory=dict)
     data_keys: tuple = ()  # DATA_DEFAULTS' keys the user left to the data, until the run sets them
-    loss_chunk_rows: int = 0  # the training loss takes this many rows at a time (0: all): a CPU's cache
 
     def fit(self, key, value):
         """Set a key of the config as the run decided it, for the rest of the run and its resumes."""
@@ -207,7 +206,7 @@ def build_run(cfg, given=frozenset()):
                                   else checkpoint["model"])
     if runtime.is_main and not cfg.eval_only:
         check_free_space(Path(cfg.out_dir), raw_model, cfg.keep_last)
-    matmul, loss_chunk_rows = cpu.speed_up(raw_model, cfg, runtime)  # on a CPU, what times faster (owngpt/cpu.py)
+    matmul = cpu.speed_up(raw_model, cfg, runtime)  # on a CPU, the faster library per product (owngpt/cpu.py)
     train_model, model = wrap_model(raw_model, cfg.parallelism, runtime, cfg.compile)  # owngpt/parallel.py
     data = SimpleNamespace(
         windows=windows, encoding=encoding, tokenizer_info=meta["tokenizer"], tasks=tasks, chat=meta.get("chat"),
@@ -222,8 +221,7 @@ def build_run(cfg, given=frozenset()):
     scaler = torch.amp.GradScaler(runtime.device.type) if runtime.dtype == torch.float16 else None
     run = Run(cfg=cfg, runtime=runtime, log=None, stop=stop, data=data, raw_model=raw_model, model=model,
               train_model=train_model, optimizer=optimizer, scaler=scaler, budget=budget, fitted=fitted,
-              data_keys=tuple(key for key in DATA_DEFAULTS if key not in given and key not in fitted),
-              loss_chunk_rows=loss_chunk_rows)
+              data_keys=tuple(key for key in DATA_DEFAULTS if key not in given and key not in fitted))
     if cfg.matmul == "auto":
         run.fit("matmul", matmul)  # a resumed run multiplies as this one does
     if resuming:
@@ -248,8 +246,7 @@ def train(run):
     """The loop: step, log, evaluate and checkpoint; stop on request or on repeated bad steps."""
     cfg, data = run.cfg, run.data
     on_cpu = run.runtime.device.type == "cpu"
-    run.log.plan(run.raw_model, cfg, run.runtime, run.loss_chunk_rows,
-                 cpu.plan_line(cfg.matmul, "matmul" in run.fitted, run.loss_chunk_rows) if on_cpu else None)
+    run.log.plan(run.raw_model, cfg, run.runtime, cpu.plan_line(cfg.matmul, "matmul" in run.fitted) if on_cpu else None)
     if cfg.max_time and run.iter_num < TIMED_ITERATIONS[1]:
         run.log.print(f"data: {data.train_tokens:,} train tokens; how many times the run reads them is known "
                       f"once iterations {TIMED_ITERATIONS[0] + 1}-{TIMED_ITERATIONS[1]} are timed")
@@ -272,7 +269,7 @@ def train(run):
         lr = set_learning_rates(run.optimizer, run.iter_num, cfg)
         started = time.perf_counter()
         loss = forward_backward(run.train_model, next_batch, micro_steps, run.runtime.autocast, run.scaler,
-                                isinstance(run.train_model, DistributedDataParallel), run.loss_chunk_rows)
+                                isinstance(run.train_model, DistributedDataParallel))
         loss, grad_norm, skipped, stop = optimizer_step(run, loss, run.stop.is_set())
         run.iter_num += 1
         step_seconds = time.perf_counter() - started
@@ -322,7 +319,7 @@ def set_from_data(run):
     run.log.print(reads_line(reads, run.data.train_tokens, run.cfg.max_iters, run.tokens_per_iter, chosen))
 
 
-def forward_backward(model, next_batch, micro_steps, autocast, scaler, is_ddp, loss_chunk_rows=0):
+def forward_backward(model, next_batch, micro_steps, autocast, scaler, is_ddp):
     """Accumulate the gradients of micro_steps batches; return their mean loss (a tensor).
     DDP averages gradients across processes in backward; no_sync skips that on all but the last
     micro-step. FSDP reduce-scatters them at every one, so each rank keeps only its share."""
@@ -332,7 +329,7 @@ def forward_backward(model, next_batch, micro_steps, autocast, scaler, is_ddp, l
         sync = not is_ddp or micro_step == micro_steps - 1
         with nullcontext() if sync else model.no_sync():
             with autocast:
-                _, loss = model(inputs, targets, loss_chunk_rows=loss_chunk_rows)
+                _, loss = model(inputs, targets)
             loss = loss / micro_steps
             (scaler.scale(loss) if scaler else loss).backward()
         total_loss = total_loss + loss.detach()

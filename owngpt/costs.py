@@ -114,8 +114,7 @@ def run_summary(model, cfg, processes):
 
 
 # ----------------------------------------------------------------------------- memory
-def memory_per_gpu(model, batch_size, optimizer, half, gradient_checkpointing=False, gpus=1, parallelism="ddp",
-                   loss_chunk_rows=0):
+def memory_per_gpu(model, batch_size, optimizer, half, gradient_checkpointing=False, gpus=1, parallelism="ddp"):
     """Bytes one GPU (or process) holds at a training step's peak, by part: weights, gradients,
     optimizer, ddp_buckets, activations, and total. Weights and gradients are float32 (autocast computes in
     half precision from float32 masters, keeping a half copy of each matrix for backward);
@@ -137,12 +136,8 @@ def memory_per_gpu(model, batch_size, optimizer, half, gradient_checkpointing=Fa
         "gradients": 4 * params / share + (4 * block_params if sharded else 0),
         "optimizer": moments / share,
         "ddp_buckets": 4 * params if gpus > 1 and not sharded else 0,  # DDP all-reduces a flat copy of the gradients
-        "activations": batch_size * activation_bytes_per_sequence(c, half, gradient_checkpointing, not loss_chunk_rows),
+        "activations": batch_size * activation_bytes_per_sequence(c, half, gradient_checkpointing),
     }
-    if loss_chunk_rows:  # the loss in pieces (model.ChunkedCrossEntropy): one piece's logits, the gradients it keeps
-        tokens, vocab = batch_size * c.block_size, padded_vocab_size(c.vocab_size)
-        parts["activations"] += (LOGITS_BYTES[half] * vocab * min(loss_chunk_rows, tokens)
-                                 + 4 * c.n_embd * tokens + 4 * vocab * c.n_embd)
     # The activations peak at the start of backward, before any gradient exists (zero_grad sets
     # them to None); the gradients peak at its end, when the activations are gone.
     parts["total"] = (parts["weights"] + parts["optimizer"] + parts["ddp_buckets"]
@@ -150,13 +145,11 @@ def memory_per_gpu(model, batch_size, optimizer, half, gradient_checkpointing=Fa
     return parts
 
 
-def activation_bytes_per_sequence(config, half, gradient_checkpointing, whole_logits=True):
-    """Bytes kept for backward by one sequence of block_size tokens, at the step's peak;
-    whole_logits=False: without the logits, which the loss in pieces never holds whole."""
+def activation_bytes_per_sequence(config, half, gradient_checkpointing):
+    """Bytes kept for backward by one sequence of block_size tokens, at the step's peak."""
     c, dtype = config, 1 if half else 0
     layer = LAYER_BYTES[c.block][dtype] + (VALUE_EMBEDDING_BYTES[dtype] if c.value_embeddings else 0)
-    head = (HEAD_BYTES[c.block][dtype] * c.n_embd
-            + (LOGITS_BYTES[dtype] * padded_vocab_size(c.vocab_size) if whole_logits else 0))
+    head = HEAD_BYTES[c.block][dtype] * c.n_embd + LOGITS_BYTES[dtype] * padded_vocab_size(c.vocab_size)
     if gradient_checkpointing:
         # each block keeps its input; one block's insides at a time are recomputed in backward,
         # after the loss's peak has passed

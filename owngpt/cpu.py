@@ -2,7 +2,6 @@
 
     choice = choose_matmuls(model, rows=batch_size * block_size)  # "mkl", or per layer shape what won
     use_matmuls(model, choice)              # each linear layer multiplies through the library chosen
-    loss_chunk_rows(vocab_size)             # GPT.forward(..., loss_chunk_rows=): logits a piece at a time
 
 train.py applies them on a CPU and says in its plan line what it chose; model.py knows none of
 it (its layers are nn.Linear). `--matmul=mkl` or `--matmul=onednn` forces one library.
@@ -17,10 +16,11 @@ are timed with both libraries at the run's own row count, in turn, and oneDNN ta
 product only where it was clearly faster; a tie stays with MKL, PyTorch's own path. The
 choice is kept in the run's config (a fitted key), so a resumed run multiplies as it did.
 
-The loss. The head's logits are the step's largest tensor (rows x vocabulary floats: 64 MiB
-for the quick start's 2,048 rows of 8,192), and the cross-entropy reads and writes them
-about ten times. A piece of loss_chunk_rows rows at a time fits in the cache instead
-(RESULTS.md: the loss in pieces).
+What else was measured and left out (RESULTS.md: The quick start on both kinds of CPU): the
+loss computed a cache-sized piece of the logits at a time, and the softmax's gradient made in
+place of the logits, were both slower in the whole step; torch.compile (train.py --compile)
+makes each step about a tenth faster but its first compile takes a sizeable share of a
+4.5-minute run.
 """
 import statistics
 import time
@@ -36,7 +36,6 @@ TIMINGS = 5  # timed calls of each product with each library, after one that is 
 # Products smaller than this stay with MKL untimed: at a few microseconds a call, the fixed
 # cost of a call decides, not the library, and a timing would choose by the machine's noise.
 UNTIMED_FLOPS = 1.6e7
-LOSS_CHUNK_FLOATS = 1 << 20  # a piece of the logits holds about this many floats: 4 MiB, inside a core's share of the cache
 
 
 def onednn_available() -> bool:
@@ -134,10 +133,9 @@ def time_products(in_features, out_features, rows):
     return medians
 
 
-def choose_matmuls(model, rows, head_rows=None):
+def choose_matmuls(model, rows):
     """"mkl", or {shape "INxOUT": (library per product)} with oneDNN where it was clearly faster.
-    rows: the rows a layer multiplies per call (batch x block); head_rows: the head's, when the
-    loss takes it in pieces."""
+    rows: the rows a layer multiplies per call (batch x block)."""
     if not onednn_available():
         return "mkl"
     choice = {}
@@ -146,10 +144,9 @@ def choose_matmuls(model, rows, head_rows=None):
             shape = shape_of(layer)
             if shape in choice:
                 continue
-            layer_rows = min(rows, head_rows or rows) if layer is getattr(model, "lm_head", None) else rows
-            if 2 * layer_rows * layer.in_features * layer.out_features < UNTIMED_FLOPS:
+            if 2 * rows * layer.in_features * layer.out_features < UNTIMED_FLOPS:
                 continue
-            medians = time_products(layer.in_features, layer.out_features, layer_rows)
+            medians = time_products(layer.in_features, layer.out_features, rows)
             choice[shape] = tuple("onednn" if medians[name]["onednn"] < FASTER_BY * medians[name]["mkl"] else "mkl"
                                   for name in PRODUCTS)
     return "mkl" if all(libraries == ("mkl",) * 3 for libraries in choice.values()) else choice
@@ -166,12 +163,6 @@ def use_matmuls(model, choice):
             layer.libraries = tuple(libraries)
 
 
-# ----------------------------------------------------------------------------- the loss
-def loss_chunk_rows(vocab_size):
-    """Rows of logits the training loss computes at a time on a CPU: a piece that fits the cache."""
-    return max(16, LOSS_CHUNK_FLOATS // vocab_size)
-
-
 def matmul_problem(value):
     """flags' check of the matmul key; a choice per shape is what a run fits itself."""
     if value not in ("auto", *LIBRARIES) and not isinstance(value, dict):
@@ -184,23 +175,22 @@ def matmul_problem(value):
 # ----------------------------------------------------------------------------- in a run
 def speed_up(model, cfg, runtime):
     """On a CPU in float32, before the model is wrapped: choose the libraries (matmul=auto times
-    them on rank 0, which tells the other processes, so that all multiply alike) and apply them,
-    and the loss's piece size. Returns (the choice, loss_chunk_rows); elsewhere ("mkl", 0):
-    GPUs and autocast have their own kernels, and torch.compile fuses the loss itself."""
+    them on rank 0, which tells the other processes, so that all multiply alike) and apply them.
+    Returns the choice; elsewhere "mkl": GPUs and autocast have their own kernels, and
+    torch.compile chooses its own."""
     if runtime.device.type != "cpu" or runtime.dtype != torch.float32 or cfg.compile:
-        return "mkl", 0
-    chunk_rows = loss_chunk_rows(model.lm_head.out_features)
+        return "mkl"
     choice = cfg.matmul
     if choice == "auto":
-        choice = [choose_matmuls(model, cfg.batch_size * cfg.block_size, chunk_rows) if runtime.is_main else None]
+        choice = [choose_matmuls(model, cfg.batch_size * cfg.block_size) if runtime.is_main else None]
         if runtime.world_size > 1:
             torch.distributed.broadcast_object_list(choice, src=0)
         choice = choice[0]
     use_matmuls(model, choice)
-    return choice, chunk_rows
+    return choice
 
 
-def plan_line(choice, measured, chunk_rows):
+def plan_line(choice, measured):
     """What the plan says of the CPU's paths, and why."""
     if isinstance(choice, str):
         why = "oneDNN was not faster at this run's shapes" if measured else f"matmul={choice}"
@@ -210,4 +200,4 @@ def plan_line(choice, measured, chunk_rows):
                 "per layer shape (output/input grad/weight grad): " + ", ".join(
                     f"{shape} {'/'.join('D' if library == 'onednn' else 'M' for library in libraries)}"
                     for shape, libraries in choice.items()))
-    return text + (f"; the loss {chunk_rows} rows at a time" if chunk_rows else "")
+    return text

@@ -80,14 +80,13 @@ class RunLog:
         if self.wandb:
             self.wandb.log(record, step=record["iter"])
 
-    def plan(self, model, cfg, runtime, loss_chunk_rows, speed=None):
+    def plan(self, model, cfg, runtime, speed=None):
         """The cost of the run before it starts: parameters, tokens, FLOPs, memory per process,
         and on a GPU of the card table the time at costs.MFU (owngpt/costs.py, as plan.py prints);
         speed: what the run does to be faster on this device, and why."""
         kinds = ("ddp", "fsdp") if runtime.world_size > 1 else ("ddp",)  # one process shards nothing
         memory = {kind: costs.memory_per_gpu(model, cfg.batch_size, cfg.optimizer, runtime.dtype != torch.float32,
-                                             cfg.gradient_checkpointing, runtime.world_size, kind, loss_chunk_rows)
-                  for kind in kinds}
+                                             cfg.gradient_checkpointing, runtime.world_size, kind) for kind in kinds}
         lines = costs.run_summary(model, cfg, runtime.world_size)
         for kind, parts in memory.items():
             lines.append(f"      memory per process ~{costs.memory_text(parts['total'])} at its peak"

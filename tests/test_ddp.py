@@ -47,7 +47,7 @@ optimizer_of = lambda model: build_optimizer(model, {optimizer!r}, 1e-3, 0.02, 0
 
 mine = iter(batches[runtime.rank::runtime.world_size])
 train.forward_backward(DistributedDataParallel(model), lambda: next(mine), micro_steps=2,
-                       autocast=runtime.autocast, scaler=None, is_ddp=True, loss_chunk_rows=5)  # the loss in pieces
+                       autocast=runtime.autocast, scaler=None, is_ddp=True)
 gradients = [p.grad.clone() for p in model.parameters()]
 optimizer_of(model).step()
 weights = torch.cat([p.detach().flatten() for p in model.parameters()])
@@ -58,7 +58,7 @@ dist.all_reduce(between_ranks, op=dist.ReduceOp.MAX)
 if runtime.rank == 0:
     everything = iter(batches)
     train.forward_backward(single, lambda: next(everything), micro_steps=4, autocast=runtime.autocast,
-                           scaler=None, is_ddp=False, loss_chunk_rows=5)
+                           scaler=None, is_ddp=False)
     difference = max((a - b.grad).abs().max().item() for a, b in zip(gradients, single.parameters()))
     largest = max(p.grad.abs().max().item() for p in single.parameters())
     optimizer_of(single).step()

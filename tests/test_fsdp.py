@@ -52,7 +52,7 @@ def case(max_norm):
     for step in steps:
         mine = iter(step[runtime.rank::runtime.world_size])
         train.forward_backward(sharded, lambda: next(mine), micro_steps=2, autocast=runtime.autocast, scaler=None,
-                               is_ddp=False, loss_chunk_rows=5)  # the loss in pieces, as on a CPU
+                               is_ddp=False)
         clip_gradients(list(sharded.parameters()), max_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -69,7 +69,7 @@ def case(max_norm):
             per_rank = []
             for inputs, targets in step[2 * micro_step: 2 * micro_step + 2]:
                 single.zero_grad(set_to_none=True)
-                (single(inputs, targets, loss_chunk_rows=5)[1] / 2).backward()
+                (single(inputs, targets)[1] / 2).backward()
                 per_rank.append([p.grad.clone() for p in params])
             mean = [(a + b) / 2 for a, b in zip(*per_rank)]
             accumulated = mean if accumulated is None else [total + g for total, g in zip(accumulated, mean)]

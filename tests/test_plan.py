@@ -33,7 +33,7 @@ from model import GPT, GPTConfig
 from owngpt.optimizers import build_optimizer
 torch.set_num_threads(1)
 shape = json.loads(sys.argv[1])
-batch_size, optimizer_kind, loss_chunk_rows = shape.pop("batch_size"), shape.pop("optimizer"), shape.pop("loss_chunk_rows")
+batch_size, optimizer_kind = shape.pop("batch_size"), shape.pop("optimizer")
 autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=shape.pop("half"))
 peaks = {}
 for checkpointing in (False, True):
@@ -45,7 +45,7 @@ for checkpointing in (False, True):
                                     0.3 if config.block == "modern" else None)
         for _ in range(2):
             with autocast:
-                _, loss = model(tokens[:, :-1], tokens[:, 1:], loss_chunk_rows)  # `_` holds the logits, as in train.py
+                _, loss = model(tokens[:, :-1], tokens[:, 1:])  # `_` holds the logits, as in train.py
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -60,17 +60,14 @@ for checkpointing in (False, True):
 print(json.dumps([peaks[False], peaks[True]]))
 """
 
-SHAPES = {  # where the activations dominate, where the weights and optimizer do, and in between; float32,
-    # once with the loss in pieces as train.py computes on CPU, and once under bfloat16 autocast, as on GPUs
+SHAPES = {  # where the activations dominate, where the weights and optimizer do, and in between; float32
+    # as train.py computes on CPU, and once under bfloat16 autocast, as on GPUs
     "modern, value embeddings, muon": dict(block="modern", value_embeddings=True, n_layer=2, n_head=4, n_embd=128,
                                            block_size=128, vocab_size=1000, batch_size=8, optimizer="muon", half=False),
     "gpt2, adamw": dict(block="gpt2", n_layer=6, n_head=6, n_embd=384, block_size=128, vocab_size=2000,
                         batch_size=4, optimizer="adamw", half=False),
     "modern, adamw, wide": dict(block="modern", n_layer=3, n_head=8, n_embd=512, block_size=64, vocab_size=512,
                                 batch_size=2, optimizer="adamw", half=False),
-    "modern, muon, the loss in pieces": dict(block="modern", n_layer=4, n_head=4, n_embd=128, block_size=128,
-                                             vocab_size=8192, batch_size=16, optimizer="muon", half=False,
-                                             loss_chunk_rows=128),
     "gpt2, adamw, bf16 autocast": dict(block="gpt2", n_layer=4, n_head=4, n_embd=256, block_size=128,
                                        vocab_size=8000, batch_size=8, optimizer="adamw", half=True),
 }
@@ -79,17 +76,16 @@ SHAPES = {  # where the activations dominate, where the weights and optimizer do
 @pytest.mark.slow
 @pytest.mark.parametrize("name", SHAPES)
 def test_memory_model_is_within_20_percent_of_the_allocators_peak(name):
-    shape = {"loss_chunk_rows": 0, **SHAPES[name]}
+    shape = dict(SHAPES[name])
     result = subprocess.run([sys.executable, "-c", MEASURE_PEAK, json.dumps(shape)], capture_output=True, text=True,
                             cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr
     measured = json.loads(result.stdout.splitlines()[-1])
     batch_size, optimizer, half = shape.pop("batch_size"), shape.pop("optimizer"), shape.pop("half")
-    loss_chunk_rows = shape.pop("loss_chunk_rows")
     for checkpointing, peak in zip((False, True), measured):
         model = costs.meta_model(GPTConfig(**shape))
-        predicted = costs.memory_per_gpu(model, batch_size, optimizer, half, gradient_checkpointing=checkpointing,
-                                         loss_chunk_rows=loss_chunk_rows)["total"]
+        predicted = costs.memory_per_gpu(model, batch_size, optimizer, half,
+                                         gradient_checkpointing=checkpointing)["total"]
         print(f"{name}, gradient_checkpointing={checkpointing}: predicted {predicted / 2**20:.1f} MiB, "
               f"measured {peak / 2**20:.1f} MiB ({predicted / peak:.3f})")
         assert predicted == pytest.approx(peak, rel=0.2), (checkpointing, predicted, peak)
@@ -211,10 +207,9 @@ def test_the_plan_line_at_the_start_of_a_run_uses_the_same_arithmetic(capsys, tm
     model = GPT(GPTConfig(**{key: getattr(cfg, key) for key in train.MODEL_KEYS}, vocab_size=300))
     runtime = SimpleNamespace(world_size=1, is_main=True, device=torch.device("cpu"), dtype=torch.float32,
                               peak_flops=None)
-    for loss_chunk_rows in (0, 64):  # a GPU's run, a CPU's with the loss in pieces
-        train.RunLog(cfg, runtime, None).plan(model, cfg, runtime, loss_chunk_rows)
-        memory = costs.memory_per_gpu(model, cfg.batch_size, cfg.optimizer, half=False, loss_chunk_rows=loss_chunk_rows)
-        assert f"memory per process ~{costs.memory_text(memory['total'])}" in capsys.readouterr().out
+    train.RunLog(cfg, runtime, None).plan(model, cfg, runtime)
+    memory = costs.memory_per_gpu(model, cfg.batch_size, cfg.optimizer, half=False)
+    assert f"memory per process ~{costs.memory_text(memory['total'])}" in capsys.readouterr().out
 
 
 def test_the_plan_line_gives_memory_under_ddp_and_fsdp_and_suggests_fsdp_when_ddp_does_not_fit():
