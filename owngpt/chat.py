@@ -81,7 +81,10 @@ def message_problem(messages):
             return f"message {index + 1} is not an object with a role and a content: expected {FORMAT}"
         if message["role"] not in ROLES:
             return f"message {index + 1} has the unknown role {message['role']!r}: expected system, user or assistant"
-        if not isinstance(message["content"], str) or not message["content"].strip():
+        if not isinstance(message["content"], str):
+            return (f"message {index + 1} ({message['role']}) has a content of type "
+                    f"{type(message['content']).__name__}: expected text")
+        if not message["content"].strip():
             return f"message {index + 1} ({message['role']}) has empty content"
     roles = [message["role"] for message in messages]
     turns = roles[1:] if roles[0] == "system" else roles

@@ -39,6 +39,8 @@ MALFORMED = {  # a line of a .jsonl file, and what its one-line error says
                       "message 1 (user) has empty content"),
     "no assistant turn": ('{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]}',
                           "no assistant turn"),
+    "content not text": ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": 42}]}',
+                         "message 2 (assistant) has a content of type int: expected text"),
 }
 
 
