@@ -6,6 +6,7 @@
     python bench.py --what=throughput --shape=nanogpt --dataset=python_byte --recipes=gpt2 --nanogpt=../nanoGPT  # beside it
     python bench.py --what=throughput --device=cuda --shape=config/train_gpt2_124m.py   # a GPU: tokens/s, MFU
     python bench.py --what=throughput --shape=config/train_demo.py --against=../before   # a change, before and after
+    python bench.py --what=step --seeds=3 --profile=true   # the quick start's step alone, per matmul path, profiled
     python bench.py --what=recipes --device=cuda --shape=config/train_gpt2_124m.py --recipes=modern_124m,gpt2_124m \
         --seeds=1 --budget=120   # the GPU check: both recipes at GPT-2 small's shape, compiled, ~7 minutes
     python bench.py --what=webfilters --mb=50     # the web filters on one core, 50 MB of text
@@ -345,6 +346,73 @@ def bench_throughput(settings):
     compare(settings, {**nanogpt, **recipe_runs(settings, extra, measure)})
 
 
+STEP_PATHS = ("mkl", "onednn", "auto", "compiled")
+
+
+def bench_step(settings):
+    """The training step of --shape's config in this process, timed apart from train.py's loop:
+    forward, backward and the optimizer's step, each a median over --iters steps, for every way
+    a CPU can multiply (MKL, oneDNN, the choice owngpt/cpu.py times, and torch.compile), in turn
+    for --seeds rounds. Random token ids of --dataset's vocabulary (the speed does not depend on
+    the text); --profile=true adds torch.profiler's table of each path's operators (first round)."""
+    from model import GPT, GPTConfig
+    from owngpt import cpu
+    from owngpt.optimizers import build_optimizer
+    import train
+    if settings["device"] != "cpu":
+        raise flags.UserError("--what=step times a CPU's step: --device=cpu")
+    cfg = train.read_config([settings["shape"]])
+    vocab_size = read_meta(open_folder(settings["dataset"]))["tokenizer"]["vocab_size"]
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randint(vocab_size, (cfg.batch_size, cfg.block_size + 1), generator=generator)
+               for _ in range(8)]
+
+    def run(path, seed):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(**{key: getattr(cfg, key) for key in train.MODEL_KEYS}, vocab_size=vocab_size))
+        started = time.perf_counter()
+        choice = cpu.choose_matmuls(model, cfg.batch_size * cfg.block_size) if path == "auto" else path
+        choosing = time.perf_counter() - started
+        cpu.use_matmuls(model, "mkl" if path == "compiled" else choice)
+        forward = torch.compile(model) if path == "compiled" else model
+        optimizer = build_optimizer(model, cfg.optimizer, cfg.learning_rate, cfg.muon_lr, cfg.weight_decay,
+                                    (cfg.beta1, cfg.beta2), "cpu", cfg.embedding_lr)
+
+        def step(index, times=None):
+            tokens = batches[index % len(batches)]
+            began = time.perf_counter()
+            _, loss = forward(tokens[:, :-1], tokens[:, 1:])
+            forwarded = time.perf_counter()
+            loss.backward()
+            backwarded = time.perf_counter()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if times is not None:
+                times.append((forwarded - began, backwarded - forwarded, time.perf_counter() - backwarded))
+        started = time.perf_counter()
+        step(0)
+        first = time.perf_counter() - started
+        for index in range(1, 4):
+            step(index)
+        times = []
+        for index in range(settings["iters"]):
+            step(index, times)
+        parts = [statistics.median(part) * 1000 for part in zip(*times)]
+        if settings["profile"] and seed == 1:
+            from torch.profiler import ProfilerActivity, profile
+            with profile(activities=[ProfilerActivity.CPU]) as profiler:
+                for index in range(10):
+                    step(index)
+            print(f"{path}, 10 steps:\n" + profiler.key_averages().table(sort_by="self_cpu_time_total",
+                                                                          row_limit=15, max_name_column_width=45))
+        row = {"ms/step": sum(parts), "forward ms": parts[0], "backward ms": parts[1], "optimizer ms": parts[2],
+               "tokens/s": cfg.batch_size * cfg.block_size * 1000 / sum(parts), "first step s": first}
+        return {**row, "choosing s": choosing} if path == "auto" else row  # printed per round, not compared
+    paths = STEP_PATHS if cpu.onednn_available() else ("mkl", "compiled")
+    compare(settings, {path: functools.partial(run, path) for path in paths})
+
+
 def nanogpt_dataset(folder, dataset):
     """Our dataset's text in nanoGPT's character-level format (train.bin and val.bin of uint16
     ids, meta.pkl with vocab_size, as small_text_datasets writes them) in folder/data/<name>:
@@ -574,7 +642,7 @@ def bench_chat(settings):
     for index, function in enumerate(shown):
         print(f"\nWhat does {function.name} do?\n  docstring:  {function.doc}")
         for name, said in answers.items():
-            print(f"  {name + ':':<11} {said}")
+            print(f"  {name + ':':<11} {said[index]!r}")
 
 # ----------------------------------------------------------------------------- serving
 
@@ -650,7 +718,7 @@ def bench_serve(settings):
 
 # ----------------------------------------------------------------------------- command line
 
-MODES = {"recipes": bench_recipes, "throughput": bench_throughput, "webfilters": bench_webfilters,
+MODES = {"recipes": bench_recipes, "throughput": bench_throughput, "step": bench_step, "webfilters": bench_webfilters,
          "small_text": bench_small_text, "prepare": bench_prepare, "chat": bench_chat,
          "serve": bench_serve}
 DEFAULTS = {"what": "recipes", "recipes": ("gpt2", "modern"), "seeds": 2, "budget": 90.0,
@@ -671,7 +739,8 @@ HELP = {"what": f"what to measure: {', '.join(MODES)}",
         "eval_iters": "recipes: batches in the final evaluation",
         "out_dir": "where the training runs write (one folder per run)",
         "mb": "webfilters, prepare: megabytes of generated text to measure on",
-        "profile": "prepare: run it in one process under cProfile and print the top functions",
+        "profile": "prepare: run it in one process under cProfile and print the top functions; step: "
+                   "torch.profiler's table of each path's operators",
         "text": "small_text: a text file (default: Python's help() topics, 0.47 MB); its last 10% is val",
         "nanogpt": "a nanoGPT checkout (github.com/karpathy/nanoGPT) whose train.py runs its CPU example beside "
                    "ours: small_text, at its wall time (else GPT-2's recipe is the reference, at --budget); "
