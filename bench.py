@@ -358,9 +358,11 @@ def bench_step(settings):
     from model import GPT, GPTConfig
     from owngpt import cpu
     from owngpt.optimizers import build_optimizer
+    from owngpt.runtime import keep_freed_memory
     import train
     if settings["device"] != "cpu":
         raise flags.UserError("--what=step times a CPU's step: --device=cpu")
+    keep_freed_memory()  # as train.py does on a CPU: else every step's logits are faulted in anew
     cfg = train.read_config([settings["shape"]])
     vocab_size = read_meta(open_folder(settings["dataset"]))["tokenizer"]["vocab_size"]
     generator = torch.Generator().manual_seed(0)
