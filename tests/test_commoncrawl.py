@@ -673,6 +673,7 @@ def test_under_slurm_the_array_and_merge_make_the_one_machine_dataset_and_a_canc
         slurm.wait_for_end(array)
     finally:
         FakeCrawl.release.set()
+    print(f"first submission: array job {array}, merge job {merge}: {slurm.wait_for_end(f'{array},{merge}')}")
     assert slurm.wait_for_end(f"{array},{merge}") == {f"{array}_0": ("COMPLETED", "None"),
                                                        f"{array}_1": ("CANCELLED", "None"),
                                                        merge: ("CANCELLED", "DependencyNeverSatisfied")}
@@ -681,8 +682,10 @@ def test_under_slurm_the_array_and_merge_make_the_one_machine_dataset_and_a_canc
     before, start = first_part.stat().st_mtime_ns, len(FakeCrawl.log)
 
     array, merge = submit()
+    print(f"second submission: array job {array}, merge job {merge}: {slurm.wait_for_end(f'{array},{merge}')}")
     assert set(slurm.wait_for_end(f"{array},{merge}").values()) == {("COMPLETED", "None")}
     assert [path for path, _, _ in requests_since(start) if path in TASKS_WET_PATHS] == [TASKS_WET_PATHS[3]]
     assert "1 of this task's 2 parts are in" in (clone / "logs" / f"owngpt-prepare_{array}_1.log").read_text()
     assert first_part.stat().st_mtime_ns == before
+    print(f"the merged dataset's files equal the one machine's, byte for byte: {sorted(dataset_files(web))}")
     assert dataset_files(web) == dataset_files(one_machine)

@@ -20,7 +20,7 @@ import prepare
 import train
 from owngpt.checkpoint import MANIFEST_FILE
 from helpers import (ONE_THREAD, ROOT, TINY_MODEL, assert_same, cannot_run_here, checkout, read_metrics,
-                     trained_iterations, wait_until, without_timings)
+                     train_lines, trained_iterations, wait_until, without_timings)
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
@@ -79,6 +79,7 @@ def test_a_slurm_job_requeued_mid_run_ends_with_the_losses_and_weights_of_an_uni
     reference = subprocess.run([*TORCHRUN, str(ROOT / "train.py"), *flags, f"--out_dir={tmp_path / 'reference'}"],
                                capture_output=True, text=True, timeout=300, env=ONE_THREAD)
     assert reference.returncode == 0, reference.stderr
+    print(f"job {job} ({stop}): {slurm.wait_for_end(job)}, restarts {slurm.job(job)['Restarts']}")
     assert slurm.wait_for_end(job) == {job: ("COMPLETED", "None")}
     assert slurm.job(job)["Restarts"] == "1"
     log = (clone / f"owngpt-train_{job}.log").read_text()  # both runs', appended
@@ -86,6 +87,8 @@ def test_a_slurm_job_requeued_mid_run_ends_with_the_losses_and_weights_of_an_uni
     assert 3 <= stopped_at < 20
     assert f"Slurm requeue 1: continuing from the newest valid checkpoint in {out_dir}" in log
     assert f"resuming from {out_dir / f'ckpt_{stopped_at:07d}.pt'} at iteration {stopped_at}, exactly" in log
+    print(f"stopped at iteration {stopped_at}, resumed exactly; losses after the requeue and uninterrupted: "
+          f"{[line['loss'] for line in train_lines(out_dir)][-3:]} {[line['loss'] for line in train_lines(tmp_path / 'reference')][-3:]}")
     assert without_timings(read_metrics(out_dir)) == without_timings(read_metrics(tmp_path / "reference"))
     ends = [torch.load(folder / "ckpt.pt", weights_only=True) for folder in (out_dir, tmp_path / "reference")]
     assert ends[0]["iter_num"] == 20
