@@ -17,10 +17,10 @@ product only where it was clearly faster; a tie stays with MKL, PyTorch's own pa
 choice is kept in the run's config (a fitted key), so a resumed run multiplies as it did.
 
 What else was measured and left out (RESULTS.md: The quick start on both kinds of CPU): the
-loss computed a cache-sized piece of the logits at a time, and the softmax's gradient made in
-place of the logits, were both slower in the whole step; torch.compile (train.py --compile)
-makes each step about a tenth faster but its first compile takes a sizeable share of a
-4.5-minute run.
+loss computed a cache-sized piece of the logits at a time, the softmax's gradient made in
+place of the logits and the head's product without its padding rows were no faster in the
+whole step. torch.compile (train.py --compile) makes each step faster, but its first compile
+takes a share of a 4.5-minute run and it needs a C++ compiler: not a default yet.
 """
 import statistics
 import time
