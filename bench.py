@@ -44,6 +44,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -355,15 +356,18 @@ def bench_step(settings):
     a CPU can multiply (MKL, oneDNN, the choice owngpt/cpu.py times, and torch.compile), in turn
     for --seeds rounds. Random token ids of --dataset's vocabulary (the speed does not depend on
     the text); --profile=true adds torch.profiler's table of each path's operators (first round)."""
+    import dataclasses
     from model import GPT, GPTConfig
     from owngpt import cpu
     from owngpt.optimizers import build_optimizer
     from owngpt.runtime import keep_freed_memory
-    import train
     if settings["device"] != "cpu":
         raise flags.UserError("--what=step times a CPU's step: --device=cpu")
     keep_freed_memory()  # as train.py does on a CPU: else every step's logits are faulted in anew
-    cfg = train.read_config([settings["shape"]])
+    train_script = Path(__file__).resolve().parent / "train.py"  # its defaults read, not imported, as plan.py does
+    cfg = SimpleNamespace(**flags.parse([settings["shape"]], flags.defaults_of(train_script),
+                                        flags.comments_of(train_script), {}, program="bench.py", config_files=True))
+    model_keys = [field.name for field in dataclasses.fields(GPTConfig) if field.name != "vocab_size"]
     vocab_size = read_meta(open_folder(settings["dataset"]))["tokenizer"]["vocab_size"]
     generator = torch.Generator().manual_seed(0)
     batches = [torch.randint(vocab_size, (cfg.batch_size, cfg.block_size + 1), generator=generator)
@@ -371,7 +375,7 @@ def bench_step(settings):
 
     def run(path, seed):
         torch.manual_seed(0)
-        model = GPT(GPTConfig(**{key: getattr(cfg, key) for key in train.MODEL_KEYS}, vocab_size=vocab_size))
+        model = GPT(GPTConfig(**{key: getattr(cfg, key) for key in model_keys}, vocab_size=vocab_size))
         started = time.perf_counter()
         choice = cpu.choose_matmuls(model, cfg.batch_size * cfg.block_size) if path == "auto" else path
         choosing = time.perf_counter() - started
