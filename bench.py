@@ -347,13 +347,14 @@ def bench_throughput(settings):
     compare(settings, {**nanogpt, **recipe_runs(settings, extra, measure)})
 
 
-STEP_PATHS = ("mkl", "onednn", "auto", "compiled")
+STEP_PATHS = ("mkl", "onednn", "auto", "compiled", "bfloat16")
 
 
 def bench_step(settings):
     """The training step of --shape's config in this process, timed apart from train.py's loop:
     forward, backward and the optimizer's step, each a median over --iters steps, for every way
-    a CPU can multiply (MKL, oneDNN, the choice owngpt/cpu.py times, and torch.compile), in turn
+    a CPU can multiply (MKL, oneDNN, the choice owngpt/cpu.py times, torch.compile, and bfloat16
+    autocast, train.py --dtype=bfloat16), in turn
     for --seeds rounds. Random token ids of --dataset's vocabulary (the speed does not depend on
     the text); --profile=true adds torch.profiler's table of each path's operators (first round)."""
     import dataclasses
@@ -379,7 +380,8 @@ def bench_step(settings):
         started = time.perf_counter()
         choice = cpu.choose_matmuls(model, cfg.batch_size * cfg.block_size) if path == "auto" else path
         choosing = time.perf_counter() - started
-        cpu.use_matmuls(model, "mkl" if path == "compiled" else choice)
+        cpu.use_matmuls(model, choice if path in ("mkl", "onednn", "auto") else "mkl")
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=path == "bfloat16")
         forward = torch.compile(model) if path == "compiled" else model
         optimizer = build_optimizer(model, cfg.optimizer, cfg.learning_rate, cfg.muon_lr, cfg.weight_decay,
                                     (cfg.beta1, cfg.beta2), "cpu", cfg.embedding_lr)
@@ -387,7 +389,8 @@ def bench_step(settings):
         def step(index, times=None):
             tokens = batches[index % len(batches)]
             began = time.perf_counter()
-            _, loss = forward(tokens[:, :-1], tokens[:, 1:])
+            with autocast:
+                _, loss = forward(tokens[:, :-1], tokens[:, 1:])
             forwarded = time.perf_counter()
             loss.backward()
             backwarded = time.perf_counter()
@@ -415,7 +418,7 @@ def bench_step(settings):
         row = {"ms/step": sum(parts), "forward ms": parts[0], "backward ms": parts[1], "optimizer ms": parts[2],
                "tokens/s": cfg.batch_size * cfg.block_size * 1000 / sum(parts), "first step s": first}
         return {**row, "choosing s": choosing} if path == "auto" else row  # printed per round, not compared
-    paths = STEP_PATHS if cpu.onednn_available() else ("mkl", "compiled")
+    paths = STEP_PATHS if cpu.onednn_available() else ("mkl", "compiled", "bfloat16")
     compare(settings, {path: functools.partial(run, path) for path in paths})
 
 

@@ -103,7 +103,7 @@ lr_decay_iters = 0  # the schedule reaches min_lr here (0 = at max_iters): a run
 min_lr = 1e-4  # floor of the schedule (set it to learning_rate for a constant rate)
 # system
 device = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:1 | mps
-dtype = "auto"  # auto (bfloat16 on GPUs that have it, else float16; float32 on CPU) | float32 | bfloat16 | float16
+dtype = "auto"  # auto (GPU: bfloat16 where it has it, else float16; CPU: bfloat16 autocast where a step timed faster, else float32) | float32 | bfloat16 | float16
 compile = False  # torch.compile the model: faster on GPUs after a minute of compiling
 matmul = "auto"  # CPU, float32: auto (time MKL and oneDNN at the run's layer shapes, take the faster per product) | mkl | onednn
 parallelism = "ddp"  # under torchrun: ddp (every process holds the whole model) | fsdp (each holds 1/N of the weights, gradients and optimizer state: for models ddp cannot fit)
@@ -153,6 +153,7 @@ class Run:
     # checkpoints carry them, so a resumed run goes on with them
     fitted: dict = dataclasses.field(default_factory=dict)
     data_keys: tuple = ()  # DATA_DEFAULTS' keys the user left to the data, until the run sets them
+    speed: str = ""  # what the run does to be faster on this device and why, as the plan says it
 
     def fit(self, key, value):
         """Set a key of the config as the run decided it, for the rest of the run and its resumes."""
@@ -206,7 +207,7 @@ def build_run(cfg, given=frozenset()):
                                   else checkpoint["model"])
     if runtime.is_main and not cfg.eval_only:
         check_free_space(Path(cfg.out_dir), raw_model, cfg.keep_last)
-    matmul = cpu.speed_up(raw_model, cfg, runtime)  # on a CPU, the faster library per product (owngpt/cpu.py)
+    chosen, speed = cpu.speed_up(raw_model, cfg, runtime, fitted)  # on a CPU, bfloat16 and the library timed faster
     train_model, model = wrap_model(raw_model, cfg.parallelism, runtime, cfg.compile)  # owngpt/parallel.py
     data = SimpleNamespace(
         windows=windows, encoding=encoding, tokenizer_info=meta["tokenizer"], tasks=tasks, chat=meta.get("chat"),
@@ -221,9 +222,9 @@ def build_run(cfg, given=frozenset()):
     scaler = torch.amp.GradScaler(runtime.device.type) if runtime.dtype == torch.float16 else None
     run = Run(cfg=cfg, runtime=runtime, log=None, stop=stop, data=data, raw_model=raw_model, model=model,
               train_model=train_model, optimizer=optimizer, scaler=scaler, budget=budget, fitted=fitted,
-              data_keys=tuple(key for key in DATA_DEFAULTS if key not in given and key not in fitted))
-    if cfg.matmul == "auto":
-        run.fit("matmul", matmul)  # a resumed run multiplies as this one does
+              data_keys=tuple(key for key in DATA_DEFAULTS if key not in given and key not in fitted), speed=speed)
+    for key, value in chosen.items():
+        run.fit(key, value)  # a resumed run computes as this one does
     if resuming:
         run.iter_num, run.best_val_loss, elapsed_before = restore_training_state(
             checkpoint, path, raw_model, optimizer, cfg.optimizer, scaler, data.generator, runtime)
@@ -245,8 +246,7 @@ def batch(windows, window_ids, device):
 def train(run):
     """The loop: step, log, evaluate and checkpoint; stop on request or on repeated bad steps."""
     cfg, data = run.cfg, run.data
-    on_cpu = run.runtime.device.type == "cpu"
-    run.log.plan(run.raw_model, cfg, run.runtime, cpu.plan_line(cfg.matmul, "matmul" in run.fitted) if on_cpu else None)
+    run.log.plan(run.raw_model, cfg, run.runtime, run.speed or None)
     if cfg.max_time and run.iter_num < TIMED_ITERATIONS[1]:
         run.log.print(f"data: {data.train_tokens:,} train tokens; how many times the run reads them is known "
                       f"once iterations {TIMED_ITERATIONS[0] + 1}-{TIMED_ITERATIONS[1]} are timed")

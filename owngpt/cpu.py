@@ -1,10 +1,19 @@
 """What makes a training step faster on a CPU, measured on the CPU that runs it.
 
+    dtype, ratio = choose_dtype(model, batch_size, block_size)  # "bfloat16" where its step timed faster
     choice = choose_matmuls(model, rows=batch_size * block_size)  # "mkl", or per layer shape what won
     use_matmuls(model, choice)              # each linear layer multiplies through the library chosen
 
-train.py applies them on a CPU and says in its plan line what it chose; model.py knows none of
-it (its layers are nn.Linear). `--matmul=mkl` or `--matmul=onednn` forces one library.
+train.py applies them on a CPU (speed_up) and says in its plan line what it chose; model.py
+knows none of it (its layers are nn.Linear). `--dtype=float32` or `--dtype=bfloat16` forces a
+dtype, `--matmul=mkl` or `--matmul=onednn` a library.
+
+bfloat16. Under bfloat16 autocast the matrix multiplies and the attention compute in bfloat16
+while the weights, the optimizer and the loss stay float32, as train.py trains on a GPU. A CPU
+with bfloat16 dot products (AVX512_BF16, AMX) runs the quick start's step faster with it; one
+without them emulates them many times slower (RESULTS.md: bfloat16 on a CPU). So the model's
+forward and backward are timed both ways, in turn, and bfloat16 is taken where it was clearly
+faster; a step too small to time well stays float32.
 
 The matrix multiplies. PyTorch multiplies float32 matrices on a CPU with MKL. oneDNN, also
 inside PyTorch (torch.ops.mkldnn._linear_pointwise, which torch.compile's CPU backend uses
@@ -28,11 +37,17 @@ import time
 import torch
 import torch.nn as nn
 
+from owngpt.runtime import set_dtype
+
 LIBRARIES = ("mkl", "onednn")
 PRODUCTS = ("output", "input_grad", "weight_grad")
 FASTER_BY = 0.95  # oneDNN takes a product only where its median time is below this fraction of MKL's
 TIMED_FLOPS = 1.5e8  # each timed product is cut to about this many FLOPs (fewer rows), to choose well under a second
 TIMINGS = 5  # timed calls of each product with each library, after one that is not timed
+BF16_FASTER_BY = 0.9  # bfloat16 only where its median forward and backward is below this fraction of float32's
+# Steps of fewer FLOPs than this stay float32 untimed: at nanoGPT's CPU shape (4e9) bfloat16 made
+# the step 2% faster, and a timing of a few milliseconds would choose by the machine's noise.
+BF16_UNTIMED_FLOPS = 1e10
 # Products smaller than this stay with MKL untimed: at a few microseconds a call, the fixed
 # cost of a call decides, not the library, and a timing would choose by the machine's noise.
 UNTIMED_FLOPS = 1.6e7
@@ -172,26 +187,75 @@ def matmul_problem(value):
     return None
 
 
+# ----------------------------------------------------------------------------- bfloat16
+def choose_dtype(model, batch_size, block_size):
+    """("bfloat16" or "float32", bfloat16's time over float32's, None when untimed): the model's
+    forward and backward on a quarter of the batch, each way in turn, medians. A first call of
+    each on one row tells a CPU that emulates bfloat16 (10x slower) without timing more, so the
+    choice takes well under a second either way. Leaves no gradient and the random numbers as
+    they were."""
+    if model.flops_per_token() * batch_size * block_size < BF16_UNTIMED_FLOPS:
+        return "float32", None
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(model.config.vocab_size, (max(1, batch_size // 4), block_size + 1), generator=generator)
+
+    def forward_backward(dtype, rows=len(tokens)):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+            _, loss = model(tokens[:rows, :-1], tokens[:rows, 1:])
+        loss.backward()
+    with torch.random.fork_rng(devices=[]):  # dropout's draws here leave the run's own as they were
+        probe = {dtype: seconds_of(lambda: forward_backward(dtype, 1)) for dtype in ("float32", "bfloat16")}
+        times = {dtype: [seconds] for dtype, seconds in probe.items()}  # the emulated case's figures
+        if probe["bfloat16"] < 2 * probe["float32"]:
+            times = {dtype: [] for dtype in probe}
+            for timed in range(TIMINGS + 1):
+                for dtype, seconds in times.items():
+                    took = seconds_of(lambda: forward_backward(dtype))
+                    if timed:
+                        seconds.append(took)
+    model.zero_grad(set_to_none=True)
+    ratio = statistics.median(times["bfloat16"]) / statistics.median(times["float32"])
+    return "bfloat16" if ratio < BF16_FASTER_BY else "float32", ratio
+
+
 # ----------------------------------------------------------------------------- in a run
-def speed_up(model, cfg, runtime):
-    """On a CPU in float32, before the model is wrapped: choose the libraries (matmul=auto times
-    them on rank 0, which tells the other processes, so that all multiply alike) and apply them.
-    Returns the choice; elsewhere "mkl": GPUs and autocast have their own kernels, and
-    torch.compile chooses its own."""
-    if runtime.device.type != "cpu" or runtime.dtype != torch.float32 or cfg.compile:
-        return "mkl"
+def timed_on_rank_0(choose, runtime):
+    """choose() on rank 0, which tells the other processes, so that all compute alike."""
+    choice = [choose() if runtime.is_main else None]
+    if runtime.world_size > 1:
+        torch.distributed.broadcast_object_list(choice, src=0)
+    return choice[0]
+
+
+def speed_up(model, cfg, runtime, fitted):
+    """On a CPU, before the model is wrapped: with dtype=auto, bfloat16 autocast where its step
+    timed faster (choose_dtype); in float32, with matmul=auto, the library per product
+    (choose_matmuls); each timed on rank 0. fitted: the keys a resumed run's checkpoint fitted
+    (chosen by timing then, kept now). Sets the runtime's dtype and applies the libraries.
+    Returns ({key: value} chosen now, which the run fits so that a resumed run computes as
+    this one does; what the plan line says of it). Elsewhere ({}, ""): GPUs have their own
+    kernels, and torch.compile chooses its own."""
+    if runtime.device.type != "cpu" or cfg.compile:
+        return {}, ""
+    chosen, said = {}, []
+    if cfg.dtype == "auto":
+        chosen["dtype"], ratio = timed_on_rank_0(lambda: choose_dtype(model, cfg.batch_size, cfg.block_size), runtime)
+        if ratio is not None:
+            said.append(f"bfloat16 autocast: its step timed {ratio:.2f}x float32's at this run's shapes"
+                        if chosen["dtype"] == "bfloat16" else f"float32: bfloat16 autocast timed {ratio:.2f}x its time")
+    set_dtype(runtime, chosen.get("dtype", cfg.dtype))
+    if runtime.dtype != torch.float32:  # autocast's own kernels
+        return chosen, "; ".join(said)
     choice = cfg.matmul
     if choice == "auto":
-        choice = [choose_matmuls(model, cfg.batch_size * cfg.block_size) if runtime.is_main else None]
-        if runtime.world_size > 1:
-            torch.distributed.broadcast_object_list(choice, src=0)
-        choice = choice[0]
+        choice = chosen["matmul"] = timed_on_rank_0(lambda: choose_matmuls(model, cfg.batch_size * cfg.block_size),
+                                                    runtime)
     use_matmuls(model, choice)
-    return choice
+    return chosen, "; ".join([*said, plan_line(choice, "matmul" in chosen or "matmul" in fitted)])
 
 
 def plan_line(choice, measured):
-    """What the plan says of the CPU's paths, and why."""
+    """What the plan says of the library that multiplies, and why."""
     if isinstance(choice, str):
         why = "oneDNN was not faster at this run's shapes" if measured else f"matmul={choice}"
         text = f"matrix multiplies by {'MKL' if choice == 'mkl' else 'oneDNN'} ({why})"

@@ -78,14 +78,21 @@ def setup_runtime(cfg):
                                 "stays the same")
     if world_size > 1:
         join_process_group("nccl" if device.type == "cuda" else "gloo", rank, world_size)
-    amp_dtype = pick_dtype(cfg.dtype, device)
-    if cfg.parallelism == "fsdp" and amp_dtype == torch.float16:
+    if cfg.parallelism == "fsdp" and pick_dtype(cfg.dtype, device) == torch.float16:
         raise RuntimeSetupError("parallelism=fsdp computes in bfloat16 or float32, not float16 (which needs a loss "
                                 "scaler): set dtype=float32, or parallelism=ddp")
-    autocast = (nullcontext() if amp_dtype == torch.float32
-                else torch.autocast(device_type=device.type, dtype=amp_dtype))
-    return SimpleNamespace(rank=rank, world_size=world_size, is_main=rank == 0, device=device,
-                           dtype=amp_dtype, autocast=autocast, peak_flops=peak_flops(device))
+    runtime = SimpleNamespace(rank=rank, world_size=world_size, is_main=rank == 0, device=device,
+                              peak_flops=peak_flops(device))
+    set_dtype(runtime, cfg.dtype)
+    return runtime
+
+
+def set_dtype(runtime, dtype):
+    """The dtype the run computes in (pick_dtype's, from the config's name) and its autocast
+    context; float32 needs none. On a CPU, train.py may set it again once a step is timed."""
+    runtime.dtype = pick_dtype(dtype, runtime.device)
+    runtime.autocast = (nullcontext() if runtime.dtype == torch.float32
+                        else torch.autocast(device_type=runtime.device.type, dtype=runtime.dtype))
 
 
 def keep_freed_memory():

@@ -1,11 +1,15 @@
 """owngpt/cpu.py: the library each linear layer's products go through on a CPU, chosen by
-timing at the run's shapes, kept by a resumed run, and equal to nn.Linear's arithmetic."""
+timing at the run's shapes, kept by a resumed run, and equal to nn.Linear's arithmetic; and
+bfloat16 autocast, taken where the step timed faster, kept by a resumed run."""
 import itertools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from helpers import cannot_run_here, read_metrics, stop_during_iteration, train_lines
+from helpers import ROOT, cannot_run_here, read_metrics, stop_during_iteration, train_lines
 from model import GPT, GPTConfig
 from owngpt import cpu
 
@@ -113,3 +117,64 @@ def test_a_forced_library_is_used_untimed_and_an_unknown_one_is_refused(tiny_dat
     refused = train_here(f"--dataset={tiny_dataset}", f"--out_dir={tmp_path}", "--matmul=blas")
     assert refused.returncode == 1
     assert "matmul" in refused.stderr and "one of auto, mkl, onednn, got 'blas'" in refused.stderr
+
+
+# ----------------------------------------------------------------------------- bfloat16
+# the quick start's model: a step large enough to be timed (2.3e10 FLOPs at batch 16 x 128)
+QUICK_START = dict(vocab_size=8196, block_size=128, n_layer=4, n_head=4, n_embd=128)
+
+
+def test_bfloat16_is_timed_only_for_a_large_step_and_taken_only_where_it_was_faster(monkeypatch):
+    small = GPT(GPTConfig(**TIMED_SHAPE))
+    with monkeypatch.context() as patch:
+        patch.setattr(cpu, "seconds_of", lambda call: pytest.fail("a step below BF16_UNTIMED_FLOPS was timed"))
+        assert cpu.choose_dtype(small, 8, 64) == ("float32", None)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**QUICK_START, dropout=0.1))  # whose forward draws random numbers
+    random_state = torch.get_rng_state()
+    monkeypatch.setattr(cpu, "BF16_FASTER_BY", 100.0)  # bfloat16 wins whatever the times
+    dtype, ratio = cpu.choose_dtype(model, 16, 128)
+    assert dtype == "bfloat16" and ratio > 0
+    assert all(parameter.grad is None for parameter in model.parameters())  # the timing's gradients are gone
+    assert torch.equal(torch.get_rng_state(), random_state)  # and the run's random numbers as they were
+    monkeypatch.setattr(cpu, "BF16_FASTER_BY", 0.0)  # and never
+    assert cpu.choose_dtype(model, 16, 128)[0] == "float32"
+
+
+def test_a_cpu_held_to_avx2_which_emulates_bfloat16_keeps_float32():
+    """ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA and MKL_ENABLE_INSTRUCTIONS hold PyTorch's kernels,
+    oneDNN and MKL to AVX2, which has no bfloat16 dot product: its steps take many times
+    float32's, and the first calls on one row tell it."""
+    script = ("import torch; from model import GPT, GPTConfig; from owngpt import cpu; "
+              f"print(*cpu.choose_dtype(GPT(GPTConfig(**{QUICK_START!r})), 16, 128))")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    dtype, ratio = done.stdout.split()
+    assert dtype == "float32" and float(ratio) > 2, done.stdout
+
+
+def test_a_run_that_chose_bfloat16_says_it_trains_in_it_and_resumes_in_it_untimed(tiny_dataset, tmp_path, train_here,
+                                                                                 monkeypatch):
+    """The dtype chosen by timing is part of the run, as the libraries are: the plan says it, the
+    checkpoint keeps it, and the resumed run computes in it without timing again, so it ends
+    exactly as the run that never stopped; a float32 run's losses differ from both."""
+    monkeypatch.setattr(cpu, "BF16_UNTIMED_FLOPS", 0.0)
+    monkeypatch.setattr(cpu, "BF16_FASTER_BY", 100.0)
+    flags = [f"--dataset={tiny_dataset}", "--max_iters=6", "--eval_interval=3", "--matmul=mkl"]
+    whole = train_here(*flags, f"--out_dir={tmp_path / 'whole'}")
+    assert whole.returncode == 0, whole.stderr
+    assert "device cpu, bfloat16, compile=False; bfloat16 autocast: its step timed " in whole.stdout
+    with monkeypatch.context() as patch:
+        stop_during_iteration(patch, 2)
+        assert train_here(*flags, f"--out_dir={tmp_path / 'halves'}").returncode == 0
+    assert torch.load(tmp_path / "halves" / "ckpt.pt", weights_only=True)["config"]["dtype"] == "bfloat16"
+    monkeypatch.setattr(cpu, "choose_dtype", lambda *shape: pytest.fail("a resumed run timed bfloat16 again"))
+    resumed = train_here(*flags, f"--out_dir={tmp_path / 'halves'}", "--init_from=resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "device cpu, bfloat16, compile=False" in resumed.stdout
+    in_float32 = train_here(*flags, f"--out_dir={tmp_path / 'float32'}", "--dtype=float32")
+    assert in_float32.returncode == 0 and "device cpu, float32, compile=False" in in_float32.stdout
+    losses = [[line["loss"] for line in train_lines(tmp_path / run)] for run in ("whole", "halves", "float32")]
+    assert losses[0] == losses[1] and len(losses[0]) == 6
+    assert losses[2] != losses[0]
