@@ -13,12 +13,14 @@ for transformers: with them it learns more in the same time (RESULTS.md: value e
 and the quick start), and `--value_embeddings=True` turns them on.
 config/train_demo_gpt2.py, run after this file, is GPT-2's 2019 recipe at this shape.
 
-What it gets through depends on the CPU's matrix multiplies (RESULTS.md: The quick start on
-both kinds of CPU): 900-950 iterations (1.9M tokens) on 2 cores of an AMD Zen 4, with AVX-512
-or held to AVX2, and about 780 on an AVX2-only laptop-class machine, the val bits per byte
-falling from 3.6 (a uniform guess among 8192 tokens) to 1.16-1.18; a Zen 5 core, where oneDNN
-multiplies twice as fast as MKL, ran 1,700 iterations to 1.09. The samples turn into
-recognisable Python: imports, indented methods, docstrings.
+What it gets through depends on the CPU's matrix multiplies and on what else the machine runs
+(RESULTS.md: The quick start on both kinds of CPU): on 2 cores of an AMD Zen 4, 900-1,170
+iterations in float32 (held to AVX2, or with AVX-512 on a busier or quieter day) and 1,200 with
+the bfloat16 its AVX512_BF16 instructions multiply, which train.py times and takes; about 780
+on an AVX2-only laptop-class machine. The val bits per byte fall from 3.6 (a uniform guess
+among 8192 tokens) to 1.13-1.18; a Zen 5 core, where oneDNN multiplies twice as fast as MKL,
+ran 1,700 iterations to 1.09. The samples turn into recognisable Python: imports, indented
+methods, docstrings.
 """
 out_dir = "out/demo"
 dataset = "python"

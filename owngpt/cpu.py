@@ -44,7 +44,7 @@ PRODUCTS = ("output", "input_grad", "weight_grad")
 FASTER_BY = 0.95  # oneDNN takes a product only where its median time is below this fraction of MKL's
 TIMED_FLOPS = 1.5e8  # each timed product is cut to about this many FLOPs (fewer rows), to choose well under a second
 TIMINGS = 5  # timed calls of each product with each library, after one that is not timed
-BF16_FASTER_BY = 0.9  # bfloat16 only where its median forward and backward is below this fraction of float32's
+BF16_FASTER_BY = 0.95  # bfloat16 only where its median forward and backward is below this fraction of float32's
 # Steps of fewer FLOPs than this stay float32 untimed: at nanoGPT's CPU shape (4e9) bfloat16 made
 # the step 2% faster, and a timing of a few milliseconds would choose by the machine's noise.
 BF16_UNTIMED_FLOPS = 1e10

