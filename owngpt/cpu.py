@@ -230,15 +230,16 @@ def timed_on_rank_0(choose, runtime):
 def speed_up(model, cfg, runtime, fitted):
     """On a CPU, before the model is wrapped: with dtype=auto, bfloat16 autocast where its step
     timed faster (choose_dtype); in float32, with matmul=auto, the library per product
-    (choose_matmuls); each timed on rank 0. fitted: the keys a resumed run's checkpoint fitted
-    (chosen by timing then, kept now). Sets the runtime's dtype and applies the libraries.
+    (choose_matmuls); each timed on rank 0. fitted: None for a new run, or the keys a resumed
+    run's checkpoint fitted (chosen by timing then, kept now; one without dtype, from before
+    the choice existed, computed in float32). Sets the runtime's dtype, applies the libraries.
     Returns ({key: value} chosen now, which the run fits so that a resumed run computes as
     this one does; what the plan line says of it). Elsewhere ({}, ""): GPUs have their own
     kernels, and torch.compile chooses its own."""
     if runtime.device.type != "cpu" or cfg.compile:
         return {}, ""
     chosen, said = {}, []
-    if cfg.dtype == "auto":
+    if cfg.dtype == "auto" and fitted is None:
         chosen["dtype"], ratio = timed_on_rank_0(lambda: choose_dtype(model, cfg.batch_size, cfg.block_size), runtime)
         if ratio is not None:
             said.append(f"bfloat16 autocast: its step timed {ratio:.2f}x float32's at this run's shapes"
@@ -251,7 +252,7 @@ def speed_up(model, cfg, runtime, fitted):
         choice = chosen["matmul"] = timed_on_rank_0(lambda: choose_matmuls(model, cfg.batch_size * cfg.block_size),
                                                     runtime)
     use_matmuls(model, choice)
-    return chosen, "; ".join([*said, plan_line(choice, "matmul" in chosen or "matmul" in fitted)])
+    return chosen, "; ".join([*said, plan_line(choice, "matmul" in chosen or "matmul" in (fitted or {}))])
 
 
 def plan_line(choice, measured):
