@@ -31,6 +31,7 @@ place of the logits and the head's product without its padding rows were no fast
 whole step. torch.compile (train.py --compile) makes each step faster, but its first compile
 takes a share of a 4.5-minute run and it needs a C++ compiler: not a default yet.
 """
+import functools
 import statistics
 import time
 
@@ -129,6 +130,18 @@ def seconds_of(call):
     return time.perf_counter() - started
 
 
+def medians_in_turn(calls):
+    """{name: median seconds} of each of calls ({name: call()}), timed TIMINGS times in turn
+    after a round that is not timed, so that a change in the machine's speed falls on all alike."""
+    times = {name: [] for name in calls}
+    for timed in range(TIMINGS + 1):
+        for name, call in calls.items():
+            seconds = seconds_of(call)
+            if timed:
+                times[name].append(seconds)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def time_products(in_features, out_features, rows):
     """{product: {library: median seconds}} for one shape's three products at rows rows."""
     rows = max(16, min(rows, int(TIMED_FLOPS / (2 * in_features * out_features))))
@@ -136,16 +149,8 @@ def time_products(in_features, out_features, rows):
     calls = {"output": lambda library: product(library, x, weight),
              "input_grad": lambda library: product(library, grad, weight.t()),
              "weight_grad": lambda library: weight_grad(library, grad, x)}
-    medians = {}
-    for name, call in calls.items():
-        times = {library: [] for library in LIBRARIES}
-        for timed in range(TIMINGS + 1):  # in turn, so a change in the machine's speed falls on both
-            for library in LIBRARIES:
-                seconds = seconds_of(lambda: call(library))
-                if timed:
-                    times[library].append(seconds)
-        medians[name] = {library: statistics.median(values) for library, values in times.items()}
-    return medians
+    return {name: medians_in_turn({library: functools.partial(call, library) for library in LIBRARIES})
+            for name, call in calls.items()}
 
 
 def choose_matmuls(model, rows):
@@ -204,17 +209,11 @@ def choose_dtype(model, batch_size, block_size):
             _, loss = model(tokens[:rows, :-1], tokens[:rows, 1:])
         loss.backward()
     with torch.random.fork_rng(devices=[]):  # dropout's draws here leave the run's own as they were
-        probe = {dtype: seconds_of(lambda: forward_backward(dtype, 1)) for dtype in ("float32", "bfloat16")}
-        times = {dtype: [seconds] for dtype, seconds in probe.items()}  # the emulated case's figures
-        if probe["bfloat16"] < 2 * probe["float32"]:
-            times = {dtype: [] for dtype in probe}
-            for timed in range(TIMINGS + 1):
-                for dtype, seconds in times.items():
-                    took = seconds_of(lambda: forward_backward(dtype))
-                    if timed:
-                        seconds.append(took)
+        seconds = {dtype: seconds_of(lambda: forward_backward(dtype, 1)) for dtype in ("float32", "bfloat16")}
+        if seconds["bfloat16"] < 2 * seconds["float32"]:  # else emulated: the probe's figures say enough
+            seconds = medians_in_turn({dtype: functools.partial(forward_backward, dtype) for dtype in seconds})
     model.zero_grad(set_to_none=True)
-    ratio = statistics.median(times["bfloat16"]) / statistics.median(times["float32"])
+    ratio = seconds["bfloat16"] / seconds["float32"]
     return "bfloat16" if ratio < BF16_FASTER_BY else "float32", ratio
 
 

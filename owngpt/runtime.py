@@ -78,12 +78,12 @@ def setup_runtime(cfg):
                                 "stays the same")
     if world_size > 1:
         join_process_group("nccl" if device.type == "cuda" else "gloo", rank, world_size)
-    if cfg.parallelism == "fsdp" and pick_dtype(cfg.dtype, device) == torch.float16:
-        raise RuntimeSetupError("parallelism=fsdp computes in bfloat16 or float32, not float16 (which needs a loss "
-                                "scaler): set dtype=float32, or parallelism=ddp")
     runtime = SimpleNamespace(rank=rank, world_size=world_size, is_main=rank == 0, device=device,
                               peak_flops=peak_flops(device))
     set_dtype(runtime, cfg.dtype)
+    if cfg.parallelism == "fsdp" and runtime.dtype == torch.float16:
+        raise RuntimeSetupError("parallelism=fsdp computes in bfloat16 or float32, not float16 (which needs a loss "
+                                "scaler): set dtype=float32, or parallelism=ddp")
     return runtime
 
 
