@@ -673,8 +673,9 @@ def test_under_slurm_the_array_and_merge_make_the_one_machine_dataset_and_a_canc
         slurm.wait_for_end(array)
     finally:
         FakeCrawl.release.set()
-    print(f"first submission: array job {array}, merge job {merge}: {slurm.wait_for_end(f'{array},{merge}')}")
-    assert slurm.wait_for_end(f"{array},{merge}") == {f"{array}_0": ("COMPLETED", "None"),
+    ended = slurm.wait_for_end(f"{array},{merge}")
+    print(f"first submission: array job {array}, merge job {merge}: {ended}")
+    assert ended == {f"{array}_0": ("COMPLETED", "None"),
                                                        f"{array}_1": ("CANCELLED", "None"),
                                                        merge: ("CANCELLED", "DependencyNeverSatisfied")}
     assert sorted(path.name for path in parts.glob("part_*")) == [f"part_{i:06d}.jsonl" for i in (0, 1, 2, 4)]
@@ -682,10 +683,12 @@ def test_under_slurm_the_array_and_merge_make_the_one_machine_dataset_and_a_canc
     before, start = first_part.stat().st_mtime_ns, len(FakeCrawl.log)
 
     array, merge = submit()
-    print(f"second submission: array job {array}, merge job {merge}: {slurm.wait_for_end(f'{array},{merge}')}")
-    assert set(slurm.wait_for_end(f"{array},{merge}").values()) == {("COMPLETED", "None")}
+    ended = slurm.wait_for_end(f"{array},{merge}")
+    print(f"second submission: array job {array}, merge job {merge}: {ended}")
+    assert set(ended.values()) == {("COMPLETED", "None")}
     assert [path for path, _, _ in requests_since(start) if path in TASKS_WET_PATHS] == [TASKS_WET_PATHS[3]]
     assert "1 of this task's 2 parts are in" in (clone / "logs" / f"owngpt-prepare_{array}_1.log").read_text()
     assert first_part.stat().st_mtime_ns == before
-    print(f"the merged dataset's files equal the one machine's, byte for byte: {sorted(dataset_files(web))}")
-    assert dataset_files(web) == dataset_files(one_machine)
+    merged = dataset_files(web)
+    print(f"the merged dataset's files equal the one machine's, byte for byte: {sorted(merged)}")
+    assert merged == dataset_files(one_machine)

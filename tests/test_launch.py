@@ -79,9 +79,10 @@ def test_a_slurm_job_requeued_mid_run_ends_with_the_losses_and_weights_of_an_uni
     reference = subprocess.run([*TORCHRUN, str(ROOT / "train.py"), *flags, f"--out_dir={tmp_path / 'reference'}"],
                                capture_output=True, text=True, timeout=300, env=ONE_THREAD)
     assert reference.returncode == 0, reference.stderr
-    print(f"job {job} ({stop}): {slurm.wait_for_end(job)}, restarts {slurm.job(job)['Restarts']}")
-    assert slurm.wait_for_end(job) == {job: ("COMPLETED", "None")}
-    assert slurm.job(job)["Restarts"] == "1"
+    ended, restarts = slurm.wait_for_end(job), slurm.job(job)["Restarts"]
+    print(f"job {job} ({stop}): {ended}, restarts {restarts}")
+    assert ended == {job: ("COMPLETED", "None")}
+    assert restarts == "1"
     log = (clone / f"owngpt-train_{job}.log").read_text()  # both runs', appended
     stopped_at = int(re.search(r"stopped at iteration (\d+): continue with --init_from=resume", log)[1])
     assert 3 <= stopped_at < 20
