@@ -45,7 +45,7 @@ from owngpt.checkpoint import (MANIFEST_FILE, add_chat_tokens, check_checkpoint_
                                write_checkpoint, write_sharded_checkpoint)
 from owngpt.dataset import SPLITS, dataset_errors, load_windows, open_folder, read_meta
 from owngpt.epochs import DATA_DEFAULTS, epochs, reads_line
-from owngpt.optimizers import build_optimizer, patience_ending, set_learning_rates
+from owngpt.optimizers import build_optimizer, patience_ending, set_learning_rates, set_weight_decay
 from owngpt.parallel import clip_gradients, gathered, states_to_save, wrap_model
 from owngpt.runlog import RunLog, StepTimer, duration, log_step, peak_memory
 from owngpt.runtime import gather_from_ranks, install_stop_handlers, leave, setup_runtime
@@ -91,7 +91,7 @@ learning_rate = 1e-3  # AdamW's peak learning rate, reached after warmup
 embedding_lr = 0.3  # AdamW's peak rate for the modern block's token embedding, which starts at unit scale (the gpt2 block's is the head: learning_rate)
 max_iters = 5000  # total iterations (optimizer steps)
 max_time = 0.0  # seconds: stop at this wall-clock budget or at max_iters, whichever comes first (fitted once the first iterations are timed); 0 = off
-weight_decay = 0.1  # decoupled weight decay, on matrices only
+weight_decay = 0.1  # decoupled weight decay, on matrices only (AdamW's); unless set: 0.1 up to 4 reads of the train split, then 1.0 (owngpt/epochs.py)
 beta1 = 0.9  # AdamW beta1
 beta2 = 0.95  # AdamW beta2
 grad_clip = 1.0  # clip the global gradient norm to this; 0 = no clipping
@@ -161,6 +161,8 @@ class Run:
         self.fitted[key] = value
         if key == "dropout":
             self.raw_model.set_dropout(value)
+        if key == "weight_decay":
+            set_weight_decay(self.optimizer, value)
 
     @property
     def tokens_per_iter(self):  # over all micro-steps and processes

@@ -136,6 +136,14 @@ def build_optimizer(model, kind, learning_rate, muon_lr, weight_decay, betas, de
     return MuonAndAdamW(muon, adamw)
 
 
+def set_weight_decay(optimizer, weight_decay):
+    """The decayed groups' weight decay (those built with build_optimizer's weight_decay, the
+    only ones above zero), as train.py sets it from the data."""
+    for group in optimizer.param_groups:
+        if group["weight_decay"]:
+            group["weight_decay"] = weight_decay
+
+
 # ----------------------------------------------------------------------------- the schedule
 def set_learning_rates(optimizer, iteration, cfg):
     """Set every group's rate for this iteration: its own peak (its lr_key), scaled as

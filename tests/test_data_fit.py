@@ -70,14 +70,22 @@ def reads_said(stdout):
     return float(line[0]), line[1]
 
 
-def test_the_dropout_rule_follows_the_reads():
+def test_the_dropout_and_weight_decay_rules_follow_the_reads():
     assert [epochs.dropout_for(reads) for reads in (0.5, 1.0, 2.5, 4.0, 4.1, 9.3)] == [0.0, 0.0, 0.0, 0.0, 0.2, 0.2]
+    assert [epochs.weight_decay_for(reads) for reads in (0.5, 4.0, 4.1, 9.3)] == [0.1, 0.1, 1.0, 1.0]
     assert epochs.epochs(100, 256, 12_800) == 2.0
 
 
-@pytest.mark.parametrize("max_iters, dropout", [(20, 0.0), (300, 0.2)])
-def test_dropout_is_set_from_the_reads_the_plan_states(max_iters, dropout, train_here, tiny_dataset, tmp_path,
-                                                       monkeypatch):
+def decays(checkpoint):
+    """The weight decay of each AdamW group the optimizer saved (Muon's in its own part)."""
+    saved_optimizer = checkpoint["optimizer"]
+    groups = saved_optimizer["adamw"]["param_groups"] if "adamw" in saved_optimizer else saved_optimizer["param_groups"]
+    return sorted(group["weight_decay"] for group in groups)
+
+
+@pytest.mark.parametrize("max_iters, dropout, weight_decay", [(20, 0.0, 0.1), (300, 0.2, 1.0)])
+def test_dropout_and_weight_decay_are_set_from_the_reads_the_plan_states(max_iters, dropout, weight_decay, train_here,
+                                                                         tiny_dataset, tmp_path, monkeypatch):
     with monkeypatch.context() as patch:
         stop_during_iteration(patch, 2)  # the choice is made before the first step
         finished = train_here(f"--dataset={tiny_dataset}", f"--out_dir={tmp_path}", f"--max_iters={max_iters}",
@@ -86,27 +94,31 @@ def test_dropout_is_set_from_the_reads_the_plan_states(max_iters, dropout, train
     reads, what = reads_said(finished.stdout)
     train_tokens = train.read_meta(tiny_dataset)["splits"]["train"]["tokens"]
     assert reads == pytest.approx(max_iters * 256 / train_tokens, rel=0.05)
-    assert f"dropout={dropout:g}" in what
+    assert f"dropout={dropout:g}" in what and f"weight_decay={weight_decay:g}" in what
     checkpoint = saved(tmp_path)
     assert checkpoint["config"]["dropout"] == checkpoint["model_config"]["dropout"] == dropout
     assert checkpoint["fitted"]["dropout"] == dropout
+    assert checkpoint["config"]["weight_decay"] == checkpoint["fitted"]["weight_decay"] == weight_decay
+    assert decays(checkpoint)[-1] == weight_decay and decays(checkpoint)[0] == 0.0  # the matrices', not the vectors'
 
 
 @pytest.mark.parametrize("where", ["flag", "config file"])
-def test_a_dropout_the_user_sets_wins_over_the_reads(where, train_here, tiny_dataset, tmp_path, monkeypatch):
+def test_data_defaults_the_user_sets_win_over_the_reads(where, train_here, tiny_dataset, tmp_path, monkeypatch):
     config = tmp_path / "mine.py"
-    config.write_text("dropout = 0.0\n")
+    config.write_text("dropout = 0.0\nweight_decay = 0.1\n")
     with monkeypatch.context() as patch:
         stop_during_iteration(patch, 1)
         finished = train_here(f"--dataset={tiny_dataset}", f"--out_dir={tmp_path / 'out'}", "--max_iters=300", *QUIET,
-                              *(["--dropout=0.0"] if where == "flag" else [str(config)]))
+                              *(["--dropout=0.0", "--weight_decay=0.1"] if where == "flag" else [str(config)]))
     assert finished.returncode == 0, finished.stderr
     reads, what = reads_said(finished.stdout)
     assert reads > 4 and what == ""  # said, and nothing set from it
-    assert saved(tmp_path / "out")["config"]["dropout"] == 0.0 and "dropout" not in saved(tmp_path / "out")["fitted"]
+    checkpoint = saved(tmp_path / "out")
+    assert checkpoint["config"]["dropout"] == 0.0 and checkpoint["config"]["weight_decay"] == 0.1
+    assert not {"dropout", "weight_decay"} & set(checkpoint["fitted"]) and decays(checkpoint)[-1] == 0.1
 
 
-def test_under_max_time_dropout_is_set_once_the_timed_iterations_fix_max_iters_and_resume_keeps_it(
+def test_under_max_time_the_data_defaults_are_set_once_the_timed_iterations_fix_max_iters_and_resume_keeps_it(
         train_here, tiny_dataset, tmp_path, monkeypatch):
     """Stopped before the fit and after it, a run resumed twice takes the same steps as the
     whole run: the choice is made at the fit both times, and restored from the checkpoint."""
@@ -119,7 +131,7 @@ def test_under_max_time_dropout_is_set_once_the_timed_iterations_fix_max_iters_a
     assert whole.returncode == 0, whole.stderr
     assert "how many times the run reads them is known once iterations 6-30 are timed" in whole.stdout
     reads, what = reads_said(whole.stdout)
-    assert reads > 4 and "dropout=0.2" in what  # 300 iterations fit in 30 s at 0.1 s each: ~6 reads
+    assert reads > 4 and "dropout=0.2, weight_decay=1" in what  # 300 iterations fit in 30 s at 0.1 s each: ~6 reads
     assert saved(tmp_path / "whole")["model_config"]["dropout"] == 0.2
     for stop_at in (10, 40, 50):  # before the fit, after it, then on to where the whole run stopped
         with monkeypatch.context() as patch:
