@@ -3,6 +3,7 @@
     dtype, ratio = choose_dtype(model, batch_size, block_size)  # "bfloat16" where its step timed faster
     choice = choose_matmuls(model, rows=batch_size * block_size)  # "mkl", or per layer shape what won
     use_matmuls(model, choice)              # each linear layer multiplies through the library chosen
+    use_byte_dropout(model)                 # dropout masks from random bytes, 8 to a draw
 
 train.py applies them on a CPU (speed_up) and says in its plan line what it chose; model.py
 knows none of it (its layers are nn.Linear). `--dtype=float32` or `--dtype=bfloat16` forces a
@@ -24,6 +25,13 @@ linear layer shape's three products (its output, its input's gradient, its weigh
 are timed with both libraries at the run's own row count, in turn, and oneDNN takes a
 product only where it was clearly faster; a tie stays with MKL, PyTorch's own path. The
 choice is kept in the run's config (a fitted key), so a resumed run multiplies as it did.
+
+Dropout. nn.Dropout draws its mask on a CPU with torch's bernoulli_, one draw of the Mersenne
+Twister per element: for the quick start's shape 2 ms of a 2.5 ms forward and backward, ~12%
+of a step with dropout. ByteDropout cuts 8 bytes from each 64-bit draw and keeps an element
+where its byte is at least round(p * 256): the rate rounded to 1/256 (0.2 drops 51/256 =
+0.199), 0.5-0.7 ms a call, the same on every CPU (RESULTS.md: Own small text). GPUs keep
+nn.Dropout (their kernel draws and masks in one pass).
 
 What else was measured and left out (RESULTS.md: The quick start on both kinds of CPU): the
 loss computed a cache-sized piece of the logits at a time, the softmax's gradient made in
@@ -226,10 +234,29 @@ def timed_on_rank_0(choose, runtime):
     return choice[0]
 
 
+class ByteDropout(nn.Dropout):
+    """nn.Dropout at rate p rounded to 1/256, its mask drawn 8 bytes at a time (the module
+    docstring); the same module otherwise, so set_dropout and state dicts see no difference."""
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        cut = round(self.p * 256)  # an element is dropped where its random byte is below this
+        draws = torch.empty((x.numel() + 7) // 8, dtype=torch.int64, device=x.device).random_(-2**63, None)  # 64 bits each
+        keep = draws.view(torch.uint8)[: x.numel()].view(x.shape) >= cut
+        return (x * keep).mul_(256 / (256 - cut))
+
+
+def use_byte_dropout(model):
+    for module in model.modules():
+        if type(module) is nn.Dropout:
+            module.__class__ = ByteDropout
+
+
 def speed_up(model, cfg, runtime, fitted):
     """On a CPU, before the model is wrapped: with dtype=auto, bfloat16 autocast where its step
     timed faster (choose_dtype); in float32, with matmul=auto, the library per product
-    (choose_matmuls); each timed on rank 0. fitted: None for a new run, or the keys a resumed
+    (choose_matmuls); each timed on rank 0; and ByteDropout. fitted: None for a new run, or the keys a resumed
     run's checkpoint fitted (chosen by timing then, kept now; one without dtype, from before
     the choice existed, computed in float32). Sets the runtime's dtype, applies the libraries.
     Returns ({key: value} chosen now, which the run fits so that a resumed run computes as
@@ -237,6 +264,7 @@ def speed_up(model, cfg, runtime, fitted):
     kernels, and torch.compile chooses its own."""
     if runtime.device.type != "cpu" or cfg.compile:
         return {}, ""
+    use_byte_dropout(model)
     chosen, said = {}, []
     if cfg.dtype == "auto" and fitted is None:
         chosen["dtype"], ratio = timed_on_rank_0(lambda: choose_dtype(model, cfg.batch_size, cfg.block_size), runtime)

@@ -179,3 +179,30 @@ def test_a_run_that_chose_bfloat16_says_it_trains_in_it_and_resumes_in_it_untime
     losses = [[line["loss"] for line in train_lines(tmp_path / run)] for run in ("whole", "halves", "float32")]
     assert losses[0] == losses[1] and len(losses[0]) == 6
     assert losses[2] != losses[0]
+
+
+# ----------------------------------------------------------------------------- dropout
+def test_byte_dropout_drops_its_rate_in_1_256ths_from_every_byte_of_a_draw_and_masks_the_gradient():
+    torch.manual_seed(0)
+    layer = cpu.ByteDropout(0.2)
+    inputs = torch.randn(512, 1024, requires_grad=True)
+    outputs = layer(inputs)
+    dropped = outputs == 0
+    rate, scale = 51 / 256, 256 / 205  # 0.2 rounded to 51/256; the kept scaled to keep the mean
+    # each of the 8 bytes of a 64-bit draw is a fair byte (65,536 draws: a rate's sd is 0.0016)
+    assert dropped.view(-1, 8).float().mean(dim=0).sub(rate).abs().max() < 0.01
+    assert torch.allclose(outputs[~dropped], inputs[~dropped] * scale)
+    outputs.backward(torch.ones_like(outputs))
+    assert torch.equal(inputs.grad == 0, dropped) and torch.allclose(inputs.grad[~dropped], torch.tensor(scale))
+    assert layer(torch.ones(4, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    layer.eval()
+    assert layer(inputs) is inputs
+
+
+def test_a_cpu_run_draws_its_dropout_masks_with_byte_dropout(tiny_dataset, tmp_path, train_here, monkeypatch):
+    calls, forward = [], cpu.ByteDropout.forward
+    monkeypatch.setattr(cpu.ByteDropout, "forward", lambda layer, x: calls.append(layer.p) or forward(layer, x))
+    finished = train_here(f"--dataset={tiny_dataset}", f"--out_dir={tmp_path}", "--max_iters=2", "--dropout=0.2",
+                          "--n_layer=2")
+    assert finished.returncode == 0, finished.stderr
+    assert len(calls) >= 2 * (1 + 2 * 2) and set(calls) == {0.2}  # the embedding's and two per block, each step
