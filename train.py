@@ -209,7 +209,8 @@ def build_run(cfg, given=frozenset()):
                                   else checkpoint["model"])
     if runtime.is_main and not cfg.eval_only:
         check_free_space(Path(cfg.out_dir), raw_model, cfg.keep_last)
-    chosen, speed = cpu.speed_up(raw_model, cfg, runtime, fitted if resuming else None)  # on a CPU: timed choices
+    trained = (checkpoint or {}).get("fitted", {}) if cfg.eval_only else fitted if resuming else None
+    chosen, speed = cpu.speed_up(raw_model, cfg, runtime, trained)  # on a CPU: timed choices
     train_model, model = wrap_model(raw_model, cfg.parallelism, runtime, cfg.compile)  # owngpt/parallel.py
     data = SimpleNamespace(
         windows=windows, encoding=encoding, tokenizer_info=meta["tokenizer"], tasks=tasks, chat=meta.get("chat"),

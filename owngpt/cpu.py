@@ -242,7 +242,8 @@ class ByteDropout(nn.Dropout):
         if not self.training or self.p == 0:
             return x
         cut = round(self.p * 256)  # an element is dropped where its random byte is below this
-        draws = torch.empty((x.numel() + 7) // 8, dtype=torch.int64, device=x.device).random_(-2**63, None)  # 64 bits each
+        # random_'s default range for int64 leaves the top bit 0: from -2**63 all 64 bits are random
+        draws = torch.empty((x.numel() + 7) // 8, dtype=torch.int64, device=x.device).random_(-2**63, None)
         keep = draws.view(torch.uint8)[: x.numel()].view(x.shape) >= cut
         return (x * keep).mul_(256 / (256 - cut))
 
@@ -254,15 +255,19 @@ def use_byte_dropout(model):
 
 
 def speed_up(model, cfg, runtime, fitted):
-    """On a CPU, before the model is wrapped: with dtype=auto, bfloat16 autocast where its step
-    timed faster (choose_dtype); in float32, with matmul=auto, the library per product
-    (choose_matmuls); each timed on rank 0; and ByteDropout. fitted: None for a new run, or the keys a resumed
-    run's checkpoint fitted (chosen by timing then, kept now; one without dtype, from before
-    the choice existed, computed in float32). Sets the runtime's dtype, applies the libraries.
-    Returns ({key: value} chosen now, which the run fits so that a resumed run computes as
-    this one does; what the plan line says of it). Elsewhere ({}, ""): GPUs have their own
-    kernels, and torch.compile chooses its own."""
+    """On a CPU, before the model is wrapped: with dtype=auto, bfloat16 autocast where its step timed
+    faster (choose_dtype); in float32, with matmul=auto, the library per product
+    (choose_matmuls); each timed on rank 0; and ByteDropout. fitted: None for a new run, or the
+    keys a resumed run's checkpoint fitted (chosen by timing then, kept now; one without dtype,
+    from before the choice existed, computed in float32); with eval_only, the evaluated
+    checkpoint's. Sets the runtime's dtype, applies the libraries. Returns ({key: value} chosen
+    now, which the run fits so that a resumed run computes as this one does; what the plan line
+    says of it). Elsewhere ({}, ""): GPUs have their own kernels, and torch.compile chooses its
+    own."""
     if runtime.device.type != "cpu" or cfg.compile:
+        return {}, ""
+    if cfg.eval_only:  # as the checkpoint's run trained (else float32), untimed: no gradients, no library to choose
+        set_dtype(runtime, fitted.get("dtype", "float32") if cfg.dtype == "auto" else cfg.dtype)
         return {}, ""
     use_byte_dropout(model)
     chosen, said = {}, []

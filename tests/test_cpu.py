@@ -206,3 +206,20 @@ def test_a_cpu_run_draws_its_dropout_masks_with_byte_dropout(tiny_dataset, tmp_p
                           "--n_layer=2")
     assert finished.returncode == 0, finished.stderr
     assert len(calls) >= 2 * (1 + 2 * 2) and set(calls) == {0.2}  # the embedding's and two per block, each step
+
+
+def test_eval_only_evaluates_untimed_in_the_dtype_its_checkpoints_run_trained_in(tiny_dataset, tmp_path, train_here,
+                                                                               monkeypatch):
+    """So that it prints the val loss the run's own last evaluation did; a flag still wins."""
+    monkeypatch.setattr(cpu, "BF16_UNTIMED_FLOPS", 0.0)
+    monkeypatch.setattr(cpu, "BF16_FASTER_BY", 100.0)
+    trained = train_here(f"--dataset={tiny_dataset}", "--max_iters=6", "--eval_interval=3", f"--out_dir={tmp_path}")
+    assert trained.returncode == 0 and "device cpu, bfloat16" in trained.stdout, trained.stderr
+    monkeypatch.setattr(cpu, "choose_dtype", lambda *shape: pytest.fail("eval_only timed bfloat16"))
+    monkeypatch.setattr(cpu, "choose_matmuls", lambda *shape: pytest.fail("eval_only timed the libraries"))
+    last = [line["val_loss"] for line in read_metrics(tmp_path) if "val_loss" in line][-1]
+    for dtype, same in (("auto", True), ("float32", False)):
+        evaluated = train_here(f"--dataset={tiny_dataset}", f"--init_from={tmp_path / 'ckpt.pt'}", "--eval_only=True",
+                               f"--dtype={dtype}")
+        assert evaluated.returncode == 0, evaluated.stderr
+        assert (f"val loss {last:.4f} |" in evaluated.stdout) == same, (last, evaluated.stdout)
