@@ -30,8 +30,9 @@ n_layer = 4
 n_head = 4
 n_embd = 128
 block_size = 128
-# no dropout key: train.py sets it from how many times the run reads its data, 0 here (it reads
-# 0.7 of data/python: nothing to overfit), 0.2 on a small text of your own that it reads 9 times
+# no dropout or weight_decay key: train.py sets them from how many times the run reads its data,
+# 0 and 0.1 here (it reads 0.7 of data/python: nothing to overfit), 0.2 and 1.0 on a small text
+# of your own that it reads 9 times
 # batch: 16 x 128 = 2,048 tokens per iteration
 batch_size = 16
 # a time budget: max_iters is fitted to it once the first iterations are timed
