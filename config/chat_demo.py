@@ -20,4 +20,5 @@ min_lr = 3e-4
 embedding_lr = 0.05
 muon_lr = 0.01
 warmup_iters = 10
+weight_decay = 0.1  # not the 1.0 train.py sets past 4 reads, measured from scratch: here it would pull the trained head to zero
 eval_interval = 50

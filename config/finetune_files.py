@@ -26,5 +26,6 @@ learning_rate, muon_lr, embedding_lr = learning_rate / 20, muon_lr / 20, embeddi
 min_lr = learning_rate
 warmup_iters = 20
 dropout = 0.1  # small data repeats: some regularisation helps
+weight_decay = 0.1  # not the 1.0 train.py sets past 4 reads, measured from scratch: here it would pull the trained head to zero
 eval_interval = 25
 eval_iters = 20

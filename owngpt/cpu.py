@@ -27,11 +27,12 @@ product only where it was clearly faster; a tie stays with MKL, PyTorch's own pa
 choice is kept in the run's config (a fitted key), so a resumed run multiplies as it did.
 
 Dropout. nn.Dropout draws its mask on a CPU with torch's bernoulli_, one draw of the Mersenne
-Twister per element: for the quick start's shape 2 ms of a 2.5 ms forward and backward, ~12%
-of a step with dropout. ByteDropout cuts 8 bytes from each 64-bit draw and keeps an element
-where its byte is at least round(p * 256): the rate rounded to 1/256 (0.2 drops 51/256 =
-0.199), 0.5-0.7 ms a call, the same on every CPU (RESULTS.md: Own small text). GPUs keep
-nn.Dropout (their kernel draws and masks in one pass).
+Twister per element: at the quick start's shape 1.9 ms of a 2.5 ms forward and backward, and
+nine of them a step slowed a small text's step from 159 to 180 ms. ByteDropout cuts 8 bytes
+from each 64-bit draw and keeps an element where its byte is at least round(p * 256): the rate
+rounded to 1/256 (0.2 drops 51/256 = 0.199), 0.7 ms forward and backward, the same on every
+CPU (RESULTS.md: Own small text). GPUs keep nn.Dropout (their kernel draws and masks in one
+pass), and so does torch.compile (its own kernels).
 
 What else was measured and left out (RESULTS.md: The quick start on both kinds of CPU): the
 loss computed a cache-sized piece of the logits at a time, the softmax's gradient made in
