@@ -37,8 +37,9 @@ pass), and so does torch.compile (its own kernels).
 What else was measured and left out (RESULTS.md: The quick start on both kinds of CPU): the
 loss computed a cache-sized piece of the logits at a time, the softmax's gradient made in
 place of the logits and the head's product without its padding rows were no faster in the
-whole step. torch.compile (train.py --compile) makes each step faster, but its first compile
-takes a share of a 4.5-minute run and it needs a C++ compiler: not a default yet.
+whole step. torch.compile (train.py --compile) makes a step faster, but the whole quick start
+ran fewer iterations with it than without (its first compiles took ~17 s), and it needs a C++
+compiler: not a default.
 """
 import functools
 import statistics
