@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig, padded_vocab_size, sample_next_token
+from owngpt import cpu
 from owngpt.checkpoint import upgrade
 from owngpt.optimizers import build_optimizer
 from owngpt.runtime import available_devices, peak_flops, peak_flops_of_card, pick_device
@@ -93,10 +94,15 @@ def test_changing_a_future_token_never_changes_earlier_logits(changed_position):
 
 
 @pytest.mark.parametrize("block", BLOCKS)
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_gradient_checkpointing_gives_the_same_loss_and_gradients(dropout, block):
+@pytest.mark.parametrize("dropout, byte_dropout", [(0.0, False), (0.1, False), (0.1, True)],
+                         ids=["no dropout", "nn.Dropout", "ByteDropout"])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(dropout, byte_dropout, block):
+    """ByteDropout is what train.py uses on a CPU (owngpt/cpu.py): its masks come from random_,
+    not bernoulli_, and the recomputation must draw the same ones too."""
     plain = without_zero_weights(tiny_model(seed=1, dropout=dropout, **BLOCKS[block]))
     recomputing = without_zero_weights(tiny_model(seed=1, dropout=dropout, gradient_checkpointing=True, **BLOCKS[block]))
+    for model in (plain, recomputing) if byte_dropout else ():
+        cpu.use_byte_dropout(model)
     idx, targets = torch.randint(0, 300, (2, 4, 16))
     losses = []
     for model in (plain, recomputing):
