@@ -223,9 +223,12 @@ def build_run(cfg, given=frozenset()):
                                 (cfg.beta1, cfg.beta2), runtime.device.type,
                                 None if resuming and saved_before_embedding_lr(checkpoint) else cfg.embedding_lr)
     scaler = torch.amp.GradScaler(runtime.device.type) if runtime.dtype == torch.float16 else None
+    # a resumed run that set its data defaults already keeps them, also one from before weight_decay was one
+    decided = resuming and any(key in checkpoint["fitted"] for key in DATA_DEFAULTS)
     run = Run(cfg=cfg, runtime=runtime, log=None, stop=stop, data=data, raw_model=raw_model, model=model,
               train_model=train_model, optimizer=optimizer, scaler=scaler, budget=budget, fitted=fitted,
-              data_keys=tuple(key for key in DATA_DEFAULTS if key not in given and key not in fitted), speed=speed)
+              data_keys=() if decided else tuple(key for key in DATA_DEFAULTS if key not in given and key not in fitted),
+              speed=speed)
     for key, value in chosen.items():
         run.fit(key, value)  # a resumed run computes as this one does
     if resuming:

@@ -12,6 +12,7 @@ import train
 from helpers import (GPT2_RECIPE, MODERN_RECIPE, SimulatedClock, eval_lines, make_text, run_prepare,
                      simulate_machine, stop_during_iteration, train_lines)
 from owngpt import dataset, epochs
+from owngpt.checkpoint import write_checkpoint
 from owngpt.tokenizer import BYTES_PER_VOCAB_ENTRY, CHAT_TOKENS, vocab_size_for
 
 
@@ -146,6 +147,29 @@ def test_under_max_time_the_data_defaults_are_set_once_the_timed_iterations_fix_
 
 def trained(out_dir):
     return saved(out_dir)["iter_num"] if (out_dir / "ckpt.pt").exists() else 0
+
+
+def test_a_run_from_before_the_weight_decay_followed_the_reads_resumes_with_its_own(train_here, tiny_dataset,
+                                                                                   tmp_path, monkeypatch):
+    """Its checkpoint fitted dropout from the reads and kept the config's weight decay: resumed by
+    this code, it goes on with that decay, not the one the reads would set now."""
+    flags = [f"--dataset={tiny_dataset}", f"--out_dir={tmp_path}", "--max_iters=300", *QUIET]
+    with monkeypatch.context() as patch:
+        stop_during_iteration(patch, 2)
+        assert train_here(*flags).returncode == 0
+    checkpoint = saved(tmp_path)
+    del checkpoint["fitted"]["weight_decay"]  # as the code before wrote it
+    checkpoint["config"]["weight_decay"] = 0.1
+    for group in checkpoint["optimizer"]["adamw"]["param_groups"]:
+        group["weight_decay"] = min(group["weight_decay"], 0.1)
+    write_checkpoint(tmp_path, checkpoint, keep_last=2, is_best=False)
+    with monkeypatch.context() as patch:
+        stop_during_iteration(patch, 2)
+        resumed = train_here(*flags, "--init_from=resume")
+    assert resumed.returncode == 0, resumed.stderr
+    checkpoint = saved(tmp_path)
+    assert checkpoint["iter_num"] > 2 and checkpoint["fitted"]["dropout"] == 0.2
+    assert "weight_decay" not in checkpoint["fitted"] and decays(checkpoint)[-1] == 0.1
 
 
 # ----------------------------------------------------------------------------- patience
