@@ -551,10 +551,10 @@ def bench_small_text(settings):
             evaluations, _ = train_run(run_settings, name, seed, [*arguments, f"--max_time={budget:.1f}"])
             meta = json.loads((datasets[vocab] / "meta.json").read_text())
             said = (Path(settings["out_dir"]) / f"{name}_seed{seed}" / "stdout.txt").read_text()
-            data_line = re.search(r"^data: .* train tokens [\d.]+ times(.*)$", said, re.M)[1]  # what train.py set from the reads
-            set_to = lambda key, value: float(re.search(rf"{key}=([\d.]+)", data_line)[1]) if key in data_line else value
-            row = {"vocab": meta["tokenizer"]["vocab_size"], "dropout": set_to("dropout", 0.0),
-                   "weight decay": set_to("weight_decay", 0.1),
+            data_line = re.search(r"^data: .* train tokens [\d.]+ times(.*)$", said, re.M)[1]
+            set_from_reads = {key: float(value) for key, value in re.findall(r"(\w+)=([\d.]+)", data_line)}
+            row = {"vocab": meta["tokenizer"]["vocab_size"], "dropout": set_from_reads["dropout"],
+                   "weight decay": set_from_reads["weight_decay"],
                    "final bits/byte": evaluations[-1]["val_bpb"],
                    "best bits/byte": min(line["val_bpb"] for line in evaluations[1:]),
                    "seconds": evaluations[-1]["elapsed_s"]}

@@ -227,7 +227,7 @@ def build_run(cfg, given=frozenset()):
     decided = resuming and any(key in checkpoint["fitted"] for key in DATA_DEFAULTS)
     run = Run(cfg=cfg, runtime=runtime, log=None, stop=stop, data=data, raw_model=raw_model, model=model,
               train_model=train_model, optimizer=optimizer, scaler=scaler, budget=budget, fitted=fitted,
-              data_keys=() if decided else tuple(key for key in DATA_DEFAULTS if key not in given and key not in fitted),
+              data_keys=() if decided else tuple(key for key in DATA_DEFAULTS if key not in given),
               speed=speed)
     for key, value in chosen.items():
         run.fit(key, value)  # a resumed run computes as this one does
