@@ -676,8 +676,8 @@ def test_under_slurm_the_array_and_merge_make_the_one_machine_dataset_and_a_canc
     ended = slurm.wait_for_end(f"{array},{merge}")
     print(f"first submission: array job {array}, merge job {merge}: {ended}")
     assert ended == {f"{array}_0": ("COMPLETED", "None"),
-                                                       f"{array}_1": ("CANCELLED", "None"),
-                                                       merge: ("CANCELLED", "DependencyNeverSatisfied")}
+                     f"{array}_1": ("CANCELLED", "None"),
+                     merge: ("CANCELLED", "DependencyNeverSatisfied")}
     assert sorted(path.name for path in parts.glob("part_*")) == [f"part_{i:06d}.jsonl" for i in (0, 1, 2, 4)]
     first_part = parts / "part_000001.jsonl"
     before, start = first_part.stat().st_mtime_ns, len(FakeCrawl.log)
